@@ -1,0 +1,51 @@
+//! Connecting to the head, with errors a person can act on.
+
+use std::time::Duration;
+
+use anyhow::anyhow;
+use tessera_proto::v1 as pb;
+use tonic::transport::{Channel, Endpoint};
+
+pub async fn connect(head: &str) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(head.to_string())
+        .map_err(|e| anyhow!("invalid head URL {head:?}: {e}; write e.g. http://10.0.0.1:7470"))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true);
+    endpoint.connect().await.map_err(|e| {
+        anyhow!(
+            "cannot reach the head at {head}: {}; is tessera-head running there? (set --head or TESSERA_HEAD)",
+            chain(&e)
+        )
+    })
+}
+
+pub async fn cluster(head: &str) -> anyhow::Result<pb::cluster_client::ClusterClient<Channel>> {
+    Ok(pb::cluster_client::ClusterClient::new(connect(head).await?))
+}
+
+/// A gRPC status as one line: the head's message and the code.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+pub trait StatusContext<T> {
+    fn or_status(self) -> anyhow::Result<T>;
+}
+
+impl<T> StatusContext<T> for Result<tonic::Response<T>, tonic::Status> {
+    fn or_status(self) -> anyhow::Result<T> {
+        self.map(tonic::Response::into_inner).map_err(status_error)
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+

@@ -1,0 +1,247 @@
+//! `tessera nodes`, `tessera status`, `tessera events`, `tessera drain`.
+
+use std::io::Write;
+
+use serde_json::{Value, json};
+use tessera_common::size::HumanBytes;
+use tessera_proto::v1 as pb;
+use tokio_stream::StreamExt;
+
+use crate::client::{self, StatusContext};
+use crate::table::Table;
+use crate::Output;
+
+pub fn state_name(s: i32) -> &'static str {
+    match pb::NodeState::try_from(s).unwrap_or(pb::NodeState::Unspecified) {
+        pb::NodeState::Alive => "alive",
+        pb::NodeState::Suspect => "suspect",
+        pb::NodeState::Dead => "dead",
+        pb::NodeState::Left => "left",
+        pb::NodeState::Draining => "draining",
+        pb::NodeState::Unspecified => "unknown",
+    }
+}
+
+/// The JSON shape of a node (documented in the README; scripts depend on it).
+pub fn node_json(n: &pb::Node) -> Value {
+    let inv = n.inventory.clone().unwrap_or_default();
+    let gpus: Vec<Value> = inv
+        .gpus
+        .iter()
+        .map(|g| {
+            json!({
+                "index": g.index,
+                "uuid": g.uuid,
+                "name": g.name,
+                "memory_total_bytes": g.memory_total_bytes,
+                "memory_used_bytes": g.memory_used_bytes,
+                "compute_capability": format!("{}.{}", g.compute_capability_major, g.compute_capability_minor),
+                "pci_bus_id": g.pci_bus_id,
+                "numa_node": g.numa_node,
+                "nvlink_peers": g.nvlink_peers,
+                "mig_enabled": g.mig_enabled,
+                "fake": g.fake,
+            })
+        })
+        .collect();
+    let mut labels = serde_json::Map::new();
+    let mut keys: Vec<_> = n.labels.iter().collect();
+    keys.sort();
+    for (k, v) in keys {
+        labels.insert(k.clone(), Value::String(v.clone()));
+    }
+    json!({
+        "id": n.id,
+        "name": n.name,
+        "state": state_name(n.state),
+        "state_reason": n.state_reason,
+        "address": n.address,
+        "is_head": n.is_head,
+        "draining": n.draining,
+        "labels": labels,
+        "hostname": n.hostname,
+        "version": n.version,
+        "last_heartbeat_ms_ago": n.last_heartbeat_ms_ago,
+        "state_since_ms_ago": n.state_since_ms_ago,
+        "joined_ms_ago": n.joined_ms_ago,
+        "driver_version": inv.driver_version,
+        "cuda_driver_version": inv.cuda_driver_version,
+        "inventory_source": inv.source,
+        "gpus": gpus,
+    })
+}
+
+/// "4x Fake GPU 80GiB (fake)", "8x NVIDIA H100 80GB HBM3", "2x A, 1x B", or "-".
+pub fn gpu_summary(inv: Option<&pb::Inventory>) -> String {
+    let Some(inv) = inv else { return "-".into() };
+    if inv.gpus.is_empty() {
+        return "-".into();
+    }
+    let mut groups: Vec<(String, usize)> = Vec::new();
+    for g in &inv.gpus {
+        let label = if g.fake { format!("{} (fake)", g.name) } else { g.name.clone() };
+        match groups.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, n)) => *n += 1,
+            None => groups.push((label, 1)),
+        }
+    }
+    groups.iter().map(|(l, n)| format!("{n}x {l}")).collect::<Vec<_>>().join(", ")
+}
+
+fn ago(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 120_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else if ms < 7_200_000 {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}h", ms / 3_600_000)
+    }
+}
+
+pub fn nodes_table(nodes: &[pb::Node]) -> String {
+    let mut t = Table::new(&["ID", "NAME", "ROLE", "STATE", "ADDRESS", "GPUS", "HEARTBEAT", "LABELS"]);
+    for n in nodes {
+        let mut labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        t.row(vec![
+            n.id.chars().take(8).collect(),
+            n.name.clone(),
+            if n.is_head { "head" } else { "worker" }.to_string(),
+            state_name(n.state).to_string(),
+            n.address.clone(),
+            gpu_summary(n.inventory.as_ref()),
+            format!("{} ago", ago(n.last_heartbeat_ms_ago)),
+            if labels.is_empty() { "-".into() } else { labels.join(",") },
+        ]);
+    }
+    t.render()
+}
+
+pub async fn nodes(head: &str, output: Output) -> anyhow::Result<()> {
+    let mut c = client::cluster(head).await?;
+    let nodes = c.list_nodes(pb::ListNodesRequest {}).await.or_status()?.nodes;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&Value::Array(nodes.iter().map(node_json).collect()))?),
+        Output::Text if nodes.is_empty() => println!("no nodes have joined yet"),
+        Output::Text => {
+            print!("{}", nodes_table(&nodes));
+            for n in nodes.iter().filter(|n| n.state == pb::NodeState::Dead as i32 || n.state == pb::NodeState::Suspect as i32) {
+                println!("  {} {}: {}", n.name, state_name(n.state), n.state_reason);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn status(head: &str, output: Output) -> anyhow::Result<()> {
+    let mut c = client::cluster(head).await?;
+    let s = c.get_status(pb::GetStatusRequest {}).await.or_status()?;
+    match output {
+        Output::Json => {
+            let v = json!({
+                "head": head,
+                "head_version": s.head_version,
+                "head_instance_id": s.head_instance_id,
+                "head_uptime_ms": s.head_uptime_ms,
+                "nodes": {
+                    "total": s.nodes_total, "alive": s.nodes_alive, "suspect": s.nodes_suspect,
+                    "dead": s.nodes_dead, "left": s.nodes_left, "draining": s.nodes_draining,
+                },
+                "gpus": { "total": s.gpus_total, "fake": s.gpus_fake, "memory_total_bytes": s.gpu_memory_total_bytes },
+                "failure_detection": {
+                    "heartbeat_interval_ms": s.heartbeat_interval_ms,
+                    "node_timeout_ms": s.node_timeout_ms,
+                    "reconnect_grace_ms": s.reconnect_grace_ms,
+                },
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        Output::Text => {
+            println!("head       {head} (tessera {}, up {})", s.head_version, ago(s.head_uptime_ms));
+            let mut parts = vec![format!("{} alive", s.nodes_alive)];
+            for (n, what) in [
+                (s.nodes_draining, "draining"),
+                (s.nodes_suspect, "suspect"),
+                (s.nodes_dead, "dead"),
+                (s.nodes_left, "left"),
+            ] {
+                if n > 0 {
+                    parts.push(format!("{n} {what}"));
+                }
+            }
+            println!("nodes      {} ({})", s.nodes_total, parts.join(", "));
+            let fake = if s.gpus_fake > 0 { format!(", {} of them fake", s.gpus_fake) } else { String::new() };
+            println!("gpus       {} with {} in all{fake}", s.gpus_total, HumanBytes(s.gpu_memory_total_bytes));
+            println!(
+                "detection  heartbeat every {}ms; dead after {}ms of silence or {}ms without a session",
+                s.heartbeat_interval_ms, s.node_timeout_ms, s.reconnect_grace_ms
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn event_json(e: &pb::Event) -> Value {
+    let kind = match pb::EventKind::try_from(e.kind).unwrap_or(pb::EventKind::Unspecified) {
+        pb::EventKind::NodeJoined => "node_joined",
+        pb::EventKind::NodeStateChanged => "node_state_changed",
+        pb::EventKind::NodeLeft => "node_left",
+        pb::EventKind::Unspecified => "unknown",
+    };
+    let node = e.node.as_ref();
+    json!({
+        "seq": e.seq,
+        "unix_ms": e.unix_ms,
+        "kind": kind,
+        "node_id": node.map(|n| n.id.clone()),
+        "node_name": node.map(|n| n.name.clone()),
+        "state": node.map(|n| state_name(n.state)),
+        "previous_state": (e.previous_state != 0).then(|| state_name(e.previous_state)),
+        "reason": e.reason,
+        "rejoined": e.rejoined,
+    })
+}
+
+pub async fn events(head: &str, follow: bool, output: Output) -> anyhow::Result<()> {
+    let mut c = client::cluster(head).await?;
+    let mut stream = c.watch_events(pb::WatchEventsRequest { include_current: true }).await.or_status()?;
+    let mut out = std::io::stdout();
+    let mut replaying = true;
+    let wait = std::time::Duration::from_millis(if follow { u64::MAX / 4 } else { 300 });
+    loop {
+        let next = match tokio::time::timeout(wait, stream.next()).await {
+            Ok(Some(Ok(e))) => e,
+            Ok(Some(Err(s))) => return Err(client::status_error(s)),
+            Ok(None) | Err(_) => return Ok(()),
+        };
+        if replaying && next.seq != 0 {
+            replaying = false;
+        }
+        match output {
+            Output::Json => writeln!(out, "{}", event_json(&next))?,
+            Output::Text => {
+                let v = event_json(&next);
+                let name = v["node_name"].as_str().unwrap_or("?");
+                let state = v["state"].as_str().unwrap_or("?");
+                let what = match v["kind"].as_str() {
+                    Some("node_joined") if replaying => "member",
+                    Some("node_joined") => "joined",
+                    Some("node_left") => "left",
+                    _ => "state",
+                };
+                writeln!(out, "{:<7} {:<20} {:<9} {}", what, name, state, next.reason)?;
+            }
+        }
+        out.flush()?;
+    }
+}
+
+pub async fn drain(head: &str, node: String, draining: bool) -> anyhow::Result<()> {
+    let mut c = client::cluster(head).await?;
+    let req = pb::DrainNodeRequest { node };
+    let n = if draining { c.drain_node(req).await } else { c.undrain_node(req).await }.or_status()?;
+    println!("{} ({}) is {}", n.name, &n.id, state_name(n.state));
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! `tessera up`: a whole cluster on one machine (a head and N workers as real processes, with fake
+//! GPUs), for trying Tessera without GPUs. Ctrl-C stops every process it started.
+
+use std::fs::{self, File};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tessera_common::fake::FakeGpuSpec;
+use tessera_proto::v1 as pb;
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::{Instant, sleep};
+
+use crate::client::{self, StatusContext};
+use crate::nodes::nodes_table;
+
+pub struct UpOptions {
+    pub workers: u32,
+    pub fake_gpus: FakeGpuSpec,
+    pub listen: SocketAddr,
+    pub dir: PathBuf,
+    pub bin_dir: Option<PathBuf>,
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
+    let bins = BinDir::find(opts.bin_dir.as_deref())?;
+    let logs = opts.dir.join("logs");
+    fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    let head_dir = opts.dir.join("head");
+    fs::create_dir_all(&head_dir).with_context(|| format!("cannot create {}", head_dir.display()))?;
+    let _ = fs::remove_file(head_dir.join("head.addr"));
+
+    let mut procs: Vec<Proc> = Vec::new();
+    let result = run(&opts, &bins, &logs, &head_dir, &mut procs).await;
+    stop_all(&mut procs).await;
+    result
+}
+
+async fn run(opts: &UpOptions, bins: &BinDir, logs: &Path, head_dir: &Path, procs: &mut Vec<Proc>) -> anyhow::Result<()> {
+    let spec = opts.fake_gpus.to_string();
+    let head = spawn(
+        "head",
+        bins.path("tessera-head"),
+        &[
+            "--listen", &opts.listen.to_string(),
+            "--data-dir", &head_dir.display().to_string(),
+            "--node-name", "head",
+            "--fake-gpus", &spec,
+        ],
+        logs,
+    )?;
+    procs.push(head);
+    let addr = wait_for_addr(&head_dir.join("head.addr"), &mut procs[0]).await?;
+    let url = format!("http://{addr}");
+    for i in 1..=opts.workers {
+        let name = format!("worker-{i}");
+        let state = opts.dir.join(&name);
+        let p = spawn(
+            &name,
+            bins.path("tessera-worker"),
+            &["--head", &url, "--state-dir", &state.display().to_string(), "--node-name", &name, "--fake-gpus", &spec],
+            logs,
+        )?;
+        procs.push(p);
+    }
+    let nodes = wait_for_nodes(&url, opts.workers as usize + 1, procs).await?;
+
+    println!("Tessera is up: a head and {} worker(s), each with fake GPUs {spec}.\n", opts.workers);
+    print!("{}", nodes_table(&nodes));
+    println!("\nhead   {url}");
+    println!("logs   {}", logs.display());
+    println!("\nTry, in another terminal:");
+    let flag = if url == "http://127.0.0.1:7470" { String::new() } else { format!(" --head {url}") };
+    println!("  tessera{flag} nodes");
+    println!("  tessera{flag} status");
+    println!("  tessera{flag} events -f");
+    println!("  kill -9 {}   # a worker dies; watch it go dead within about a second", procs.last().and_then(|p| p.child.id()).unwrap_or(0));
+    println!("\nPress Ctrl-C to stop everything.");
+
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+            _ = check.tick() => {
+                if let Some(status) = procs[0].child.try_wait()? {
+                    bail!("the head exited ({status}); see {}", procs[0].log.display());
+                }
+                for p in procs.iter_mut().skip(1) {
+                    if let Some(status) = p.child.try_wait()? {
+                        eprintln!("{} exited ({status}); see {}", p.name, p.log.display());
+                        p.name.push_str(" (exited)");
+                    }
+                }
+                procs.retain(|p| !p.name.ends_with("(exited)"));
+            }
+        }
+    }
+    println!("\nstopping...");
+    Ok(())
+}
+
+fn spawn(name: &str, bin: PathBuf, args: &[&str], logs: &Path) -> anyhow::Result<Proc> {
+    let log = logs.join(format!("{name}.log"));
+    let out = File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    let err = out.try_clone()?;
+    let child = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        // Own process group: a Ctrl-C at the terminal reaches `up` alone, which then stops each
+        // child in order (workers leave, then the head).
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    Ok(Proc { name: name.to_string(), child, log })
+}
+
+async fn wait_for_addr(path: &Path, head: &mut Proc) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(s) = fs::read_to_string(path) {
+            if s.ends_with('\n') {
+                return Ok(s.trim().to_string());
+            }
+        }
+        if let Some(status) = head.child.try_wait()? {
+            bail!("the head exited during start-up ({status}):\n{}", tail(&head.log, 15));
+        }
+        if Instant::now() > deadline {
+            bail!("the head did not start within 15s; see {}", head.log.display());
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_for_nodes(url: &str, want: usize, procs: &mut [Proc]) -> anyhow::Result<Vec<pb::Node>> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut c = client::cluster(url).await?;
+    loop {
+        let nodes = c.list_nodes(pb::ListNodesRequest {}).await.or_status()?.nodes;
+        let alive = nodes.iter().filter(|n| n.state == pb::NodeState::Alive as i32).count();
+        if alive >= want {
+            return Ok(nodes);
+        }
+        for p in procs.iter_mut() {
+            if let Some(status) = p.child.try_wait()? {
+                bail!("{} exited during start-up ({status}):\n{}", p.name, tail(&p.log, 15));
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("only {alive} of {want} nodes joined within 20s; logs are in {}", procs[0].log.parent().map(|p| p.display().to_string()).unwrap_or_default());
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Workers first (they leave while the head still listens), then the head. SIGTERM, then SIGKILL
+/// after 5 s.
+async fn stop_all(procs: &mut [Proc]) {
+    let (head, workers) = match procs.split_first_mut() {
+        Some((h, w)) => (Some(h), w),
+        None => (None, &mut [][..]),
+    };
+    for p in workers.iter() {
+        if let Some(pid) = p.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+    for p in workers.iter_mut() {
+        stop_wait(p).await;
+    }
+    if let Some(h) = head {
+        if let Some(pid) = h.child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+        stop_wait(h).await;
+    }
+}
+
+async fn stop_wait(p: &mut Proc) {
+    if tokio::time::timeout(Duration::from_secs(5), p.child.wait()).await.is_err() {
+        eprintln!("{} did not stop within 5s; killing it", p.name);
+        let _ = p.child.kill().await;
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let s = fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Where the daemons' binaries are: `--bin-dir`, else beside this `tessera`, else on PATH.
+struct BinDir(Option<PathBuf>);
+
+impl BinDir {
+    fn find(explicit: Option<&Path>) -> anyhow::Result<BinDir> {
+        if let Some(d) = explicit {
+            if !d.join("tessera-head").exists() {
+                return Err(anyhow!("--bin-dir {}: no tessera-head there", d.display()));
+            }
+            return Ok(BinDir(Some(d.to_path_buf())));
+        }
+        let beside = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
+        Ok(BinDir(beside.filter(|d| d.join("tessera-head").exists() && d.join("tessera-worker").exists())))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        match &self.0 {
+            Some(d) => d.join(name),
+            None => PathBuf::from(name),
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Tessera's shared vocabulary: domain types, validation, and the pure math of placement.
+//!
+//! Nothing here does I/O on its own; the head, the worker and the CLI all build on these types.
+//!
+//! # Layout
+//! - [`node`]: GPUs, inventories, node states, join info, and their proto conversions.
+//! - [`validate`]: field rules (names, labels, lengths) with errors that name the field.
+//! - [`fake`]: `--fake-gpus COUNTxMEMORY` and the fake inventory it makes.
+//! - [`size`]: human byte sizes (`80GiB`).
+//! - [`duration`]: human durations (`500ms`, `3s`).
+//! - [`env`]: the `TESSERA_*` environment variable names.
+
+pub mod duration;
+pub mod env;
+pub mod fake;
+pub mod node;
+pub mod size;
+pub mod validate;
+
+/// Version of this build of Tessera, reported by every binary and in every join.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,184 @@
+//! The Tessera head: cluster membership with fast failure detection, over gRPC.
+//!
+//! The head is also a worker: unless told not to, it runs the same worker agent in-process, which
+//! joins over loopback like any other worker and registers the head's own GPUs (`is_head`).
+//!
+//! # Layout
+//! - [`membership`]: the node table, the failure detector and membership events (one owner task).
+//! - [`server`]: the gRPC services (`Membership` for workers, `Cluster` for clients).
+//! - [`Head`]: wiring and ordered shutdown.
+
+pub mod membership;
+pub mod server;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tessera_proto::v1 as pb;
+use tessera_worker::agent::{Agent, AgentConfig, AgentStatus};
+use tessera_worker::state::StateDir;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use membership::{Membership, MembershipConfig};
+
+/// The head's in-process worker.
+pub struct LocalWorker {
+    pub node_name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub advertise_address: Option<IpAddr>,
+    pub inventory: Box<dyn tessera_worker::gpu::GpuInventory>,
+}
+
+/// Everything the head needs, typed.
+pub struct HeadConfig {
+    pub membership: MembershipConfig,
+    /// Durable state; the in-process worker keeps its node id in `<data_dir>/worker`.
+    pub data_dir: PathBuf,
+    /// `None` with `--no-worker`.
+    pub worker: Option<LocalWorker>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot use data dir {path}: {source}; pass --data-dir DIR with a directory this user can write")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Worker(#[from] tessera_worker::agent::AgentError),
+    #[error(transparent)]
+    State(#[from] tessera_worker::state::StateError),
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("cannot read the listener's address: {0}")]
+    Listener(std::io::Error),
+}
+
+/// A running head. Dropping it does not stop it; cancel the token given to [`Head::start`].
+pub struct Head {
+    pub addr: SocketAddr,
+    pub membership: Membership,
+    /// Status of the in-process worker, when there is one.
+    pub local_worker: Option<watch::Receiver<AgentStatus>>,
+    task: tokio::task::JoinHandle<Result<(), HeadError>>,
+}
+
+impl Head {
+    /// Starts serving on `listener` until `shutdown` is cancelled. The in-process worker (if any)
+    /// joins through the same listener over loopback.
+    pub async fn start(listener: TcpListener, config: HeadConfig, shutdown: CancellationToken) -> Result<Head, HeadError> {
+        config.membership.validate().map_err(HeadError::Config)?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|source| HeadError::DataDir { path: config.data_dir.clone(), source })?;
+        let addr = listener.local_addr().map_err(HeadError::Listener)?;
+        let instance_id = uuid::Uuid::new_v4().to_string();
+
+        let membership_token = CancellationToken::new();
+        let (membership, membership_task) = Membership::spawn(config.membership, membership_token.clone());
+
+        let session = server::session::MembershipService { membership: membership.clone(), head_instance_id: instance_id.clone() };
+        let cluster = server::cluster::ClusterService {
+            membership: membership.clone(),
+            head_instance_id: instance_id.clone(),
+            started: tokio::time::Instant::now(),
+        };
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let server_stop = CancellationToken::new();
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(pb::membership_server::MembershipServer::new(session))
+            .add_service(pb::cluster_server::ClusterServer::new(cluster))
+            .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned());
+        let server_task = tokio::spawn(server);
+
+        // The in-process worker: a real agent over a real loopback connection.
+        let agent_token = CancellationToken::new();
+        let (local_worker, agent_task) = match config.worker {
+            Some(w) => {
+                let state = StateDir::open(&config.data_dir.join("worker"))?;
+                let agent = Agent::new(
+                    AgentConfig {
+                        head: format!("http://{}", loopback_for(addr)),
+                        node_name: w.node_name,
+                        labels: w.labels,
+                        advertise_address: w.advertise_address,
+                        is_head: true,
+                        inventory: w.inventory,
+                        connect_timeout: Duration::from_secs(2),
+                        leave_timeout: Duration::from_secs(1),
+                    },
+                    state,
+                )?;
+                let status = agent.status();
+                let task = tokio::spawn(agent.run(agent_token.clone()));
+                (Some(status), Some(task))
+            }
+            None => (None, None),
+        };
+
+        write_addr_file(&config.data_dir, addr);
+        info!(%addr, instance_id = %instance_id, data_dir = %config.data_dir.display(), "head serving");
+
+        let task = tokio::spawn(async move {
+            shutdown.cancelled().await;
+            info!("head stopping: local worker leaves, sessions close, server drains");
+            // 1. The head's own node leaves the cluster properly (left, not dead).
+            agent_token.cancel();
+            if let Some(t) = agent_task {
+                match tokio::time::timeout(Duration::from_secs(2), t).await {
+                    Ok(Ok(Err(e))) => warn!(error = %e, "in-process worker ended with an error"),
+                    Err(_) => warn!("in-process worker did not stop within 2s"),
+                    _ => {}
+                }
+            }
+            // 2. Every worker session is told the head is going away.
+            membership_token.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), membership_task).await;
+            // 3. The server stops accepting and drains what is left, under a deadline.
+            server_stop.cancel();
+            match tokio::time::timeout(Duration::from_secs(2), server_task).await {
+                Ok(Ok(r)) => r.map_err(HeadError::from),
+                Ok(Err(join)) => Err(HeadError::Config(format!("server task failed: {join}"))),
+                Err(_) => {
+                    warn!("gRPC server did not drain within 2s; closing anyway");
+                    Ok(())
+                }
+            }
+        });
+        Ok(Head { addr, membership, local_worker, task })
+    }
+
+    /// Waits until the head has stopped (after its shutdown token was cancelled).
+    pub async fn stopped(self) -> Result<(), HeadError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(HeadError::Config(format!("head task failed: {e}"))),
+        }
+    }
+}
+
+/// Where a local client reaches a listener: its own IP, or loopback when it listens on all.
+pub fn loopback_for(addr: SocketAddr) -> SocketAddr {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port())
+}
+
+/// `<data_dir>/head.addr`: the address the head listens on, for scripts and `tessera up` when the
+/// port was chosen by the kernel (`--listen 127.0.0.1:0`).
+fn write_addr_file(dir: &Path, addr: SocketAddr) {
+    let tmp = dir.join("head.addr.tmp");
+    let dst = dir.join("head.addr");
+    let r = std::fs::write(&tmp, format!("{}\n", loopback_for(addr))).and_then(|_| std::fs::rename(&tmp, &dst));
+    if let Err(e) = r {
+        warn!(path = %dst.display(), error = %e, "cannot write the address file");
+    }
+}

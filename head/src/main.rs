@@ -1,0 +1,124 @@
+//! `tessera-head`: the head daemon (membership, failure detection, and its own GPUs as a worker).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tessera_common::duration::parse_positive_duration;
+use tessera_common::env;
+use tessera_head::membership::MembershipConfig;
+use tessera_head::{Head, HeadConfig, LocalWorker};
+use tessera_worker::args::{LogArgs, NodeArgs};
+use tessera_worker::{gpu, signals, telemetry};
+use tokio_util::sync::CancellationToken;
+
+/// The Tessera head: cluster membership, failure detection and placement, over gRPC.
+///
+/// The head is also a worker: it reports its own GPUs and hosts pipeline stage 0 (node rank 0)
+/// unless --no-worker is given. It accepts the worker's node options (--fake-gpus, --node-name,
+/// --advertise-addr, --labels) for that in-process worker.
+#[derive(Debug, Parser)]
+#[command(name = "tessera-head", version, max_term_width = 100)]
+struct Cli {
+    /// gRPC listen address. Port 0 picks a free port, written to DATA_DIR/head.addr
+    #[arg(long, env = env::LISTEN, default_value = "0.0.0.0:7470", value_name = "ADDR")]
+    listen: SocketAddr,
+
+    /// Directory for the head's durable state (and its in-process worker's node id)
+    #[arg(long, env = env::DATA_DIR, default_value = "/var/lib/tessera/head", value_name = "DIR")]
+    data_dir: PathBuf,
+
+    /// How often workers send heartbeats (the head tells them)
+    #[arg(long, env = env::HEARTBEAT_INTERVAL, value_parser = parse_positive_duration, default_value = "500ms")]
+    heartbeat_interval: Duration,
+
+    /// A node whose heartbeats stop (process frozen, host or link lost) is dead after this long
+    #[arg(long, env = env::NODE_TIMEOUT, value_parser = parse_positive_duration, default_value = "3s")]
+    node_timeout: Duration,
+
+    /// A node whose session breaks (process died, connection reset) is dead unless it reconnects
+    /// within this long
+    #[arg(long, env = env::RECONNECT_GRACE, value_parser = parse_positive_duration, default_value = "1s")]
+    reconnect_grace: Duration,
+
+    /// Do not run a worker in the head: the head's GPUs are not used
+    #[arg(long, env = env::NO_WORKER)]
+    no_worker: bool,
+
+    #[command(flatten)]
+    node: NodeArgs,
+
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let parts = match cli.node.to_parts() {
+        Ok(p) => p,
+        Err(e) => return usage(&e.to_string()),
+    };
+    let membership = MembershipConfig {
+        heartbeat_interval: cli.heartbeat_interval,
+        node_timeout: cli.node_timeout,
+        reconnect_grace: cli.reconnect_grace,
+    };
+    if let Err(e) = membership.validate() {
+        return usage(&e);
+    }
+    if let Err(e) = telemetry::init(cli.log.log_format, &cli.log.log_level) {
+        return usage(&e);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(cli.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(
+                    "cannot listen on {}: {e}; pick another address with --listen (port 0 picks a free port)",
+                    cli.listen
+                );
+                return ExitCode::from(1);
+            }
+        };
+        let worker = (!cli.no_worker).then(|| LocalWorker {
+            inventory: gpu::detect(parts.fake_gpus, &parts.node_name),
+            node_name: parts.node_name,
+            labels: parts.labels,
+            advertise_address: parts.advertise_addr,
+        });
+        let root = CancellationToken::new();
+        if let Err(e) = signals::spawn(root.clone()) {
+            tracing::error!("cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+        let config = HeadConfig { membership, data_dir: cli.data_dir, worker };
+        let head = match Head::start(listener, config, root).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(1);
+            }
+        };
+        match head.stopped().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+fn usage(msg: &str) -> ExitCode {
+    eprintln!("error: {msg}\n\nFor more information, try '--help'.");
+    ExitCode::from(2)
+}

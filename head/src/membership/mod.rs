@@ -1,0 +1,323 @@
+//! Cluster membership: who is in the cluster, in which state, and the failure detector.
+//!
+//! One task owns the node table ([`state::Table`]); everything else holds a cheap [`Membership`]
+//! handle and talks to it over a channel. Heartbeats do not go through that channel: each session
+//! stamps its node's [`Liveness`] atomically, and the detector reads the stamps on each tick, so
+//! that heartbeat cost stays flat as the cluster grows. See `README.md` beside this file for the
+//! state machine and its timing.
+
+mod state;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tessera_common::node::{JoinInfo, NodeState};
+use tessera_proto::v1 as pb;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use state::{Event, EventKind, NodeView};
+
+/// Timing of the failure detector.
+#[derive(Debug, Clone, Copy)]
+pub struct MembershipConfig {
+    /// How often workers send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a node with an open session is dead.
+    pub node_timeout: Duration,
+    /// Time a node whose session closed has to open a new one before it is dead.
+    pub reconnect_grace: Duration,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        MembershipConfig {
+            heartbeat_interval: Duration::from_millis(500),
+            node_timeout: Duration::from_secs(3),
+            reconnect_grace: Duration::from_secs(1),
+        }
+    }
+}
+
+impl MembershipConfig {
+    /// Silence after which an alive node is shown `suspect`: two missed heartbeats, but never
+    /// later than half the node timeout.
+    pub fn suspect_after(&self) -> Duration {
+        (self.heartbeat_interval * 2).min(self.node_timeout / 2)
+    }
+
+    /// How often the detector looks at the table: a small fraction of the shortest deadline, so a
+    /// verdict comes at most this late.
+    pub fn tick(&self) -> Duration {
+        let shortest = self.heartbeat_interval.min(self.reconnect_grace).min(self.node_timeout);
+        (shortest / 10).clamp(Duration::from_millis(5), Duration::from_millis(50))
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heartbeat_interval.is_zero() || self.node_timeout.is_zero() {
+            return Err("heartbeat interval and node timeout must be more than 0".into());
+        }
+        if self.node_timeout < self.heartbeat_interval * 2 {
+            return Err(format!(
+                "--node-timeout {:?} must be at least twice --heartbeat-interval {:?}, or one late heartbeat kills a node",
+                self.node_timeout, self.heartbeat_interval
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Last time a node was heard from, stamped lock-free by its session.
+#[derive(Debug)]
+pub struct Liveness {
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Liveness {
+    fn new(epoch: Instant) -> Self {
+        let l = Liveness { epoch, last_ms: AtomicU64::new(0) };
+        l.touch();
+        l
+    }
+
+    /// Records a heartbeat now.
+    pub fn touch(&self) {
+        let ms = Instant::now().saturating_duration_since(self.epoch).as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Messages from the head to one worker session; an `Err` closes the session with that status.
+pub type SessionTx = mpsc::Sender<Result<pb::HeadMessage, tonic::Status>>;
+
+/// What a session needs after its join was accepted.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub node_id: Uuid,
+    pub session_id: u64,
+    pub address: IpAddr,
+    pub rejoined: bool,
+    pub liveness: Arc<Liveness>,
+}
+
+/// Why a join was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JoinError {
+    #[error(
+        "node id {node_id} is held by another machine (node {name:?} at {address}, fingerprint {held_by:?}); \
+         this worker ({claimant:?}) has a copy of its state dir: delete the node-id file in this worker's \
+         --state-dir so that it joins as a new node"
+    )]
+    NodeIdConflict { node_id: Uuid, name: String, address: IpAddr, held_by: String, claimant: String },
+    #[error(
+        "node name {name:?} is already used by live node {node_id} at {address}; give this worker another --node-name"
+    )]
+    NameConflict { name: String, node_id: Uuid, address: IpAddr },
+    #[error("the head is shutting down")]
+    ShuttingDown,
+}
+
+impl From<JoinError> for tonic::Status {
+    fn from(e: JoinError) -> Self {
+        match e {
+            JoinError::NodeIdConflict { .. } | JoinError::NameConflict { .. } => {
+                tonic::Status::already_exists(e.to_string())
+            }
+            JoinError::ShuttingDown => tonic::Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+/// Lookup failures for admin calls.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NodeError {
+    #[error("no node with id or name {0:?}; `tessera nodes` lists them")]
+    NotFound(String),
+    #[error("node name {0:?} matches several nodes; use the node id")]
+    Ambiguous(String),
+    #[error("the head is shutting down")]
+    ShuttingDown,
+}
+
+impl From<NodeError> for tonic::Status {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::NotFound(_) => tonic::Status::not_found(e.to_string()),
+            NodeError::Ambiguous(_) => tonic::Status::invalid_argument(e.to_string()),
+            NodeError::ShuttingDown => tonic::Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+/// Where a session connection came from and arrived at.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: IpAddr,
+    /// The head's own address on that connection.
+    pub local: Option<IpAddr>,
+}
+
+enum Command {
+    Join {
+        info: Box<JoinInfo>,
+        conn: ConnInfo,
+        tx: SessionTx,
+        reply: oneshot::Sender<Result<Admitted, JoinError>>,
+    },
+    Usage {
+        node_id: Uuid,
+        usage: Vec<(u32, u64)>,
+    },
+    Leave {
+        node_id: Uuid,
+        session_id: u64,
+        reason: String,
+        reply: oneshot::Sender<()>,
+    },
+    Closed {
+        node_id: Uuid,
+        session_id: u64,
+        why: String,
+    },
+    List {
+        reply: oneshot::Sender<Vec<NodeView>>,
+    },
+    Subscribe {
+        reply: oneshot::Sender<(Vec<NodeView>, broadcast::Receiver<Event>)>,
+    },
+    Drain {
+        node: String,
+        draining: bool,
+        reply: oneshot::Sender<Result<NodeView, NodeError>>,
+    },
+}
+
+/// Handle to the membership task. Cheap to clone.
+#[derive(Clone)]
+pub struct Membership {
+    tx: mpsc::Sender<Command>,
+    config: MembershipConfig,
+}
+
+impl Membership {
+    /// Starts the membership task; it runs until `shutdown` is cancelled, then closes every session
+    /// with a `shutdown` message so that workers reconnect to the next head.
+    pub fn spawn(config: MembershipConfig, shutdown: CancellationToken) -> (Membership, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let table = state::Table::new(config, Instant::now());
+        let task = tokio::spawn(run(table, rx, shutdown));
+        (Membership { tx, config }, task)
+    }
+
+    pub fn config(&self) -> MembershipConfig {
+        self.config
+    }
+
+    pub async fn join(&self, info: JoinInfo, conn: ConnInfo, tx: SessionTx) -> Result<Admitted, JoinError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Join { info: Box::new(info), conn, tx, reply })
+            .await
+            .map_err(|_| JoinError::ShuttingDown)?;
+        rx.await.map_err(|_| JoinError::ShuttingDown)?
+    }
+
+    pub async fn report_usage(&self, node_id: Uuid, usage: Vec<(u32, u64)>) {
+        let _ = self.tx.send(Command::Usage { node_id, usage }).await;
+    }
+
+    /// Graceful leave: the node becomes `left`. Returns once recorded.
+    pub async fn leave(&self, node_id: Uuid, session_id: u64, reason: String) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Leave { node_id, session_id, reason, reply }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// The session's stream ended without a leave.
+    pub async fn session_closed(&self, node_id: Uuid, session_id: u64, why: String) {
+        let _ = self.tx.send(Command::Closed { node_id, session_id, why }).await;
+    }
+
+    pub async fn list(&self) -> Vec<NodeView> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::List { reply }).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// The current nodes and a receiver of every event after them, with no gap between the two.
+    pub async fn subscribe(&self) -> Option<(Vec<NodeView>, broadcast::Receiver<Event>)> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Subscribe { reply }).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn set_draining(&self, node: String, draining: bool) -> Result<NodeView, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Drain { node, draining, reply })
+            .await
+            .map_err(|_| NodeError::ShuttingDown)?;
+        rx.await.map_err(|_| NodeError::ShuttingDown)?
+    }
+}
+
+async fn run(mut table: state::Table, mut rx: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(table.config().tick());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            cmd = rx.recv() => match cmd {
+                Some(cmd) => handle(&mut table, cmd),
+                None => break,
+            },
+            _ = tick.tick() => table.detect(Instant::now()),
+        }
+    }
+    table.shutdown("head shutting down");
+}
+
+fn handle(table: &mut state::Table, cmd: Command) {
+    let now = Instant::now();
+    match cmd {
+        Command::Join { info, conn, tx, reply } => {
+            let _ = reply.send(table.join(*info, conn, tx, now));
+        }
+        Command::Usage { node_id, usage } => table.usage(node_id, &usage),
+        Command::Leave { node_id, session_id, reason, reply } => {
+            table.leave(node_id, session_id, &reason, now);
+            let _ = reply.send(());
+        }
+        Command::Closed { node_id, session_id, why } => table.closed(node_id, session_id, &why, now),
+        Command::List { reply } => {
+            let _ = reply.send(table.views(now));
+        }
+        Command::Subscribe { reply } => {
+            let _ = reply.send((table.views(now), table.subscribe()));
+        }
+        Command::Drain { node, draining, reply } => {
+            let _ = reply.send(table.set_draining(&node, draining, now));
+        }
+    }
+}
+
+/// Node state for display: the admin `draining` mark shows while the node is alive.
+pub fn shown_state(health: NodeState, draining: bool) -> NodeState {
+    if draining && health == NodeState::Alive { NodeState::Draining } else { health }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,452 @@
+//! The node table and the failure detector's state machine. Owned by one task; no locks.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tessera_common::duration::format_duration;
+use tessera_common::node::{JoinInfo, NodeState};
+use tessera_proto::v1 as pb;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::{Admitted, ConnInfo, JoinError, Liveness, MembershipConfig, NodeError, SessionTx, shown_state};
+
+/// A node as seen at one instant, for listing and events.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub id: Uuid,
+    pub info: Arc<JoinInfo>,
+    pub state: NodeState,
+    pub draining: bool,
+    pub address: IpAddr,
+    pub last_heartbeat_ago: Duration,
+    pub state_reason: String,
+    pub state_since_ago: Duration,
+    pub joined_ago: Duration,
+    /// Current GPU memory use by GPU index (the inventory's values, updated by heartbeats).
+    pub gpu_memory_used: Vec<u64>,
+}
+
+impl From<&NodeView> for pb::Node {
+    fn from(v: &NodeView) -> Self {
+        let mut inventory = pb::Inventory::from(&v.info.inventory);
+        for (g, used) in inventory.gpus.iter_mut().zip(&v.gpu_memory_used) {
+            g.memory_used_bytes = *used;
+        }
+        pb::Node {
+            id: v.id.to_string(),
+            name: v.info.name.clone(),
+            state: pb::NodeState::from(v.state) as i32,
+            address: v.address.to_string(),
+            is_head: v.info.is_head,
+            labels: v.info.labels.clone().into_iter().collect(),
+            last_heartbeat_ms_ago: v.last_heartbeat_ago.as_millis() as u64,
+            inventory: Some(inventory),
+            version: v.info.version.clone(),
+            hostname: v.info.hostname.clone(),
+            state_reason: v.state_reason.clone(),
+            state_since_ms_ago: v.state_since_ago.as_millis() as u64,
+            draining: v.draining,
+            joined_ms_ago: v.joined_ago.as_millis() as u64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Joined { rejoined: bool },
+    StateChanged,
+    Left,
+}
+
+/// A membership event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub seq: u64,
+    pub unix_ms: u64,
+    pub kind: EventKind,
+    pub node: NodeView,
+    pub previous: Option<NodeState>,
+    pub reason: String,
+}
+
+impl From<&Event> for pb::Event {
+    fn from(e: &Event) -> Self {
+        let (kind, rejoined) = match e.kind {
+            EventKind::Joined { rejoined } => (pb::EventKind::NodeJoined, rejoined),
+            EventKind::StateChanged => (pb::EventKind::NodeStateChanged, false),
+            EventKind::Left => (pb::EventKind::NodeLeft, false),
+        };
+        pb::Event {
+            seq: e.seq,
+            unix_ms: e.unix_ms,
+            kind: kind as i32,
+            node: Some((&e.node).into()),
+            previous_state: e.previous.map(pb::NodeState::from).unwrap_or(pb::NodeState::Unspecified) as i32,
+            reason: e.reason.clone(),
+            rejoined,
+        }
+    }
+}
+
+struct Session {
+    id: u64,
+    tx: SessionTx,
+}
+
+struct Entry {
+    id: Uuid,
+    info: Arc<JoinInfo>,
+    /// `alive`, `suspect`, `dead` or `left`; draining is kept apart in `draining`.
+    health: NodeState,
+    draining: bool,
+    address: IpAddr,
+    /// The address was not set by the operator; it may be refined (see `learn_head_address`).
+    address_auto: bool,
+    reason: String,
+    since: Instant,
+    joined: Instant,
+    /// The newest liveness stamp, kept after the session is gone.
+    liveness: Arc<Liveness>,
+    session: Option<Session>,
+    /// When the session closed without a leave; the reconnect grace runs from here.
+    closed_at: Option<Instant>,
+    gpu_memory_used: Vec<u64>,
+}
+
+pub struct Table {
+    config: MembershipConfig,
+    epoch: Instant,
+    nodes: HashMap<Uuid, Entry>,
+    next_session: u64,
+    next_seq: u64,
+    events: broadcast::Sender<Event>,
+}
+
+impl Table {
+    pub fn new(config: MembershipConfig, epoch: Instant) -> Self {
+        let (events, _) = broadcast::channel(4096);
+        Table { config, epoch, nodes: HashMap::new(), next_session: 1, next_seq: 1, events }
+    }
+
+    pub fn config(&self) -> MembershipConfig {
+        self.config
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub fn join(&mut self, info: JoinInfo, conn: ConnInfo, tx: SessionTx, now: Instant) -> Result<Admitted, JoinError> {
+        let live = |e: &Entry| matches!(e.health, NodeState::Alive | NodeState::Suspect);
+        // Which entry is this worker? Its persisted id first; else the same machine and state dir
+        // (a worker that lost its id file must not show up twice).
+        let existing = match info.node_id {
+            Some(id) => self.nodes.contains_key(&id).then_some(id),
+            None => self
+                .nodes
+                .values()
+                .find(|e| !info.machine_fingerprint.is_empty() && e.info.machine_fingerprint == info.machine_fingerprint)
+                .map(|e| e.id),
+        };
+        if let Some(id) = existing {
+            let e = &self.nodes[&id];
+            if live(e) && e.info.machine_fingerprint != info.machine_fingerprint {
+                return Err(JoinError::NodeIdConflict {
+                    node_id: id,
+                    name: e.info.name.clone(),
+                    address: e.address,
+                    held_by: e.info.machine_fingerprint.clone(),
+                    claimant: info.machine_fingerprint.clone(),
+                });
+            }
+        }
+        // Names identify nodes for people; two live nodes must not share one.
+        if let Some(other) = self.nodes.values().find(|e| e.info.name == info.name && Some(e.id) != existing) {
+            if live(other) {
+                return Err(JoinError::NameConflict { name: info.name.clone(), node_id: other.id, address: other.address });
+            }
+            let stale = other.id;
+            info!(node_id = %stale, name = %info.name, "forgetting a departed node whose name a new node takes");
+            self.nodes.remove(&stale);
+        }
+
+        let (address, address_auto) = match info.advertise_address {
+            Some(a) => (a, false),
+            None => (conn.peer, true),
+        };
+        if !conn.peer.is_loopback() {
+            if let Some(local) = conn.local {
+                self.learn_head_address(local, now);
+            }
+        }
+        let session_id = self.next_session;
+        self.next_session += 1;
+        let liveness = Arc::new(Liveness::new(self.epoch));
+        let session = Session { id: session_id, tx };
+        let gpu_memory_used = info.inventory.gpus.iter().map(|g| g.memory_used_bytes).collect();
+        let info = Arc::new(info);
+
+        let (node_id, rejoined, previous) = match existing {
+            Some(id) => {
+                let e = self.nodes.get_mut(&id).expect("existing id was found above");
+                if let Some(old) = e.session.take() {
+                    let _ = old.tx.try_send(Err(tonic::Status::aborted("replaced by a newer session of the same node")));
+                }
+                let previous = shown_state(e.health, e.draining);
+                e.info = info;
+                e.health = NodeState::Alive;
+                e.address = address;
+                e.address_auto = address_auto;
+                e.reason = "rejoined".into();
+                e.since = now;
+                e.liveness = liveness.clone();
+                e.session = Some(session);
+                e.closed_at = None;
+                e.gpu_memory_used = gpu_memory_used;
+                (id, true, Some(previous))
+            }
+            None => {
+                let id = info.node_id.unwrap_or_else(Uuid::new_v4);
+                self.nodes.insert(
+                    id,
+                    Entry {
+                        id,
+                        info,
+                        health: NodeState::Alive,
+                        draining: false,
+                        address,
+                        address_auto,
+                        reason: "joined".into(),
+                        since: now,
+                        joined: now,
+                        liveness: liveness.clone(),
+                        session: Some(session),
+                        closed_at: None,
+                        gpu_memory_used,
+                    },
+                );
+                (id, false, None)
+            }
+        };
+        let e = &self.nodes[&node_id];
+        info!(
+            node_id = %node_id, name = %e.info.name, %address, gpus = e.info.inventory.gpus.len(),
+            is_head = e.info.is_head, rejoined, "node joined"
+        );
+        let reason = if rejoined { "rejoined" } else { "joined" };
+        self.emit(node_id, EventKind::Joined { rejoined }, previous, reason.to_string(), now);
+        Ok(Admitted { node_id, session_id, address, rejoined, liveness })
+    }
+
+    /// The head's own node was registered with the loopback address it connected from; once a
+    /// remote worker reaches the head on a real interface, that interface's address is the one
+    /// other nodes can use, so the head node takes it (unless the operator set one).
+    fn learn_head_address(&mut self, local: IpAddr, now: Instant) {
+        let Some(head) = self.nodes.values_mut().find(|e| e.info.is_head && e.address_auto && e.address.is_loopback()) else {
+            return;
+        };
+        if local.is_loopback() || local.is_unspecified() {
+            return;
+        }
+        info!(node_id = %head.id, address = %local, "head node address learned from a remote worker's connection");
+        head.address = local;
+        let id = head.id;
+        let state = shown_state(head.health, head.draining);
+        self.emit(id, EventKind::StateChanged, Some(state), format!("address is now {local}"), now);
+    }
+
+    pub fn usage(&mut self, node_id: Uuid, usage: &[(u32, u64)]) {
+        if let Some(e) = self.nodes.get_mut(&node_id) {
+            for &(index, used) in usage {
+                if let Some(pos) = e.info.inventory.gpus.iter().position(|g| g.index == index) {
+                    e.gpu_memory_used[pos] = used;
+                }
+            }
+        }
+    }
+
+    pub fn leave(&mut self, node_id: Uuid, session_id: u64, reason: &str, now: Instant) {
+        let Some(e) = self.nodes.get_mut(&node_id) else { return };
+        if e.session.as_ref().map(|s| s.id) != Some(session_id) {
+            return; // a stale session of a node that has since rejoined
+        }
+        e.session = None;
+        e.closed_at = None;
+        let previous = shown_state(e.health, e.draining);
+        e.health = NodeState::Left;
+        e.reason = format!("left: {reason}");
+        e.since = now;
+        info!(node_id = %node_id, name = %e.info.name, reason, "node left");
+        let reason = e.reason.clone();
+        self.emit(node_id, EventKind::Left, Some(previous), reason, now);
+    }
+
+    pub fn closed(&mut self, node_id: Uuid, session_id: u64, why: &str, now: Instant) {
+        let Some(e) = self.nodes.get_mut(&node_id) else { return };
+        if e.session.as_ref().map(|s| s.id) != Some(session_id) {
+            return;
+        }
+        e.session = None;
+        if !matches!(e.health, NodeState::Alive | NodeState::Suspect) {
+            return;
+        }
+        e.closed_at = Some(now);
+        let previous = shown_state(e.health, e.draining);
+        let grace = format_duration(self.config.reconnect_grace);
+        e.reason = format!("session closed ({why}); dead unless it reconnects within {grace}");
+        if e.health != NodeState::Suspect {
+            e.health = NodeState::Suspect;
+            e.since = now;
+            warn!(node_id = %node_id, name = %e.info.name, why, "session closed; node suspect");
+            let reason = e.reason.clone();
+            self.emit(node_id, EventKind::StateChanged, Some(previous), reason, now);
+        }
+    }
+
+    /// The failure detector: one pass over the table.
+    pub fn detect(&mut self, now: Instant) {
+        let cfg = self.config;
+        let mut changes = Vec::new();
+        for e in self.nodes.values_mut() {
+            if !matches!(e.health, NodeState::Alive | NodeState::Suspect) {
+                continue;
+            }
+            let previous = shown_state(e.health, e.draining);
+            if let Some(closed) = e.closed_at {
+                if now.saturating_duration_since(closed) >= cfg.reconnect_grace {
+                    e.health = NodeState::Dead;
+                    e.reason = format!(
+                        "session closed and no reconnect within {}",
+                        format_duration(cfg.reconnect_grace)
+                    );
+                    e.closed_at = None;
+                    e.since = now;
+                    changes.push((e.id, previous, e.reason.clone()));
+                }
+                continue;
+            }
+            let silence = now.saturating_duration_since(e.liveness.last());
+            if silence >= cfg.node_timeout {
+                e.health = NodeState::Dead;
+                e.reason = format!("no heartbeat for {}", format_duration(round_ms(silence)));
+                e.since = now;
+                if let Some(s) = e.session.take() {
+                    // Close the silent session: if the worker wakes up it must rejoin, not resume.
+                    let _ = s.tx.try_send(Err(tonic::Status::unavailable(format!(
+                        "node declared dead after no heartbeat for {}; rejoin",
+                        format_duration(cfg.node_timeout)
+                    ))));
+                }
+                changes.push((e.id, previous, e.reason.clone()));
+            } else if silence >= cfg.suspect_after() && e.health == NodeState::Alive {
+                e.health = NodeState::Suspect;
+                e.reason = format!("heartbeat late: none for {}", format_duration(round_ms(silence)));
+                e.since = now;
+                changes.push((e.id, previous, e.reason.clone()));
+            } else if silence < cfg.suspect_after() && e.health == NodeState::Suspect {
+                e.health = NodeState::Alive;
+                e.reason = "heartbeats resumed".into();
+                e.since = now;
+                changes.push((e.id, previous, e.reason.clone()));
+            }
+        }
+        for (id, previous, reason) in changes {
+            let level_dead = self.nodes.get(&id).is_some_and(|e| e.health == NodeState::Dead);
+            if level_dead {
+                warn!(node_id = %id, reason = %reason, "node dead");
+            } else {
+                info!(node_id = %id, reason = %reason, "node state changed");
+            }
+            self.emit(id, EventKind::StateChanged, Some(previous), reason, now);
+        }
+    }
+
+    pub fn set_draining(&mut self, node: &str, draining: bool, now: Instant) -> Result<NodeView, NodeError> {
+        let id = self.resolve(node)?;
+        let e = self.nodes.get_mut(&id).expect("resolved id exists");
+        if e.draining != draining {
+            let previous = shown_state(e.health, e.draining);
+            e.draining = draining;
+            let reason = if draining { "drained by an operator" } else { "undrained by an operator" };
+            if previous != shown_state(e.health, e.draining) {
+                e.since = now;
+            }
+            info!(node_id = %id, draining, "node admin state changed");
+            self.emit(id, EventKind::StateChanged, Some(previous), reason.into(), now);
+        }
+        Ok(self.view(&self.nodes[&id], now))
+    }
+
+    fn resolve(&self, node: &str) -> Result<Uuid, NodeError> {
+        if let Ok(id) = Uuid::parse_str(node) {
+            if self.nodes.contains_key(&id) {
+                return Ok(id);
+            }
+        }
+        let matches: Vec<Uuid> = self
+            .nodes
+            .values()
+            .filter(|e| e.info.name == node || e.id.to_string().starts_with(node) && node.len() >= 8)
+            .map(|e| e.id)
+            .collect();
+        match matches.as_slice() {
+            [id] => Ok(*id),
+            [] => Err(NodeError::NotFound(node.to_string())),
+            _ => Err(NodeError::Ambiguous(node.to_string())),
+        }
+    }
+
+    /// Every node, the head first, then by name.
+    pub fn views(&self, now: Instant) -> Vec<NodeView> {
+        let mut v: Vec<NodeView> = self.nodes.values().map(|e| self.view(e, now)).collect();
+        v.sort_by(|a, b| b.info.is_head.cmp(&a.info.is_head).then_with(|| a.info.name.cmp(&b.info.name)));
+        v
+    }
+
+    fn view(&self, e: &Entry, now: Instant) -> NodeView {
+        NodeView {
+            id: e.id,
+            info: e.info.clone(),
+            state: shown_state(e.health, e.draining),
+            draining: e.draining,
+            address: e.address,
+            last_heartbeat_ago: now.saturating_duration_since(e.liveness.last()),
+            state_reason: e.reason.clone(),
+            state_since_ago: now.saturating_duration_since(e.since),
+            joined_ago: now.saturating_duration_since(e.joined),
+            gpu_memory_used: e.gpu_memory_used.clone(),
+        }
+    }
+
+    fn emit(&mut self, id: Uuid, kind: EventKind, previous: Option<NodeState>, reason: String, now: Instant) {
+        let Some(e) = self.nodes.get(&id) else { return };
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let event = Event { seq, unix_ms: unix_ms(), kind, node: self.view(e, now), previous, reason };
+        let _ = self.events.send(event); // no subscribers is fine
+    }
+
+    /// Tells every open session that the head is going away, and ends them.
+    pub fn shutdown(&mut self, reason: &str) {
+        for e in self.nodes.values_mut() {
+            if let Some(s) = e.session.take() {
+                let _ = s.tx.try_send(Ok(pb::HeadMessage {
+                    msg: Some(pb::head_message::Msg::Shutdown(pb::HeadShutdown { reason: reason.to_string() })),
+                }));
+            }
+        }
+    }
+}
+
+fn round_ms(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

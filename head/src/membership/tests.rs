@@ -1,0 +1,225 @@
+//! Failure detector tests on paused tokio time: every deadline is exact and nothing sleeps.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use tessera_common::fake::FakeGpuSpec;
+use tessera_common::node::{JoinInfo, NodeState};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+
+fn info(name: &str, fingerprint: &str) -> JoinInfo {
+    let spec: FakeGpuSpec = "2x80GiB".parse().expect("valid spec");
+    JoinInfo {
+        node_id: None,
+        name: name.into(),
+        labels: Default::default(),
+        advertise_address: None,
+        inventory: spec.inventory(name),
+        version: "test".into(),
+        is_head: false,
+        machine_fingerprint: fingerprint.into(),
+        hostname: "host".into(),
+    }
+}
+
+fn conn(last_octet: u8) -> ConnInfo {
+    ConnInfo { peer: IpAddr::V4(Ipv4Addr::new(127, 0, 0, last_octet)), local: None }
+}
+
+type Rx = mpsc::Receiver<Result<pb::HeadMessage, tonic::Status>>;
+
+async fn join(m: &Membership, i: JoinInfo) -> (Admitted, Rx) {
+    let (tx, rx) = mpsc::channel(16);
+    (m.join(i, conn(2), tx).await.expect("join accepted"), rx)
+}
+
+async fn state_of(m: &Membership, id: Uuid) -> NodeState {
+    m.list().await.into_iter().find(|n| n.id == id).expect("node listed").state
+}
+
+fn start() -> Membership {
+    Membership::spawn(MembershipConfig::default(), CancellationToken::new()).0
+}
+
+/// Lets the detector run through `d` of paused time, in small steps.
+async fn advance(d: Duration) {
+    let step = Duration::from_millis(10);
+    let mut left = d;
+    while !left.is_zero() {
+        let s = step.min(left);
+        tokio::time::advance(s).await;
+        tokio::task::yield_now().await;
+        left -= s;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn heartbeats_keep_a_node_alive() {
+    let m = start();
+    let (a, _rx) = join(&m, info("a", "fp-a")).await;
+    for _ in 0..20 {
+        advance(Duration::from_millis(500)).await;
+        a.liveness.touch();
+    }
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Alive);
+}
+
+#[tokio::test(start_paused = true)]
+async fn silent_node_is_suspect_then_dead_after_the_node_timeout() {
+    let m = start();
+    let (a, mut rx) = join(&m, info("a", "fp-a")).await;
+    advance(Duration::from_millis(900)).await;
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Alive, "one missed heartbeat is not suspicious");
+    advance(Duration::from_millis(300)).await;
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Suspect, "two missed heartbeats are");
+    advance(Duration::from_millis(1700)).await; // 2.9 s of silence
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Suspect, "not dead before the 3 s timeout");
+    advance(Duration::from_millis(200)).await;
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Dead);
+    // The silent session is closed so that a worker that wakes up must rejoin.
+    let closing = rx.recv().await.expect("a message").expect_err("an error status");
+    assert_eq!(closing.code(), tonic::Code::Unavailable);
+}
+
+#[tokio::test(start_paused = true)]
+async fn suspect_node_recovers_when_heartbeats_resume() {
+    let m = start();
+    let (a, _rx) = join(&m, info("a", "fp-a")).await;
+    advance(Duration::from_millis(1200)).await;
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Suspect);
+    a.liveness.touch();
+    advance(Duration::from_millis(100)).await;
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Alive);
+}
+
+#[tokio::test(start_paused = true)]
+async fn closed_session_is_dead_after_the_grace_unless_it_reconnects() {
+    let m = start();
+    let (a, _rx) = join(&m, info("a", "fp-a")).await;
+    let (b, _rxb) = join(&m, info("b", "fp-b")).await;
+    m.session_closed(a.node_id, a.session_id, "connection reset".into()).await;
+    m.session_closed(b.node_id, b.session_id, "connection reset".into()).await;
+    advance(Duration::from_millis(10)).await;
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Suspect);
+
+    // b reconnects within the grace with its node id: alive again, same id.
+    let mut again = info("b", "fp-b");
+    again.node_id = Some(b.node_id);
+    let (b2, _rxb2) = join(&m, again).await;
+    assert_eq!(b2.node_id, b.node_id);
+    assert!(b2.rejoined);
+
+    advance(Duration::from_millis(900)).await;
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Suspect, "still inside the 1 s grace");
+    advance(Duration::from_millis(150)).await;
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Dead);
+    assert_eq!(state_of(&m, b.node_id).await, NodeState::Alive);
+    assert_eq!(m.list().await.len(), 2, "the rejoin did not add a node");
+}
+
+#[tokio::test(start_paused = true)]
+async fn leave_is_left_not_dead_and_stale_sessions_are_ignored() {
+    let m = start();
+    let (a, _rx) = join(&m, info("a", "fp-a")).await;
+    // A stale session id (from before a rejoin) cannot make the node leave.
+    m.leave(a.node_id, a.session_id + 100, "stale".into()).await;
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Alive);
+    m.leave(a.node_id, a.session_id, "SIGTERM".into()).await;
+    m.session_closed(a.node_id, a.session_id, "stream ended".into()).await;
+    advance(Duration::from_secs(10)).await;
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Left);
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_machine_with_the_same_node_id_is_refused() {
+    let m = start();
+    let (a, _rx) = join(&m, info("a", "machine-1:/var/lib/tessera")).await;
+    let mut thief = info("a-copy", "machine-2:/var/lib/tessera");
+    thief.node_id = Some(a.node_id);
+    let (tx, _rx2) = mpsc::channel(4);
+    let err = m.join(thief, conn(3), tx).await.expect_err("refused");
+    assert!(matches!(err, JoinError::NodeIdConflict { .. }), "{err}");
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::AlreadyExists);
+    assert_eq!(m.list().await.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_name_cannot_be_taken_but_a_dead_one_can() {
+    let m = start();
+    let (a, _rx) = join(&m, info("a", "fp-1")).await;
+    let (tx, _r) = mpsc::channel(4);
+    let err = m.join(info("a", "fp-2"), conn(3), tx).await.expect_err("name in use");
+    assert!(matches!(err, JoinError::NameConflict { .. }), "{err}");
+
+    m.leave(a.node_id, a.session_id, "bye".into()).await;
+    let (b, _rxb) = join(&m, info("a", "fp-2")).await;
+    assert_ne!(b.node_id, a.node_id);
+    let nodes = m.list().await;
+    assert_eq!(nodes.len(), 1, "the departed node with that name is forgotten");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_lost_its_id_file_is_the_same_node_again() {
+    let m = start();
+    let (a, _rx) = join(&m, info("a", "fp-a")).await;
+    m.session_closed(a.node_id, a.session_id, "crash".into()).await;
+    let (again, _rx2) = join(&m, info("a", "fp-a")).await; // node_id: None
+    assert_eq!(again.node_id, a.node_id);
+    assert_eq!(m.list().await.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn events_follow_every_transition_in_order() {
+    let m = start();
+    let (_, mut events) = m.subscribe().await.expect("subscribed");
+    let (a, _rx) = join(&m, info("a", "fp-a")).await;
+    m.session_closed(a.node_id, a.session_id, "reset".into()).await;
+    advance(Duration::from_millis(1100)).await;
+    let mut seen = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        seen.push((e.kind, e.node.state));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (EventKind::Joined { rejoined: false }, NodeState::Alive),
+            (EventKind::StateChanged, NodeState::Suspect),
+            (EventKind::StateChanged, NodeState::Dead),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn draining_shows_while_alive_and_clears() {
+    let m = start();
+    let (a, _rx) = join(&m, info("a", "fp-a")).await;
+    let v = m.set_draining("a".into(), true).await.expect("found by name");
+    assert_eq!(v.state, NodeState::Draining);
+    let v = m.set_draining(a.node_id.to_string(), false).await.expect("found by id");
+    assert_eq!(v.state, NodeState::Alive);
+    let e = m.set_draining("nope".into(), true).await.expect_err("unknown");
+    assert_eq!(tonic::Status::from(e).code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_tells_every_session() {
+    let token = CancellationToken::new();
+    let (m, task) = Membership::spawn(MembershipConfig::default(), token.clone());
+    let (_a, mut rx) = join(&m, info("a", "fp-a")).await;
+    token.cancel();
+    task.await.expect("task ends");
+    let msg = rx.recv().await.expect("message").expect("ok message");
+    assert!(matches!(msg.msg, Some(pb::head_message::Msg::Shutdown(_))));
+}
+
+#[test]
+fn config_rules() {
+    let c = MembershipConfig::default();
+    assert_eq!(c.suspect_after(), Duration::from_secs(1));
+    assert!(c.tick() <= Duration::from_millis(50));
+    let bad = MembershipConfig { node_timeout: Duration::from_millis(600), ..c };
+    assert!(bad.validate().expect_err("too short").contains("twice"));
+}

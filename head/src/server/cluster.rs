@@ -1,0 +1,128 @@
+//! The client-facing `Cluster` service: nodes, status, events, drain.
+
+use std::pin::Pin;
+
+use futures_util::Stream;
+use tessera_common::node::NodeState;
+use tessera_proto::v1 as pb;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use crate::membership::{Membership, NodeView};
+
+pub struct ClusterService {
+    pub membership: Membership,
+    pub head_instance_id: String,
+    pub started: Instant,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let nodes = self.membership.list().await.iter().map(pb::Node::from).collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let nodes = self.membership.list().await;
+        let cfg = self.membership.config();
+        Ok(Response::new(status_of(&nodes, cfg, &self.head_instance_id, self.started.elapsed())))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(&self, request: Request<pb::WatchEventsRequest>) -> Result<Response<EventStream>, Status> {
+        let include_current = request.into_inner().include_current;
+        let (current, mut rx) = self
+            .membership
+            .subscribe()
+            .await
+            .ok_or_else(|| Status::unavailable("the head is shutting down"))?;
+        let stream = async_stream(move |tx| async move {
+            if include_current {
+                for n in &current {
+                    let e = pb::Event {
+                        seq: 0,
+                        unix_ms: 0,
+                        kind: pb::EventKind::NodeJoined as i32,
+                        node: Some(n.into()),
+                        previous_state: pb::NodeState::Unspecified as i32,
+                        reason: "already a member".into(),
+                        rejoined: false,
+                    };
+                    if tx.send(Ok(e)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            loop {
+                let item = match rx.recv().await {
+                    Ok(e) => Ok(pb::Event::from(&e)),
+                    Err(RecvError::Lagged(n)) => Err(Status::resource_exhausted(format!(
+                        "event stream fell {n} events behind; watch again with include_current to resync"
+                    ))),
+                    Err(RecvError::Closed) => return,
+                };
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn drain_node(&self, request: Request<pb::DrainNodeRequest>) -> Result<Response<pb::Node>, Status> {
+        let node = request.into_inner().node;
+        let v = self.membership.set_draining(node, true).await?;
+        Ok(Response::new((&v).into()))
+    }
+
+    async fn undrain_node(&self, request: Request<pb::DrainNodeRequest>) -> Result<Response<pb::Node>, Status> {
+        let node = request.into_inner().node;
+        let v = self.membership.set_draining(node, false).await?;
+        Ok(Response::new((&v).into()))
+    }
+}
+
+/// Runs `f` as a task feeding a channel-backed stream; the task stops when the client goes away.
+fn async_stream<F, Fut>(f: F) -> EventStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::Event, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+pub fn status_of(
+    nodes: &[NodeView],
+    cfg: crate::membership::MembershipConfig,
+    head_instance_id: &str,
+    uptime: std::time::Duration,
+) -> pb::ClusterStatus {
+    let count = |s: NodeState| nodes.iter().filter(|n| n.state == s).count() as u32;
+    let serving = nodes.iter().filter(|n| matches!(n.state, NodeState::Alive | NodeState::Draining));
+    let gpus: Vec<_> = serving.flat_map(|n| n.info.inventory.gpus.iter()).collect();
+    pb::ClusterStatus {
+        head_version: tessera_common::VERSION.to_string(),
+        head_instance_id: head_instance_id.to_string(),
+        head_uptime_ms: uptime.as_millis() as u64,
+        nodes_total: nodes.len() as u32,
+        nodes_alive: count(NodeState::Alive),
+        nodes_suspect: count(NodeState::Suspect),
+        nodes_dead: count(NodeState::Dead),
+        nodes_left: count(NodeState::Left),
+        nodes_draining: count(NodeState::Draining),
+        gpus_total: gpus.len() as u32,
+        gpus_fake: gpus.iter().filter(|g| g.fake).count() as u32,
+        gpu_memory_total_bytes: gpus.iter().map(|g| g.memory_total_bytes).sum(),
+        heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
+        node_timeout_ms: cfg.node_timeout.as_millis() as u64,
+        reconnect_grace_ms: cfg.reconnect_grace.as_millis() as u64,
+    }
+}

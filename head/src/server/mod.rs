@@ -1,0 +1,4 @@
+//! The head's gRPC edge: the services, and the server that runs them on a bound listener.
+
+pub mod cluster;
+pub mod session;

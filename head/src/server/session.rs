@@ -1,0 +1,124 @@
+//! The worker-facing `Membership.Session` stream: join, heartbeats, leave.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::Stream;
+use tessera_common::node::JoinInfo;
+use tessera_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+use crate::membership::{Admitted, ConnInfo, Membership};
+
+/// How long a new session may take to send its join.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages queued towards one worker before heartbeat acks are dropped.
+const SESSION_QUEUE: usize = 64;
+
+pub struct MembershipService {
+    pub membership: Membership,
+    pub head_instance_id: String,
+}
+
+type HeadStream = Pin<Box<dyn Stream<Item = Result<pb::HeadMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::membership_server::Membership for MembershipService {
+    type SessionStream = HeadStream;
+
+    async fn session(&self, request: Request<Streaming<pb::WorkerMessage>>) -> Result<Response<HeadStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| canonical(a.ip()))
+            .ok_or_else(|| Status::failed_precondition("session over a transport without peer addresses"))?;
+        let local = request.local_addr().map(|a| canonical(a.ip()));
+        let mut inbound = request.into_inner();
+
+        let first = tokio::time::timeout(JOIN_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no join message within 10s of opening the session"))??
+            .ok_or_else(|| Status::invalid_argument("session closed before its join message"))?;
+        let Some(pb::worker_message::Msg::Join(join)) = first.msg else {
+            return Err(Status::invalid_argument("the first message of a session must be `join`"));
+        };
+        let info = JoinInfo::try_from(join)?;
+
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let admitted = self.membership.join(info, ConnInfo { peer, local }, tx.clone()).await?;
+        let cfg = self.membership.config();
+        let joined = pb::Joined {
+            node_id: admitted.node_id.to_string(),
+            observed_address: peer.to_string(),
+            address: admitted.address.to_string(),
+            heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
+            node_timeout_ms: cfg.node_timeout.as_millis() as u64,
+            head_instance_id: self.head_instance_id.clone(),
+            rejoined: admitted.rejoined,
+        };
+        // The channel is fresh, so this cannot be full.
+        let _ = tx.try_send(Ok(msg(pb::head_message::Msg::Joined(joined))));
+        tokio::spawn(pump(self.membership.clone(), admitted, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Reads one session's inbound messages until it ends.
+async fn pump(
+    membership: Membership,
+    admitted: Admitted,
+    mut inbound: Streaming<pb::WorkerMessage>,
+    tx: mpsc::Sender<Result<pb::HeadMessage, Status>>,
+) {
+    let Admitted { node_id, session_id, liveness, .. } = admitted;
+    let why = loop {
+        let next = tokio::select! {
+            next = inbound.next() => next,
+            // The head closed this session (replaced, declared dead, shutting down).
+            _ = tx.closed() => break "closed by the head".to_string(),
+        };
+        match next {
+            Some(Ok(m)) => match m.msg {
+                Some(pb::worker_message::Msg::Heartbeat(hb)) => {
+                    liveness.touch();
+                    if !hb.gpu_usage.is_empty() {
+                        let usage = hb.gpu_usage.iter().map(|u| (u.index, u.memory_used_bytes)).collect();
+                        membership.report_usage(node_id, usage).await;
+                    }
+                    // A full queue means the worker is not reading; it will time out by itself.
+                    let _ = tx.try_send(Ok(msg(pb::head_message::Msg::HeartbeatAck(pb::HeartbeatAck { seq: hb.seq }))));
+                }
+                Some(pb::worker_message::Msg::Leave(leave)) => {
+                    membership.leave(node_id, session_id, leave.reason).await;
+                    let _ = tx.send(Ok(msg(pb::head_message::Msg::Left(pb::Left {})))).await;
+                    return;
+                }
+                Some(pb::worker_message::Msg::Join(_)) => {
+                    let _ = tx.send(Err(Status::invalid_argument("`join` may only be the first message of a session"))).await;
+                    break "protocol error: second join".to_string();
+                }
+                None => debug!(%node_id, "empty worker message ignored"),
+            },
+            Some(Err(status)) => break format!("stream error: {}", status.message()),
+            None => break "stream ended without leave".to_string(),
+        }
+    };
+    warn!(%node_id, session_id, why = %why, "session ended");
+    membership.session_closed(node_id, session_id, why).await;
+}
+
+fn msg(m: pb::head_message::Msg) -> pb::HeadMessage {
+    pb::HeadMessage { msg: Some(m) }
+}
+
+/// `::ffff:10.0.0.1` (an IPv4 peer on a dual-stack socket) is shown as `10.0.0.1`.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}

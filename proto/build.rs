@@ -1,0 +1,25 @@
+//! Generates the tessera.v1 Rust code from `proto/` with protox (a pure-Rust protobuf compiler), so
+//! that a fresh clone builds without a system `protoc`.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("proto");
+    let files: Vec<PathBuf> = std::fs::read_dir(root.join("tessera/v1"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "proto"))
+        .collect();
+    let mut sorted = files;
+    sorted.sort();
+    for f in &sorted {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    let fds = protox::compile(&sorted, [&root])?;
+    let descriptor_path = PathBuf::from(std::env::var("OUT_DIR")?).join("tessera_v1_descriptor.bin");
+    std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

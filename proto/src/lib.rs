@@ -1,0 +1,17 @@
+//! The Tessera gRPC API, package `tessera.v1`, generated from the `.proto` files in `proto/proto/`.
+//!
+//! Those files are the public interface; this crate only compiles them (with protox, no system
+//! protoc). Domain types live in `tessera-common`; conversions happen at the gRPC edge.
+//!
+//! # Layout
+//! - [`v1`]: the generated messages, clients and servers.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+
+#[allow(clippy::all, missing_docs, clippy::unwrap_used)]
+pub mod v1 {
+    tonic::include_proto!("tessera.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every tessera.v1 file.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tessera_v1_descriptor.bin"));

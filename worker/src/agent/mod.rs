@@ -1,0 +1,293 @@
+//! The worker agent: joins the head, holds the session, heartbeats, reconnects, leaves.
+//!
+//! The same agent runs in `tessera-worker` and inside `tessera-head` (the head's own GPUs).
+
+pub mod backoff;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use tessera_common::node::JoinInfo;
+use tessera_proto::v1 as pb;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use rand::SeedableRng;
+use tracing::{debug, error, info, warn};
+use uuid::Uuid;
+
+use crate::gpu::GpuInventory;
+use crate::state::{StateDir, StateError};
+use backoff::Backoff;
+
+/// Everything the agent needs; built by the binaries from their flags.
+pub struct AgentConfig {
+    /// Head URL, e.g. `http://10.0.0.1:7470`.
+    pub head: String,
+    pub node_name: String,
+    pub labels: BTreeMap<String, String>,
+    pub advertise_address: Option<IpAddr>,
+    pub is_head: bool,
+    pub inventory: Box<dyn GpuInventory>,
+    /// How long one connection attempt may take.
+    pub connect_timeout: Duration,
+    /// How long to wait for the head's `left` answer when leaving.
+    pub leave_timeout: Duration,
+}
+
+/// What the agent knows about its membership, for whoever embeds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub node_id: Option<Uuid>,
+    /// The node's authoritative address, as the head told it.
+    pub address: Option<String>,
+    pub joined: bool,
+    /// Joins since start (1 after the first).
+    pub joins: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the head refused this worker: {0}")]
+    Refused(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("invalid head URL {url:?}: {why}; write e.g. http://10.0.0.1:7470")]
+    BadHeadUrl { url: String, why: String },
+}
+
+/// How one session ended.
+enum SessionEnd {
+    /// We left on purpose (shutdown).
+    Left,
+    /// Lost the head; try again.
+    Lost(String),
+    /// The head refused us for a reason retrying will not fix.
+    Refused(String),
+}
+
+pub struct Agent {
+    config: AgentConfig,
+    state: StateDir,
+    status: watch::Sender<AgentStatus>,
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig, state: StateDir) -> Result<Self, AgentError> {
+        Endpoint::from_shared(config.head.clone())
+            .map_err(|e| AgentError::BadHeadUrl { url: config.head.clone(), why: e.to_string() })?;
+        let node_id = state.node_id()?;
+        let (status, _) = watch::channel(AgentStatus { node_id, ..Default::default() });
+        Ok(Agent { config, state, status })
+    }
+
+    pub fn status(&self) -> watch::Receiver<AgentStatus> {
+        self.status.subscribe()
+    }
+
+    /// Runs until `shutdown` (then leaves gracefully) or until the head refuses this worker.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let mut backoff = Backoff::default();
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        let endpoint = Endpoint::from_shared(self.config.head.clone())
+            .map_err(|e| AgentError::BadHeadUrl { url: self.config.head.clone(), why: e.to_string() })?
+            .connect_timeout(self.config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let mut failures = 0u32;
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let end = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                c = endpoint.connect() => match c {
+                    Ok(channel) => self.session(channel, &shutdown, &mut backoff).await,
+                    Err(e) => SessionEnd::Lost(format!("cannot connect to {}: {}", self.config.head, source_chain(&e))),
+                },
+            };
+            self.status.send_modify(|s| s.joined = false);
+            match end {
+                SessionEnd::Left => return Ok(()),
+                SessionEnd::Refused(why) => {
+                    error!(reason = %why, "the head refused this worker; not retrying");
+                    return Err(AgentError::Refused(why));
+                }
+                SessionEnd::Lost(why) => {
+                    failures += 1;
+                    let delay = backoff.next_delay(&mut rng);
+                    // Log the first failure and then every tenth, so a long head outage does not flood.
+                    if failures == 1 || failures % 10 == 0 {
+                        warn!(reason = %why, retry_in = ?delay, attempts = failures, "lost the head; reconnecting");
+                    } else {
+                        debug!(reason = %why, retry_in = ?delay, "reconnecting");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+            if self.status.borrow().joins > 0 && failures == 0 {
+                backoff.reset();
+            }
+        }
+    }
+
+    fn join_request(&self) -> Result<JoinInfo, StateError> {
+        Ok(JoinInfo {
+            node_id: self.state.node_id()?,
+            name: self.config.node_name.clone(),
+            labels: self.config.labels.clone(),
+            advertise_address: self.config.advertise_address,
+            inventory: self.config.inventory.inventory(),
+            version: tessera_common::VERSION.to_string(),
+            is_head: self.config.is_head,
+            machine_fingerprint: self.state.machine_fingerprint(),
+            hostname: crate::state::hostname(),
+        })
+    }
+
+    async fn session(&self, channel: Channel, shutdown: &CancellationToken, backoff: &mut Backoff) -> SessionEnd {
+        let join = match self.join_request() {
+            Ok(j) => j,
+            Err(e) => return SessionEnd::Refused(e.to_string()),
+        };
+        let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(16);
+        let _ = tx.try_send(pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Join((&join).into())) });
+        let mut client = pb::membership_client::MembershipClient::new(channel);
+        let opened = tokio::time::timeout(self.config.connect_timeout * 5, client.session(ReceiverStream::new(rx))).await;
+        let mut inbound = match opened {
+            Err(_) => return SessionEnd::Lost("the head did not answer the join in time".into()),
+            Ok(Err(status)) => return classify(status),
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let joined = match inbound.message().await {
+            Ok(Some(pb::HeadMessage { msg: Some(pb::head_message::Msg::Joined(j)) })) => j,
+            Ok(Some(other)) => return SessionEnd::Lost(format!("expected `joined`, got {other:?}")),
+            Ok(None) => return SessionEnd::Lost("the head closed the session during the join".into()),
+            Err(status) => return classify(status),
+        };
+        let node_id = match Uuid::parse_str(&joined.node_id) {
+            Ok(id) => id,
+            Err(_) => return SessionEnd::Lost(format!("the head sent an invalid node id {:?}", joined.node_id)),
+        };
+        if join.node_id != Some(node_id) {
+            if let Err(e) = self.state.save_node_id(node_id) {
+                return SessionEnd::Refused(format!("cannot persist the node id: {e}"));
+            }
+        }
+        backoff.reset();
+        let interval = Duration::from_millis(joined.heartbeat_interval_ms.max(10));
+        let head_timeout = Duration::from_millis(joined.node_timeout_ms.max(100));
+        info!(
+            node_id = %node_id, address = %joined.address, rejoined = joined.rejoined,
+            head = %self.config.head, heartbeat = ?interval, "joined the cluster"
+        );
+        self.status.send_modify(|s| {
+            s.node_id = Some(node_id);
+            s.address = Some(joined.address.clone());
+            s.joined = true;
+            s.joins += 1;
+        });
+
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        let mut last_heard = Instant::now();
+        let mut last_usage: Vec<(u32, u64)> = join.inventory.gpus.iter().map(|g| (g.index, g.memory_used_bytes)).collect();
+        let usage_every = (Duration::from_secs(5).as_millis() / interval.as_millis().max(1)).max(1) as u64;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    return self.leave(&tx, &mut inbound).await;
+                }
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() >= head_timeout {
+                        return SessionEnd::Lost(format!("no word from the head for {head_timeout:?}"));
+                    }
+                    seq += 1;
+                    let mut gpu_usage = Vec::new();
+                    if seq % usage_every == 0 {
+                        let now = self.config.inventory.memory_used();
+                        if now != last_usage {
+                            gpu_usage = now.iter().map(|&(index, used)| pb::GpuUsage { index, memory_used_bytes: used }).collect();
+                            last_usage = now;
+                        }
+                    }
+                    let hb = pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Heartbeat(pb::Heartbeat { seq, gpu_usage })) };
+                    if tx.send(hb).await.is_err() {
+                        return SessionEnd::Lost("session stream closed".into());
+                    }
+                }
+                m = inbound.message() => match m {
+                    Ok(Some(msg)) => {
+                        last_heard = Instant::now();
+                        match msg.msg {
+                            Some(pb::head_message::Msg::HeartbeatAck(_)) => {}
+                            Some(pb::head_message::Msg::Shutdown(s)) => {
+                                return SessionEnd::Lost(format!("head shutting down: {}", s.reason));
+                            }
+                            other => debug!(?other, "unexpected message from the head ignored"),
+                        }
+                    }
+                    Ok(None) => return SessionEnd::Lost("the head ended the session".into()),
+                    Err(status) => return classify(status),
+                },
+            }
+        }
+    }
+
+    async fn leave(&self, tx: &mpsc::Sender<pb::WorkerMessage>, inbound: &mut tonic::Streaming<pb::HeadMessage>) -> SessionEnd {
+        let leave = pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Leave(pb::LeaveRequest { reason: "shutdown".into() })) };
+        if tx.send(leave).await.is_err() {
+            return SessionEnd::Left;
+        }
+        let acked = tokio::time::timeout(self.config.leave_timeout, async {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(pb::HeadMessage { msg: Some(pb::head_message::Msg::Left(_)) })) => return true,
+                    Ok(Some(_)) => continue,
+                    _ => return false,
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if acked {
+            info!("left the cluster");
+        } else {
+            warn!("the head did not confirm the leave; it will see this node as dead");
+        }
+        SessionEnd::Left
+    }
+}
+
+/// Statuses that retrying cannot fix end the agent; the rest mean "try again".
+fn classify(status: tonic::Status) -> SessionEnd {
+    use tonic::Code;
+    match status.code() {
+        Code::AlreadyExists | Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated
+        | Code::FailedPrecondition => SessionEnd::Refused(status.message().to_string()),
+        _ => SessionEnd::Lost(format!("{}: {}", code_name(status.code()), status.message())),
+    }
+}
+
+fn code_name(c: tonic::Code) -> String {
+    format!("{c:?}").to_lowercase()
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}

@@ -1,0 +1,76 @@
+//! The flags of the worker agent, shared by `tessera-worker` and `tessera-head` (whose in-process
+//! worker takes the same options). They live in the library, against the habit of keeping clap in
+//! binaries, because two binaries must spell them identically; [`NodeArgs::to_parts`] turns them
+//! into typed values at once.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use tessera_common::env;
+use tessera_common::fake::FakeGpuSpec;
+use tessera_common::validate;
+
+/// Options that describe this node to the head.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// Name of this node as shown in `tessera nodes` [default: the host name]
+    #[arg(long, env = env::NODE_NAME, value_name = "NAME")]
+    pub node_name: Option<String>,
+
+    /// Address other nodes use to reach this one (engines' VLLM_HOST_IP and master address). Default:
+    /// the address the head sees this node connect from. Set it on multi-NIC hosts.
+    #[arg(long, env = env::ADVERTISE_ADDR, value_name = "IP")]
+    pub advertise_addr: Option<IpAddr>,
+
+    /// Labels for placement and display, as KEY=VALUE pairs separated by commas (zone=a,rack=12)
+    #[arg(long, env = env::LABELS, value_name = "K=V,...", default_value = "")]
+    pub labels: String,
+
+    /// Pretend this node has GPUs: COUNTxMEMORY, e.g. 4x80GiB. For machines without GPUs and for
+    /// tests; fake GPUs are marked fake everywhere they are shown.
+    #[arg(long, env = env::FAKE_GPUS, value_name = "COUNTxMEM")]
+    pub fake_gpus: Option<FakeGpuSpec>,
+}
+
+/// Where a worker keeps its node id.
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    /// Directory for the node id and shard state; one worker per directory
+    #[arg(long, env = env::STATE_DIR, value_name = "DIR", default_value = "/var/lib/tessera/worker")]
+    pub state_dir: PathBuf,
+}
+
+/// Typed node options.
+pub struct NodeParts {
+    pub node_name: String,
+    pub labels: BTreeMap<String, String>,
+    pub advertise_addr: Option<IpAddr>,
+    pub fake_gpus: Option<FakeGpuSpec>,
+}
+
+impl NodeArgs {
+    pub fn to_parts(&self) -> Result<NodeParts, validate::FieldError> {
+        let node_name = self.node_name.clone().unwrap_or_else(crate::state::default_node_name);
+        validate::node_name("--node-name", &node_name)?;
+        Ok(NodeParts {
+            node_name,
+            labels: validate::parse_labels(&self.labels)?,
+            advertise_addr: self.advertise_addr,
+            fake_gpus: self.fake_gpus,
+        })
+    }
+}
+
+/// Logging options, the same for every daemon.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log format: text for people, json for log collectors
+    #[arg(long, env = env::LOG_FORMAT, value_enum, default_value_t = crate::telemetry::LogFormat::Text)]
+    pub log_format: crate::telemetry::LogFormat,
+
+    /// Log filter, in RUST_LOG syntax (info, debug, tessera_head=debug,...)
+    #[arg(long, env = env::LOG_LEVEL, default_value = "info", value_name = "FILTER")]
+    pub log_level: String,
+}

@@ -1,0 +1,16 @@
+//! The Tessera worker: reports this machine's GPUs and holds a membership session with the head.
+//!
+//! # Layout
+//! - [`agent`]: the session loop (join, heartbeat, reconnect with backoff, leave).
+//! - [`gpu`]: GPU inventory behind one trait: NVML (real) or fake.
+//! - [`state`]: the state directory (node id, lock, machine fingerprint).
+//! - [`args`]: the agent's flags, shared with `tessera-head`.
+//! - [`telemetry`]: logging set-up.
+//! - [`signals`]: SIGTERM/SIGINT to a cancellation token.
+
+pub mod agent;
+pub mod args;
+pub mod gpu;
+pub mod signals;
+pub mod state;
+pub mod telemetry;

@@ -1,0 +1,172 @@
+//! `tessera-worker`: the daemon on every GPU node.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tessera_common::duration::parse_positive_duration;
+use tessera_common::env;
+use tessera_common::size::HumanBytes;
+use tessera_worker::agent::{Agent, AgentConfig};
+use tessera_worker::args::{LogArgs, NodeArgs, StateArgs};
+use tessera_worker::state::StateDir;
+use tessera_worker::{gpu, signals, telemetry};
+use tokio_util::sync::CancellationToken;
+
+/// The Tessera worker: reports this machine's GPUs to the head and hosts model shards.
+///
+/// Run it on every GPU node with --head pointing at the head. It joins, heartbeats, and reconnects
+/// forever (capped exponential backoff with jitter) when the head is away, keeping its node id in
+/// --state-dir. SIGTERM or SIGINT make it leave the cluster gracefully and exit 0.
+#[derive(Debug, Parser)]
+#[command(name = "tessera-worker", version, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// URL of the head's gRPC endpoint, e.g. http://10.0.0.1:7470
+    #[arg(long, env = env::HEAD, value_name = "URL")]
+    head: Option<String>,
+
+    #[command(flatten)]
+    node: NodeArgs,
+
+    #[command(flatten)]
+    state: StateArgs,
+
+    #[command(flatten)]
+    log: LogArgs,
+
+    /// How long one attempt to connect to the head may take
+    #[arg(long, env = "TESSERA_CONNECT_TIMEOUT", value_parser = parse_positive_duration, default_value = "2s")]
+    connect_timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print this machine's GPU inventory (NVML, or fake with --fake-gpus) and exit; needs no head
+    Inventory {
+        /// Output format
+        #[arg(short, long, env = env::OUTPUT, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let parts = match cli.node.to_parts() {
+        Ok(p) => p,
+        Err(e) => return usage(&e.to_string()),
+    };
+    if let Some(Command::Inventory { output }) = cli.command {
+        let inv = gpu::detect(parts.fake_gpus, &parts.node_name).inventory();
+        match output {
+            Output::Json => match serde_json::to_string_pretty(&inv) {
+                Ok(s) => println!("{s}"),
+                Err(e) => {
+                    eprintln!("error: cannot encode the inventory: {e}");
+                    return ExitCode::from(1);
+                }
+            },
+            Output::Text => print_inventory(&inv),
+        }
+        return ExitCode::SUCCESS;
+    }
+    let Some(head) = cli.head.clone() else {
+        return usage("--head URL is required to run the worker (or set TESSERA_HEAD); e.g. --head http://10.0.0.1:7470");
+    };
+    if let Err(e) = telemetry::init(cli.log.log_format, &cli.log.log_level) {
+        return usage(&e);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let state = match StateDir::open(&cli.state.state_dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(1);
+            }
+        };
+        let config = AgentConfig {
+            head,
+            inventory: gpu::detect(parts.fake_gpus, &parts.node_name),
+            node_name: parts.node_name,
+            labels: parts.labels,
+            advertise_address: parts.advertise_addr,
+            is_head: false,
+            connect_timeout: cli.connect_timeout,
+            leave_timeout: Duration::from_secs(2),
+        };
+        let agent = match Agent::new(config, state) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(2);
+            }
+        };
+        let root = CancellationToken::new();
+        if let Err(e) = signals::spawn(root.clone()) {
+            tracing::error!("cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+        match agent.run(root).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+fn usage(msg: &str) -> ExitCode {
+    eprintln!("error: {msg}\n\nFor more information, try '--help'.");
+    ExitCode::from(2)
+}
+
+fn print_inventory(inv: &tessera_common::node::Inventory) {
+    if inv.gpus.is_empty() {
+        println!("no GPUs ({})", if inv.note.is_empty() { "none found" } else { &inv.note });
+        return;
+    }
+    if !inv.driver_version.is_empty() {
+        println!("driver {}  CUDA {}", inv.driver_version, inv.cuda_driver_version);
+    }
+    if inv.source == tessera_common::node::InventorySource::Fake {
+        println!("FAKE GPUs ({})", inv.note);
+    }
+    println!("{:<5} {:<28} {:>10} {:>10} {:<4} {:<16} {:<4} {:<4} {}", "GPU", "NAME", "MEMORY", "USED", "CC", "PCI", "NUMA", "MIG", "NVLINK PEERS");
+    for g in &inv.gpus {
+        let name = if g.fake { format!("{} (fake)", g.name) } else { g.name.clone() };
+        let peers = if g.nvlink_peers.is_empty() {
+            "-".to_string()
+        } else {
+            g.nvlink_peers.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+        };
+        println!(
+            "{:<5} {:<28} {:>10} {:>10} {:<4} {:<16} {:<4} {:<4} {}",
+            g.index,
+            name,
+            HumanBytes(g.memory_total_bytes).to_string(),
+            HumanBytes(g.memory_used_bytes).to_string(),
+            format!("{}.{}", g.compute_capability.0, g.compute_capability.1),
+            g.pci_bus_id,
+            g.numa_node.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+            if g.mig_enabled { "on" } else { "off" },
+            peers
+        );
+        println!("      {}", g.uuid);
+    }
+}
