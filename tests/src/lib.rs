@@ -1,1 +1,75 @@
+//! Test support: an in-process cluster, real daemons as child processes, and waiting helpers.
+//!
+//! # Layout
+//! - [`TestCluster`]: head + N worker agents in this process, real gRPC on ephemeral loopback ports.
+//! - [`Daemon`]: a real `tessera-head` / `tessera-worker` process, killed (and reaped) on drop.
+//! - [`wait_until`]: poll a predicate with a generous deadline (catches hangs, asserts no timing).
 
+pub mod cluster;
+pub mod process;
+
+pub use cluster::TestCluster;
+pub use process::{Daemon, HeadProc, bin, start_head, start_worker, start_worker_in};
+
+use std::future::Future;
+use std::time::Duration;
+
+use tessera_proto::v1 as pb;
+use tonic::transport::Channel;
+
+/// Deadline for waits in tests: long enough for a loaded 2-core CI machine, short enough to end a
+/// hang. Tests never assert on how fast something happened; benchmarks do that.
+pub const HANG: Duration = Duration::from_secs(30);
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `HANG` naming `what`.
+pub async fn wait_until<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + HANG;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {HANG:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn cluster_client(url: &str) -> pb::cluster_client::ClusterClient<Channel> {
+    let ch = tonic::transport::Endpoint::from_shared(url.to_string())
+        .expect("valid url")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    pb::cluster_client::ClusterClient::new(ch)
+}
+
+pub async fn list_nodes(client: &mut pb::cluster_client::ClusterClient<Channel>) -> Vec<pb::Node> {
+    client.list_nodes(pb::ListNodesRequest {}).await.expect("ListNodes").into_inner().nodes
+}
+
+/// The node named `name`, if listed.
+pub fn node<'a>(nodes: &'a [pb::Node], name: &str) -> Option<&'a pb::Node> {
+    nodes.iter().find(|n| n.name == name)
+}
+
+pub fn state(n: &pb::Node) -> pb::NodeState {
+    pb::NodeState::try_from(n.state).unwrap_or(pb::NodeState::Unspecified)
+}
+
+/// Waits until node `name` is in `want`, and returns it.
+pub async fn wait_state(client: &mut pb::cluster_client::ClusterClient<Channel>, name: &str, want: pb::NodeState) -> pb::Node {
+    let what = format!("node {name} to be {want:?}");
+    wait_until(&what, || {
+        let mut c = client.clone();
+        async move {
+            let nodes = list_nodes(&mut c).await;
+            node(&nodes, name).filter(|n| state(n) == want).cloned()
+        }
+    })
+    .await
+}

@@ -112,7 +112,9 @@ async fn closed_session_is_dead_after_the_grace_unless_it_reconnects() {
     assert_eq!(b2.node_id, b.node_id);
     assert!(b2.rejoined);
 
-    advance(Duration::from_millis(900)).await;
+    advance(Duration::from_millis(500)).await;
+    b2.liveness.touch();
+    advance(Duration::from_millis(400)).await;
     assert_eq!(state_of(&m, a.node_id).await, NodeState::Suspect, "still inside the 1 s grace");
     advance(Duration::from_millis(150)).await;
     assert_eq!(state_of(&m, a.node_id).await, NodeState::Dead);

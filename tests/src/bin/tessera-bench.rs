@@ -1,0 +1,98 @@
+//! `tessera-bench`: measures what BENCHMARKS.md reports, with the real release binaries.
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! cargo run --release -p tessera-tests --bin tessera-bench -- failure --runs 10
+//! cargo run --release -p tessera-tests --bin tessera-bench -- idle-rss
+//! ```
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tessera_proto::v1 as pb;
+use tessera_tests::process::{start_head, start_worker};
+use tessera_tests::{cluster_client, wait_state};
+use tokio_stream::StreamExt;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let runs = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    match args.get(1).map(String::as_str) {
+        Some("failure") => failure(runs).await,
+        Some("idle-rss") => idle_rss().await,
+        _ => {
+            eprintln!("usage: tessera-bench failure [--runs N] | idle-rss");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Time from the signal to the head's `dead` event, for kill -9 and for SIGSTOP.
+async fn failure(runs: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
+    let mut client = cluster_client(&head.url).await;
+    for (label, sig) in [("kill -9", Signal::SIGKILL), ("SIGSTOP", Signal::SIGSTOP)] {
+        let mut times = Vec::new();
+        for i in 0..runs {
+            let name = format!("w{i}-{}", if sig == Signal::SIGKILL { "kill" } else { "stop" });
+            let w = start_worker(dir.path(), &name, &head.url);
+            wait_state(&mut client, &name, pb::NodeState::Alive).await;
+            // Let a few heartbeats pass so the worker is in its steady state.
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let mut events = client.watch_events(pb::WatchEventsRequest { include_current: false }).await?.into_inner();
+            let t0 = Instant::now();
+            w.signal(sig);
+            loop {
+                let e = events.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+                let n = e.node.unwrap_or_default();
+                if n.name == name && n.state == pb::NodeState::Dead as i32 {
+                    break;
+                }
+            }
+            let ms = t0.elapsed().as_secs_f64() * 1000.0;
+            times.push(ms);
+            eprintln!("{label} run {i}: {ms:.0} ms");
+            if sig == Signal::SIGSTOP {
+                w.signal(Signal::SIGCONT);
+            }
+            drop(w);
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "{label:>8} -> dead: median {:.0} ms, min {:.0} ms, max {:.0} ms over {runs} runs",
+            times[times.len() / 2],
+            times[0],
+            times[times.len() - 1]
+        );
+    }
+    Ok(())
+}
+
+fn rss_kib(pid: i32) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))
+}
+
+/// RSS of an idle head (with its in-process worker, 4 fake GPUs) and of an idle worker, after 10 s.
+async fn idle_rss() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
+    let w = start_worker(dir.path(), "w1", &head.url);
+    let mut client = cluster_client(&head.url).await;
+    wait_state(&mut client, "w1", pb::NodeState::Alive).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let h = rss_kib(head.daemon.pid().as_raw())?;
+    let wk = rss_kib(w.pid().as_raw())?;
+    println!("idle RSS: head {:.1} MiB (with its worker), worker {:.1} MiB", h as f64 / 1024.0, wk as f64 / 1024.0);
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! Real daemons as child processes, for what only processes show: signals, kill -9, exit codes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Path of a workspace binary (`tessera-head`, `tessera-worker`, `tessera`), built by
+/// `cargo test --workspace` next to the test executables.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // Test executables live in target/<profile>/deps, other binaries in target/<profile>.
+    let here = exe.parent().expect("exe dir");
+    let dir = if here.ends_with("deps") { here.parent().expect("target dir") } else { here };
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (it builds every binary), or `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// A running daemon; SIGKILLed and reaped when dropped, so a failing test leaves nothing behind.
+pub struct Daemon {
+    pub name: String,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn spawn(name: &str, binary: &str, args: &[String], log_dir: &Path) -> Daemon {
+        let log = log_dir.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(bin(binary))
+            .args(args)
+            .env_remove("TESSERA_HEAD")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
+        Daemon { name: name.to_string(), child: Some(child), log }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    pub fn signal(&self, s: Signal) {
+        kill(self.pid(), s).unwrap_or_else(|e| panic!("kill -{s} {}: {e}", self.name));
+    }
+
+    /// Waits for exit (with the hang deadline) and returns the status.
+    pub fn wait(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + crate::HANG;
+        loop {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!("{} did not exit within {:?}; log:\n{}", self.name, crate::HANG, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A `tessera-head` process on an ephemeral port, with its data dir.
+pub struct HeadProc {
+    pub daemon: Daemon,
+    pub url: String,
+    pub data_dir: PathBuf,
+}
+
+/// Fast failure-detection settings are not used: tests run the defaults users get.
+pub fn start_head(dir: &Path, name: &str, listen: &str, extra: &[&str]) -> HeadProc {
+    let data_dir = dir.join(name);
+    let _ = std::fs::remove_file(data_dir.join("head.addr"));
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        listen.into(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--node-name".into(),
+        "head".into(),
+        "--fake-gpus".into(),
+        "4x80GiB".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut daemon = Daemon::spawn(name, "tessera-head", &args, dir);
+    let addr_file = data_dir.join("head.addr");
+    let deadline = Instant::now() + crate::HANG;
+    let addr = loop {
+        if let Ok(s) = std::fs::read_to_string(&addr_file) {
+            if s.ends_with('\n') {
+                break s.trim().to_string();
+            }
+        }
+        if let Some(status) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            panic!("head exited early ({status}):\n{}", daemon.log_text());
+        }
+        assert!(Instant::now() < deadline, "head did not start; log:\n{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    HeadProc { daemon, url: format!("http://{addr}"), data_dir }
+}
+
+/// A `tessera-worker` with fake GPUs and its own state dir under `dir`.
+pub fn start_worker(dir: &Path, name: &str, head_url: &str) -> Daemon {
+    start_worker_in(dir, name, head_url, &dir.join(format!("{name}-state")))
+}
+
+pub fn start_worker_in(dir: &Path, name: &str, head_url: &str, state_dir: &Path) -> Daemon {
+    let args: Vec<String> = vec![
+        "--head".into(),
+        head_url.into(),
+        "--node-name".into(),
+        name.into(),
+        "--state-dir".into(),
+        state_dir.display().to_string(),
+        "--fake-gpus".into(),
+        "4x80GiB".into(),
+    ];
+    Daemon::spawn(name, "tessera-worker", &args, dir)
+}
