@@ -15,7 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     let fds = protox::compile(&sorted, [&root])?;
-    let descriptor_path = PathBuf::from(std::env::var("OUT_DIR")?).join("tessera_v1_descriptor.bin");
+    let descriptor_path =
+        PathBuf::from(std::env::var("OUT_DIR")?).join("tessera_v1_descriptor.bin");
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
     tonic_prost_build::configure()
         .build_server(true)

@@ -48,4 +48,3 @@ fn chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
-

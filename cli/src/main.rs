@@ -51,7 +51,7 @@ enum Cmd {
     /// Membership events (joined, state changes, left): the current members, then new events
     Events {
         /// Keep following new events until interrupted
-        #[arg(short, long)]
+        #[arg(short, long, env = "TESSERA_FOLLOW")]
         follow: bool,
         /// Output format (json: one object per line)
         #[arg(short, long, env = env::OUTPUT, value_enum, default_value_t = Output::Text)]
@@ -70,26 +70,29 @@ enum Cmd {
     /// Start a local cluster (a head and N workers with fake GPUs) and keep it running until Ctrl-C
     Up {
         /// Number of worker processes besides the head
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, env = "TESSERA_WORKERS", default_value_t = 2)]
         workers: u32,
         /// Fake GPUs on each node, head included: COUNTxMEMORY
-        #[arg(long, default_value = "4x80GiB", value_name = "COUNTxMEM")]
+        #[arg(long, env = env::FAKE_GPUS, default_value = "4x80GiB", value_name = "COUNTxMEM")]
         fake_gpus: FakeGpuSpec,
         /// Where the head listens; port 0 picks a free one
-        #[arg(long, default_value = "127.0.0.1:7470", value_name = "ADDR")]
+        #[arg(long, env = env::LISTEN, default_value = "127.0.0.1:7470", value_name = "ADDR")]
         listen: SocketAddr,
         /// Directory for the nodes' state and logs [default: $TMPDIR/tessera-up]
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, env = "TESSERA_UP_DIR", value_name = "DIR")]
         dir: Option<PathBuf>,
         /// Directory holding tessera-head and tessera-worker [default: beside this binary, else PATH]
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, env = "TESSERA_BIN_DIR", value_name = "DIR")]
         bin_dir: Option<PathBuf>,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -104,9 +107,22 @@ fn main() -> ExitCode {
             Cmd::Events { follow, output } => nodes::events(&head, follow, output).await,
             Cmd::Drain { node } => nodes::drain(&head, node, true).await,
             Cmd::Undrain { node } => nodes::drain(&head, node, false).await,
-            Cmd::Up { workers, fake_gpus, listen, dir, bin_dir } => {
+            Cmd::Up {
+                workers,
+                fake_gpus,
+                listen,
+                dir,
+                bin_dir,
+            } => {
                 let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("tessera-up"));
-                up::up(up::UpOptions { workers, fake_gpus, listen, dir, bin_dir }).await
+                up::up(up::UpOptions {
+                    workers,
+                    fake_gpus,
+                    listen,
+                    dir,
+                    bin_dir,
+                })
+                .await
             }
         }
     });

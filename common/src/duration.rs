@@ -31,7 +31,11 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
         assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
-        assert!(parse_duration("3 parsecs").expect_err("bad").contains("500ms"));
+        assert!(
+            parse_duration("3 parsecs")
+                .expect_err("bad")
+                .contains("500ms")
+        );
         assert!(parse_positive_duration("0s").is_err());
         assert_eq!(format_duration(Duration::from_millis(1500)), "1s 500ms");
     }

@@ -113,7 +113,10 @@ impl TryFrom<pb::Inventory> for Inventory {
         if p.gpus.len() > MAX_GPUS_PER_NODE {
             return Err(FieldError::new(
                 "inventory.gpus",
-                format!("{} GPUs reported; at most {MAX_GPUS_PER_NODE} per node", p.gpus.len()),
+                format!(
+                    "{} GPUs reported; at most {MAX_GPUS_PER_NODE} per node",
+                    p.gpus.len()
+                ),
             ));
         }
         let source = match p.source.as_str() {
@@ -133,7 +136,10 @@ impl TryFrom<pb::Inventory> for Inventory {
         for (i, g) in p.gpus.into_iter().enumerate() {
             let field = |f: &str| format!("inventory.gpus[{i}].{f}");
             if !seen.insert(g.index) {
-                return Err(FieldError::new(field("index"), format!("index {} appears twice", g.index)));
+                return Err(FieldError::new(
+                    field("index"),
+                    format!("index {} appears twice", g.index),
+                ));
             }
             validate::max_len(&field("uuid"), &g.uuid, 128)?;
             validate::max_len(&field("name"), &g.name, 256)?;
@@ -141,14 +147,27 @@ impl TryFrom<pb::Inventory> for Inventory {
             if g.memory_used_bytes > g.memory_total_bytes {
                 return Err(FieldError::new(
                     field("memory_used_bytes"),
-                    format!("{} exceeds memory_total_bytes {}", g.memory_used_bytes, g.memory_total_bytes),
+                    format!(
+                        "{} exceeds memory_total_bytes {}",
+                        g.memory_used_bytes, g.memory_total_bytes
+                    ),
                 ));
             }
             if g.nvlink_peers.len() > MAX_GPUS_PER_NODE {
-                return Err(FieldError::new(field("nvlink_peers"), "more peers than GPUs a node may have"));
+                return Err(FieldError::new(
+                    field("nvlink_peers"),
+                    "more peers than GPUs a node may have",
+                ));
             }
-            if let Some(bad) = g.nvlink_peers.iter().find(|&&p| p >= count.max(MAX_GPUS_PER_NODE as u32)) {
-                return Err(FieldError::new(field("nvlink_peers"), format!("peer index {bad} is out of range")));
+            if let Some(bad) = g
+                .nvlink_peers
+                .iter()
+                .find(|&&p| p >= count.max(MAX_GPUS_PER_NODE as u32))
+            {
+                return Err(FieldError::new(
+                    field("nvlink_peers"),
+                    format!("peer index {bad} is out of range"),
+                ));
             }
             gpus.push(Gpu {
                 index: g.index,
@@ -256,7 +275,10 @@ impl TryFrom<pb::JoinRequest> for JoinInfo {
             None
         } else {
             Some(uuid::Uuid::parse_str(&p.node_id).map_err(|e| {
-                FieldError::new("join.node_id", format!("{:?} is not a UUID: {e}", p.node_id))
+                FieldError::new(
+                    "join.node_id",
+                    format!("{:?} is not a UUID: {e}", p.node_id),
+                )
             })?)
         };
         validate::node_name("join.name", &p.name)?;
@@ -299,7 +321,10 @@ impl From<&JoinInfo> for pb::JoinRequest {
             node_id: j.node_id.map(|u| u.to_string()).unwrap_or_default(),
             name: j.name.clone(),
             labels: j.labels.clone().into_iter().collect(),
-            advertise_address: j.advertise_address.map(|a| a.to_string()).unwrap_or_default(),
+            advertise_address: j
+                .advertise_address
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
             inventory: Some((&j.inventory).into()),
             version: j.version.clone(),
             is_head: j.is_head,
@@ -349,31 +374,75 @@ mod tests {
 
     #[test]
     fn inventory_rejects_duplicate_indices_and_bad_memory() {
-        let dup = pb::Inventory { gpus: vec![gpu(0), gpu(0)], source: "fake".into(), ..Default::default() };
+        let dup = pb::Inventory {
+            gpus: vec![gpu(0), gpu(0)],
+            source: "fake".into(),
+            ..Default::default()
+        };
         let e = Inventory::try_from(dup).expect_err("duplicate");
         assert_eq!(e.field, "inventory.gpus[1].index");
 
         let mut g = gpu(0);
         g.memory_used_bytes = g.memory_total_bytes + 1;
-        let e = Inventory::try_from(pb::Inventory { gpus: vec![g], ..Default::default() }).expect_err("used > total");
+        let e = Inventory::try_from(pb::Inventory {
+            gpus: vec![g],
+            ..Default::default()
+        })
+        .expect_err("used > total");
         assert_eq!(e.field, "inventory.gpus[0].memory_used_bytes");
 
-        let many = pb::Inventory { gpus: (0..65).map(gpu).collect(), ..Default::default() };
-        assert_eq!(Inventory::try_from(many).expect_err("too many").field, "inventory.gpus");
+        let many = pb::Inventory {
+            gpus: (0..65).map(gpu).collect(),
+            ..Default::default()
+        };
+        assert_eq!(
+            Inventory::try_from(many).expect_err("too many").field,
+            "inventory.gpus"
+        );
     }
 
     #[test]
     fn join_validates_each_field_by_name() {
-        let ok = pb::JoinRequest { name: "node-a".into(), ..Default::default() };
+        let ok = pb::JoinRequest {
+            name: "node-a".into(),
+            ..Default::default()
+        };
         assert!(JoinInfo::try_from(ok.clone()).is_ok());
 
         let cases: Vec<(pb::JoinRequest, &str)> = vec![
-            (pb::JoinRequest { node_id: "nope".into(), ..ok.clone() }, "join.node_id"),
-            (pb::JoinRequest { name: "".into(), ..ok.clone() }, "join.name"),
-            (pb::JoinRequest { name: "Bad Name!".into(), ..ok.clone() }, "join.name"),
-            (pb::JoinRequest { advertise_address: "10.0.0.300".into(), ..ok.clone() }, "join.advertise_address"),
             (
-                pb::JoinRequest { labels: [("".to_string(), "v".to_string())].into(), ..ok.clone() },
+                pb::JoinRequest {
+                    node_id: "nope".into(),
+                    ..ok.clone()
+                },
+                "join.node_id",
+            ),
+            (
+                pb::JoinRequest {
+                    name: "".into(),
+                    ..ok.clone()
+                },
+                "join.name",
+            ),
+            (
+                pb::JoinRequest {
+                    name: "Bad Name!".into(),
+                    ..ok.clone()
+                },
+                "join.name",
+            ),
+            (
+                pb::JoinRequest {
+                    advertise_address: "10.0.0.300".into(),
+                    ..ok.clone()
+                },
+                "join.advertise_address",
+            ),
+            (
+                pb::JoinRequest {
+                    labels: [("".to_string(), "v".to_string())].into(),
+                    ..ok.clone()
+                },
                 "join.labels",
             ),
         ];

@@ -30,7 +30,10 @@ const UNITS: &[(&str, u64)] = &[
 /// Parses a human size into bytes. Binary units (KiB, MiB, GiB, TiB and the short K, M, G, T) are
 /// powers of 1024; decimal units (KB, MB, GB, TB) powers of 1000.
 pub fn parse_size(value: &str) -> Result<u64, SizeError> {
-    let err = |why| SizeError { value: value.to_string(), why };
+    let err = |why| SizeError {
+        value: value.to_string(),
+        why,
+    };
     let s = value.trim();
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

@@ -46,8 +46,13 @@ pub struct HeadConfig {
 pub enum HeadError {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("cannot use data dir {path}: {source}; pass --data-dir DIR with a directory this user can write")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot use data dir {path}: {source}; pass --data-dir DIR with a directory this user can write"
+    )]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Worker(#[from] tessera_worker::agent::AgentError),
     #[error(transparent)]
@@ -70,23 +75,34 @@ pub struct Head {
 impl Head {
     /// Starts serving on `listener` until `shutdown` is cancelled. The in-process worker (if any)
     /// joins through the same listener over loopback.
-    pub async fn start(listener: TcpListener, config: HeadConfig, shutdown: CancellationToken) -> Result<Head, HeadError> {
+    pub async fn start(
+        listener: TcpListener,
+        config: HeadConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Head, HeadError> {
         config.membership.validate().map_err(HeadError::Config)?;
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|source| HeadError::DataDir { path: config.data_dir.clone(), source })?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| HeadError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
         let addr = listener.local_addr().map_err(HeadError::Listener)?;
         let instance_id = uuid::Uuid::new_v4().to_string();
 
         let membership_token = CancellationToken::new();
-        let (membership, membership_task) = Membership::spawn(config.membership, membership_token.clone());
+        let (membership, membership_task) =
+            Membership::spawn(config.membership, membership_token.clone());
 
-        let session = server::session::MembershipService { membership: membership.clone(), head_instance_id: instance_id.clone() };
+        let session = server::session::MembershipService {
+            membership: membership.clone(),
+            head_instance_id: instance_id.clone(),
+        };
         let cluster = server::cluster::ClusterService {
             membership: membership.clone(),
             head_instance_id: instance_id.clone(),
             started: tokio::time::Instant::now(),
         };
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let server_stop = CancellationToken::new();
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -150,7 +166,12 @@ impl Head {
                 }
             }
         });
-        Ok(Head { addr, membership, local_worker, task })
+        Ok(Head {
+            addr,
+            membership,
+            local_worker,
+            task,
+        })
     }
 
     /// Waits until the head has stopped (after its shutdown token was cancelled).
@@ -177,7 +198,8 @@ pub fn loopback_for(addr: SocketAddr) -> SocketAddr {
 fn write_addr_file(dir: &Path, addr: SocketAddr) {
     let tmp = dir.join("head.addr.tmp");
     let dst = dir.join("head.addr");
-    let r = std::fs::write(&tmp, format!("{}\n", loopback_for(addr))).and_then(|_| std::fs::rename(&tmp, &dst));
+    let r = std::fs::write(&tmp, format!("{}\n", loopback_for(addr)))
+        .and_then(|_| std::fs::rename(&tmp, &dst));
     if let Err(e) = r {
         warn!(path = %dst.display(), error = %e, "cannot write the address file");
     }

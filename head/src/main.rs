@@ -71,7 +71,11 @@ fn main() -> ExitCode {
     if let Err(e) = telemetry::init(cli.log.log_format, &cli.log.log_level) {
         return usage(&e);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -38,7 +38,15 @@ impl TestCluster {
         let spec: FakeGpuSpec = "4x80GiB".parse().expect("spec");
         let config = MembershipConfig::default();
         let (head, head_token, url) = start_head(&dir, config, spec, "127.0.0.1:0").await;
-        let mut c = TestCluster { dir, head: Some(head), head_token, url, workers: Vec::new(), config, spec };
+        let mut c = TestCluster {
+            dir,
+            head: Some(head),
+            head_token,
+            url,
+            workers: Vec::new(),
+            config,
+            spec,
+        };
         for i in 1..=n {
             c.add_worker(&format!("worker-{i}")).await;
         }
@@ -64,17 +72,33 @@ impl TestCluster {
         let token = CancellationToken::new();
         let status = agent.status();
         let task = tokio::spawn(agent.run(token.clone()));
-        self.workers.push(TestWorker { name: name.to_string(), token, status, task });
+        self.workers.push(TestWorker {
+            name: name.to_string(),
+            token,
+            status,
+            task,
+        });
     }
 
     /// Stops the head (gracefully) and starts a new one on the same port and data dir.
     pub async fn restart_head(&mut self) {
-        let port: u16 = self.url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in url");
+        let port: u16 = self
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port in url");
         self.head_token.cancel();
         if let Some(h) = self.head.take() {
             h.stopped().await.expect("head stopped cleanly");
         }
-        let (head, token, url) = start_head(&self.dir, self.config, self.spec, &format!("127.0.0.1:{port}")).await;
+        let (head, token, url) = start_head(
+            &self.dir,
+            self.config,
+            self.spec,
+            &format!("127.0.0.1:{port}"),
+        )
+        .await;
         assert_eq!(url, self.url);
         self.head = Some(head);
         self.head_token = token;
@@ -85,7 +109,10 @@ impl TestCluster {
             w.token.cancel();
         }
         for w in self.workers.drain(..) {
-            w.task.await.expect("worker task").expect("worker ended cleanly");
+            w.task
+                .await
+                .expect("worker task")
+                .expect("worker ended cleanly");
         }
         self.head_token.cancel();
         if let Some(h) = self.head.take() {
@@ -94,7 +121,12 @@ impl TestCluster {
     }
 }
 
-async fn start_head(dir: &tempfile::TempDir, config: MembershipConfig, spec: FakeGpuSpec, listen: &str) -> (Head, CancellationToken, String) {
+async fn start_head(
+    dir: &tempfile::TempDir,
+    config: MembershipConfig,
+    spec: FakeGpuSpec,
+    listen: &str,
+) -> (Head, CancellationToken, String) {
     // A just-released port can linger briefly; retry the bind for a moment.
     let mut tries = 0;
     let listener = loop {

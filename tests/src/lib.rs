@@ -49,7 +49,12 @@ pub async fn cluster_client(url: &str) -> pb::cluster_client::ClusterClient<Chan
 }
 
 pub async fn list_nodes(client: &mut pb::cluster_client::ClusterClient<Channel>) -> Vec<pb::Node> {
-    client.list_nodes(pb::ListNodesRequest {}).await.expect("ListNodes").into_inner().nodes
+    client
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .expect("ListNodes")
+        .into_inner()
+        .nodes
 }
 
 /// The node named `name`, if listed.
@@ -62,7 +67,11 @@ pub fn state(n: &pb::Node) -> pb::NodeState {
 }
 
 /// Waits until node `name` is in `want`, and returns it.
-pub async fn wait_state(client: &mut pb::cluster_client::ClusterClient<Channel>, name: &str, want: pb::NodeState) -> pb::Node {
+pub async fn wait_state(
+    client: &mut pb::cluster_client::ClusterClient<Channel>,
+    name: &str,
+    want: pb::NodeState,
+) -> pb::Node {
     let what = format!("node {name} to be {want:?}");
     wait_until(&what, || {
         let mut c = client.clone();

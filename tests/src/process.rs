@@ -13,7 +13,11 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // Test executables live in target/<profile>/deps, other binaries in target/<profile>.
     let here = exe.parent().expect("exe dir");
-    let dir = if here.ends_with("deps") { here.parent().expect("target dir") } else { here };
+    let dir = if here.ends_with("deps") {
+        here.parent().expect("target dir")
+    } else {
+        here
+    };
     let p = dir.join(name);
     assert!(
         p.exists(),
@@ -33,7 +37,11 @@ pub struct Daemon {
 impl Daemon {
     pub fn spawn(name: &str, binary: &str, args: &[String], log_dir: &Path) -> Daemon {
         let log = log_dir.join(format!("{name}.log"));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
         let err = out.try_clone().expect("log file");
         let child = Command::new(bin(binary))
             .args(args)
@@ -43,7 +51,11 @@ impl Daemon {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
-        Daemon { name: name.to_string(), child: Some(child), log }
+        Daemon {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        }
     }
 
     pub fn pid(&self) -> Pid {
@@ -64,7 +76,12 @@ impl Daemon {
                 return s;
             }
             if Instant::now() > deadline {
-                panic!("{} did not exit within {:?}; log:\n{}", self.name, crate::HANG, self.log_text());
+                panic!(
+                    "{} did not exit within {:?}; log:\n{}",
+                    self.name,
+                    crate::HANG,
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -115,13 +132,25 @@ pub fn start_head(dir: &Path, name: &str, listen: &str, extra: &[&str]) -> HeadP
                 break s.trim().to_string();
             }
         }
-        if let Some(status) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+        if let Some(status) = daemon
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
             panic!("head exited early ({status}):\n{}", daemon.log_text());
         }
-        assert!(Instant::now() < deadline, "head did not start; log:\n{}", daemon.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "head did not start; log:\n{}",
+            daemon.log_text()
+        );
         std::thread::sleep(Duration::from_millis(10));
     };
-    HeadProc { daemon, url: format!("http://{addr}"), data_dir }
+    HeadProc {
+        daemon,
+        url: format!("http://{addr}"),
+        data_dir,
+    }
 }
 
 /// A `tessera-worker` with fake GPUs and its own state dir under `dir`.

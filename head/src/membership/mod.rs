@@ -53,7 +53,10 @@ impl MembershipConfig {
     /// How often the detector looks at the table: a small fraction of the shortest deadline, so a
     /// verdict comes at most this late.
     pub fn tick(&self) -> Duration {
-        let shortest = self.heartbeat_interval.min(self.reconnect_grace).min(self.node_timeout);
+        let shortest = self
+            .heartbeat_interval
+            .min(self.reconnect_grace)
+            .min(self.node_timeout);
         (shortest / 10).clamp(Duration::from_millis(5), Duration::from_millis(50))
     }
 
@@ -80,14 +83,19 @@ pub struct Liveness {
 
 impl Liveness {
     fn new(epoch: Instant) -> Self {
-        let l = Liveness { epoch, last_ms: AtomicU64::new(0) };
+        let l = Liveness {
+            epoch,
+            last_ms: AtomicU64::new(0),
+        };
         l.touch();
         l
     }
 
     /// Records a heartbeat now.
     pub fn touch(&self) {
-        let ms = Instant::now().saturating_duration_since(self.epoch).as_millis() as u64;
+        let ms = Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
@@ -117,11 +125,21 @@ pub enum JoinError {
          this worker ({claimant:?}) has a copy of its state dir: delete the node-id file in this worker's \
          --state-dir so that it joins as a new node"
     )]
-    NodeIdConflict { node_id: Uuid, name: String, address: IpAddr, held_by: String, claimant: String },
+    NodeIdConflict {
+        node_id: Uuid,
+        name: String,
+        address: IpAddr,
+        held_by: String,
+        claimant: String,
+    },
     #[error(
         "node name {name:?} is already used by live node {node_id} at {address}; give this worker another --node-name"
     )]
-    NameConflict { name: String, node_id: Uuid, address: IpAddr },
+    NameConflict {
+        name: String,
+        node_id: Uuid,
+        address: IpAddr,
+    },
     #[error("the head is shutting down")]
     ShuttingDown,
 }
@@ -211,7 +229,10 @@ pub struct Membership {
 impl Membership {
     /// Starts the membership task; it runs until `shutdown` is cancelled, then closes every session
     /// with a `shutdown` message so that workers reconnect to the next head.
-    pub fn spawn(config: MembershipConfig, shutdown: CancellationToken) -> (Membership, tokio::task::JoinHandle<()>) {
+    pub fn spawn(
+        config: MembershipConfig,
+        shutdown: CancellationToken,
+    ) -> (Membership, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(1024);
         let table = state::Table::new(config, Instant::now());
         let task = tokio::spawn(run(table, rx, shutdown));
@@ -222,10 +243,20 @@ impl Membership {
         self.config
     }
 
-    pub async fn join(&self, info: JoinInfo, conn: ConnInfo, tx: SessionTx) -> Result<Admitted, JoinError> {
+    pub async fn join(
+        &self,
+        info: JoinInfo,
+        conn: ConnInfo,
+        tx: SessionTx,
+    ) -> Result<Admitted, JoinError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Join { info: Box::new(info), conn, tx, reply })
+            .send(Command::Join {
+                info: Box::new(info),
+                conn,
+                tx,
+                reply,
+            })
             .await
             .map_err(|_| JoinError::ShuttingDown)?;
         rx.await.map_err(|_| JoinError::ShuttingDown)?
@@ -238,14 +269,31 @@ impl Membership {
     /// Graceful leave: the node becomes `left`. Returns once recorded.
     pub async fn leave(&self, node_id: Uuid, session_id: u64, reason: String) {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Command::Leave { node_id, session_id, reason, reply }).await.is_ok() {
+        if self
+            .tx
+            .send(Command::Leave {
+                node_id,
+                session_id,
+                reason,
+                reply,
+            })
+            .await
+            .is_ok()
+        {
             let _ = rx.await;
         }
     }
 
     /// The session's stream ended without a leave.
     pub async fn session_closed(&self, node_id: Uuid, session_id: u64, why: String) {
-        let _ = self.tx.send(Command::Closed { node_id, session_id, why }).await;
+        let _ = self
+            .tx
+            .send(Command::Closed {
+                node_id,
+                session_id,
+                why,
+            })
+            .await;
     }
 
     pub async fn list(&self) -> Vec<NodeView> {
@@ -266,14 +314,22 @@ impl Membership {
     pub async fn set_draining(&self, node: String, draining: bool) -> Result<NodeView, NodeError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Drain { node, draining, reply })
+            .send(Command::Drain {
+                node,
+                draining,
+                reply,
+            })
             .await
             .map_err(|_| NodeError::ShuttingDown)?;
         rx.await.map_err(|_| NodeError::ShuttingDown)?
     }
 }
 
-async fn run(mut table: state::Table, mut rx: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+async fn run(
+    mut table: state::Table,
+    mut rx: mpsc::Receiver<Command>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(table.config().tick());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -293,22 +349,40 @@ async fn run(mut table: state::Table, mut rx: mpsc::Receiver<Command>, shutdown:
 fn handle(table: &mut state::Table, cmd: Command) {
     let now = Instant::now();
     match cmd {
-        Command::Join { info, conn, tx, reply } => {
+        Command::Join {
+            info,
+            conn,
+            tx,
+            reply,
+        } => {
             let _ = reply.send(table.join(*info, conn, tx, now));
         }
         Command::Usage { node_id, usage } => table.usage(node_id, &usage),
-        Command::Leave { node_id, session_id, reason, reply } => {
+        Command::Leave {
+            node_id,
+            session_id,
+            reason,
+            reply,
+        } => {
             table.leave(node_id, session_id, &reason, now);
             let _ = reply.send(());
         }
-        Command::Closed { node_id, session_id, why } => table.closed(node_id, session_id, &why, now),
+        Command::Closed {
+            node_id,
+            session_id,
+            why,
+        } => table.closed(node_id, session_id, &why, now),
         Command::List { reply } => {
             let _ = reply.send(table.views(now));
         }
         Command::Subscribe { reply } => {
             let _ = reply.send((table.views(now), table.subscribe()));
         }
-        Command::Drain { node, draining, reply } => {
+        Command::Drain {
+            node,
+            draining,
+            reply,
+        } => {
             let _ = reply.send(table.set_draining(&node, draining, now));
         }
     }
@@ -316,7 +390,11 @@ fn handle(table: &mut state::Table, cmd: Command) {
 
 /// Node state for display: the admin `draining` mark shows while the node is alive.
 pub fn shown_state(health: NodeState, draining: bool) -> NodeState {
-    if draining && health == NodeState::Alive { NodeState::Draining } else { health }
+    if draining && health == NodeState::Alive {
+        NodeState::Draining
+    } else {
+        health
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,9 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use super::{Admitted, ConnInfo, JoinError, Liveness, MembershipConfig, NodeError, SessionTx, shown_state};
+use super::{
+    Admitted, ConnInfo, JoinError, Liveness, MembershipConfig, NodeError, SessionTx, shown_state,
+};
 
 /// A node as seen at one instant, for listing and events.
 #[derive(Debug, Clone)]
@@ -86,7 +88,10 @@ impl From<&Event> for pb::Event {
             unix_ms: e.unix_ms,
             kind: kind as i32,
             node: Some((&e.node).into()),
-            previous_state: e.previous.map(pb::NodeState::from).unwrap_or(pb::NodeState::Unspecified) as i32,
+            previous_state: e
+                .previous
+                .map(pb::NodeState::from)
+                .unwrap_or(pb::NodeState::Unspecified) as i32,
             reason: e.reason.clone(),
             rejoined,
         }
@@ -130,7 +135,14 @@ pub struct Table {
 impl Table {
     pub fn new(config: MembershipConfig, epoch: Instant) -> Self {
         let (events, _) = broadcast::channel(4096);
-        Table { config, epoch, nodes: HashMap::new(), next_session: 1, next_seq: 1, events }
+        Table {
+            config,
+            epoch,
+            nodes: HashMap::new(),
+            next_session: 1,
+            next_seq: 1,
+            events,
+        }
     }
 
     pub fn config(&self) -> MembershipConfig {
@@ -141,7 +153,13 @@ impl Table {
         self.events.subscribe()
     }
 
-    pub fn join(&mut self, info: JoinInfo, conn: ConnInfo, tx: SessionTx, now: Instant) -> Result<Admitted, JoinError> {
+    pub fn join(
+        &mut self,
+        info: JoinInfo,
+        conn: ConnInfo,
+        tx: SessionTx,
+        now: Instant,
+    ) -> Result<Admitted, JoinError> {
         let live = |e: &Entry| matches!(e.health, NodeState::Alive | NodeState::Suspect);
         // Which entry is this worker? Its persisted id first; else the same machine and state dir
         // (a worker that lost its id file must not show up twice).
@@ -150,7 +168,10 @@ impl Table {
             None => self
                 .nodes
                 .values()
-                .find(|e| !info.machine_fingerprint.is_empty() && e.info.machine_fingerprint == info.machine_fingerprint)
+                .find(|e| {
+                    !info.machine_fingerprint.is_empty()
+                        && e.info.machine_fingerprint == info.machine_fingerprint
+                })
                 .map(|e| e.id),
         };
         if let Some(id) = existing {
@@ -166,9 +187,17 @@ impl Table {
             }
         }
         // Names identify nodes for people; two live nodes must not share one.
-        if let Some(other) = self.nodes.values().find(|e| e.info.name == info.name && Some(e.id) != existing) {
+        if let Some(other) = self
+            .nodes
+            .values()
+            .find(|e| e.info.name == info.name && Some(e.id) != existing)
+        {
             if live(other) {
-                return Err(JoinError::NameConflict { name: info.name.clone(), node_id: other.id, address: other.address });
+                return Err(JoinError::NameConflict {
+                    name: info.name.clone(),
+                    node_id: other.id,
+                    address: other.address,
+                });
             }
             let stale = other.id;
             info!(node_id = %stale, name = %info.name, "forgetting a departed node whose name a new node takes");
@@ -188,14 +217,24 @@ impl Table {
         self.next_session += 1;
         let liveness = Arc::new(Liveness::new(self.epoch));
         let session = Session { id: session_id, tx };
-        let gpu_memory_used = info.inventory.gpus.iter().map(|g| g.memory_used_bytes).collect();
+        let gpu_memory_used = info
+            .inventory
+            .gpus
+            .iter()
+            .map(|g| g.memory_used_bytes)
+            .collect();
         let info = Arc::new(info);
 
         let (node_id, rejoined, previous) = match existing {
             Some(id) => {
-                let e = self.nodes.get_mut(&id).expect("existing id was found above");
+                let e = self
+                    .nodes
+                    .get_mut(&id)
+                    .expect("existing id was found above");
                 if let Some(old) = e.session.take() {
-                    let _ = old.tx.try_send(Err(tonic::Status::aborted("replaced by a newer session of the same node")));
+                    let _ = old.tx.try_send(Err(tonic::Status::aborted(
+                        "replaced by a newer session of the same node",
+                    )));
                 }
                 let previous = shown_state(e.health, e.draining);
                 e.info = info;
@@ -239,15 +278,31 @@ impl Table {
             is_head = e.info.is_head, rejoined, "node joined"
         );
         let reason = if rejoined { "rejoined" } else { "joined" };
-        self.emit(node_id, EventKind::Joined { rejoined }, previous, reason.to_string(), now);
-        Ok(Admitted { node_id, session_id, address, rejoined, liveness })
+        self.emit(
+            node_id,
+            EventKind::Joined { rejoined },
+            previous,
+            reason.to_string(),
+            now,
+        );
+        Ok(Admitted {
+            node_id,
+            session_id,
+            address,
+            rejoined,
+            liveness,
+        })
     }
 
     /// The head's own node was registered with the loopback address it connected from; once a
     /// remote worker reaches the head on a real interface, that interface's address is the one
     /// other nodes can use, so the head node takes it (unless the operator set one).
     fn learn_head_address(&mut self, local: IpAddr, now: Instant) {
-        let Some(head) = self.nodes.values_mut().find(|e| e.info.is_head && e.address_auto && e.address.is_loopback()) else {
+        let Some(head) = self
+            .nodes
+            .values_mut()
+            .find(|e| e.info.is_head && e.address_auto && e.address.is_loopback())
+        else {
             return;
         };
         if local.is_loopback() || local.is_unspecified() {
@@ -257,7 +312,13 @@ impl Table {
         head.address = local;
         let id = head.id;
         let state = shown_state(head.health, head.draining);
-        self.emit(id, EventKind::StateChanged, Some(state), format!("address is now {local}"), now);
+        self.emit(
+            id,
+            EventKind::StateChanged,
+            Some(state),
+            format!("address is now {local}"),
+            now,
+        );
     }
 
     pub fn usage(&mut self, node_id: Uuid, usage: &[(u32, u64)]) {
@@ -271,7 +332,9 @@ impl Table {
     }
 
     pub fn leave(&mut self, node_id: Uuid, session_id: u64, reason: &str, now: Instant) {
-        let Some(e) = self.nodes.get_mut(&node_id) else { return };
+        let Some(e) = self.nodes.get_mut(&node_id) else {
+            return;
+        };
         if e.session.as_ref().map(|s| s.id) != Some(session_id) {
             return; // a stale session of a node that has since rejoined
         }
@@ -287,7 +350,9 @@ impl Table {
     }
 
     pub fn closed(&mut self, node_id: Uuid, session_id: u64, why: &str, now: Instant) {
-        let Some(e) = self.nodes.get_mut(&node_id) else { return };
+        let Some(e) = self.nodes.get_mut(&node_id) else {
+            return;
+        };
         if e.session.as_ref().map(|s| s.id) != Some(session_id) {
             return;
         }
@@ -304,7 +369,13 @@ impl Table {
             e.since = now;
             warn!(node_id = %node_id, name = %e.info.name, why, "session closed; node suspect");
             let reason = e.reason.clone();
-            self.emit(node_id, EventKind::StateChanged, Some(previous), reason, now);
+            self.emit(
+                node_id,
+                EventKind::StateChanged,
+                Some(previous),
+                reason,
+                now,
+            );
         }
     }
 
@@ -345,7 +416,10 @@ impl Table {
                 changes.push((e.id, previous, e.reason.clone()));
             } else if silence >= cfg.suspect_after() && e.health == NodeState::Alive {
                 e.health = NodeState::Suspect;
-                e.reason = format!("heartbeat late: none for {}", format_duration(round_ms(silence)));
+                e.reason = format!(
+                    "heartbeat late: none for {}",
+                    format_duration(round_ms(silence))
+                );
                 e.since = now;
                 changes.push((e.id, previous, e.reason.clone()));
             } else if silence < cfg.suspect_after() && e.health == NodeState::Suspect {
@@ -356,7 +430,10 @@ impl Table {
             }
         }
         for (id, previous, reason) in changes {
-            let level_dead = self.nodes.get(&id).is_some_and(|e| e.health == NodeState::Dead);
+            let level_dead = self
+                .nodes
+                .get(&id)
+                .is_some_and(|e| e.health == NodeState::Dead);
             if level_dead {
                 warn!(node_id = %id, reason = %reason, "node dead");
             } else {
@@ -366,18 +443,33 @@ impl Table {
         }
     }
 
-    pub fn set_draining(&mut self, node: &str, draining: bool, now: Instant) -> Result<NodeView, NodeError> {
+    pub fn set_draining(
+        &mut self,
+        node: &str,
+        draining: bool,
+        now: Instant,
+    ) -> Result<NodeView, NodeError> {
         let id = self.resolve(node)?;
         let e = self.nodes.get_mut(&id).expect("resolved id exists");
         if e.draining != draining {
             let previous = shown_state(e.health, e.draining);
             e.draining = draining;
-            let reason = if draining { "drained by an operator" } else { "undrained by an operator" };
+            let reason = if draining {
+                "drained by an operator"
+            } else {
+                "undrained by an operator"
+            };
             if previous != shown_state(e.health, e.draining) {
                 e.since = now;
             }
             info!(node_id = %id, draining, "node admin state changed");
-            self.emit(id, EventKind::StateChanged, Some(previous), reason.into(), now);
+            self.emit(
+                id,
+                EventKind::StateChanged,
+                Some(previous),
+                reason.into(),
+                now,
+            );
         }
         Ok(self.view(&self.nodes[&id], now))
     }
@@ -391,7 +483,9 @@ impl Table {
         let matches: Vec<Uuid> = self
             .nodes
             .values()
-            .filter(|e| e.info.name == node || e.id.to_string().starts_with(node) && node.len() >= 8)
+            .filter(|e| {
+                e.info.name == node || e.id.to_string().starts_with(node) && node.len() >= 8
+            })
             .map(|e| e.id)
             .collect();
         match matches.as_slice() {
@@ -404,7 +498,12 @@ impl Table {
     /// Every node, the head first, then by name.
     pub fn views(&self, now: Instant) -> Vec<NodeView> {
         let mut v: Vec<NodeView> = self.nodes.values().map(|e| self.view(e, now)).collect();
-        v.sort_by(|a, b| b.info.is_head.cmp(&a.info.is_head).then_with(|| a.info.name.cmp(&b.info.name)));
+        v.sort_by(|a, b| {
+            b.info
+                .is_head
+                .cmp(&a.info.is_head)
+                .then_with(|| a.info.name.cmp(&b.info.name))
+        });
         v
     }
 
@@ -423,11 +522,25 @@ impl Table {
         }
     }
 
-    fn emit(&mut self, id: Uuid, kind: EventKind, previous: Option<NodeState>, reason: String, now: Instant) {
+    fn emit(
+        &mut self,
+        id: Uuid,
+        kind: EventKind,
+        previous: Option<NodeState>,
+        reason: String,
+        now: Instant,
+    ) {
         let Some(e) = self.nodes.get(&id) else { return };
         let seq = self.next_seq;
         self.next_seq += 1;
-        let event = Event { seq, unix_ms: unix_ms(), kind, node: self.view(e, now), previous, reason };
+        let event = Event {
+            seq,
+            unix_ms: unix_ms(),
+            kind,
+            node: self.view(e, now),
+            previous,
+            reason,
+        };
         let _ = self.events.send(event); // no subscribers is fine
     }
 
@@ -436,7 +549,9 @@ impl Table {
         for e in self.nodes.values_mut() {
             if let Some(s) = e.session.take() {
                 let _ = s.tx.try_send(Ok(pb::HeadMessage {
-                    msg: Some(pb::head_message::Msg::Shutdown(pb::HeadShutdown { reason: reason.to_string() })),
+                    msg: Some(pb::head_message::Msg::Shutdown(pb::HeadShutdown {
+                        reason: reason.to_string(),
+                    })),
                 }));
             }
         }
@@ -448,5 +563,8 @@ fn round_ms(d: Duration) -> Duration {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -21,20 +21,40 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>
 
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
-    async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let nodes = self.membership.list().await.iter().map(pb::Node::from).collect();
+    async fn list_nodes(
+        &self,
+        _: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let nodes = self
+            .membership
+            .list()
+            .await
+            .iter()
+            .map(pb::Node::from)
+            .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
-    async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+    async fn get_status(
+        &self,
+        _: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatus>, Status> {
         let nodes = self.membership.list().await;
         let cfg = self.membership.config();
-        Ok(Response::new(status_of(&nodes, cfg, &self.head_instance_id, self.started.elapsed())))
+        Ok(Response::new(status_of(
+            &nodes,
+            cfg,
+            &self.head_instance_id,
+            self.started.elapsed(),
+        )))
     }
 
     type WatchEventsStream = EventStream;
 
-    async fn watch_events(&self, request: Request<pb::WatchEventsRequest>) -> Result<Response<EventStream>, Status> {
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         let include_current = request.into_inner().include_current;
         let (current, mut rx) = self
             .membership
@@ -75,13 +95,19 @@ impl pb::cluster_server::Cluster for ClusterService {
         Ok(Response::new(stream))
     }
 
-    async fn drain_node(&self, request: Request<pb::DrainNodeRequest>) -> Result<Response<pb::Node>, Status> {
+    async fn drain_node(
+        &self,
+        request: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
         let node = request.into_inner().node;
         let v = self.membership.set_draining(node, true).await?;
         Ok(Response::new((&v).into()))
     }
 
-    async fn undrain_node(&self, request: Request<pb::DrainNodeRequest>) -> Result<Response<pb::Node>, Status> {
+    async fn undrain_node(
+        &self,
+        request: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
         let node = request.into_inner().node;
         let v = self.membership.set_draining(node, false).await?;
         Ok(Response::new((&v).into()))
@@ -106,7 +132,9 @@ pub fn status_of(
     uptime: std::time::Duration,
 ) -> pb::ClusterStatus {
     let count = |s: NodeState| nodes.iter().filter(|n| n.state == s).count() as u32;
-    let serving = nodes.iter().filter(|n| matches!(n.state, NodeState::Alive | NodeState::Draining));
+    let serving = nodes
+        .iter()
+        .filter(|n| matches!(n.state, NodeState::Alive | NodeState::Draining));
     let gpus: Vec<_> = serving.flat_map(|n| n.info.inventory.gpus.iter()).collect();
     pb::ClusterStatus {
         head_version: tessera_common::VERSION.to_string(),

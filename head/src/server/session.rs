@@ -31,25 +31,37 @@ type HeadStream = Pin<Box<dyn Stream<Item = Result<pb::HeadMessage, Status>> + S
 impl pb::membership_server::Membership for MembershipService {
     type SessionStream = HeadStream;
 
-    async fn session(&self, request: Request<Streaming<pb::WorkerMessage>>) -> Result<Response<HeadStream>, Status> {
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<HeadStream>, Status> {
         let peer = request
             .remote_addr()
             .map(|a| canonical(a.ip()))
-            .ok_or_else(|| Status::failed_precondition("session over a transport without peer addresses"))?;
+            .ok_or_else(|| {
+                Status::failed_precondition("session over a transport without peer addresses")
+            })?;
         let local = request.local_addr().map(|a| canonical(a.ip()));
         let mut inbound = request.into_inner();
 
         let first = tokio::time::timeout(JOIN_TIMEOUT, inbound.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no join message within 10s of opening the session"))??
+            .map_err(|_| {
+                Status::deadline_exceeded("no join message within 10s of opening the session")
+            })??
             .ok_or_else(|| Status::invalid_argument("session closed before its join message"))?;
         let Some(pb::worker_message::Msg::Join(join)) = first.msg else {
-            return Err(Status::invalid_argument("the first message of a session must be `join`"));
+            return Err(Status::invalid_argument(
+                "the first message of a session must be `join`",
+            ));
         };
         let info = JoinInfo::try_from(join)?;
 
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        let admitted = self.membership.join(info, ConnInfo { peer, local }, tx.clone()).await?;
+        let admitted = self
+            .membership
+            .join(info, ConnInfo { peer, local }, tx.clone())
+            .await?;
         let cfg = self.membership.config();
         let joined = pb::Joined {
             node_id: admitted.node_id.to_string(),
@@ -74,7 +86,12 @@ async fn pump(
     mut inbound: Streaming<pb::WorkerMessage>,
     tx: mpsc::Sender<Result<pb::HeadMessage, Status>>,
 ) {
-    let Admitted { node_id, session_id, liveness, .. } = admitted;
+    let Admitted {
+        node_id,
+        session_id,
+        liveness,
+        ..
+    } = admitted;
     let why = loop {
         let next = tokio::select! {
             next = inbound.next() => next,
@@ -86,19 +103,31 @@ async fn pump(
                 Some(pb::worker_message::Msg::Heartbeat(hb)) => {
                     liveness.touch();
                     if !hb.gpu_usage.is_empty() {
-                        let usage = hb.gpu_usage.iter().map(|u| (u.index, u.memory_used_bytes)).collect();
+                        let usage = hb
+                            .gpu_usage
+                            .iter()
+                            .map(|u| (u.index, u.memory_used_bytes))
+                            .collect();
                         membership.report_usage(node_id, usage).await;
                     }
                     // A full queue means the worker is not reading; it will time out by itself.
-                    let _ = tx.try_send(Ok(msg(pb::head_message::Msg::HeartbeatAck(pb::HeartbeatAck { seq: hb.seq }))));
+                    let _ = tx.try_send(Ok(msg(pb::head_message::Msg::HeartbeatAck(
+                        pb::HeartbeatAck { seq: hb.seq },
+                    ))));
                 }
                 Some(pb::worker_message::Msg::Leave(leave)) => {
                     membership.leave(node_id, session_id, leave.reason).await;
-                    let _ = tx.send(Ok(msg(pb::head_message::Msg::Left(pb::Left {})))).await;
+                    let _ = tx
+                        .send(Ok(msg(pb::head_message::Msg::Left(pb::Left {}))))
+                        .await;
                     return;
                 }
                 Some(pb::worker_message::Msg::Join(_)) => {
-                    let _ = tx.send(Err(Status::invalid_argument("`join` may only be the first message of a session"))).await;
+                    let _ = tx
+                        .send(Err(Status::invalid_argument(
+                            "`join` may only be the first message of a session",
+                        )))
+                        .await;
                     break "protocol error: second join".to_string();
                 }
                 None => debug!(%node_id, "empty worker message ignored"),

@@ -41,16 +41,31 @@ async fn failure(runs: usize) -> anyhow::Result<()> {
     for (label, sig) in [("kill -9", Signal::SIGKILL), ("SIGSTOP", Signal::SIGSTOP)] {
         let mut times = Vec::new();
         for i in 0..runs {
-            let name = format!("w{i}-{}", if sig == Signal::SIGKILL { "kill" } else { "stop" });
+            let name = format!(
+                "w{i}-{}",
+                if sig == Signal::SIGKILL {
+                    "kill"
+                } else {
+                    "stop"
+                }
+            );
             let w = start_worker(dir.path(), &name, &head.url);
             wait_state(&mut client, &name, pb::NodeState::Alive).await;
             // Let a few heartbeats pass so the worker is in its steady state.
             tokio::time::sleep(Duration::from_millis(1200)).await;
-            let mut events = client.watch_events(pb::WatchEventsRequest { include_current: false }).await?.into_inner();
+            let mut events = client
+                .watch_events(pb::WatchEventsRequest {
+                    include_current: false,
+                })
+                .await?
+                .into_inner();
             let t0 = Instant::now();
             w.signal(sig);
             loop {
-                let e = events.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+                let e = events
+                    .next()
+                    .await
+                    .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
                 let n = e.node.unwrap_or_default();
                 if n.name == name && n.state == pb::NodeState::Dead as i32 {
                     break;
@@ -93,6 +108,10 @@ async fn idle_rss() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let h = rss_kib(head.daemon.pid().as_raw())?;
     let wk = rss_kib(w.pid().as_raw())?;
-    println!("idle RSS: head {:.1} MiB (with its worker), worker {:.1} MiB", h as f64 / 1024.0, wk as f64 / 1024.0);
+    println!(
+        "idle RSS: head {:.1} MiB (with its worker), worker {:.1} MiB",
+        h as f64 / 1024.0,
+        wk as f64 / 1024.0
+    );
     Ok(())
 }

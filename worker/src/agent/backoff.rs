@@ -16,7 +16,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration) -> Self {
-        Backoff { base, cap: cap.max(base), attempt: 0 }
+        Backoff {
+            base,
+            cap: cap.max(base),
+            attempt: 0,
+        }
     }
 
     /// The ceiling of the next delay, before jitter.
@@ -30,6 +34,20 @@ impl Backoff {
         self.attempt = self.attempt.saturating_add(1);
         let half = d / 2;
         half + Duration::from_nanos(rng.random_range(0..=(d - half).as_nanos() as u64))
+    }
+
+    /// Sleeps the next delay; returns false at once if `cancel` fires first (a worker waiting out a
+    /// head outage still stops promptly on SIGTERM).
+    pub async fn wait(
+        &mut self,
+        rng: &mut impl Rng,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> bool {
+        let d = self.next_delay(rng);
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
     }
 
     /// After a successful join: start again from the base.
@@ -61,16 +79,25 @@ mod tests {
             ceilings.push(c.as_millis());
         }
         assert_eq!(&ceilings[..7], &[100, 200, 400, 800, 1600, 3200, 5000]);
-        assert!(ceilings[7..].iter().all(|&c| c == 5000), "capped: {ceilings:?}");
+        assert!(
+            ceilings[7..].iter().all(|&c| c == 5000),
+            "capped: {ceilings:?}"
+        );
     }
 
     #[test]
     fn jitter_spreads_workers_apart() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let delays: std::collections::HashSet<Duration> = (0..50)
-            .map(|_| Backoff::new(Duration::from_secs(1), Duration::from_secs(5)).next_delay(&mut rng))
+            .map(|_| {
+                Backoff::new(Duration::from_secs(1), Duration::from_secs(5)).next_delay(&mut rng)
+            })
             .collect();
-        assert!(delays.len() > 40, "only {} distinct delays out of 50", delays.len());
+        assert!(
+            delays.len() > 40,
+            "only {} distinct delays out of 50",
+            delays.len()
+        );
     }
 
     #[test]
@@ -83,5 +110,35 @@ mod tests {
         assert_eq!(b.ceiling(), Duration::from_secs(5));
         b.reset();
         assert_eq!(b.ceiling(), Duration::from_millis(100));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_follow_the_schedule_on_virtual_time_and_stop_on_cancel() {
+        let token = tokio_util::sync::CancellationToken::new();
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let start = tokio::time::Instant::now();
+        for _ in 0..8 {
+            assert!(b.wait(&mut rng, &token).await);
+        }
+        let took = start.elapsed();
+        // Ceilings 0.1+0.2+0.4+0.8+1.6+3.2+5+5 = 16.3 s; each delay is at least half its ceiling.
+        assert!(
+            took >= Duration::from_millis(8150) && took <= Duration::from_millis(16300),
+            "{took:?}"
+        );
+
+        let t2 = token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            t2.cancel();
+        });
+        let before = tokio::time::Instant::now();
+        assert!(!b.wait(&mut rng, &token).await, "cancelled");
+        assert_eq!(
+            before.elapsed(),
+            Duration::from_millis(300),
+            "returned at the cancel, not after the 2.5-5 s delay"
+        );
     }
 }

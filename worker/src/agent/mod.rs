@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use rand::SeedableRng;
 use tessera_common::node::JoinInfo;
 use tessera_proto::v1 as pb;
 use tokio::sync::{mpsc, watch};
@@ -15,7 +16,6 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
-use rand::SeedableRng;
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
@@ -77,11 +77,20 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(config: AgentConfig, state: StateDir) -> Result<Self, AgentError> {
-        Endpoint::from_shared(config.head.clone())
-            .map_err(|e| AgentError::BadHeadUrl { url: config.head.clone(), why: e.to_string() })?;
+        Endpoint::from_shared(config.head.clone()).map_err(|e| AgentError::BadHeadUrl {
+            url: config.head.clone(),
+            why: e.to_string(),
+        })?;
         let node_id = state.node_id()?;
-        let (status, _) = watch::channel(AgentStatus { node_id, ..Default::default() });
-        Ok(Agent { config, state, status })
+        let (status, _) = watch::channel(AgentStatus {
+            node_id,
+            ..Default::default()
+        });
+        Ok(Agent {
+            config,
+            state,
+            status,
+        })
     }
 
     pub fn status(&self) -> watch::Receiver<AgentStatus> {
@@ -93,7 +102,10 @@ impl Agent {
         let mut backoff = Backoff::default();
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let endpoint = Endpoint::from_shared(self.config.head.clone())
-            .map_err(|e| AgentError::BadHeadUrl { url: self.config.head.clone(), why: e.to_string() })?
+            .map_err(|e| AgentError::BadHeadUrl {
+                url: self.config.head.clone(),
+                why: e.to_string(),
+            })?
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -103,6 +115,7 @@ impl Agent {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
+            let joins_before = self.status.borrow().joins;
             let end = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 c = endpoint.connect() => match c {
@@ -118,22 +131,20 @@ impl Agent {
                     return Err(AgentError::Refused(why));
                 }
                 SessionEnd::Lost(why) => {
+                    if self.status.borrow().joins > joins_before {
+                        failures = 0; // this session had joined: a new outage starts here
+                    }
                     failures += 1;
-                    let delay = backoff.next_delay(&mut rng);
                     // Log the first failure and then every tenth, so a long head outage does not flood.
                     if failures == 1 || failures % 10 == 0 {
-                        warn!(reason = %why, retry_in = ?delay, attempts = failures, "lost the head; reconnecting");
+                        warn!(reason = %why, up_to = ?backoff.ceiling(), attempts = failures, "lost the head; reconnecting");
                     } else {
-                        debug!(reason = %why, retry_in = ?delay, "reconnecting");
+                        debug!(reason = %why, up_to = ?backoff.ceiling(), "reconnecting");
                     }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(delay) => {}
+                    if !backoff.wait(&mut rng, &shutdown).await {
+                        return Ok(());
                     }
                 }
-            }
-            if self.status.borrow().joins > 0 && failures == 0 {
-                backoff.reset();
             }
         }
     }
@@ -152,29 +163,51 @@ impl Agent {
         })
     }
 
-    async fn session(&self, channel: Channel, shutdown: &CancellationToken, backoff: &mut Backoff) -> SessionEnd {
+    async fn session(
+        &self,
+        channel: Channel,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> SessionEnd {
         let join = match self.join_request() {
             Ok(j) => j,
             Err(e) => return SessionEnd::Refused(e.to_string()),
         };
         let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(16);
-        let _ = tx.try_send(pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Join((&join).into())) });
+        let _ = tx.try_send(pb::WorkerMessage {
+            msg: Some(pb::worker_message::Msg::Join((&join).into())),
+        });
         let mut client = pb::membership_client::MembershipClient::new(channel);
-        let opened = tokio::time::timeout(self.config.connect_timeout * 5, client.session(ReceiverStream::new(rx))).await;
+        let opened = tokio::time::timeout(
+            self.config.connect_timeout * 5,
+            client.session(ReceiverStream::new(rx)),
+        )
+        .await;
         let mut inbound = match opened {
             Err(_) => return SessionEnd::Lost("the head did not answer the join in time".into()),
             Ok(Err(status)) => return classify(status),
             Ok(Ok(r)) => r.into_inner(),
         };
         let joined = match inbound.message().await {
-            Ok(Some(pb::HeadMessage { msg: Some(pb::head_message::Msg::Joined(j)) })) => j,
-            Ok(Some(other)) => return SessionEnd::Lost(format!("expected `joined`, got {other:?}")),
-            Ok(None) => return SessionEnd::Lost("the head closed the session during the join".into()),
+            Ok(Some(pb::HeadMessage {
+                msg: Some(pb::head_message::Msg::Joined(j)),
+            })) => j,
+            Ok(Some(other)) => {
+                return SessionEnd::Lost(format!("expected `joined`, got {other:?}"));
+            }
+            Ok(None) => {
+                return SessionEnd::Lost("the head closed the session during the join".into());
+            }
             Err(status) => return classify(status),
         };
         let node_id = match Uuid::parse_str(&joined.node_id) {
             Ok(id) => id,
-            Err(_) => return SessionEnd::Lost(format!("the head sent an invalid node id {:?}", joined.node_id)),
+            Err(_) => {
+                return SessionEnd::Lost(format!(
+                    "the head sent an invalid node id {:?}",
+                    joined.node_id
+                ));
+            }
         };
         if join.node_id != Some(node_id) {
             if let Err(e) = self.state.save_node_id(node_id) {
@@ -199,8 +232,14 @@ impl Agent {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut seq = 0u64;
         let mut last_heard = Instant::now();
-        let mut last_usage: Vec<(u32, u64)> = join.inventory.gpus.iter().map(|g| (g.index, g.memory_used_bytes)).collect();
-        let usage_every = (Duration::from_secs(5).as_millis() / interval.as_millis().max(1)).max(1) as u64;
+        let mut last_usage: Vec<(u32, u64)> = join
+            .inventory
+            .gpus
+            .iter()
+            .map(|g| (g.index, g.memory_used_bytes))
+            .collect();
+        let usage_every =
+            (Duration::from_secs(5).as_millis() / interval.as_millis().max(1)).max(1) as u64;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -242,15 +281,25 @@ impl Agent {
         }
     }
 
-    async fn leave(&self, tx: &mpsc::Sender<pb::WorkerMessage>, inbound: &mut tonic::Streaming<pb::HeadMessage>) -> SessionEnd {
-        let leave = pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Leave(pb::LeaveRequest { reason: "shutdown".into() })) };
+    async fn leave(
+        &self,
+        tx: &mpsc::Sender<pb::WorkerMessage>,
+        inbound: &mut tonic::Streaming<pb::HeadMessage>,
+    ) -> SessionEnd {
+        let leave = pb::WorkerMessage {
+            msg: Some(pb::worker_message::Msg::Leave(pb::LeaveRequest {
+                reason: "shutdown".into(),
+            })),
+        };
         if tx.send(leave).await.is_err() {
             return SessionEnd::Left;
         }
         let acked = tokio::time::timeout(self.config.leave_timeout, async {
             loop {
                 match inbound.message().await {
-                    Ok(Some(pb::HeadMessage { msg: Some(pb::head_message::Msg::Left(_)) })) => return true,
+                    Ok(Some(pb::HeadMessage {
+                        msg: Some(pb::head_message::Msg::Left(_)),
+                    })) => return true,
                     Ok(Some(_)) => continue,
                     _ => return false,
                 }
@@ -271,9 +320,16 @@ impl Agent {
 fn classify(status: tonic::Status) -> SessionEnd {
     use tonic::Code;
     match status.code() {
-        Code::AlreadyExists | Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated
+        Code::AlreadyExists
+        | Code::InvalidArgument
+        | Code::PermissionDenied
+        | Code::Unauthenticated
         | Code::FailedPrecondition => SessionEnd::Refused(status.message().to_string()),
-        _ => SessionEnd::Lost(format!("{}: {}", code_name(status.code()), status.message())),
+        _ => SessionEnd::Lost(format!(
+            "{}: {}",
+            code_name(status.code()),
+            status.message()
+        )),
     }
 }
 
