@@ -5,6 +5,8 @@
 //! # Layout
 //! - [`node`]: GPUs, inventories, node states, join info, and their proto conversions.
 //! - [`validate`]: field rules (names, labels, lengths) with errors that name the field.
+//! - [`model`]: model configs and safetensors headers -> what the planner needs.
+//! - [`plan`]: the sharding planner (TP/PP rules, stages, memory fit, placement); pure.
 //! - [`fake`]: `--fake-gpus COUNTxMEMORY` and the fake inventory it makes.
 //! - [`size`]: human byte sizes (`80GiB`).
 //! - [`duration`]: human durations (`500ms`, `3s`).
@@ -13,7 +15,9 @@
 pub mod duration;
 pub mod env;
 pub mod fake;
+pub mod model;
 pub mod node;
+pub mod plan;
 pub mod size;
 pub mod validate;
 
