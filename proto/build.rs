@@ -11,6 +11,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let mut sorted = files;
     sorted.sort();
+    // The directory too, so that an added .proto file is compiled.
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("tessera/v1").display()
+    );
     for f in &sorted {
         println!("cargo:rerun-if-changed={}", f.display());
     }

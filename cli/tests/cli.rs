@@ -160,6 +160,27 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
         "{text}"
     );
 
+    // Planning against the live cluster: 3 nodes x 2 GPUs, TP 2 x PP 3, stage 0 on the head.
+    let model = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/model-configs/Llama-3.1-8B-Instruct.json"
+    );
+    let plan = tessera()
+        .args([
+            "--head", &url, "plan", "--model", model, "--tp", "2", "--pp", "3", "-o", "json",
+        ])
+        .output()
+        .expect("plan");
+    assert_eq!(
+        plan.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let p: serde_json::Value = serde_json::from_slice(&plan.stdout).expect("json");
+    assert_eq!(p["nnodes"], 3);
+    assert_eq!(p["placement"][0]["node"], "head");
+
     let up_pid = up.id() as i32;
     let children: Vec<i32> = pids_mentioning(&dir_s)
         .into_iter()

@@ -5,7 +5,7 @@
 //!
 //! # Layout
 //! - [`membership`]: the node table, the failure detector and membership events (one owner task).
-//! - [`server`]: the gRPC services (`Membership` for workers, `Cluster` for clients).
+//! - [`server`]: the gRPC services (`Membership` for workers; `Cluster` and `Planner` for clients).
 //! - [`Head`]: wiring and ordered shutdown.
 
 pub mod membership;
@@ -109,6 +109,11 @@ impl Head {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(pb::membership_server::MembershipServer::new(session))
             .add_service(pb::cluster_server::ClusterServer::new(cluster))
+            .add_service(pb::planner_server::PlannerServer::new(
+                server::planner::PlannerService {
+                    membership: membership.clone(),
+                },
+            ))
             .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned());
         let server_task = tokio::spawn(server);
 

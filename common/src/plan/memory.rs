@@ -147,7 +147,7 @@ pub fn kv_bytes_per_token(
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryReport {
     /// `safetensors` (exact) or `estimated` (from the config).
-    pub weights_source: &'static str,
+    pub weights_source: String,
     pub weight_bytes_total: u64,
     pub gpu_memory_bytes: u64,
     pub gpu_memory_utilization: f64,
@@ -204,7 +204,7 @@ pub fn memory(
     }
     let fits = shortfall == 0 && tokens > 0 && max_model_len.is_none_or(|l| tokens >= l);
     MemoryReport {
-        weights_source: if w.exact { "safetensors" } else { "estimated" },
+        weights_source: if w.exact { "safetensors" } else { "estimated" }.to_string(),
         weight_bytes_total: w.total(),
         gpu_memory_bytes: gpu_memory,
         gpu_memory_utilization: utilization,

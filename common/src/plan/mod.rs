@@ -12,6 +12,7 @@ pub mod memory;
 pub mod partition;
 pub mod placement;
 pub mod rules;
+mod wire;
 
 use serde::Serialize;
 
@@ -86,7 +87,7 @@ pub struct ModelSummary {
     pub is_moe: bool,
     pub num_experts: Option<u64>,
     pub is_mla: bool,
-    pub dtype: &'static str,
+    pub dtype: String,
     pub dtype_assumed: bool,
     pub quantization: Option<String>,
     pub notes: Vec<String>,
@@ -106,7 +107,7 @@ impl ModelSummary {
             is_moe: m.is_moe(),
             num_experts: m.moe.as_ref().map(|x| x.num_experts),
             is_mla: m.is_mla(),
-            dtype: m.dtype.name(),
+            dtype: m.dtype.name().to_string(),
             dtype_assumed: m.dtype_assumed,
             quantization: m.quantization.as_ref().map(|q| match q {
                 Quantization::Fp8 {
@@ -185,7 +186,7 @@ pub fn plan(
             0,
             0,
             Violation {
-                rule: "gpu_memory_utilization",
+                rule: "gpu_memory_utilization".into(),
                 message: format!(
                     "--gpu-memory-utilization {} must be more than 0 and at most 1",
                     req.gpu_memory_utilization
@@ -210,7 +211,7 @@ pub fn plan(
                     0,
                     0,
                     Violation {
-                        rule: "auto",
+                        rule: "auto".into(),
                         message: format!(
                             "no tensor x pipeline parallel size fits this model on the free GPUs ({} free, at most {} on one node){}",
                             cluster.free_gpus(),
@@ -231,7 +232,7 @@ pub fn plan(
     let mut errors: Vec<Violation> = rules::check_tp(model, tp);
     if errors.iter().any(|e| {
         matches!(
-            e.rule,
+            e.rule.as_str(),
             "attention_heads"
                 | "kv_heads"
                 | "intermediate_size"
@@ -267,7 +268,7 @@ pub fn plan(
                 "pipeline_parallel_size"
             };
             errors.push(Violation {
-                rule,
+                rule: rule.into(),
                 message: e.to_string(),
             });
             Vec::new()
@@ -284,7 +285,7 @@ pub fn plan(
                 placement = Some(p);
             }
             Err(e) => errors.push(Violation {
-                rule: "placement",
+                rule: "placement".into(),
                 message: e.to_string(),
             }),
         }
@@ -293,7 +294,9 @@ pub fn plan(
         .as_ref()
         .map(|p| p.gpu_memory_bytes)
         .or_else(|| cluster.min_free_gpu_memory());
-    let memory = match (gpu_memory, counts.is_empty()) {
+    // Memory is only meaningful for a shape vLLM would accept.
+    let shape_ok = rules::check_tp(model, tp).is_empty();
+    let memory = match (gpu_memory, counts.is_empty() || !shape_ok) {
         (Some(mem), false) => Some(memory::memory(
             model,
             weights,
@@ -356,7 +359,7 @@ pub fn plan(
                 None => msg.push_str(". No TP x PP fits on the free GPUs of this cluster"),
             }
             errors.push(Violation {
-                rule: "memory",
+                rule: "memory".into(),
                 message: msg,
             });
         }

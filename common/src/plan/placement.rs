@@ -73,6 +73,33 @@ impl Cluster {
         }
     }
 
+    /// Parses `NODESxGPUSxMEMORY` (`2x8x80GiB`) for [`Cluster::uniform`].
+    pub fn parse_spec(s: &str) -> Result<(u32, u32, u64), String> {
+        let err = |why: &str| {
+            format!("invalid --gpus {s:?}: {why}; write NODESxGPUSxMEMORY, e.g. 2x8x80GiB")
+        };
+        let parts: Vec<&str> = s.trim().splitn(3, ['x', 'X']).collect();
+        let [nodes, gpus, mem] = parts.as_slice() else {
+            return Err(err("three parts are needed"));
+        };
+        let nodes: u32 = nodes
+            .trim()
+            .parse()
+            .map_err(|_| err("the node count is not a whole number"))?;
+        let gpus: u32 = gpus
+            .trim()
+            .parse()
+            .map_err(|_| err("the GPU count is not a whole number"))?;
+        if nodes == 0 || gpus == 0 || nodes > 100_000 || gpus > 64 {
+            return Err(err("nodes must be 1-100000 and GPUs per node 1-64"));
+        }
+        let mem = crate::size::parse_size(mem).map_err(|e| err(&e.to_string()))?;
+        if mem == 0 {
+            return Err(err("memory must be more than 0"));
+        }
+        Ok((nodes, gpus, mem))
+    }
+
     pub fn free_gpus(&self) -> usize {
         self.nodes.iter().map(ClusterNode::free).sum()
     }

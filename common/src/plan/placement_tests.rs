@@ -23,6 +23,18 @@ fn node(name: &str, is_head: bool, gpus: u32, reserved: &[u32]) -> ClusterNode {
 }
 
 #[test]
+fn gpu_specs_parse() {
+    assert_eq!(Cluster::parse_spec("2x8x80GiB"), Ok((2, 8, 80 << 30)));
+    for bad in ["8x80GiB", "0x8x80GiB", "2x8x0", "axbxc", "2x65x80GiB"] {
+        assert!(
+            Cluster::parse_spec(bad)
+                .expect_err(bad)
+                .contains("NODESxGPUSxMEMORY")
+        );
+    }
+}
+
+#[test]
 fn one_node_beats_two_and_the_head_hosts_node_rank_0() {
     let c = Cluster::uniform(3, 8, 80 << 30);
     let p = place(&c, 8, 1, false).expect("fits");

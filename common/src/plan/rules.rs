@@ -7,12 +7,15 @@ use crate::model::{ModelDesc, Quantization};
 /// A broken rule: which one, and a message that says the values and the fix.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Violation {
-    pub rule: &'static str,
+    pub rule: String,
     pub message: String,
 }
 
-fn v(rule: &'static str, message: String) -> Violation {
-    Violation { rule, message }
+fn v(rule: &str, message: String) -> Violation {
+    Violation {
+        rule: rule.to_string(),
+        message,
+    }
 }
 
 /// Every rule a TP size must pass for this model. Empty when `tp` is valid.

@@ -145,7 +145,7 @@ fn invalid_tp_messages_match_vllm_and_list_the_valid_sizes() {
             ..Default::default()
         },
     );
-    let rules_hit: Vec<&str> = r.errors.iter().map(|e| e.rule).collect();
+    let rules_hit: Vec<&str> = r.errors.iter().map(|e| e.rule.as_str()).collect();
     assert_eq!(
         rules_hit,
         ["attention_heads"],
@@ -524,7 +524,7 @@ fn qwen_tp_6_fails_the_kv_rule() {
     );
     let errs = rules::check_tp(&q, 14);
     assert_eq!(
-        errs.iter().map(|e| e.rule).collect::<Vec<_>>(),
+        errs.iter().map(|e| e.rule.as_str()).collect::<Vec<_>>(),
         ["kv_heads", "intermediate_size"]
     );
 }

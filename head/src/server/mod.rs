@@ -1,4 +1,5 @@
 //! The head's gRPC edge: the services, and the server that runs them on a bound listener.
 
 pub mod cluster;
+pub mod planner;
 pub mod session;

@@ -4,6 +4,7 @@
 //! cargo build --release --workspace --bins
 //! cargo run --release -p tessera-tests --bin tessera-bench -- failure --runs 10
 //! cargo run --release -p tessera-tests --bin tessera-bench -- idle-rss
+//! cargo run --release -p tessera-tests --bin tessera-bench -- plan --runs 20
 //! ```
 
 use std::time::{Duration, Instant};
@@ -26,8 +27,9 @@ async fn main() -> anyhow::Result<()> {
     match args.get(1).map(String::as_str) {
         Some("failure") => failure(runs).await,
         Some("idle-rss") => idle_rss().await,
+        Some("plan") => plan_bench(runs),
         _ => {
-            eprintln!("usage: tessera-bench failure [--runs N] | idle-rss");
+            eprintln!("usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N]");
             std::process::exit(2);
         }
     }
@@ -113,5 +115,53 @@ async fn idle_rss() -> anyhow::Result<()> {
         h as f64 / 1024.0,
         wk as f64 / 1024.0
     );
+    Ok(())
+}
+
+/// Planning time on a 10,000-node x 8-GPU inventory (a quarter of the GPUs already reserved,
+/// spread over the nodes, so placement has to look).
+fn plan_bench(runs: usize) -> anyhow::Result<()> {
+    use tessera_common::plan::memory::Weights;
+    use tessera_common::plan::placement::Cluster;
+    use tessera_common::plan::{PlanRequest, Size, plan};
+
+    let mut cluster = Cluster::uniform(10_000, 8, 80 << 30);
+    for (i, n) in cluster.nodes.iter_mut().enumerate() {
+        for g in n.gpus.iter_mut().take(i % 3 * 2) {
+            g.reserved = true;
+        }
+    }
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/model-configs/Llama-3.1-70B-Instruct.json"
+    );
+    let m = tessera_common::model::parse_config(path, &std::fs::read_to_string(path)?)?;
+    let w = Weights::estimate(&m);
+    for (label, tp, pp) in [
+        ("TP 8 x PP 2 (16 GPUs)", Size::Fixed(8), Size::Fixed(2)),
+        ("TP 8 x PP 8 (64 GPUs)", Size::Fixed(8), Size::Fixed(8)),
+        ("auto x auto", Size::Auto, Size::Auto),
+    ] {
+        let req = PlanRequest {
+            tp,
+            pp,
+            max_model_len: Some(8192),
+            ..Default::default()
+        };
+        let mut times = Vec::new();
+        let mut valid = true;
+        for _ in 0..runs {
+            let t0 = Instant::now();
+            let r = plan(&m, &w, &cluster, &req);
+            times.push(t0.elapsed().as_secs_f64() * 1000.0);
+            valid &= r.valid;
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "plan {label:<22} on 10,000 x 8 GPUs: median {:.2} ms, max {:.2} ms over {runs} runs (valid: {valid})",
+            times[times.len() / 2],
+            times[times.len() - 1]
+        );
+    }
     Ok(())
 }

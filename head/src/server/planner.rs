@@ -1,0 +1,144 @@
+//! The `Planner` service: plans against the live inventory. Reserves nothing.
+
+use std::path::PathBuf;
+
+use tessera_common::model::{self, load::ModelError};
+use tessera_common::node::NodeState;
+use tessera_common::plan::memory::Weights;
+use tessera_common::plan::placement::{Cluster, ClusterGpu, ClusterNode};
+use tessera_common::plan::{self, PlanRequest, Size};
+use tessera_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::membership::{Membership, NodeView};
+
+pub struct PlannerService {
+    pub membership: Membership,
+}
+
+/// Upper bound on TP, PP and partition entries accepted over the API.
+const MAX_SIZE: u32 = 4096;
+
+#[tonic::async_trait]
+impl pb::planner_server::Planner for PlannerService {
+    async fn plan(
+        &self,
+        request: Request<pb::PlanRequest>,
+    ) -> Result<Response<pb::PlanReport>, Status> {
+        let r = request.into_inner();
+        let req = plan_request(&r)?;
+        let path = model_path(&r.model_path)?;
+        let model = tokio::task::spawn_blocking(move || model::load_model(&path))
+            .await
+            .map_err(|e| Status::internal(format!("model loading task failed: {e}")))?
+            .map_err(model_status)?;
+        let cluster = cluster_of(&self.membership.list().await);
+        let report = tokio::task::spawn_blocking(move || {
+            let weights = model
+                .weights
+                .as_ref()
+                .map(Weights::exact)
+                .unwrap_or_else(|| Weights::estimate(&model.desc));
+            plan::plan(&model.desc, &weights, &cluster, &req)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("planning task failed: {e}")))?;
+        Ok(Response::new(pb::PlanReport::from(&report)))
+    }
+}
+
+/// Validates the request fields, naming the field on error.
+pub fn plan_request(r: &pb::PlanRequest) -> Result<PlanRequest, Status> {
+    let size = |field: &str, v: u32| -> Result<Size, Status> {
+        match v {
+            0 => Ok(Size::Auto),
+            v if v <= MAX_SIZE => Ok(Size::Fixed(v as u64)),
+            v => Err(Status::invalid_argument(format!(
+                "{field}: {v} is more than {MAX_SIZE}"
+            ))),
+        }
+    };
+    let util = if r.gpu_memory_utilization == 0.0 {
+        0.9
+    } else {
+        r.gpu_memory_utilization
+    };
+    if !(util > 0.0 && util <= 1.0) {
+        return Err(Status::invalid_argument(format!(
+            "gpu_memory_utilization: {} must be more than 0 and at most 1 (0 means the default 0.9)",
+            r.gpu_memory_utilization
+        )));
+    }
+    if r.layer_partition.len() > MAX_SIZE as usize {
+        return Err(Status::invalid_argument(format!(
+            "layer_partition: {} entries; at most {MAX_SIZE}",
+            r.layer_partition.len()
+        )));
+    }
+    Ok(PlanRequest {
+        tp: size("tp", r.tp)?,
+        pp: size("pp", r.pp)?,
+        gpu_memory_utilization: util,
+        max_model_len: (r.max_model_len > 0).then_some(r.max_model_len),
+        layer_partition: (!r.layer_partition.is_empty()).then(|| r.layer_partition.clone()),
+        strict: r.strict,
+    })
+}
+
+pub fn model_path(p: &str) -> Result<PathBuf, Status> {
+    if p.is_empty() {
+        return Err(Status::invalid_argument(
+            "model_path: missing; give a model directory or config.json on the head",
+        ));
+    }
+    if p.len() > 4096 || p.contains('\0') {
+        return Err(Status::invalid_argument(
+            "model_path: not a usable path (too long or contains NUL)",
+        ));
+    }
+    let path = PathBuf::from(p);
+    if !path.is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "model_path: {p:?} is relative; give an absolute path (the head reads it on its own filesystem)"
+        )));
+    }
+    Ok(path)
+}
+
+pub fn model_status(e: ModelError) -> Status {
+    match &e {
+        ModelError::Io { message, .. } if message.contains("No such file") => Status::not_found(
+            format!("{e} (the head reads the model on its own filesystem)"),
+        ),
+        ModelError::Io { .. } => Status::failed_precondition(e.to_string()),
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+/// The planner's view of the membership table: alive, undrained nodes are schedulable.
+pub fn cluster_of(nodes: &[NodeView]) -> Cluster {
+    Cluster {
+        nodes: nodes
+            .iter()
+            .map(|n| ClusterNode {
+                id: n.id.to_string(),
+                name: n.info.name.clone(),
+                is_head: n.info.is_head,
+                schedulable: n.state == NodeState::Alive,
+                gpus: n
+                    .info
+                    .inventory
+                    .gpus
+                    .iter()
+                    .map(|g| ClusterGpu {
+                        index: g.index,
+                        uuid: g.uuid.clone(),
+                        memory_total_bytes: g.memory_total_bytes,
+                        nvlink_peers: g.nvlink_peers.clone(),
+                        reserved: false,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
