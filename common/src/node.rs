@@ -330,6 +330,7 @@ impl From<&JoinInfo> for pb::JoinRequest {
             is_head: j.is_head,
             machine_fingerprint: j.machine_fingerprint.clone(),
             hostname: j.hostname.clone(),
+            shards: Vec::new(),
         }
     }
 }

@@ -77,3 +77,34 @@ pub struct LogArgs {
     #[arg(long, env = env::LOG_LEVEL, default_value = "info", value_name = "FILTER")]
     pub log_level: String,
 }
+
+/// How this node hosts shards.
+#[derive(Debug, Clone, Args)]
+pub struct ShardArgs {
+    /// The vllm executable for the vllm engine [default: `vllm` on PATH]
+    #[arg(long, env = "TESSERA_VLLM_BIN", value_name = "PATH")]
+    pub vllm_bin: Option<PathBuf>,
+
+    /// Run the command engine's shell templates on this node. Off by default, so that an admin
+    /// token alone does not give a shell on every GPU node
+    #[arg(long, env = "TESSERA_ALLOW_COMMAND")]
+    pub allow_command: bool,
+
+    /// A shim that has lost its agent this long stops its engine and exits (no orphans)
+    #[arg(long, env = "TESSERA_ORPHAN_TIMEOUT", value_parser = tessera_common::duration::parse_positive_duration, default_value = "30s")]
+    pub orphan_timeout: std::time::Duration,
+}
+
+impl ShardArgs {
+    /// The shard host's settings, with shard state under `state_dir`.
+    pub fn host_config(&self, state_dir: &std::path::Path) -> std::io::Result<crate::shard::HostConfig> {
+        Ok(crate::shard::HostConfig {
+            state_dir: state_dir.to_path_buf(),
+            exe: std::env::current_exe()?,
+            vllm_bin: self.vllm_bin.clone(),
+            allow_command: self.allow_command,
+            orphan_timeout: self.orphan_timeout,
+            log_max_bytes: 16 << 20,
+        })
+    }
+}

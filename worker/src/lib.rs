@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`agent`]: the session loop (join, heartbeat, reconnect with backoff, leave).
 //! - [`gpu`]: GPU inventory behind one trait: NVML (real) or fake.
+//! - [`shard`]: hosting shards: shims, the probe engine, launch/stop/fencing, logs.
 //! - [`state`]: the state directory (node id, lock, machine fingerprint).
 //! - [`args`]: the agent's flags, shared with `tessera-head`.
 //! - [`telemetry`]: logging set-up.
@@ -11,6 +12,7 @@
 pub mod agent;
 pub mod args;
 pub mod gpu;
+pub mod shard;
 pub mod signals;
 pub mod state;
 pub mod telemetry;

@@ -8,7 +8,7 @@ use tessera_common::duration::parse_positive_duration;
 use tessera_common::env;
 use tessera_common::size::HumanBytes;
 use tessera_worker::agent::{Agent, AgentConfig};
-use tessera_worker::args::{LogArgs, NodeArgs, StateArgs};
+use tessera_worker::args::{LogArgs, NodeArgs, ShardArgs, StateArgs};
 use tessera_worker::state::StateDir;
 use tessera_worker::{gpu, signals, telemetry};
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,9 @@ struct Cli {
     state: StateArgs,
 
     #[command(flatten)]
+    shards: ShardArgs,
+
+    #[command(flatten)]
     log: LogArgs,
 
     /// How long one attempt to connect to the head may take
@@ -59,6 +62,10 @@ enum Output {
 }
 
 fn main() -> ExitCode {
+    // `shim --dir DIR` and `probe ...`: the modes this binary runs in under a deployment.
+    if let Some(code) = tessera_worker::shard::run_hidden_mode() {
+        return code;
+    }
     let cli = Cli::parse();
     let parts = match cli.node.to_parts() {
         Ok(p) => p,
@@ -105,7 +112,15 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        let shards = match cli.shards.host_config(state.path()) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!("cannot find this executable for the shims: {e}");
+                return ExitCode::from(1);
+            }
+        };
         let config = AgentConfig {
+            shards: Some(shards),
             head,
             inventory: gpu::detect(parts.fake_gpus, &parts.node_name),
             node_name: parts.node_name,

@@ -36,6 +36,8 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// How long to wait for the head's `left` answer when leaving.
     pub leave_timeout: Duration,
+    /// Hosts shard processes; `None` for a node that runs no shards (tests of membership alone).
+    pub shards: Option<crate::shard::HostConfig>,
 }
 
 /// What the agent knows about its membership, for whoever embeds it.
@@ -73,6 +75,8 @@ pub struct Agent {
     config: AgentConfig,
     state: StateDir,
     status: watch::Sender<AgentStatus>,
+    host: Option<crate::shard::ShardHost>,
+    up_rx: Option<mpsc::UnboundedReceiver<pb::WorkerMessage>>,
 }
 
 impl Agent {
@@ -86,11 +90,27 @@ impl Agent {
             node_id,
             ..Default::default()
         });
+        let (host, up_rx) = match &config.shards {
+            Some(cfg) => {
+                let (h, rx) = crate::shard::ShardHost::new(cfg.clone());
+                // Shims that outlived an earlier agent are found again before the first join.
+                h.adopt();
+                (Some(h), Some(rx))
+            }
+            None => (None, None),
+        };
         Ok(Agent {
             config,
             state,
             status,
+            host,
+            up_rx,
         })
+    }
+
+    /// The shard host, when this agent hosts shards.
+    pub fn shard_host(&self) -> Option<crate::shard::ShardHost> {
+        self.host.clone()
     }
 
     pub fn status(&self) -> watch::Receiver<AgentStatus> {
@@ -98,7 +118,8 @@ impl Agent {
     }
 
     /// Runs until `shutdown` (then leaves gracefully) or until the head refuses this worker.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        let mut up_rx = self.up_rx.take();
         let mut backoff = Backoff::default();
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let endpoint = Endpoint::from_shared(self.config.head.clone())
@@ -119,7 +140,7 @@ impl Agent {
             let end = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 c = endpoint.connect() => match c {
-                    Ok(channel) => self.session(channel, &shutdown, &mut backoff).await,
+                    Ok(channel) => self.session(channel, &shutdown, &mut backoff, &mut up_rx).await,
                     Err(e) => SessionEnd::Lost(format!("cannot connect to {}: {}", self.config.head, source_chain(&e))),
                 },
             };
@@ -168,14 +189,23 @@ impl Agent {
         channel: Channel,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
+        up_rx: &mut Option<mpsc::UnboundedReceiver<pb::WorkerMessage>>,
     ) -> SessionEnd {
         let join = match self.join_request() {
             Ok(j) => j,
             Err(e) => return SessionEnd::Refused(e.to_string()),
         };
-        let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(16);
+        let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(64);
+        let mut join_msg = pb::JoinRequest::from(&join);
+        if let Some(h) = &self.host {
+            // What runs here now; reports queued while disconnected are older than this.
+            if let Some(rx) = up_rx.as_mut() {
+                while rx.try_recv().is_ok() {}
+            }
+            join_msg.shards = h.snapshot();
+        }
         let _ = tx.try_send(pb::WorkerMessage {
-            msg: Some(pb::worker_message::Msg::Join((&join).into())),
+            msg: Some(pb::worker_message::Msg::Join(join_msg)),
         });
         let mut client = pb::membership_client::MembershipClient::new(channel);
         let opened = tokio::time::timeout(
@@ -263,6 +293,11 @@ impl Agent {
                         return SessionEnd::Lost("session stream closed".into());
                     }
                 }
+                Some(up) = recv_up(up_rx) => {
+                    if tx.send(up).await.is_err() {
+                        return SessionEnd::Lost("session stream closed".into());
+                    }
+                }
                 m = inbound.message() => match m {
                     Ok(Some(msg)) => {
                         last_heard = Instant::now();
@@ -270,6 +305,25 @@ impl Agent {
                             Some(pb::head_message::Msg::HeartbeatAck(_)) => {}
                             Some(pb::head_message::Msg::Shutdown(s)) => {
                                 return SessionEnd::Lost(format!("head shutting down: {}", s.reason));
+                            }
+                            Some(pb::head_message::Msg::Launch(l)) => match &self.host {
+                                Some(h) => h.launch(l),
+                                None => warn!(deployment = %l.deployment, "asked to launch shards, but this node hosts none"),
+                            },
+                            Some(pb::head_message::Msg::Stop(s)) => {
+                                if let Some(h) = &self.host {
+                                    h.stop(s);
+                                }
+                            }
+                            Some(pb::head_message::Msg::LogRequest(r)) => {
+                                if let Some(h) = &self.host {
+                                    h.logs(r);
+                                }
+                            }
+                            Some(pb::head_message::Msg::LogCancel(c)) => {
+                                if let Some(h) = &self.host {
+                                    h.cancel_log(c.request_id);
+                                }
                             }
                             other => debug!(?other, "unexpected message from the head ignored"),
                         }
@@ -313,6 +367,14 @@ impl Agent {
             warn!("the head did not confirm the leave; it will see this node as dead");
         }
         SessionEnd::Left
+    }
+}
+
+/// The next message the shard host wants sent up; pending forever when there is no host.
+async fn recv_up(rx: &mut Option<mpsc::UnboundedReceiver<pb::WorkerMessage>>) -> Option<pb::WorkerMessage> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

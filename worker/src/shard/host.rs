@@ -1,0 +1,532 @@
+//! The agent's side of hosting shards: launches shims, keeps a connection to each, reports their
+//! processes' states up the session, answers log requests, and fences stale generations.
+//!
+//! The table of processes outlives sessions: shims keep running while the head is away, and a
+//! new session starts with a snapshot of them. A restarted agent finds its shims again from the
+//! state directory ([`ShardHost::adopt`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tessera_proto::v1 as pb;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::spec::{self, ShimCommand, ShimSpec, ShimState};
+
+/// Settings of the shard host, from the worker's flags.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub state_dir: PathBuf,
+    /// The binary that has the `shim` and `probe` modes (this one).
+    pub exe: PathBuf,
+    /// `--vllm-bin`; else `vllm` is looked up on PATH.
+    pub vllm_bin: Option<PathBuf>,
+    /// `--allow-command`: run the command engine's shell templates.
+    pub allow_command: bool,
+    /// `--orphan-timeout`: a shim without its agent this long stops its engine.
+    pub orphan_timeout: Duration,
+    /// Largest `output.log` before rotation.
+    pub log_max_bytes: u64,
+}
+
+type Key = (String, u64, String);
+
+struct Proc {
+    dir: PathBuf,
+    ranks: Vec<u32>,
+    last: pb::ShardReport,
+    cmd: Option<mpsc::UnboundedSender<ShimCommand>>,
+    exited: bool,
+}
+
+#[derive(Clone)]
+pub struct ShardHost {
+    cfg: Arc<HostConfig>,
+    procs: Arc<Mutex<HashMap<Key, Proc>>>,
+    up: mpsc::UnboundedSender<pb::WorkerMessage>,
+    logs: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>>,
+}
+
+fn shard_msg(r: pb::ShardReport) -> pb::WorkerMessage {
+    pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Shard(r)) }
+}
+
+impl ShardHost {
+    /// The host, and the receiver of everything it wants to tell the head.
+    pub fn new(cfg: HostConfig) -> (ShardHost, mpsc::UnboundedReceiver<pb::WorkerMessage>) {
+        let (up, rx) = mpsc::unbounded_channel();
+        let host = ShardHost { cfg: Arc::new(cfg), procs: Default::default(), up, logs: Default::default() };
+        (host, rx)
+    }
+
+    /// Every process this worker knows, as of now, for a join.
+    pub fn snapshot(&self) -> Vec<pb::ShardReport> {
+        self.procs.lock().expect("lock").values().map(|p| p.last.clone()).collect()
+    }
+
+    fn update(&self, key: &Key, f: impl FnOnce(&mut Proc)) {
+        let report = {
+            let mut procs = self.procs.lock().expect("lock");
+            let Some(p) = procs.get_mut(key) else { return };
+            f(p);
+            p.last.clone()
+        };
+        let _ = self.up.send(shard_msg(report));
+    }
+
+    /// Starts a generation's processes, after stopping (and waiting out) older generations.
+    pub fn launch(&self, l: pb::LaunchShards) {
+        let host = self.clone();
+        tokio::spawn(async move { host.launch_inner(l).await });
+    }
+
+    async fn launch_inner(&self, l: pb::LaunchShards) {
+        let grace = Duration::from_secs(l.stop_grace_s.max(1) as u64);
+        // Fencing: nothing of an older generation may run beside the new one.
+        self.stop_matching(&l.deployment, l.generation, "superseded by a newer generation");
+        self.wait_stopped(&l.deployment, l.generation, grace + Duration::from_secs(5)).await;
+
+        let (master_port, health_port) = if l.pick_ports {
+            (free_port().unwrap_or(0), free_port().unwrap_or(0))
+        } else {
+            (l.master_port as u16, l.health_port as u16)
+        };
+        for p in l.processes {
+            let key: Key = (l.deployment.clone(), l.generation, p.key.clone());
+            if self.procs.lock().expect("lock").contains_key(&key) {
+                continue; // already launched (a repeated message)
+            }
+            let dir = spec::process_dir(&self.cfg.state_dir, &l.deployment, l.generation, &p.key);
+            let mut report = pb::ShardReport {
+                deployment: l.deployment.clone(),
+                generation: l.generation,
+                key: p.key.clone(),
+                ranks: p.ranks.clone(),
+                state: pb::ProcessState::Starting as i32,
+                master_port: master_port as u32,
+                health_port: health_port as u32,
+                ..Default::default()
+            };
+            let argv = match self.program(&p) {
+                Ok(prog) => {
+                    let mut v = prog;
+                    v.extend(p.args.iter().map(|a| subst(a, master_port, health_port)));
+                    v
+                }
+                Err(why) => {
+                    warn!(deployment = %l.deployment, key = %p.key, %why, "cannot launch");
+                    report.state = pb::ProcessState::Exited as i32;
+                    report.exit_code = Some(127);
+                    report.error = why.clone();
+                    report.log_tail = why;
+                    self.procs.lock().expect("lock").insert(key, Proc { dir, ranks: p.ranks.clone(), last: report.clone(), cmd: None, exited: true });
+                    let _ = self.up.send(shard_msg(report));
+                    continue;
+                }
+            };
+            let health = if p.health_check { Some(if p.health_port > 0 { p.health_port as u16 } else { health_port }) } else { None };
+            let shim_spec = ShimSpec {
+                deployment: l.deployment.clone(),
+                generation: l.generation,
+                key: p.key.clone(),
+                ranks: p.ranks.clone(),
+                argv,
+                env: p.env.iter().map(|(k, v)| (k.clone(), subst(v, master_port, health_port))).collect::<BTreeMap<_, _>>(),
+                stop_grace_s: grace.as_secs(),
+                orphan_timeout_s: self.cfg.orphan_timeout.as_secs().max(1),
+                log_max_bytes: self.cfg.log_max_bytes,
+                health_port: health,
+                master_port: Some(master_port),
+            };
+            if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| spec::write_json(&spec::spec_path(&dir), &shim_spec)) {
+                report.state = pb::ProcessState::Exited as i32;
+                report.exit_code = Some(127);
+                report.error = format!("cannot write {}: {e}", dir.display());
+                self.procs.lock().expect("lock").insert(key, Proc { dir, ranks: p.ranks.clone(), last: report.clone(), cmd: None, exited: true });
+                let _ = self.up.send(shard_msg(report));
+                continue;
+            }
+            self.procs.lock().expect("lock").insert(key.clone(), Proc { dir: dir.clone(), ranks: p.ranks.clone(), last: report.clone(), cmd: None, exited: false });
+            let _ = self.up.send(shard_msg(report));
+            match tokio::process::Command::new(&self.cfg.exe)
+                .arg("shim")
+                .arg("--dir")
+                .arg(&dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+            {
+                Ok(mut child) => {
+                    // Reap the shim when it exits (it is our child until we die).
+                    tokio::spawn(async move {
+                        let _ = child.wait().await;
+                    });
+                    info!(deployment = %l.deployment, generation = l.generation, key = %p.key, "shim started");
+                    let wait_rtt = is_probe_member(&shim_spec);
+                    self.attach(key, dir, health, wait_rtt);
+                }
+                Err(e) => {
+                    self.update(&key, |pr| {
+                        pr.exited = true;
+                        pr.last.state = pb::ProcessState::Exited as i32;
+                        pr.last.exit_code = Some(127);
+                        pr.last.error = format!("cannot start the shim {}: {e}", self.cfg.exe.display());
+                    });
+                }
+            }
+        }
+    }
+
+    fn program(&self, p: &pb::ShardProcess) -> Result<Vec<String>, String> {
+        match pb::ShardProgram::try_from(p.program).unwrap_or(pb::ShardProgram::Unspecified) {
+            pb::ShardProgram::Probe => Ok(vec![self.cfg.exe.display().to_string(), "probe".into()]),
+            pb::ShardProgram::Vllm => {
+                let bin = match &self.cfg.vllm_bin {
+                    Some(b) => b.clone(),
+                    None => find_on_path("vllm").ok_or_else(|| {
+                        "vllm is not installed on this node: no `vllm` on PATH; install vLLM or start the worker with --vllm-bin PATH".to_string()
+                    })?,
+                };
+                Ok(vec![bin.display().to_string()])
+            }
+            pb::ShardProgram::Shell => {
+                if !self.cfg.allow_command {
+                    return Err("the command engine is not allowed on this worker: start it with --allow-command to run shell templates".into());
+                }
+                Ok(vec!["/bin/sh".into(), "-c".into()])
+            }
+            pb::ShardProgram::Unspecified => Err("unknown shard program".into()),
+        }
+    }
+
+    /// Connects to a shim's socket and follows it until it ends.
+    fn attach(&self, key: Key, dir: PathBuf, health: Option<u16>, wait_rtt: bool) {
+        let host = self.clone();
+        tokio::spawn(async move {
+            let sock = spec::socket_path(&dir);
+            let mut stream = None;
+            for _ in 0..250 {
+                if let Ok(s) = UnixStream::connect(&sock).await {
+                    stream = Some(s);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let Some(stream) = stream else {
+                // The shim never came up (or is long gone): use what its state file says.
+                let st: ShimState = spec::read_json(&spec::state_path(&dir)).unwrap_or_default();
+                host.finish(&key, &dir, st.exit_code.or(Some(127)), st.signal, st.error.unwrap_or_else(|| "the shim did not start".into()));
+                return;
+            };
+            let (rd, mut wr) = stream.into_split();
+            let (tx, mut rx) = mpsc::unbounded_channel::<ShimCommand>();
+            let stopped_early = {
+                let mut procs = host.procs.lock().expect("lock");
+                match procs.get_mut(&key) {
+                    Some(p) => {
+                        p.cmd = Some(tx.clone());
+                        p.last.state == pb::ProcessState::Stopped as i32
+                    }
+                    None => false,
+                }
+            };
+            if stopped_early {
+                let _ = tx.send(ShimCommand::Stop);
+            }
+            tokio::spawn(async move {
+                while let Some(cmd) = rx.recv().await {
+                    let mut line = serde_json::to_vec(&cmd).expect("command serializes");
+                    line.push(b'\n');
+                    if wr.write_all(&line).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut lines = BufReader::new(rd).lines();
+            let mut health_started = false;
+            let mut last = ShimState::default();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let Ok(st) = serde_json::from_str::<ShimState>(&line) else { continue };
+                last = st.clone();
+                if st.exited {
+                    host.finish(&key, &dir, st.exit_code, st.signal, st.error.clone().unwrap_or_default());
+                    return;
+                }
+                if let Some(pid) = st.pid {
+                    host.update(&key, |p| {
+                        if p.last.state == pb::ProcessState::Starting as i32 {
+                            p.last.state = pb::ProcessState::Running as i32;
+                        }
+                        p.last.pid = pid;
+                    });
+                    if !health_started {
+                        health_started = true;
+                        host.watch_ready(key.clone(), dir.clone(), health, wait_rtt);
+                    }
+                }
+            }
+            // The socket closed without an exit: the shim died.
+            host.finish(&key, &dir, last.exit_code, last.signal, "the shim exited unexpectedly".into());
+        });
+    }
+
+    fn finish(&self, key: &Key, dir: &Path, code: Option<i32>, signal: Option<i32>, error: String) {
+        let tail = tail_lines(&spec::log_path(dir), 20);
+        self.update(key, |p| {
+            p.exited = true;
+            p.cmd = None;
+            p.last.state = pb::ProcessState::Exited as i32;
+            p.last.exit_code = code;
+            p.last.signal = signal;
+            p.last.error = error;
+            p.last.log_tail = tail;
+        });
+    }
+
+    /// Reports READY once the process's health endpoint answers 200 (at once without one) and,
+    /// for probe ranks other than 0, once the rendezvous is done and the round trip is known.
+    fn watch_ready(&self, key: Key, dir: PathBuf, health: Option<u16>, wait_rtt: bool) {
+        let host = self.clone();
+        tokio::spawn(async move {
+            let mut ready = health.is_none();
+            let mut rtt: Option<u64> = None;
+            loop {
+                let alive = host.procs.lock().expect("lock").get(&key).is_some_and(|p| !p.exited);
+                if !alive {
+                    return;
+                }
+                if wait_rtt && rtt.is_none() {
+                    rtt = std::fs::read_to_string(dir.join("probe-rtt-us")).ok().and_then(|s| s.trim().parse().ok());
+                }
+                if let (false, Some(port)) = (ready, health) {
+                    ready = http_ok(port).await;
+                }
+                if ready && (!wait_rtt || rtt.is_some()) {
+                    host.update(&key, |p| {
+                        if !p.exited {
+                            p.last.state = pb::ProcessState::Ready as i32;
+                            p.last.rtt_us = rtt;
+                        }
+                    });
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
+
+    /// Stops processes of `deployment` with a generation below `below` (all when 0).
+    pub fn stop(&self, s: pb::StopShards) {
+        self.stop_matching(&s.deployment, if s.below_generation == 0 { u64::MAX } else { s.below_generation }, &s.reason);
+    }
+
+    fn stop_matching(&self, deployment: &str, below: u64, reason: &str) {
+        let mut procs = self.procs.lock().expect("lock");
+        for ((d, g, k), p) in procs.iter_mut() {
+            if d == deployment && *g < below && !p.exited {
+                info!(deployment = %d, generation = g, key = %k, reason, "stopping");
+                match &p.cmd {
+                    Some(tx) => {
+                        let _ = tx.send(ShimCommand::Stop);
+                    }
+                    None => p.last.state = pb::ProcessState::Stopped as i32, // stop as soon as attached
+                }
+            }
+        }
+    }
+
+    async fn wait_stopped(&self, deployment: &str, below: u64, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let busy = self.procs.lock().expect("lock").iter().any(|((d, g, _), p)| d == deployment && *g < below && !p.exited);
+            if !busy || tokio::time::Instant::now() > deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Finds shims left by an earlier agent in the state dir and reconnects to them.
+    pub fn adopt(&self) -> usize {
+        let root = self.cfg.state_dir.join("shards");
+        let mut found = 0;
+        for dir in walk3(&root) {
+            let Ok(s) = spec::read_json::<ShimSpec>(&spec::spec_path(&dir)) else { continue };
+            let st: ShimState = spec::read_json(&spec::state_path(&dir)).unwrap_or_default();
+            if st.exited || !spec::socket_path(&dir).exists() {
+                continue;
+            }
+            let key: Key = (s.deployment.clone(), s.generation, s.key.clone());
+            let report = pb::ShardReport {
+                deployment: s.deployment.clone(),
+                generation: s.generation,
+                key: s.key.clone(),
+                ranks: s.ranks.clone(),
+                pid: st.pid.unwrap_or(0),
+                state: pb::ProcessState::Running as i32,
+                master_port: s.master_port.unwrap_or(0) as u32,
+                health_port: s.health_port.unwrap_or(0) as u32,
+                ..Default::default()
+            };
+            self.procs.lock().expect("lock").insert(key.clone(), Proc { dir: dir.clone(), ranks: s.ranks.clone(), last: report, cmd: None, exited: false });
+            info!(deployment = %s.deployment, generation = s.generation, key = %s.key, pid = ?st.pid, "adopted a running shim");
+            let wait_rtt = is_probe_member(&s);
+            self.attach(key, dir, s.health_port, wait_rtt);
+            found += 1;
+        }
+        found
+    }
+
+    /// Streams a process's log tail (and, with follow, what it writes next) as `LogData`.
+    pub fn logs(&self, r: pb::LogRequest) {
+        let dir = self
+            .procs
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|((d, _, k), _)| *d == r.deployment && *k == r.key)
+            .max_by_key(|((_, g, _), _)| *g)
+            .map(|(_, p)| p.dir.clone());
+        let up = self.up.clone();
+        let id = r.request_id;
+        let send = move |data: Vec<u8>, done: bool, error: String| {
+            let _ = up.send(pb::WorkerMessage {
+                msg: Some(pb::worker_message::Msg::LogData(pb::LogData { request_id: id, data, done, error })),
+            });
+        };
+        let Some(dir) = dir else {
+            send(Vec::new(), true, format!("no process {} of deployment {} on this node", r.key, r.deployment));
+            return;
+        };
+        let logs = self.logs.clone();
+        let task = tokio::spawn(async move {
+            let path = spec::log_path(&dir);
+            let tail = tail_lines(&path, r.tail_lines.max(1) as usize);
+            let mut pos = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            send(tail.into_bytes(), !r.follow, String::new());
+            if !r.follow {
+                return;
+            }
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                if len < pos {
+                    pos = 0; // rotated
+                }
+                if len > pos {
+                    if let Ok(mut f) = tokio::fs::File::open(&path).await {
+                        let _ = f.seek(std::io::SeekFrom::Start(pos)).await;
+                        let mut buf = Vec::new();
+                        let _ = (&mut f).take(1 << 20).read_to_end(&mut buf).await;
+                        pos += buf.len() as u64;
+                        send(buf, false, String::new());
+                    }
+                }
+            }
+        });
+        logs.lock().expect("lock").insert(id, task.abort_handle());
+    }
+
+    pub fn cancel_log(&self, id: u64) {
+        if let Some(h) = self.logs.lock().expect("lock").remove(&id) {
+            h.abort();
+        }
+    }
+
+    /// Ranks of a process, for tests and diagnostics.
+    pub fn ranks_of(&self, deployment: &str, key: &str) -> Option<Vec<u32>> {
+        self.procs.lock().expect("lock").iter().find(|((d, _, k), _)| d == deployment && k == key).map(|(_, p)| p.ranks.clone())
+    }
+}
+
+/// A probe rank other than 0: ready once it has joined the world.
+fn is_probe_member(s: &ShimSpec) -> bool {
+    s.argv.get(1).is_some_and(|a| a == "probe") && !s.ranks.contains(&0)
+}
+
+fn subst(s: &str, master: u16, health: u16) -> String {
+    s.replace("{master_port}", &master.to_string()).replace("{health_port}", &health.to_string())
+}
+
+/// A port that is free on this host now (bound, then released for the engine to take).
+fn free_port() -> Option<u16> {
+    std::net::TcpListener::bind(("0.0.0.0", 0)).ok()?.local_addr().ok().map(|a| a.port())
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|c| c.is_file()))
+}
+
+/// The last `n` lines of a log (looking into the rotated file when the current one is short).
+pub fn tail_lines(path: &Path, n: usize) -> String {
+    let mut data = std::fs::read(path).unwrap_or_default();
+    if data.iter().filter(|&&b| b == b'\n').count() < n {
+        if let Ok(mut older) = std::fs::read(super::shim::rotated(path, 1)) {
+            older.extend_from_slice(&data);
+            data = older;
+        }
+    }
+    let text = String::from_utf8_lossy(&data);
+    let lines: Vec<&str> = text.lines().collect();
+    let mut s = lines[lines.len().saturating_sub(n)..].join("\n");
+    if !s.is_empty() {
+        s.push('\n');
+    }
+    s
+}
+
+/// `shards/<deployment>/<generation>/<key>` directories.
+fn walk3(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let sub = |p: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(p).map(|r| r.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect()).unwrap_or_default()
+    };
+    for d in sub(root) {
+        for g in sub(&d) {
+            out.extend(sub(&g));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `GET /health` on 127.0.0.1:port answers 200.
+async fn http_ok(port: u16) -> bool {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n").await.ok()?;
+        let mut buf = [0u8; 32];
+        let n = s.read(&mut buf).await.ok()?;
+        let head = String::from_utf8_lossy(&buf[..n]).to_string();
+        Some(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"))
+    };
+    tokio::time::timeout(Duration::from_secs(1), fut).await.ok().flatten().unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_replaced() {
+        assert_eq!(subst("--master-port {master_port} --h {health_port}", 29500, 8000), "--master-port 29500 --h 8000");
+    }
+
+    #[test]
+    fn tail_reads_into_the_rotated_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("output.log");
+        std::fs::write(super::super::shim::rotated(&p, 1), "a\nb\nc\n").expect("write");
+        std::fs::write(&p, "d\n").expect("write");
+        assert_eq!(tail_lines(&p, 3), "b\nc\nd\n");
+        assert_eq!(tail_lines(&p, 1), "d\n");
+        assert_eq!(tail_lines(&dir.path().join("none"), 5), "");
+    }
+}

@@ -1,0 +1,86 @@
+//! What a shim runs, written as `spec.json` in the process's directory before the shim starts, and
+//! the line protocol between a shim and its agent.
+//!
+//! Directory of one process: `<state-dir>/shards/<deployment>/g<generation>/<key>/` holding
+//! `spec.json`, `state.json` (pid, exit), `shim.sock`, `output.log` (+ `.1`, `.2` rotated) and
+//! `shim.log`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShimSpec {
+    pub deployment: String,
+    pub generation: u64,
+    pub key: String,
+    pub ranks: Vec<u32>,
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Seconds between SIGTERM and SIGKILL.
+    pub stop_grace_s: u64,
+    /// Seconds without an agent after which the shim stops its engine and exits.
+    pub orphan_timeout_s: u64,
+    /// Largest size of output.log before it is rotated.
+    pub log_max_bytes: u64,
+    /// Health endpoint to poll for readiness (agent side), if any.
+    pub health_port: Option<u16>,
+    pub master_port: Option<u16>,
+}
+
+/// `state.json`: what the shim knows about its engine, for an agent that connects later.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShimState {
+    pub shim_pid: u32,
+    pub pid: Option<u32>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Set when the engine could not be started at all.
+    pub error: Option<String>,
+    pub exited: bool,
+}
+
+/// Shim -> agent: the state, sent on connect and on every change.
+/// Agent -> shim: commands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum ShimCommand {
+    /// Stop the engine (SIGTERM to its group, SIGKILL after the grace), then exit.
+    Stop,
+}
+
+pub fn spec_path(dir: &Path) -> PathBuf {
+    dir.join("spec.json")
+}
+
+pub fn state_path(dir: &Path) -> PathBuf {
+    dir.join("state.json")
+}
+
+pub fn socket_path(dir: &Path) -> PathBuf {
+    dir.join("shim.sock")
+}
+
+pub fn log_path(dir: &Path) -> PathBuf {
+    dir.join("output.log")
+}
+
+/// The process directory for a deployment generation's key.
+pub fn process_dir(state_dir: &Path, deployment: &str, generation: u64, key: &str) -> PathBuf {
+    state_dir.join("shards").join(deployment).join(format!("g{generation}")).join(key)
+}
+
+/// Writes JSON atomically (temp file + rename).
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let data = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<T> {
+    let data = std::fs::read(path)?;
+    serde_json::from_slice(&data).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
