@@ -12,20 +12,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut sorted = files;
     sorted.sort();
     // The directory too, so that an added .proto file is compiled.
-    println!(
-        "cargo:rerun-if-changed={}",
-        root.join("tessera/v1").display()
-    );
+    println!("cargo:rerun-if-changed={}", root.join("tessera/v1").display());
     for f in &sorted {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     let fds = protox::compile(&sorted, [&root])?;
-    let descriptor_path =
-        PathBuf::from(std::env::var("OUT_DIR")?).join("tessera_v1_descriptor.bin");
+    let descriptor_path = PathBuf::from(std::env::var("OUT_DIR")?).join("tessera_v1_descriptor.bin");
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
-    tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `tessera`: the command-line client of a Tessera cluster.
 
 mod client;
+mod deploy;
 mod nodes;
 mod plan;
 mod table;
@@ -40,6 +41,19 @@ pub enum Output {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EngineArg {
+    Vllm,
+    Command,
+    Probe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Per {
+    Rank,
+    Node,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// List the cluster's nodes: state, address, GPUs, last heartbeat
@@ -73,31 +87,16 @@ enum Cmd {
         #[arg(long, env = "TESSERA_MODEL", value_name = "PATH")]
         model: PathBuf,
         /// Tensor parallel size, or auto
-        #[arg(
-            long,
-            env = "TESSERA_TP",
-            default_value = "auto",
-            value_name = "N|auto"
-        )]
+        #[arg(long, env = "TESSERA_TP", default_value = "auto", value_name = "N|auto")]
         tp: Size,
         /// Pipeline parallel size, or auto
-        #[arg(
-            long,
-            env = "TESSERA_PP",
-            default_value = "auto",
-            value_name = "N|auto"
-        )]
+        #[arg(long, env = "TESSERA_PP", default_value = "auto", value_name = "N|auto")]
         pp: Size,
         /// Plan offline for NODES nodes of GPUS GPUs with MEMORY each, e.g. 2x8x80GiB
         #[arg(long, env = "TESSERA_GPUS", value_name = "NODESxGPUSxMEM", value_parser = Cluster::parse_spec)]
         gpus: Option<(u32, u32, u64)>,
         /// Fraction of each GPU's memory the engine may use
-        #[arg(
-            long,
-            env = "TESSERA_GPU_MEMORY_UTILIZATION",
-            default_value_t = 0.9,
-            value_name = "F"
-        )]
+        #[arg(long, env = "TESSERA_GPU_MEMORY_UTILIZATION", default_value_t = 0.9, value_name = "F")]
         gpu_memory_utilization: f64,
         /// Longest sequence to serve [default: the model's max_position_embeddings]
         #[arg(long, env = "TESSERA_MAX_MODEL_LEN", value_name = "N")]
@@ -110,6 +109,82 @@ enum Cmd {
         strict: bool,
         #[arg(short, long, env = env::OUTPUT, value_enum, default_value_t = Output::Text)]
         output: Output,
+    },
+    /// Deploy a model: plan TP x PP, launch the engine's processes across nodes, supervise them
+    ///
+    /// The planner's checks run first (an invalid plan is refused and reserves nothing). Node rank
+    /// 0 (pipeline stage 0) goes on the head when it has the GPUs. When any process exits or a node
+    /// dies, the whole group is restarted at the next generation, with backoff, up to
+    /// --max-restarts times in 10 minutes. Arguments after `--` go to the engine.
+    Deploy {
+        /// Deployment name (a DNS label)
+        name: String,
+        /// Model directory or config.json, as a path the head and the nodes can read
+        #[arg(long, env = "TESSERA_MODEL", value_name = "PATH")]
+        model: PathBuf,
+        /// Tensor parallel size
+        #[arg(long, env = "TESSERA_TP", default_value_t = 1)]
+        tp: u32,
+        /// Pipeline parallel size
+        #[arg(long, env = "TESSERA_PP", default_value_t = 1)]
+        pp: u32,
+        /// vllm: one `vllm serve` per node; command: your template; probe: a wiring check
+        #[arg(long, env = "TESSERA_ENGINE", value_enum, default_value_t = EngineArg::Vllm)]
+        engine: EngineArg,
+        /// Command engine: a shell template; placeholders {model} {tp} {pp} {rank} {tp_rank}
+        /// {pp_rank} {ranks} {node_rank} {nnodes} {world_size} {master_addr} {master_port} {args}
+        #[arg(long, env = "TESSERA_COMMAND", value_name = "TEMPLATE")]
+        command: Option<String>,
+        /// Command engine: run the template once per rank or once per node
+        #[arg(long, env = "TESSERA_PER", value_enum, default_value_t = Per::Rank)]
+        per: Per,
+        /// Extra environment for every process, NAME=VALUE (repeatable)
+        #[arg(long = "env", value_name = "NAME=VALUE", value_parser = deploy::parse_env)]
+        env: Vec<(String, String)>,
+        /// Group restarts allowed within 10 minutes before the deployment is failed [default: 5]
+        #[arg(long, env = "TESSERA_MAX_RESTARTS")]
+        max_restarts: Option<i32>,
+        /// Show progress until the deployment is running (exit 0) or failed (exit 1)
+        #[arg(long, env = "TESSERA_WAIT")]
+        wait: bool,
+        #[arg(short, long, env = env::OUTPUT, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// Arguments for the engine (after `--`)
+        #[arg(last = true, value_name = "ENGINE ARGS")]
+        engine_args: Vec<String>,
+    },
+    /// List deployments
+    Deployments {
+        #[arg(short, long, env = env::OUTPUT, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Show one deployment: state, generation, and every rank's node, GPUs, pid and state
+    Get {
+        name: String,
+        #[arg(short, long, env = env::OUTPUT, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Delete a deployment: stop every process, release its GPUs
+    Delete {
+        name: String,
+        /// Return once the stop is under way, without waiting for the processes to be gone
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Restart a deployment's whole group at the next generation
+    Restart { name: String },
+    /// Print a rank's log (its process's stdout and stderr)
+    Logs {
+        name: String,
+        /// Which rank's process
+        #[arg(long, default_value_t = 0)]
+        rank: u64,
+        /// How many lines from the end
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
+        /// Keep printing new output
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Mark a node draining: no new work is placed on it
     Drain {
@@ -155,10 +230,7 @@ impl std::str::FromStr for LayerPartition {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -168,37 +240,62 @@ fn main() -> ExitCode {
     let head = cli.head.clone();
     let result = runtime.block_on(async move {
         match cli.command {
-            Cmd::Plan { model, tp, pp, gpus, gpu_memory_utilization, max_model_len, layer_partition, strict, output } => {
+            Cmd::Plan {
+                model,
+                tp,
+                pp,
+                gpus,
+                gpu_memory_utilization,
+                max_model_len,
+                layer_partition,
+                strict,
+                output,
+            } => {
                 if !(gpu_memory_utilization > 0.0 && gpu_memory_utilization <= 1.0) {
-                    eprintln!("error: --gpu-memory-utilization {gpu_memory_utilization} must be more than 0 and at most 1");
+                    eprintln!(
+                        "error: --gpu-memory-utilization {gpu_memory_utilization} must be more than 0 and at most 1"
+                    );
                     return Ok(2);
                 }
                 let layer_partition = layer_partition.map(|p| p.0);
                 let request = PlanRequest { tp, pp, gpu_memory_utilization, max_model_len, layer_partition, strict };
                 plan::run(&head, plan::PlanArgs { model, request, gpus, output }).await
             }
+            Cmd::Deploy { name, model, tp, pp, engine, command, per, env, max_restarts, wait, output, engine_args } => {
+                let engine = match engine {
+                    EngineArg::Vllm => tessera_proto::v1::Engine::Vllm,
+                    EngineArg::Command => tessera_proto::v1::Engine::Command,
+                    EngineArg::Probe => tessera_proto::v1::Engine::Probe,
+                };
+                let args = deploy::DeployArgs {
+                    name,
+                    model,
+                    tp,
+                    pp,
+                    engine,
+                    command,
+                    per_node: per == Per::Node,
+                    env,
+                    max_restarts,
+                    wait,
+                    engine_args,
+                    output,
+                };
+                deploy::deploy(&head, args).await
+            }
+            Cmd::Deployments { output } => deploy::list(&head, output).await,
+            Cmd::Get { name, output } => deploy::get(&head, name, output).await,
+            Cmd::Delete { name, no_wait } => deploy::delete(&head, name, !no_wait).await,
+            Cmd::Restart { name } => deploy::restart(&head, name).await,
+            Cmd::Logs { name, rank, tail, follow } => deploy::logs(&head, name, rank, tail, follow).await,
             Cmd::Nodes { output } => nodes::nodes(&head, output).await.map(|()| 0),
             Cmd::Status { output } => nodes::status(&head, output).await.map(|()| 0),
             Cmd::Events { follow, output } => nodes::events(&head, follow, output).await.map(|()| 0),
             Cmd::Drain { node } => nodes::drain(&head, node, true).await.map(|()| 0),
             Cmd::Undrain { node } => nodes::drain(&head, node, false).await.map(|()| 0),
-            Cmd::Up {
-                workers,
-                fake_gpus,
-                listen,
-                dir,
-                bin_dir,
-            } => {
+            Cmd::Up { workers, fake_gpus, listen, dir, bin_dir } => {
                 let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("tessera-up"));
-                up::up(up::UpOptions {
-                    workers,
-                    fake_gpus,
-                    listen,
-                    dir,
-                    bin_dir,
-                })
-                .await
-                .map(|()| 0)
+                up::up(up::UpOptions { workers, fake_gpus, listen, dir, bin_dir }).await.map(|()| 0)
             }
         }
     });

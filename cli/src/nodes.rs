@@ -79,21 +79,13 @@ pub fn gpu_summary(inv: Option<&pb::Inventory>) -> String {
     }
     let mut groups: Vec<(String, usize)> = Vec::new();
     for g in &inv.gpus {
-        let label = if g.fake {
-            format!("{} (fake)", g.name)
-        } else {
-            g.name.clone()
-        };
+        let label = if g.fake { format!("{} (fake)", g.name) } else { g.name.clone() };
         match groups.iter_mut().find(|(l, _)| *l == label) {
             Some((_, n)) => *n += 1,
             None => groups.push((label, 1)),
         }
     }
-    groups
-        .iter()
-        .map(|(l, n)| format!("{n}x {l}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    groups.iter().map(|(l, n)| format!("{n}x {l}")).collect::<Vec<_>>().join(", ")
 }
 
 fn ago(ms: u64) -> String {
@@ -109,16 +101,7 @@ fn ago(ms: u64) -> String {
 }
 
 pub fn nodes_table(nodes: &[pb::Node]) -> String {
-    let mut t = Table::new(&[
-        "ID",
-        "NAME",
-        "ROLE",
-        "STATE",
-        "ADDRESS",
-        "GPUS",
-        "HEARTBEAT",
-        "LABELS",
-    ]);
+    let mut t = Table::new(&["ID", "NAME", "ROLE", "STATE", "ADDRESS", "GPUS", "HEARTBEAT", "LABELS"]);
     for n in nodes {
         let mut labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
@@ -130,11 +113,7 @@ pub fn nodes_table(nodes: &[pb::Node]) -> String {
             n.address.clone(),
             gpu_summary(n.inventory.as_ref()),
             format!("{} ago", ago(n.last_heartbeat_ms_ago)),
-            if labels.is_empty() {
-                "-".into()
-            } else {
-                labels.join(",")
-            },
+            if labels.is_empty() { "-".into() } else { labels.join(",") },
         ]);
     }
     t.render()
@@ -142,22 +121,18 @@ pub fn nodes_table(nodes: &[pb::Node]) -> String {
 
 pub async fn nodes(head: &str, output: Output) -> anyhow::Result<()> {
     let mut c = client::cluster(head).await?;
-    let nodes = c
-        .list_nodes(pb::ListNodesRequest {})
-        .await
-        .or_status()?
-        .nodes;
+    let nodes = c.list_nodes(pb::ListNodesRequest {}).await.or_status()?.nodes;
     match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&Value::Array(nodes.iter().map(node_json).collect()))?
-        ),
+        Output::Json => {
+            println!("{}", serde_json::to_string_pretty(&Value::Array(nodes.iter().map(node_json).collect()))?)
+        }
         Output::Text if nodes.is_empty() => println!("no nodes have joined yet"),
         Output::Text => {
             print!("{}", nodes_table(&nodes));
-            for n in nodes.iter().filter(|n| {
-                n.state == pb::NodeState::Dead as i32 || n.state == pb::NodeState::Suspect as i32
-            }) {
+            for n in nodes
+                .iter()
+                .filter(|n| n.state == pb::NodeState::Dead as i32 || n.state == pb::NodeState::Suspect as i32)
+            {
                 println!("  {} {}: {}", n.name, state_name(n.state), n.state_reason);
             }
         }
@@ -189,11 +164,7 @@ pub async fn status(head: &str, output: Output) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Output::Text => {
-            println!(
-                "head       {head} (tessera {}, up {})",
-                s.head_version,
-                ago(s.head_uptime_ms)
-            );
+            println!("head       {head} (tessera {}, up {})", s.head_version, ago(s.head_uptime_ms));
             let mut parts = vec![format!("{} alive", s.nodes_alive)];
             for (n, what) in [
                 (s.nodes_draining, "draining"),
@@ -206,16 +177,8 @@ pub async fn status(head: &str, output: Output) -> anyhow::Result<()> {
                 }
             }
             println!("nodes      {} ({})", s.nodes_total, parts.join(", "));
-            let fake = if s.gpus_fake > 0 {
-                format!(", {} of them fake", s.gpus_fake)
-            } else {
-                String::new()
-            };
-            println!(
-                "gpus       {} with {} in all{fake}",
-                s.gpus_total,
-                HumanBytes(s.gpu_memory_total_bytes)
-            );
+            let fake = if s.gpus_fake > 0 { format!(", {} of them fake", s.gpus_fake) } else { String::new() };
+            println!("gpus       {} with {} in all{fake}", s.gpus_total, HumanBytes(s.gpu_memory_total_bytes));
             println!(
                 "detection  heartbeat every {}ms; dead after {}ms of silence or {}ms without a session",
                 s.heartbeat_interval_ms, s.node_timeout_ms, s.reconnect_grace_ms
@@ -230,8 +193,21 @@ pub fn event_json(e: &pb::Event) -> Value {
         pb::EventKind::NodeJoined => "node_joined",
         pb::EventKind::NodeStateChanged => "node_state_changed",
         pb::EventKind::NodeLeft => "node_left",
+        pb::EventKind::DeploymentChanged => "deployment_changed",
         pb::EventKind::Unspecified => "unknown",
     };
+    if let Some(d) = &e.deployment {
+        return json!({
+            "seq": e.seq,
+            "unix_ms": e.unix_ms,
+            "kind": kind,
+            "deployment": d.name,
+            "state": crate::deploy::state_name(d.state),
+            "generation": d.generation,
+            "restarts": d.restarts,
+            "reason": e.reason,
+        });
+    }
     let node = e.node.as_ref();
     json!({
         "seq": e.seq,
@@ -248,12 +224,7 @@ pub fn event_json(e: &pb::Event) -> Value {
 
 pub async fn events(head: &str, follow: bool, output: Output) -> anyhow::Result<()> {
     let mut c = client::cluster(head).await?;
-    let mut stream = c
-        .watch_events(pb::WatchEventsRequest {
-            include_current: true,
-        })
-        .await
-        .or_status()?;
+    let mut stream = c.watch_events(pb::WatchEventsRequest { include_current: true }).await.or_status()?;
     let mut out = std::io::stdout();
     let mut replaying = true;
     let wait = std::time::Duration::from_millis(if follow { u64::MAX / 4 } else { 300 });
@@ -270,12 +241,14 @@ pub async fn events(head: &str, follow: bool, output: Output) -> anyhow::Result<
             Output::Json => writeln!(out, "{}", event_json(&next))?,
             Output::Text => {
                 let v = event_json(&next);
-                let name = v["node_name"].as_str().unwrap_or("?");
+                let name = v["node_name"].as_str().or(v["deployment"].as_str()).unwrap_or("?");
                 let state = v["state"].as_str().unwrap_or("?");
                 let what = match v["kind"].as_str() {
                     Some("node_joined") if replaying => "member",
                     Some("node_joined") => "joined",
                     Some("node_left") => "left",
+                    Some("deployment_changed") if replaying => "deploy",
+                    Some("deployment_changed") => "deploy",
                     _ => "state",
                 };
                 writeln!(out, "{:<7} {:<20} {:<9} {}", what, name, state, next.reason)?;
@@ -288,12 +261,7 @@ pub async fn events(head: &str, follow: bool, output: Output) -> anyhow::Result<
 pub async fn drain(head: &str, node: String, draining: bool) -> anyhow::Result<()> {
     let mut c = client::cluster(head).await?;
     let req = pb::DrainNodeRequest { node };
-    let n = if draining {
-        c.drain_node(req).await
-    } else {
-        c.undrain_node(req).await
-    }
-    .or_status()?;
+    let n = if draining { c.drain_node(req).await } else { c.undrain_node(req).await }.or_status()?;
     println!("{} ({}) is {}", n.name, &n.id, state_name(n.state));
     Ok(())
 }

@@ -30,17 +30,8 @@ pub async fn run(head: &str, args: PlanArgs) -> anyhow::Result<u8> {
                     return Ok(2);
                 }
             };
-            let weights = m
-                .weights
-                .as_ref()
-                .map(Weights::exact)
-                .unwrap_or_else(|| Weights::estimate(&m.desc));
-            plan::plan(
-                &m.desc,
-                &weights,
-                &Cluster::uniform(nodes, gpus, mem),
-                &args.request,
-            )
+            let weights = m.weights.as_ref().map(Weights::exact).unwrap_or_else(|| Weights::estimate(&m.desc));
+            plan::plan(&m.desc, &weights, &Cluster::uniform(nodes, gpus, mem), &args.request)
         }
         None => {
             let path = std::path::absolute(&args.model)?;
@@ -61,12 +52,7 @@ pub async fn run(head: &str, args: PlanArgs) -> anyhow::Result<u8> {
             };
             match c.plan(req).await {
                 Ok(r) => PlanReport::from(r.into_inner()),
-                Err(s)
-                    if matches!(
-                        s.code(),
-                        tonic::Code::InvalidArgument | tonic::Code::NotFound
-                    ) =>
-                {
+                Err(s) if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound) => {
                     eprintln!("error: {}", s.message());
                     return Ok(2);
                 }
@@ -76,14 +62,7 @@ pub async fn run(head: &str, args: PlanArgs) -> anyhow::Result<u8> {
     };
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Text => print!(
-            "{}",
-            render(
-                &report,
-                &args.model.display().to_string(),
-                args.gpus.is_some()
-            )
-        ),
+        Output::Text => print!("{}", render(&report, &args.model.display().to_string(), args.gpus.is_some())),
     }
     Ok(if report.valid { 0 } else { 1 })
 }
@@ -97,25 +76,13 @@ pub fn render(r: &PlanReport, model: &str, offline: bool) -> String {
     let mut o = String::new();
     let m = &r.model;
     let shape = if r.tp > 0 {
-        format!(
-            "TP {} x PP {} = {}",
-            r.tp,
-            r.pp,
-            plural(r.world_size, "GPU")
-        )
+        format!("TP {} x PP {} = {}", r.tp, r.pp, plural(r.world_size, "GPU"))
     } else {
         "no shape".into()
     };
-    let nodes = if r.nnodes > 0 {
-        format!(" on {}", plural(r.nnodes, "node"))
-    } else {
-        String::new()
-    };
+    let nodes = if r.nnodes > 0 { format!(" on {}", plural(r.nnodes, "node")) } else { String::new() };
     let verdict = if r.valid { "VALID" } else { "INVALID" };
-    o.push_str(&format!(
-        "{verdict}  {model} ({}): {shape}{nodes}\n",
-        m.architecture
-    ));
+    o.push_str(&format!("{verdict}  {model} ({}): {shape}{nodes}\n", m.architecture));
     for e in &r.errors {
         o.push_str(&format!("  error [{}] {}\n", e.rule, e.message));
     }
@@ -123,10 +90,7 @@ pub fn render(r: &PlanReport, model: &str, offline: bool) -> String {
         o.push_str(&format!("  warning: {w}\n"));
     }
     let attn = if m.is_mla {
-        format!(
-            "{} heads, MLA (one latent KV head per rank)",
-            m.num_attention_heads
-        )
+        format!("{} heads, MLA (one latent KV head per rank)", m.num_attention_heads)
     } else if r.kv_heads_per_rank > 0 {
         let rep = if r.kv_head_replication > 1 {
             format!(", each replicated {}x", r.kv_head_replication)
@@ -138,34 +102,20 @@ pub fn render(r: &PlanReport, model: &str, offline: bool) -> String {
             m.num_attention_heads, m.num_key_value_heads, r.kv_heads_per_rank
         )
     } else {
-        format!(
-            "{} heads / {} KV heads",
-            m.num_attention_heads, m.num_key_value_heads
-        )
+        format!("{} heads / {} KV heads", m.num_attention_heads, m.num_key_value_heads)
     };
     let kind = match (m.is_moe, m.num_experts) {
         (true, Some(e)) => format!("MoE {e} experts"),
         _ => "dense".into(),
     };
-    let quant = m
-        .quantization
-        .as_ref()
-        .map(|q| format!(", {q}"))
-        .unwrap_or_default();
+    let quant = m.quantization.as_ref().map(|q| format!(", {q}")).unwrap_or_default();
     let assumed = if m.dtype_assumed { " (assumed)" } else { "" };
     o.push_str(&format!(
         "\nmodel      {attn}, {}, {kind}, {}{assumed}{quant}\n",
         plural(m.num_hidden_layers, "layer"),
         m.dtype
     ));
-    o.push_str(&format!(
-        "valid TP   {}\n",
-        r.valid_tp_sizes
-            .iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
+    o.push_str(&format!("valid TP   {}\n", r.valid_tp_sizes.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")));
     if !r.stages.is_empty() {
         let stages: Vec<String> = r
             .stages
@@ -174,13 +124,7 @@ pub fn render(r: &PlanReport, model: &str, offline: bool) -> String {
                 if s.num_layers == 0 {
                     format!("{}: no layers", s.pp_rank)
                 } else {
-                    format!(
-                        "{}: layers {}-{} ({})",
-                        s.pp_rank,
-                        s.layer_start,
-                        s.layer_end - 1,
-                        s.num_layers
-                    )
+                    format!("{}: layers {}-{} ({})", s.pp_rank, s.layer_start, s.layer_end - 1, s.num_layers)
                 }
             })
             .collect();
@@ -216,10 +160,7 @@ pub fn render(r: &PlanReport, model: &str, offline: bool) -> String {
         let mut i = 0;
         while i < r.placement.len() {
             let node = &r.placement[i];
-            let same: Vec<_> = r.placement[i..]
-                .iter()
-                .take_while(|p| p.node_rank == node.node_rank)
-                .collect();
+            let same: Vec<_> = r.placement[i..].iter().take_while(|p| p.node_rank == node.node_rank).collect();
             let last = same.last().map(|p| p.rank).unwrap_or(node.rank);
             let gpus: Vec<String> = same.iter().map(|p| p.gpu_index.to_string()).collect();
             let mut stages: Vec<u64> = same.iter().map(|p| p.pp_rank).collect();
@@ -240,11 +181,7 @@ pub fn render(r: &PlanReport, model: &str, offline: bool) -> String {
     if !r.alternatives.is_empty() {
         o.push_str("alternatives (fewest GPUs first)\n");
         for a in &r.alternatives {
-            let mark = if a.tp == r.tp && a.pp == r.pp && r.valid {
-                "*"
-            } else {
-                " "
-            };
+            let mark = if a.tp == r.tp && a.pp == r.pp && r.valid { "*" } else { " " };
             o.push_str(&format!(
                 " {mark} --tp {} --pp {}   {} on {}, {}/GPU of weights, {} KV tokens\n",
                 a.tp,

@@ -38,8 +38,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
     let logs = opts.dir.join("logs");
     fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
     let head_dir = opts.dir.join("head");
-    fs::create_dir_all(&head_dir)
-        .with_context(|| format!("cannot create {}", head_dir.display()))?;
+    fs::create_dir_all(&head_dir).with_context(|| format!("cannot create {}", head_dir.display()))?;
     let _ = fs::remove_file(head_dir.join("head.addr"));
 
     let mut procs: Vec<Proc> = Vec::new();
@@ -80,35 +79,19 @@ async fn run(
         let p = spawn(
             &name,
             bins.path("tessera-worker"),
-            &[
-                "--head",
-                &url,
-                "--state-dir",
-                &state.display().to_string(),
-                "--node-name",
-                &name,
-                "--fake-gpus",
-                &spec,
-            ],
+            &["--head", &url, "--state-dir", &state.display().to_string(), "--node-name", &name, "--fake-gpus", &spec],
             logs,
         )?;
         procs.push(p);
     }
     let nodes = wait_for_nodes(&url, opts.workers as usize + 1, procs).await?;
 
-    println!(
-        "Tessera is up: a head and {} worker(s), each with fake GPUs {spec}.\n",
-        opts.workers
-    );
+    println!("Tessera is up: a head and {} worker(s), each with fake GPUs {spec}.\n", opts.workers);
     print!("{}", nodes_table(&nodes));
     println!("\nhead   {url}");
     println!("logs   {}", logs.display());
     println!("\nTry, in another terminal:");
-    let flag = if url == "http://127.0.0.1:7470" {
-        String::new()
-    } else {
-        format!(" --head {url}")
-    };
+    let flag = if url == "http://127.0.0.1:7470" { String::new() } else { format!(" --head {url}") };
     println!("  tessera{flag} nodes");
     println!("  tessera{flag} status");
     println!("  tessera{flag} events -f");
@@ -158,11 +141,7 @@ fn spawn(name: &str, bin: PathBuf, args: &[&str], logs: &Path) -> anyhow::Result
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
-    Ok(Proc {
-        name: name.to_string(),
-        child,
-        log,
-    })
+    Ok(Proc { name: name.to_string(), child, log })
 }
 
 async fn wait_for_addr(path: &Path, head: &mut Proc) -> anyhow::Result<String> {
@@ -174,58 +153,33 @@ async fn wait_for_addr(path: &Path, head: &mut Proc) -> anyhow::Result<String> {
             }
         }
         if let Some(status) = head.child.try_wait()? {
-            bail!(
-                "the head exited during start-up ({status}):\n{}",
-                tail(&head.log, 15)
-            );
+            bail!("the head exited during start-up ({status}):\n{}", tail(&head.log, 15));
         }
         if Instant::now() > deadline {
-            bail!(
-                "the head did not start within 15s; see {}",
-                head.log.display()
-            );
+            bail!("the head did not start within 15s; see {}", head.log.display());
         }
         sleep(Duration::from_millis(20)).await;
     }
 }
 
-async fn wait_for_nodes(
-    url: &str,
-    want: usize,
-    procs: &mut [Proc],
-) -> anyhow::Result<Vec<pb::Node>> {
+async fn wait_for_nodes(url: &str, want: usize, procs: &mut [Proc]) -> anyhow::Result<Vec<pb::Node>> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut c = client::cluster(url).await?;
     loop {
-        let nodes = c
-            .list_nodes(pb::ListNodesRequest {})
-            .await
-            .or_status()?
-            .nodes;
-        let alive = nodes
-            .iter()
-            .filter(|n| n.state == pb::NodeState::Alive as i32)
-            .count();
+        let nodes = c.list_nodes(pb::ListNodesRequest {}).await.or_status()?.nodes;
+        let alive = nodes.iter().filter(|n| n.state == pb::NodeState::Alive as i32).count();
         if alive >= want {
             return Ok(nodes);
         }
         for p in procs.iter_mut() {
             if let Some(status) = p.child.try_wait()? {
-                bail!(
-                    "{} exited during start-up ({status}):\n{}",
-                    p.name,
-                    tail(&p.log, 15)
-                );
+                bail!("{} exited during start-up ({status}):\n{}", p.name, tail(&p.log, 15));
             }
         }
         if Instant::now() > deadline {
             bail!(
                 "only {alive} of {want} nodes joined within 20s; logs are in {}",
-                procs[0]
-                    .log
-                    .parent()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
+                procs[0].log.parent().map(|p| p.display().to_string()).unwrap_or_default()
             );
         }
         sleep(Duration::from_millis(50)).await;
@@ -256,10 +210,7 @@ async fn stop_all(procs: &mut [Proc]) {
 }
 
 async fn stop_wait(p: &mut Proc) {
-    if tokio::time::timeout(Duration::from_secs(5), p.child.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(5), p.child.wait()).await.is_err() {
         eprintln!("{} did not stop within 5s; killing it", p.name);
         let _ = p.child.kill().await;
     }
@@ -282,12 +233,8 @@ impl BinDir {
             }
             return Ok(BinDir(Some(d.to_path_buf())));
         }
-        let beside = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(Path::to_path_buf));
-        Ok(BinDir(beside.filter(|d| {
-            d.join("tessera-head").exists() && d.join("tessera-worker").exists()
-        })))
+        let beside = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
+        Ok(BinDir(beside.filter(|d| d.join("tessera-head").exists() && d.join("tessera-worker").exists())))
     }
 
     fn path(&self, name: &str) -> PathBuf {

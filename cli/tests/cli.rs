@@ -13,28 +13,16 @@ fn tessera() -> Command {
 #[test]
 fn an_unreachable_head_is_a_clear_error_with_exit_1() {
     // Port 1 on loopback: nothing listens there.
-    let out = tessera()
-        .args(["--head", "http://127.0.0.1:1", "nodes"])
-        .output()
-        .expect("run");
+    let out = tessera().args(["--head", "http://127.0.0.1:1", "nodes"]).output().expect("run");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("cannot reach the head at http://127.0.0.1:1"),
-        "{err}"
-    );
-    assert!(
-        err.contains("TESSERA_HEAD"),
-        "says how to point elsewhere: {err}"
-    );
+    assert!(err.contains("cannot reach the head at http://127.0.0.1:1"), "{err}");
+    assert!(err.contains("TESSERA_HEAD"), "says how to point elsewhere: {err}");
 }
 
 #[test]
 fn bad_usage_exits_2() {
-    let out = tessera()
-        .args(["up", "--fake-gpus", "lots"])
-        .output()
-        .expect("run");
+    let out = tessera().args(["up", "--fake-gpus", "lots"]).output().expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("COUNTxMEMORY"));
 }
@@ -67,17 +55,7 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dir_s = dir.path().display().to_string();
     let mut up = tessera()
-        .args([
-            "up",
-            "--workers",
-            "2",
-            "--fake-gpus",
-            "2x40GiB",
-            "--listen",
-            "127.0.0.1:0",
-            "--dir",
-            &dir_s,
-        ])
+        .args(["up", "--workers", "2", "--fake-gpus", "2x40GiB", "--listen", "127.0.0.1:0", "--dir", &dir_s])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -92,9 +70,7 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     let mut url = None;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("up prints its banner");
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("up prints its banner");
         if let Some(u) = line.strip_prefix("head   ") {
             url = Some(u.trim().to_string());
         }
@@ -104,44 +80,20 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     }
     let url = url.expect("head URL printed");
 
-    let out = tessera()
-        .args(["--head", &url, "nodes", "-o", "json"])
-        .output()
-        .expect("nodes");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = tessera().args(["--head", &url, "nodes", "-o", "json"]).output().expect("nodes");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let nodes = nodes.as_array().expect("array");
     assert_eq!(nodes.len(), 3);
     for n in nodes {
-        for key in [
-            "id",
-            "name",
-            "state",
-            "address",
-            "is_head",
-            "labels",
-            "last_heartbeat_ms_ago",
-            "gpus",
-        ] {
+        for key in ["id", "name", "state", "address", "is_head", "labels", "last_heartbeat_ms_ago", "gpus"] {
             assert!(n.get(key).is_some(), "missing {key} in {n}");
         }
         assert_eq!(n["state"], "alive");
         let gpus = n["gpus"].as_array().expect("gpus");
         assert_eq!(gpus.len(), 2);
         for g in gpus {
-            for key in [
-                "index",
-                "uuid",
-                "name",
-                "memory_total_bytes",
-                "memory_used_bytes",
-                "nvlink_peers",
-                "fake",
-            ] {
+            for key in ["index", "uuid", "name", "memory_total_bytes", "memory_used_bytes", "nvlink_peers", "fake"] {
                 assert!(g.get(key).is_some(), "missing gpus[].{key} in {g}");
             }
             assert_eq!(g["fake"], true);
@@ -150,52 +102,26 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     }
     assert_eq!(nodes.iter().filter(|n| n["is_head"] == true).count(), 1);
 
-    let text = tessera()
-        .args(["--head", &url, "status"])
-        .output()
-        .expect("status");
+    let text = tessera().args(["--head", &url, "status"]).output().expect("status");
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(
-        text.contains("3 (3 alive)") && text.contains("6 of them fake"),
-        "{text}"
-    );
+    assert!(text.contains("3 (3 alive)") && text.contains("6 of them fake"), "{text}");
 
     // Planning against the live cluster: 3 nodes x 2 GPUs, TP 2 x PP 3, stage 0 on the head.
-    let model = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../examples/model-configs/Llama-3.1-8B-Instruct.json"
-    );
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/model-configs/Llama-3.1-8B-Instruct.json");
     let plan = tessera()
-        .args([
-            "--head", &url, "plan", "--model", model, "--tp", "2", "--pp", "3", "-o", "json",
-        ])
+        .args(["--head", &url, "plan", "--model", model, "--tp", "2", "--pp", "3", "-o", "json"])
         .output()
         .expect("plan");
-    assert_eq!(
-        plan.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&plan.stderr)
-    );
+    assert_eq!(plan.status.code(), Some(0), "{}", String::from_utf8_lossy(&plan.stderr));
     let p: serde_json::Value = serde_json::from_slice(&plan.stdout).expect("json");
     assert_eq!(p["nnodes"], 3);
     assert_eq!(p["placement"][0]["node"], "head");
 
     let up_pid = up.id() as i32;
-    let children: Vec<i32> = pids_mentioning(&dir_s)
-        .into_iter()
-        .filter(|&p| p != up_pid)
-        .collect();
-    assert_eq!(
-        children.len(),
-        3,
-        "a head and two workers run: {children:?}"
-    );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(up.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .expect("SIGINT");
+    let children: Vec<i32> = pids_mentioning(&dir_s).into_iter().filter(|&p| p != up_pid).collect();
+    assert_eq!(children.len(), 3, "a head and two workers run: {children:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .expect("SIGINT");
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = up.try_wait().expect("wait") {
@@ -207,10 +133,6 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     assert!(status.success(), "up exits 0 on Ctrl-C: {status}");
     let left: Vec<i32> = children.into_iter().filter(|&p| alive(p)).collect();
     assert!(left.is_empty(), "processes left behind: {left:?}");
-    let worker_log =
-        std::fs::read_to_string(dir.path().join("logs/worker-1.log")).expect("worker log");
-    assert!(
-        worker_log.contains("left the cluster"),
-        "workers left gracefully:\n{worker_log}"
-    );
+    let worker_log = std::fs::read_to_string(dir.path().join("logs/worker-1.log")).expect("worker log");
+    assert!(worker_log.contains("left the cluster"), "workers left gracefully:\n{worker_log}");
 }

@@ -4,8 +4,7 @@ use std::time::Duration;
 
 /// Parses a human duration; used as a clap `value_parser`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("invalid duration {s:?}: {e}; write e.g. 500ms, 3s or 1m"))
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration {s:?}: {e}; write e.g. 500ms, 3s or 1m"))
 }
 
 /// Parses a human duration that must be more than zero.
@@ -31,11 +30,7 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
         assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
-        assert!(
-            parse_duration("3 parsecs")
-                .expect_err("bad")
-                .contains("500ms")
-        );
+        assert!(parse_duration("3 parsecs").expect_err("bad").contains("500ms"));
         assert!(parse_positive_duration("0s").is_err());
         assert_eq!(format_duration(Duration::from_millis(1500)), "1s 500ms");
     }

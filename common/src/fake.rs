@@ -24,31 +24,18 @@ impl FromStr for FakeGpuSpec {
     type Err = FakeSpecError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |why: String| FakeSpecError {
-            value: s.to_string(),
-            why,
-        };
-        let (count, mem) = s
-            .trim()
-            .split_once(['x', 'X'])
-            .ok_or_else(|| err("no 'x' between count and memory".into()))?;
-        let count: u32 = count
-            .trim()
-            .parse()
-            .map_err(|_| err(format!("count {count:?} is not a whole number")))?;
+        let err = |why: String| FakeSpecError { value: s.to_string(), why };
+        let (count, mem) =
+            s.trim().split_once(['x', 'X']).ok_or_else(|| err("no 'x' between count and memory".into()))?;
+        let count: u32 = count.trim().parse().map_err(|_| err(format!("count {count:?} is not a whole number")))?;
         if count as usize > MAX_GPUS_PER_NODE {
-            return Err(err(format!(
-                "{count} GPUs; a node has at most {MAX_GPUS_PER_NODE}"
-            )));
+            return Err(err(format!("{count} GPUs; a node has at most {MAX_GPUS_PER_NODE}")));
         }
         let memory_bytes = parse_size(mem).map_err(|e| err(e.to_string()))?;
         if memory_bytes == 0 && count > 0 {
             return Err(err("memory must be more than 0".into()));
         }
-        Ok(FakeGpuSpec {
-            count,
-            memory_bytes,
-        })
+        Ok(FakeGpuSpec { count, memory_bytes })
     }
 }
 
@@ -65,10 +52,8 @@ impl FakeGpuSpec {
     pub fn inventory(&self, seed: &str) -> Inventory {
         let gpus = (0..self.count)
             .map(|i| {
-                let id = uuid::Uuid::new_v5(
-                    &uuid::Uuid::NAMESPACE_OID,
-                    format!("tessera-fake-gpu/{seed}/{i}").as_bytes(),
-                );
+                let id =
+                    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, format!("tessera-fake-gpu/{seed}/{i}").as_bytes());
                 Gpu {
                     index: i,
                     uuid: format!("GPU-fake-{id}"),
@@ -100,20 +85,8 @@ mod tests {
 
     #[test]
     fn parses_specs() {
-        assert_eq!(
-            "4x80GiB".parse(),
-            Ok(FakeGpuSpec {
-                count: 4,
-                memory_bytes: 80 << 30
-            })
-        );
-        assert_eq!(
-            "8X141GB".parse(),
-            Ok(FakeGpuSpec {
-                count: 8,
-                memory_bytes: 141_000_000_000
-            })
-        );
+        assert_eq!("4x80GiB".parse(), Ok(FakeGpuSpec { count: 4, memory_bytes: 80 << 30 }));
+        assert_eq!("8X141GB".parse(), Ok(FakeGpuSpec { count: 8, memory_bytes: 141_000_000_000 }));
         assert_eq!("0x1GiB".parse::<FakeGpuSpec>().map(|s| s.count), Ok(0));
         for bad in ["4", "x80GiB", "fourx80GiB", "4x", "4x0", "65x80GiB"] {
             let e = bad.parse::<FakeGpuSpec>().expect_err(bad);
@@ -128,11 +101,7 @@ mod tests {
         assert_eq!(a, spec.inventory("node-a"), "same seed, same UUIDs");
         assert_ne!(a.gpus[0].uuid, spec.inventory("node-b").gpus[0].uuid);
         assert_eq!(a.source, InventorySource::Fake);
-        assert!(
-            a.gpus
-                .iter()
-                .all(|g| g.fake && g.memory_total_bytes == 80 << 30)
-        );
+        assert!(a.gpus.iter().all(|g| g.fake && g.memory_total_bytes == 80 << 30));
         assert_eq!(a.gpus[2].nvlink_peers, vec![0, 1, 3]);
         let uuids: std::collections::HashSet<_> = a.gpus.iter().map(|g| &g.uuid).collect();
         assert_eq!(uuids.len(), 4);

@@ -113,10 +113,7 @@ impl TryFrom<pb::Inventory> for Inventory {
         if p.gpus.len() > MAX_GPUS_PER_NODE {
             return Err(FieldError::new(
                 "inventory.gpus",
-                format!(
-                    "{} GPUs reported; at most {MAX_GPUS_PER_NODE} per node",
-                    p.gpus.len()
-                ),
+                format!("{} GPUs reported; at most {MAX_GPUS_PER_NODE} per node", p.gpus.len()),
             ));
         }
         let source = match p.source.as_str() {
@@ -124,10 +121,7 @@ impl TryFrom<pb::Inventory> for Inventory {
             "fake" => InventorySource::Fake,
             "none" | "" => InventorySource::None,
             other => {
-                return Err(FieldError::new(
-                    "inventory.source",
-                    format!("{other:?} is not one of nvml, fake, none"),
-                ));
+                return Err(FieldError::new("inventory.source", format!("{other:?} is not one of nvml, fake, none")));
             }
         };
         let count = p.gpus.len() as u32;
@@ -136,10 +130,7 @@ impl TryFrom<pb::Inventory> for Inventory {
         for (i, g) in p.gpus.into_iter().enumerate() {
             let field = |f: &str| format!("inventory.gpus[{i}].{f}");
             if !seen.insert(g.index) {
-                return Err(FieldError::new(
-                    field("index"),
-                    format!("index {} appears twice", g.index),
-                ));
+                return Err(FieldError::new(field("index"), format!("index {} appears twice", g.index)));
             }
             validate::max_len(&field("uuid"), &g.uuid, 128)?;
             validate::max_len(&field("name"), &g.name, 256)?;
@@ -147,27 +138,14 @@ impl TryFrom<pb::Inventory> for Inventory {
             if g.memory_used_bytes > g.memory_total_bytes {
                 return Err(FieldError::new(
                     field("memory_used_bytes"),
-                    format!(
-                        "{} exceeds memory_total_bytes {}",
-                        g.memory_used_bytes, g.memory_total_bytes
-                    ),
+                    format!("{} exceeds memory_total_bytes {}", g.memory_used_bytes, g.memory_total_bytes),
                 ));
             }
             if g.nvlink_peers.len() > MAX_GPUS_PER_NODE {
-                return Err(FieldError::new(
-                    field("nvlink_peers"),
-                    "more peers than GPUs a node may have",
-                ));
+                return Err(FieldError::new(field("nvlink_peers"), "more peers than GPUs a node may have"));
             }
-            if let Some(bad) = g
-                .nvlink_peers
-                .iter()
-                .find(|&&p| p >= count.max(MAX_GPUS_PER_NODE as u32))
-            {
-                return Err(FieldError::new(
-                    field("nvlink_peers"),
-                    format!("peer index {bad} is out of range"),
-                ));
+            if let Some(bad) = g.nvlink_peers.iter().find(|&&p| p >= count.max(MAX_GPUS_PER_NODE as u32)) {
+                return Err(FieldError::new(field("nvlink_peers"), format!("peer index {bad} is out of range")));
             }
             gpus.push(Gpu {
                 index: g.index,
@@ -274,12 +252,10 @@ impl TryFrom<pb::JoinRequest> for JoinInfo {
         let node_id = if p.node_id.is_empty() {
             None
         } else {
-            Some(uuid::Uuid::parse_str(&p.node_id).map_err(|e| {
-                FieldError::new(
-                    "join.node_id",
-                    format!("{:?} is not a UUID: {e}", p.node_id),
-                )
-            })?)
+            Some(
+                uuid::Uuid::parse_str(&p.node_id)
+                    .map_err(|e| FieldError::new("join.node_id", format!("{:?} is not a UUID: {e}", p.node_id)))?,
+            )
         };
         validate::node_name("join.name", &p.name)?;
         validate::labels("join.labels", &p.labels)?;
@@ -287,20 +263,14 @@ impl TryFrom<pb::JoinRequest> for JoinInfo {
             None
         } else {
             Some(p.advertise_address.parse().map_err(|_| {
-                FieldError::new(
-                    "join.advertise_address",
-                    format!("{:?} is not an IP address", p.advertise_address),
-                )
+                FieldError::new("join.advertise_address", format!("{:?} is not an IP address", p.advertise_address))
             })?)
         };
         validate::max_len("join.version", &p.version, 64)?;
         validate::max_len("join.machine_fingerprint", &p.machine_fingerprint, 512)?;
         validate::max_len("join.hostname", &p.hostname, 255)?;
-        let inventory = p
-            .inventory
-            .map(Inventory::try_from)
-            .transpose()?
-            .unwrap_or_else(|| Inventory::empty("no inventory sent"));
+        let inventory =
+            p.inventory.map(Inventory::try_from).transpose()?.unwrap_or_else(|| Inventory::empty("no inventory sent"));
         Ok(JoinInfo {
             node_id,
             name: p.name,
@@ -321,10 +291,7 @@ impl From<&JoinInfo> for pb::JoinRequest {
             node_id: j.node_id.map(|u| u.to_string()).unwrap_or_default(),
             name: j.name.clone(),
             labels: j.labels.clone().into_iter().collect(),
-            advertise_address: j
-                .advertise_address
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
+            advertise_address: j.advertise_address.map(|a| a.to_string()).unwrap_or_default(),
             inventory: Some((&j.inventory).into()),
             version: j.version.clone(),
             is_head: j.is_head,
@@ -340,12 +307,7 @@ mod tests {
     use super::*;
 
     fn gpu(index: u32) -> pb::Gpu {
-        pb::Gpu {
-            index,
-            uuid: format!("GPU-{index}"),
-            memory_total_bytes: 80 << 30,
-            ..Default::default()
-        }
+        pb::Gpu { index, uuid: format!("GPU-{index}"), memory_total_bytes: 80 << 30, ..Default::default() }
     }
 
     #[test]
@@ -375,77 +337,30 @@ mod tests {
 
     #[test]
     fn inventory_rejects_duplicate_indices_and_bad_memory() {
-        let dup = pb::Inventory {
-            gpus: vec![gpu(0), gpu(0)],
-            source: "fake".into(),
-            ..Default::default()
-        };
+        let dup = pb::Inventory { gpus: vec![gpu(0), gpu(0)], source: "fake".into(), ..Default::default() };
         let e = Inventory::try_from(dup).expect_err("duplicate");
         assert_eq!(e.field, "inventory.gpus[1].index");
 
         let mut g = gpu(0);
         g.memory_used_bytes = g.memory_total_bytes + 1;
-        let e = Inventory::try_from(pb::Inventory {
-            gpus: vec![g],
-            ..Default::default()
-        })
-        .expect_err("used > total");
+        let e = Inventory::try_from(pb::Inventory { gpus: vec![g], ..Default::default() }).expect_err("used > total");
         assert_eq!(e.field, "inventory.gpus[0].memory_used_bytes");
 
-        let many = pb::Inventory {
-            gpus: (0..65).map(gpu).collect(),
-            ..Default::default()
-        };
-        assert_eq!(
-            Inventory::try_from(many).expect_err("too many").field,
-            "inventory.gpus"
-        );
+        let many = pb::Inventory { gpus: (0..65).map(gpu).collect(), ..Default::default() };
+        assert_eq!(Inventory::try_from(many).expect_err("too many").field, "inventory.gpus");
     }
 
     #[test]
     fn join_validates_each_field_by_name() {
-        let ok = pb::JoinRequest {
-            name: "node-a".into(),
-            ..Default::default()
-        };
+        let ok = pb::JoinRequest { name: "node-a".into(), ..Default::default() };
         assert!(JoinInfo::try_from(ok.clone()).is_ok());
 
         let cases: Vec<(pb::JoinRequest, &str)> = vec![
-            (
-                pb::JoinRequest {
-                    node_id: "nope".into(),
-                    ..ok.clone()
-                },
-                "join.node_id",
-            ),
-            (
-                pb::JoinRequest {
-                    name: "".into(),
-                    ..ok.clone()
-                },
-                "join.name",
-            ),
-            (
-                pb::JoinRequest {
-                    name: "Bad Name!".into(),
-                    ..ok.clone()
-                },
-                "join.name",
-            ),
-            (
-                pb::JoinRequest {
-                    advertise_address: "10.0.0.300".into(),
-                    ..ok.clone()
-                },
-                "join.advertise_address",
-            ),
-            (
-                pb::JoinRequest {
-                    labels: [("".to_string(), "v".to_string())].into(),
-                    ..ok.clone()
-                },
-                "join.labels",
-            ),
+            (pb::JoinRequest { node_id: "nope".into(), ..ok.clone() }, "join.node_id"),
+            (pb::JoinRequest { name: "".into(), ..ok.clone() }, "join.name"),
+            (pb::JoinRequest { name: "Bad Name!".into(), ..ok.clone() }, "join.name"),
+            (pb::JoinRequest { advertise_address: "10.0.0.300".into(), ..ok.clone() }, "join.advertise_address"),
+            (pb::JoinRequest { labels: [("".to_string(), "v".to_string())].into(), ..ok.clone() }, "join.labels"),
         ];
         for (req, field) in cases {
             let e = JoinInfo::try_from(req).expect_err(field);

@@ -30,24 +30,15 @@ const UNITS: &[(&str, u64)] = &[
 /// Parses a human size into bytes. Binary units (KiB, MiB, GiB, TiB and the short K, M, G, T) are
 /// powers of 1024; decimal units (KB, MB, GB, TB) powers of 1000.
 pub fn parse_size(value: &str) -> Result<u64, SizeError> {
-    let err = |why| SizeError {
-        value: value.to_string(),
-        why,
-    };
+    let err = |why| SizeError { value: value.to_string(), why };
     let s = value.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     if num.is_empty() {
         return Err(err("no number"));
     }
     let unit = unit.trim().to_ascii_lowercase();
-    let mult = UNITS
-        .iter()
-        .find(|(u, _)| *u == unit)
-        .map(|(_, m)| *m)
-        .ok_or_else(|| err("unknown unit"))?;
+    let mult = UNITS.iter().find(|(u, _)| *u == unit).map(|(_, m)| *m).ok_or_else(|| err("unknown unit"))?;
     let n: f64 = num.parse().map_err(|_| err("not a number"))?;
     let bytes = n * mult as f64;
     if !bytes.is_finite() || bytes > u64::MAX as f64 {

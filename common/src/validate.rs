@@ -12,10 +12,7 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError {
-            field: field.into(),
-            message: message.into(),
-        }
+        FieldError { field: field.into(), message: message.into() }
     }
 }
 
@@ -27,10 +24,7 @@ impl From<FieldError> for tonic::Status {
 
 pub fn max_len(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
     if value.len() > max {
-        return Err(FieldError::new(
-            field,
-            format!("{} bytes long; at most {max} allowed", value.len()),
-        ));
+        return Err(FieldError::new(field, format!("{} bytes long; at most {max} allowed", value.len())));
     }
     Ok(())
 }
@@ -38,8 +32,7 @@ pub fn max_len(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
 /// Node names: 1-63 characters of lowercase letters, digits, '-', '_' and '.', starting and ending
 /// with a letter or digit (a DNS label, plus '_' and '.', which host names use in practice).
 pub fn node_name(field: &str, value: &str) -> Result<(), FieldError> {
-    let ok_char =
-        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.');
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.');
     let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     if value.is_empty()
         || value.len() > 63
@@ -60,10 +53,7 @@ pub fn node_name(field: &str, value: &str) -> Result<(), FieldError> {
 /// Labels: at most 64, keys 1-63 characters of `[A-Za-z0-9._/-]`, values at most 256 bytes.
 pub fn labels(field: &str, labels: &HashMap<String, String>) -> Result<(), FieldError> {
     if labels.len() > 64 {
-        return Err(FieldError::new(
-            field,
-            format!("{} labels; at most 64 allowed", labels.len()),
-        ));
+        return Err(FieldError::new(field, format!("{} labels; at most 64 allowed", labels.len())));
     }
     for (k, v) in labels {
         label_pair(field, k, v)?;
@@ -74,8 +64,7 @@ pub fn labels(field: &str, labels: &HashMap<String, String>) -> Result<(), Field
 pub fn label_pair(field: &str, k: &str, v: &str) -> Result<(), FieldError> {
     let key_ok = !k.is_empty()
         && k.len() <= 63
-        && k.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
     if !key_ok {
         return Err(FieldError::new(
             field,
@@ -96,10 +85,7 @@ pub fn parse_labels(s: &str) -> Result<std::collections::BTreeMap<String, String
     let mut out = std::collections::BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = part.split_once('=').ok_or_else(|| {
-            FieldError::new(
-                "--labels",
-                format!("{part:?} is not KEY=VALUE; write e.g. zone=a,rack=12"),
-            )
+            FieldError::new("--labels", format!("{part:?} is not KEY=VALUE; write e.g. zone=a,rack=12"))
         })?;
         label_pair("--labels", k.trim(), v.trim())?;
         out.insert(k.trim().to_string(), v.trim().to_string());
@@ -128,12 +114,7 @@ mod tests {
         assert_eq!(l.get("zone").map(String::as_str), Some("a"));
         assert_eq!(l.get("rack").map(String::as_str), Some("12"));
         assert!(parse_labels("").expect("empty ok").is_empty());
-        assert!(
-            parse_labels("zone")
-                .expect_err("no =")
-                .message
-                .contains("KEY=VALUE")
-        );
+        assert!(parse_labels("zone").expect_err("no =").message.contains("KEY=VALUE"));
         assert!(parse_labels("bad key=1").is_err());
     }
 }

@@ -4,15 +4,19 @@
 //! joins over loopback like any other worker and registers the head's own GPUs (`is_head`).
 //!
 //! # Layout
+//! - [`deploy`]: deployments: plan, reserve, launch, supervise, group restart.
 //! - [`membership`]: the node table, the failure detector and membership events (one owner task).
 //! - [`server`]: the gRPC services (`Membership` for workers; `Cluster` and `Planner` for clients).
 //! - [`Head`]: wiring and ordered shutdown.
 
+pub mod deploy;
 pub mod membership;
 pub mod server;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use tessera_proto::v1 as pb;
@@ -23,6 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use deploy::Deployments;
 use membership::{Membership, MembershipConfig};
 
 /// The head's in-process worker.
@@ -31,6 +36,8 @@ pub struct LocalWorker {
     pub labels: std::collections::BTreeMap<String, String>,
     pub advertise_address: Option<IpAddr>,
     pub inventory: Box<dyn tessera_worker::gpu::GpuInventory>,
+    /// How it hosts shards (its state dir is set to `<data_dir>/worker`); `None`: it hosts none.
+    pub shards: Option<tessera_worker::shard::HostConfig>,
 }
 
 /// Everything the head needs, typed.
@@ -46,13 +53,8 @@ pub struct HeadConfig {
 pub enum HeadError {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error(
-        "cannot use data dir {path}: {source}; pass --data-dir DIR with a directory this user can write"
-    )]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot use data dir {path}: {source}; pass --data-dir DIR with a directory this user can write")]
+    DataDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Worker(#[from] tessera_worker::agent::AgentError),
     #[error(transparent)]
@@ -67,6 +69,7 @@ pub enum HeadError {
 pub struct Head {
     pub addr: SocketAddr,
     pub membership: Membership,
+    pub deployments: Deployments,
     /// Status of the in-process worker, when there is one.
     pub local_worker: Option<watch::Receiver<AgentStatus>>,
     task: tokio::task::JoinHandle<Result<(), HeadError>>,
@@ -81,39 +84,42 @@ impl Head {
         shutdown: CancellationToken,
     ) -> Result<Head, HeadError> {
         config.membership.validate().map_err(HeadError::Config)?;
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| HeadError::DataDir {
-            path: config.data_dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|source| HeadError::DataDir { path: config.data_dir.clone(), source })?;
         let addr = listener.local_addr().map_err(HeadError::Listener)?;
         let instance_id = uuid::Uuid::new_v4().to_string();
 
         let membership_token = CancellationToken::new();
+        let seq = Arc::new(AtomicU64::new(1));
         let (membership, membership_task) =
-            Membership::spawn(config.membership, membership_token.clone());
+            Membership::spawn_with_seq(config.membership, membership_token.clone(), seq.clone());
+        let deployments_token = CancellationToken::new();
+        let deployments = Deployments::spawn(membership.clone(), seq, deployments_token.clone());
 
         let session = server::session::MembershipService {
             membership: membership.clone(),
+            deployments: deployments.clone(),
             head_instance_id: instance_id.clone(),
         };
         let cluster = server::cluster::ClusterService {
             membership: membership.clone(),
+            deployments: deployments.clone(),
             head_instance_id: instance_id.clone(),
             started: tokio::time::Instant::now(),
         };
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let server_stop = CancellationToken::new();
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(pb::membership_server::MembershipServer::new(session))
             .add_service(pb::cluster_server::ClusterServer::new(cluster))
-            .add_service(pb::planner_server::PlannerServer::new(
-                server::planner::PlannerService {
-                    membership: membership.clone(),
-                },
-            ))
+            .add_service(pb::planner_server::PlannerServer::new(server::planner::PlannerService {
+                membership: membership.clone(),
+            }))
+            .add_service(pb::deployments_server::DeploymentsServer::new(server::deployments::DeploymentsService {
+                deployments: deployments.clone(),
+            }))
             .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned());
         let server_task = tokio::spawn(server);
 
@@ -132,6 +138,10 @@ impl Head {
                         inventory: w.inventory,
                         connect_timeout: Duration::from_secs(2),
                         leave_timeout: Duration::from_secs(1),
+                        shards: w.shards.map(|mut h| {
+                            h.state_dir = config.data_dir.join("worker");
+                            h
+                        }),
                     },
                     state,
                 )?;
@@ -157,7 +167,8 @@ impl Head {
                     _ => {}
                 }
             }
-            // 2. Every worker session is told the head is going away.
+            // 2. Every worker session is told the head is going away (their shards keep running).
+            deployments_token.cancel();
             membership_token.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(1), membership_task).await;
             // 3. The server stops accepting and drains what is left, under a deadline.
@@ -171,12 +182,7 @@ impl Head {
                 }
             }
         });
-        Ok(Head {
-            addr,
-            membership,
-            local_worker,
-            task,
-        })
+        Ok(Head { addr, membership, deployments, local_worker, task })
     }
 
     /// Waits until the head has stopped (after its shutdown token was cancelled).
@@ -203,8 +209,7 @@ pub fn loopback_for(addr: SocketAddr) -> SocketAddr {
 fn write_addr_file(dir: &Path, addr: SocketAddr) {
     let tmp = dir.join("head.addr.tmp");
     let dst = dir.join("head.addr");
-    let r = std::fs::write(&tmp, format!("{}\n", loopback_for(addr)))
-        .and_then(|_| std::fs::rename(&tmp, &dst));
+    let r = std::fs::write(&tmp, format!("{}\n", loopback_for(addr))).and_then(|_| std::fs::rename(&tmp, &dst));
     if let Err(e) = r {
         warn!(path = %dst.display(), error = %e, "cannot write the address file");
     }

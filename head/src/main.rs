@@ -10,7 +10,7 @@ use tessera_common::duration::parse_positive_duration;
 use tessera_common::env;
 use tessera_head::membership::MembershipConfig;
 use tessera_head::{Head, HeadConfig, LocalWorker};
-use tessera_worker::args::{LogArgs, NodeArgs};
+use tessera_worker::args::{LogArgs, NodeArgs, ShardArgs};
 use tessera_worker::{gpu, signals, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -51,10 +51,17 @@ struct Cli {
     node: NodeArgs,
 
     #[command(flatten)]
+    shards: ShardArgs,
+
+    #[command(flatten)]
     log: LogArgs,
 }
 
 fn main() -> ExitCode {
+    // The in-process worker's shims and probes run this binary in those modes.
+    if let Some(code) = tessera_worker::shard::run_hidden_mode() {
+        return code;
+    }
     let cli = Cli::parse();
     let parts = match cli.node.to_parts() {
         Ok(p) => p,
@@ -71,11 +78,7 @@ fn main() -> ExitCode {
     if let Err(e) = telemetry::init(cli.log.log_format, &cli.log.log_level) {
         return usage(&e);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -93,7 +96,15 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        let shards = match cli.shards.host_config(&cli.data_dir.join("worker")) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!("cannot find this executable for the shims: {e}");
+                return ExitCode::from(1);
+            }
+        };
         let worker = (!cli.no_worker).then(|| LocalWorker {
+            shards: Some(shards),
             inventory: gpu::detect(parts.fake_gpus, &parts.node_name),
             node_name: parts.node_name,
             labels: parts.labels,

@@ -28,34 +28,22 @@ fn help_documents_every_flag_with_its_env_var_and_default() {
         assert!(help.contains(env), "{env} missing from --help");
     }
     assert!(
-        help.contains("[default: 0.0.0.0:7470]")
-            && help.contains("[default: 3s]")
-            && help.contains("[default: 1s]")
+        help.contains("[default: 0.0.0.0:7470]") && help.contains("[default: 3s]") && help.contains("[default: 1s]")
     );
 }
 
 #[test]
 fn bad_values_exit_2_and_name_the_value() {
-    let out = head()
-        .args(["--node-timeout", "soon"])
-        .output()
-        .expect("run");
+    let out = head().args(["--node-timeout", "soon"]).output().expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("\"soon\""));
 
-    let out = head()
-        .args(["--node-timeout", "600ms", "--heartbeat-interval", "500ms"])
-        .output()
-        .expect("run");
+    let out = head().args(["--node-timeout", "600ms", "--heartbeat-interval", "500ms"]).output().expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least twice"));
 
     let out = head().env("TESSERA_LABELS", "zone").output().expect("run");
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "env vars are validated like flags"
-    );
+    assert_eq!(out.status.code(), Some(2), "env vars are validated like flags");
     assert!(String::from_utf8_lossy(&out.stderr).contains("KEY=VALUE"));
 }
 
@@ -65,13 +53,7 @@ fn a_busy_port_is_a_clear_error_with_exit_1() {
     let addr = taken.local_addr().expect("addr").to_string();
     let dir = tempfile::tempdir().expect("tempdir");
     let out = head()
-        .args([
-            "--listen",
-            &addr,
-            "--data-dir",
-            &dir.path().display().to_string(),
-            "--no-worker",
-        ])
+        .args(["--listen", &addr, "--data-dir", &dir.path().display().to_string(), "--no-worker"])
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(1));

@@ -38,15 +38,7 @@ impl TestCluster {
         let spec: FakeGpuSpec = "4x80GiB".parse().expect("spec");
         let config = MembershipConfig::default();
         let (head, head_token, url) = start_head(&dir, config, spec, "127.0.0.1:0").await;
-        let mut c = TestCluster {
-            dir,
-            head: Some(head),
-            head_token,
-            url,
-            workers: Vec::new(),
-            config,
-            spec,
-        };
+        let mut c = TestCluster { dir, head: Some(head), head_token, url, workers: Vec::new(), config, spec };
         for i in 1..=n {
             c.add_worker(&format!("worker-{i}")).await;
         }
@@ -65,6 +57,7 @@ impl TestCluster {
                 inventory: Box::new(FakeInventory::new(self.spec, name)),
                 connect_timeout: Duration::from_secs(2),
                 leave_timeout: Duration::from_secs(2),
+                shards: Some(host_config(&self.dir.path().join(name))),
             },
             state,
         )
@@ -72,33 +65,17 @@ impl TestCluster {
         let token = CancellationToken::new();
         let status = agent.status();
         let task = tokio::spawn(agent.run(token.clone()));
-        self.workers.push(TestWorker {
-            name: name.to_string(),
-            token,
-            status,
-            task,
-        });
+        self.workers.push(TestWorker { name: name.to_string(), token, status, task });
     }
 
     /// Stops the head (gracefully) and starts a new one on the same port and data dir.
     pub async fn restart_head(&mut self) {
-        let port: u16 = self
-            .url
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("port in url");
+        let port: u16 = self.url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in url");
         self.head_token.cancel();
         if let Some(h) = self.head.take() {
             h.stopped().await.expect("head stopped cleanly");
         }
-        let (head, token, url) = start_head(
-            &self.dir,
-            self.config,
-            self.spec,
-            &format!("127.0.0.1:{port}"),
-        )
-        .await;
+        let (head, token, url) = start_head(&self.dir, self.config, self.spec, &format!("127.0.0.1:{port}")).await;
         assert_eq!(url, self.url);
         self.head = Some(head);
         self.head_token = token;
@@ -109,10 +86,7 @@ impl TestCluster {
             w.token.cancel();
         }
         for w in self.workers.drain(..) {
-            w.task
-                .await
-                .expect("worker task")
-                .expect("worker ended cleanly");
+            w.task.await.expect("worker task").expect("worker ended cleanly");
         }
         self.head_token.cancel();
         if let Some(h) = self.head.take() {
@@ -151,6 +125,7 @@ async fn start_head(
                 labels: Default::default(),
                 advertise_address: None,
                 inventory: Box::new(FakeInventory::new(spec, "head")),
+                shards: Some(host_config(&dir.path().join("head/worker"))),
             }),
         },
         token.clone(),
@@ -159,4 +134,16 @@ async fn start_head(
     .expect("head starts");
     let url = format!("http://{}", head.addr);
     (head, token, url)
+}
+
+/// Shards of in-process workers run under the real `tessera-worker` binary's shim and probe modes.
+pub fn host_config(state_dir: &std::path::Path) -> tessera_worker::shard::HostConfig {
+    tessera_worker::shard::HostConfig {
+        state_dir: state_dir.to_path_buf(),
+        exe: crate::bin("tessera-worker"),
+        vllm_bin: None,
+        allow_command: true,
+        orphan_timeout: Duration::from_secs(5),
+        log_max_bytes: 1 << 20,
+    }
 }

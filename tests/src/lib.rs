@@ -9,7 +9,9 @@ pub mod cluster;
 pub mod process;
 
 pub use cluster::TestCluster;
-pub use process::{Daemon, HeadProc, bin, start_head, start_worker, start_worker_in};
+pub use process::{
+    Daemon, HeadProc, alive, bin, pids_with, start_head, start_worker, start_worker_in, start_worker_with,
+};
 
 use std::future::Future;
 use std::time::Duration;
@@ -49,12 +51,7 @@ pub async fn cluster_client(url: &str) -> pb::cluster_client::ClusterClient<Chan
 }
 
 pub async fn list_nodes(client: &mut pb::cluster_client::ClusterClient<Channel>) -> Vec<pb::Node> {
-    client
-        .list_nodes(pb::ListNodesRequest {})
-        .await
-        .expect("ListNodes")
-        .into_inner()
-        .nodes
+    client.list_nodes(pb::ListNodesRequest {}).await.expect("ListNodes").into_inner().nodes
 }
 
 /// The node named `name`, if listed.

@@ -13,11 +13,7 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // Test executables live in target/<profile>/deps, other binaries in target/<profile>.
     let here = exe.parent().expect("exe dir");
-    let dir = if here.ends_with("deps") {
-        here.parent().expect("target dir")
-    } else {
-        here
-    };
+    let dir = if here.ends_with("deps") { here.parent().expect("target dir") } else { here };
     let p = dir.join(name);
     assert!(
         p.exists(),
@@ -37,11 +33,7 @@ pub struct Daemon {
 impl Daemon {
     pub fn spawn(name: &str, binary: &str, args: &[String], log_dir: &Path) -> Daemon {
         let log = log_dir.join(format!("{name}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         let child = Command::new(bin(binary))
             .args(args)
@@ -51,11 +43,7 @@ impl Daemon {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
-        Daemon {
-            name: name.to_string(),
-            child: Some(child),
-            log,
-        }
+        Daemon { name: name.to_string(), child: Some(child), log }
     }
 
     pub fn pid(&self) -> Pid {
@@ -76,12 +64,7 @@ impl Daemon {
                 return s;
             }
             if Instant::now() > deadline {
-                panic!(
-                    "{} did not exit within {:?}; log:\n{}",
-                    self.name,
-                    crate::HANG,
-                    self.log_text()
-                );
+                panic!("{} did not exit within {:?}; log:\n{}", self.name, crate::HANG, self.log_text());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -132,25 +115,13 @@ pub fn start_head(dir: &Path, name: &str, listen: &str, extra: &[&str]) -> HeadP
                 break s.trim().to_string();
             }
         }
-        if let Some(status) = daemon
-            .child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-        {
+        if let Some(status) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
             panic!("head exited early ({status}):\n{}", daemon.log_text());
         }
-        assert!(
-            Instant::now() < deadline,
-            "head did not start; log:\n{}",
-            daemon.log_text()
-        );
+        assert!(Instant::now() < deadline, "head did not start; log:\n{}", daemon.log_text());
         std::thread::sleep(Duration::from_millis(10));
     };
-    HeadProc {
-        daemon,
-        url: format!("http://{addr}"),
-        data_dir,
-    }
+    HeadProc { daemon, url: format!("http://{addr}"), data_dir }
 }
 
 /// A `tessera-worker` with fake GPUs and its own state dir under `dir`.
@@ -159,7 +130,12 @@ pub fn start_worker(dir: &Path, name: &str, head_url: &str) -> Daemon {
 }
 
 pub fn start_worker_in(dir: &Path, name: &str, head_url: &str, state_dir: &Path) -> Daemon {
-    let args: Vec<String> = vec![
+    start_worker_with(dir, name, head_url, state_dir, &[])
+}
+
+/// A worker with extra flags (`--allow-command`, `--orphan-timeout 3s`, `--vllm-bin ...`).
+pub fn start_worker_with(dir: &Path, name: &str, head_url: &str, state_dir: &Path, extra: &[&str]) -> Daemon {
+    let mut args: Vec<String> = vec![
         "--head".into(),
         head_url.into(),
         "--node-name".into(),
@@ -169,5 +145,30 @@ pub fn start_worker_in(dir: &Path, name: &str, head_url: &str, state_dir: &Path)
         "--fake-gpus".into(),
         "4x80GiB".into(),
     ];
+    args.extend(extra.iter().map(|s| s.to_string()));
     Daemon::spawn(name, "tessera-worker", &args, dir)
+}
+
+/// Whether a process is alive (not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()).is_some_and(|st| st != "Z"))
+        .unwrap_or(false)
+}
+
+/// Pids of live processes whose command line contains every one of `needles`.
+pub fn pids_with(needles: &[&str]) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if needles.iter().all(|n| cmd.contains(n)) && alive(pid) {
+                out.push(pid);
+            }
+        }
+    }
+    out.sort_unstable();
+    out
 }

@@ -12,8 +12,7 @@ async fn all_alive(url: &str, n: usize) -> Vec<pb::Node> {
         let mut c = c.clone();
         async move {
             let nodes = list_nodes(&mut c).await;
-            (nodes.len() == n && nodes.iter().all(|x| state(x) == pb::NodeState::Alive))
-                .then_some(nodes)
+            (nodes.len() == n && nodes.iter().all(|x| state(x) == pb::NodeState::Alive)).then_some(nodes)
         }
     })
     .await;
@@ -32,45 +31,18 @@ async fn head_and_three_workers_join_and_are_listed_head_first() {
     for n in &nodes {
         let inv = n.inventory.as_ref().expect("inventory");
         assert_eq!(inv.gpus.len(), 4, "{}", n.name);
-        assert!(
-            inv.gpus
-                .iter()
-                .all(|g| g.fake && g.memory_total_bytes == 80 << 30)
-        );
+        assert!(inv.gpus.iter().all(|g| g.fake && g.memory_total_bytes == 80 << 30));
         assert_eq!(n.address, "127.0.0.1", "the address the head saw");
         uuid::Uuid::parse_str(&n.id).expect("node id is a uuid");
     }
-    assert_eq!(
-        node(&nodes, "worker-2")
-            .expect("listed")
-            .labels
-            .get("role")
-            .map(String::as_str),
-        Some("test")
-    );
-    let uuids: std::collections::HashSet<_> = nodes
-        .iter()
-        .flat_map(|n| {
-            n.inventory
-                .as_ref()
-                .expect("inv")
-                .gpus
-                .iter()
-                .map(|g| g.uuid.clone())
-        })
-        .collect();
+    assert_eq!(node(&nodes, "worker-2").expect("listed").labels.get("role").map(String::as_str), Some("test"));
+    let uuids: std::collections::HashSet<_> =
+        nodes.iter().flat_map(|n| n.inventory.as_ref().expect("inv").gpus.iter().map(|g| g.uuid.clone())).collect();
     assert_eq!(uuids.len(), 16, "every fake GPU has its own UUID");
 
     let mut c = cluster_client(&cluster.url).await;
-    let s = c
-        .get_status(pb::GetStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
-    assert_eq!(
-        (s.nodes_total, s.nodes_alive, s.gpus_total, s.gpus_fake),
-        (4, 4, 16, 16)
-    );
+    let s = c.get_status(pb::GetStatusRequest {}).await.expect("status").into_inner();
+    assert_eq!((s.nodes_total, s.nodes_alive, s.gpus_total, s.gpus_fake), (4, 4, 16, 16));
     cluster.stop().await;
 }
 
@@ -79,13 +51,8 @@ async fn watch_reports_current_members_then_joins_failures_and_leaves() {
     let mut cluster = TestCluster::start(1).await;
     all_alive(&cluster.url, 2).await;
     let mut c = cluster_client(&cluster.url).await;
-    let mut events = c
-        .watch_events(pb::WatchEventsRequest {
-            include_current: true,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut events =
+        c.watch_events(pb::WatchEventsRequest { include_current: true }).await.expect("watch").into_inner();
     let mut next = async || events.next().await.expect("stream open").expect("event ok");
 
     let mut current: Vec<String> = Vec::new();
@@ -99,27 +66,16 @@ async fn watch_reports_current_members_then_joins_failures_and_leaves() {
 
     cluster.add_worker("worker-2").await;
     let e = next().await;
-    assert_eq!(
-        (e.kind, e.node.as_ref().expect("node").name.as_str()),
-        (pb::EventKind::NodeJoined as i32, "worker-2")
-    );
+    assert_eq!((e.kind, e.node.as_ref().expect("node").name.as_str()), (pb::EventKind::NodeJoined as i32, "worker-2"));
 
     // worker-2's process "dies": its task is aborted, the connection drops without a leave.
     let w2 = cluster.workers.pop().expect("worker-2");
     w2.task.abort();
     let e = next().await;
     assert_eq!(e.kind, pb::EventKind::NodeStateChanged as i32);
-    assert_eq!(
-        e.node.as_ref().expect("node").state,
-        pb::NodeState::Suspect as i32,
-        "{}",
-        e.reason
-    );
+    assert_eq!(e.node.as_ref().expect("node").state, pb::NodeState::Suspect as i32, "{}", e.reason);
     let e = next().await;
-    assert_eq!(
-        e.node.as_ref().expect("node").state,
-        pb::NodeState::Dead as i32
-    );
+    assert_eq!(e.node.as_ref().expect("node").state, pb::NodeState::Dead as i32);
     assert!(e.reason.contains("no reconnect"), "{}", e.reason);
 
     // worker-1 stops gracefully: left, not dead.
@@ -128,27 +84,17 @@ async fn watch_reports_current_members_then_joins_failures_and_leaves() {
     w1.task.await.expect("task").expect("clean leave");
     let e = next().await;
     assert_eq!(e.kind, pb::EventKind::NodeLeft as i32);
-    assert_eq!(
-        e.node.as_ref().expect("node").state,
-        pb::NodeState::Left as i32
-    );
+    assert_eq!(e.node.as_ref().expect("node").state, pb::NodeState::Left as i32);
     cluster.stop().await;
 }
 
 #[tokio::test]
 async fn workers_rejoin_a_restarted_head_with_the_same_ids() {
     let mut cluster = TestCluster::start(3).await;
-    let before: HashMap<String, String> = all_alive(&cluster.url, 4)
-        .await
-        .into_iter()
-        .map(|n| (n.name, n.id))
-        .collect();
+    let before: HashMap<String, String> =
+        all_alive(&cluster.url, 4).await.into_iter().map(|n| (n.name, n.id)).collect();
     cluster.restart_head().await;
-    let after: HashMap<String, String> = all_alive(&cluster.url, 4)
-        .await
-        .into_iter()
-        .map(|n| (n.name, n.id))
-        .collect();
+    let after: HashMap<String, String> = all_alive(&cluster.url, 4).await.into_iter().map(|n| (n.name, n.id)).collect();
     assert_eq!(before, after, "same machines, same ids, none twice");
     for w in &cluster.workers {
         assert!(w.status.borrow().joins >= 2, "{} rejoined", w.name);
@@ -161,33 +107,14 @@ async fn drain_marks_a_node_and_undrain_clears_it() {
     let cluster = TestCluster::start(1).await;
     all_alive(&cluster.url, 2).await;
     let mut c = cluster_client(&cluster.url).await;
-    let n = c
-        .drain_node(pb::DrainNodeRequest {
-            node: "worker-1".into(),
-        })
-        .await
-        .expect("drain")
-        .into_inner();
+    let n = c.drain_node(pb::DrainNodeRequest { node: "worker-1".into() }).await.expect("drain").into_inner();
     assert_eq!(n.state, pb::NodeState::Draining as i32);
     assert!(n.draining);
-    let status = c
-        .get_status(pb::GetStatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    let status = c.get_status(pb::GetStatusRequest {}).await.expect("status").into_inner();
     assert_eq!((status.nodes_alive, status.nodes_draining), (1, 1));
-    let n = c
-        .undrain_node(pb::DrainNodeRequest { node: n.id })
-        .await
-        .expect("undrain")
-        .into_inner();
+    let n = c.undrain_node(pb::DrainNodeRequest { node: n.id }).await.expect("undrain").into_inner();
     assert_eq!(n.state, pb::NodeState::Alive as i32);
-    let err = c
-        .drain_node(pb::DrainNodeRequest {
-            node: "nope".into(),
-        })
-        .await
-        .expect_err("unknown node");
+    let err = c.drain_node(pb::DrainNodeRequest { node: "nope".into() }).await.expect_err("unknown node");
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(err.message().contains("nope"), "{}", err.message());
     cluster.stop().await;
@@ -196,35 +123,20 @@ async fn drain_marks_a_node_and_undrain_clears_it() {
 #[tokio::test]
 async fn a_session_that_does_not_start_with_join_is_refused() {
     let cluster = TestCluster::start(0).await;
-    let ch = tonic::transport::Endpoint::from_shared(cluster.url.clone())
-        .expect("url")
-        .connect()
-        .await
-        .expect("connect");
+    let ch =
+        tonic::transport::Endpoint::from_shared(cluster.url.clone()).expect("url").connect().await.expect("connect");
     let mut m = pb::membership_client::MembershipClient::new(ch);
     let hb = pb::WorkerMessage {
-        msg: Some(pb::worker_message::Msg::Heartbeat(pb::Heartbeat {
-            seq: 1,
-            gpu_usage: vec![],
-        })),
+        msg: Some(pb::worker_message::Msg::Heartbeat(pb::Heartbeat { seq: 1, gpu_usage: vec![] })),
     };
-    let err = m
-        .session(tokio_stream::iter(vec![hb]))
-        .await
-        .expect_err("refused");
+    let err = m.session(tokio_stream::iter(vec![hb])).await.expect_err("refused");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("join"), "{}", err.message());
 
     let bad = pb::WorkerMessage {
-        msg: Some(pb::worker_message::Msg::Join(pb::JoinRequest {
-            name: "Bad Name".into(),
-            ..Default::default()
-        })),
+        msg: Some(pb::worker_message::Msg::Join(pb::JoinRequest { name: "Bad Name".into(), ..Default::default() })),
     };
-    let err = m
-        .session(tokio_stream::iter(vec![bad]))
-        .await
-        .expect_err("refused");
+    let err = m.session(tokio_stream::iter(vec![bad])).await.expect_err("refused");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("join.name"), "{}", err.message());
     let mut c = cluster_client(&cluster.url).await;

@@ -19,16 +19,12 @@ async fn kill_9_of_a_worker_is_seen_through_the_broken_session() {
     w.wait();
     let dead = wait_state(&mut c, "w1", pb::NodeState::Dead).await;
     assert!(
-        dead.state_reason
-            .contains("session closed and no reconnect"),
+        dead.state_reason.contains("session closed and no reconnect"),
         "dead through the reconnect grace, not the heartbeat timeout: {}",
         dead.state_reason
     );
     // The head's own node is untouched.
-    assert_eq!(
-        state(node(&list_nodes(&mut c).await, "head").expect("head")),
-        pb::NodeState::Alive
-    );
+    assert_eq!(state(node(&list_nodes(&mut c).await, "head").expect("head")), pb::NodeState::Alive);
 }
 
 #[tokio::test]
@@ -40,17 +36,9 @@ async fn a_frozen_worker_is_suspect_then_dead_after_the_timeout_then_rejoins() {
     let alive = wait_state(&mut c, "w1", pb::NodeState::Alive).await;
     w.signal(Signal::SIGSTOP);
     let suspect = wait_state(&mut c, "w1", pb::NodeState::Suspect).await;
-    assert!(
-        suspect.state_reason.contains("heartbeat late"),
-        "{}",
-        suspect.state_reason
-    );
+    assert!(suspect.state_reason.contains("heartbeat late"), "{}", suspect.state_reason);
     let dead = wait_state(&mut c, "w1", pb::NodeState::Dead).await;
-    assert!(
-        dead.state_reason.contains("no heartbeat for"),
-        "{}",
-        dead.state_reason
-    );
+    assert!(dead.state_reason.contains("no heartbeat for"), "{}", dead.state_reason);
     assert!(
         dead.last_heartbeat_ms_ago >= 3000,
         "declared only after the 3s node timeout: {}",
@@ -72,17 +60,9 @@ async fn sigterm_makes_a_worker_leave_and_exit_0() {
     wait_state(&mut c, "w1", pb::NodeState::Alive).await;
     w.signal(Signal::SIGTERM);
     let status = w.wait();
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        w.log_text()
-    );
+    assert!(status.success(), "exit status {status}; log:\n{}", w.log_text());
     let left = wait_state(&mut c, "w1", pb::NodeState::Left).await;
-    assert!(
-        left.state_reason.starts_with("left"),
-        "{}",
-        left.state_reason
-    );
+    assert!(left.state_reason.starts_with("left"), "{}", left.state_reason);
 }
 
 #[tokio::test]
@@ -91,27 +71,14 @@ async fn sigterm_stops_the_head_with_exit_0_and_its_own_node_leaves() {
     let mut head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let mut c = cluster_client(&head.url).await;
     wait_state(&mut c, "head", pb::NodeState::Alive).await;
-    let mut events = c
-        .watch_events(pb::WatchEventsRequest {
-            include_current: false,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut events =
+        c.watch_events(pb::WatchEventsRequest { include_current: false }).await.expect("watch").into_inner();
     head.daemon.signal(Signal::SIGTERM);
-    let left = events
-        .message()
-        .await
-        .expect("event")
-        .expect("an event before the stream ends");
+    let left = events.message().await.expect("event").expect("an event before the stream ends");
     assert_eq!(left.kind, pb::EventKind::NodeLeft as i32);
     assert!(left.node.expect("node").is_head);
     let status = head.daemon.wait();
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        head.daemon.log_text()
-    );
+    assert!(status.success(), "exit status {status}; log:\n{}", head.daemon.log_text());
 }
 
 #[tokio::test]
@@ -124,11 +91,7 @@ async fn after_a_head_kill_9_and_restart_every_node_rejoins_with_its_id() {
     let mut c = cluster_client(&head.url).await;
     wait_state(&mut c, "w1", pb::NodeState::Alive).await;
     wait_state(&mut c, "w2", pb::NodeState::Alive).await;
-    let before: HashMap<String, String> = list_nodes(&mut c)
-        .await
-        .into_iter()
-        .map(|n| (n.name, n.id))
-        .collect();
+    let before: HashMap<String, String> = list_nodes(&mut c).await.into_iter().map(|n| (n.name, n.id)).collect();
     assert_eq!(before.len(), 3);
 
     head.daemon.signal(Signal::SIGKILL);
@@ -140,14 +103,8 @@ async fn after_a_head_kill_9_and_restart_every_node_rejoins_with_its_id() {
         let mut c = c.clone();
         async move {
             let nodes = list_nodes(&mut c).await;
-            (nodes.len() == 3 && nodes.iter().all(|n| state(n) == pb::NodeState::Alive)).then(
-                || {
-                    nodes
-                        .into_iter()
-                        .map(|n| (n.name, n.id))
-                        .collect::<HashMap<_, _>>()
-                },
-            )
+            (nodes.len() == 3 && nodes.iter().all(|n| state(n) == pb::NodeState::Alive))
+                .then(|| nodes.into_iter().map(|n| (n.name, n.id)).collect::<HashMap<_, _>>())
         }
     })
     .await;
@@ -170,24 +127,13 @@ async fn two_machines_claiming_one_node_id_are_refused() {
     std::fs::copy(state_a.join("node-id"), state_b.join("node-id")).expect("copy node-id");
     let mut b = start_worker_in(dir.path(), "node-b", &head.url, &state_b);
     let status = b.wait();
-    assert_eq!(
-        status.code(),
-        Some(1),
-        "refused for good, not retried; log:\n{}",
-        b.log_text()
-    );
+    assert_eq!(status.code(), Some(1), "refused for good, not retried; log:\n{}", b.log_text());
     let log = b.log_text();
-    assert!(
-        log.contains(&a.id) && log.contains("held by another machine"),
-        "clear error:\n{log}"
-    );
+    assert!(log.contains(&a.id) && log.contains("held by another machine"), "clear error:\n{log}");
 
     let nodes = list_nodes(&mut c).await;
     assert_eq!(nodes.len(), 2, "head and node-a only");
-    assert_eq!(
-        state(node(&nodes, "node-a").expect("a")),
-        pb::NodeState::Alive
-    );
+    assert_eq!(state(node(&nodes, "node-a").expect("a")), pb::NodeState::Alive);
 }
 
 #[tokio::test]
@@ -200,9 +146,5 @@ async fn one_state_dir_cannot_serve_two_workers() {
     wait_state(&mut c, "a", pb::NodeState::Alive).await;
     let mut b = start_worker_in(dir.path(), "b", &head.url, &state_dir);
     assert_eq!(b.wait().code(), Some(1));
-    assert!(
-        b.log_text().contains("in use by another running worker"),
-        "{}",
-        b.log_text()
-    );
+    assert!(b.log_text().contains("in use by another running worker"), "{}", b.log_text());
 }

@@ -52,10 +52,7 @@ pub struct NodeParts {
 
 impl NodeArgs {
     pub fn to_parts(&self) -> Result<NodeParts, validate::FieldError> {
-        let node_name = self
-            .node_name
-            .clone()
-            .unwrap_or_else(crate::state::default_node_name);
+        let node_name = self.node_name.clone().unwrap_or_else(crate::state::default_node_name);
         validate::node_name("--node-name", &node_name)?;
         Ok(NodeParts {
             node_name,

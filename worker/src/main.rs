@@ -93,11 +93,7 @@ fn main() -> ExitCode {
     if let Err(e) = telemetry::init(cli.log.log_format, &cli.log.log_level) {
         return usage(&e);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -159,21 +155,11 @@ fn usage(msg: &str) -> ExitCode {
 
 fn print_inventory(inv: &tessera_common::node::Inventory) {
     if inv.gpus.is_empty() {
-        println!(
-            "no GPUs ({})",
-            if inv.note.is_empty() {
-                "none found"
-            } else {
-                &inv.note
-            }
-        );
+        println!("no GPUs ({})", if inv.note.is_empty() { "none found" } else { &inv.note });
         return;
     }
     if !inv.driver_version.is_empty() {
-        println!(
-            "driver {}  CUDA {}",
-            inv.driver_version, inv.cuda_driver_version
-        );
+        println!("driver {}  CUDA {}", inv.driver_version, inv.cuda_driver_version);
     }
     if inv.source == tessera_common::node::InventorySource::Fake {
         println!("FAKE GPUs ({})", inv.note);
@@ -183,19 +169,11 @@ fn print_inventory(inv: &tessera_common::node::Inventory) {
         "GPU", "NAME", "MEMORY", "USED", "CC", "PCI", "NUMA", "MIG", "NVLINK PEERS"
     );
     for g in &inv.gpus {
-        let name = if g.fake {
-            format!("{} (fake)", g.name)
-        } else {
-            g.name.clone()
-        };
+        let name = if g.fake { format!("{} (fake)", g.name) } else { g.name.clone() };
         let peers = if g.nvlink_peers.is_empty() {
             "-".to_string()
         } else {
-            g.nvlink_peers
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
+            g.nvlink_peers.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
         };
         println!(
             "{:<5} {:<28} {:>10} {:>10} {:<4} {:<16} {:<4} {:<4} {}",
@@ -205,9 +183,7 @@ fn print_inventory(inv: &tessera_common::node::Inventory) {
             HumanBytes(g.memory_used_bytes).to_string(),
             format!("{}.{}", g.compute_capability.0, g.compute_capability.1),
             g.pci_bus_id,
-            g.numa_node
-                .map(|n| n.to_string())
-                .unwrap_or_else(|| "-".into()),
+            g.numa_node.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
             if g.mig_enabled { "on" } else { "off" },
             peers
         );

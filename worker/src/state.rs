@@ -12,22 +12,14 @@ use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error(
-        "cannot create state dir {path}: {source}; pass --state-dir DIR with a directory this user can write"
-    )]
-    Create {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot create state dir {path}: {source}; pass --state-dir DIR with a directory this user can write")]
+    Create { path: PathBuf, source: std::io::Error },
     #[error(
         "state dir {path} is in use by another running worker (lock {lock} is held); give each worker its own --state-dir"
     )]
     Locked { path: PathBuf, lock: PathBuf },
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {content:?} is not a node id (a UUID); delete the file to join as a new node")]
     BadNodeId { path: PathBuf, content: String },
 }
@@ -40,29 +32,17 @@ pub struct StateDir {
 
 impl StateDir {
     pub fn open(path: &Path) -> Result<Self, StateError> {
-        fs::create_dir_all(path).map_err(|source| StateError::Create {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let path = fs::canonicalize(path).map_err(|source| StateError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        fs::create_dir_all(path).map_err(|source| StateError::Create { path: path.to_path_buf(), source })?;
+        let path = fs::canonicalize(path).map_err(|source| StateError::Io { path: path.to_path_buf(), source })?;
         let lock_path = path.join("lock");
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|source| StateError::Io {
-                path: lock_path.clone(),
-                source,
-            })?;
-        let lock =
-            Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| StateError::Locked {
-                path: path.clone(),
-                lock: lock_path,
-            })?;
+            .map_err(|source| StateError::Io { path: lock_path.clone(), source })?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|_| StateError::Locked { path: path.clone(), lock: lock_path })?;
         Ok(StateDir { path, _lock: lock })
     }
 
@@ -80,10 +60,7 @@ impl StateDir {
         match fs::read_to_string(&p) {
             Ok(s) => Uuid::parse_str(s.trim())
                 .map(Some)
-                .map_err(|_| StateError::BadNodeId {
-                    path: p,
-                    content: s.chars().take(64).collect(),
-                }),
+                .map_err(|_| StateError::BadNodeId { path: p, content: s.chars().take(64).collect() }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StateError::Io { path: p, source }),
         }
@@ -93,17 +70,11 @@ impl StateDir {
     pub fn save_node_id(&self, id: Uuid) -> Result<(), StateError> {
         let p = self.node_id_path();
         let tmp = self.path.join("node-id.tmp");
-        let io = |source| StateError::Io {
-            path: tmp.clone(),
-            source,
-        };
+        let io = |source| StateError::Io { path: tmp.clone(), source };
         let mut f = File::create(&tmp).map_err(io)?;
         writeln!(f, "{id}").map_err(io)?;
         f.sync_all().map_err(io)?;
-        fs::rename(&tmp, &p).map_err(|source| StateError::Io {
-            path: p.clone(),
-            source,
-        })?;
+        fs::rename(&tmp, &p).map_err(|source| StateError::Io { path: p.clone(), source })?;
         if let Ok(dir) = File::open(&self.path) {
             let _ = dir.sync_all();
         }
@@ -131,10 +102,7 @@ pub fn machine_id() -> String {
 }
 
 pub fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".to_string())
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".to_string())
 }
 
 /// A valid node name made from the host name: lowercased, other characters replaced by '-'.
@@ -142,18 +110,10 @@ pub fn default_node_name() -> String {
     let h: String = hostname()
         .to_ascii_lowercase()
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
         .take(63)
         .collect();
-    let h = h
-        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
-        .to_string();
+    let h = h.trim_matches(|c: char| !c.is_ascii_alphanumeric()).to_string();
     if h.is_empty() { "node".to_string() } else { h }
 }
 
@@ -171,10 +131,7 @@ mod tests {
         assert_eq!(s.node_id().expect("read"), Some(id));
 
         let second = StateDir::open(dir.path());
-        assert!(
-            matches!(second, Err(StateError::Locked { .. })),
-            "one worker per state dir"
-        );
+        assert!(matches!(second, Err(StateError::Locked { .. })), "one worker per state dir");
         drop(s);
         let again = StateDir::open(dir.path()).expect("lock released with the first");
         assert_eq!(again.node_id().expect("read"), Some(id));

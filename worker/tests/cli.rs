@@ -11,42 +11,19 @@ fn worker() -> Command {
 #[test]
 fn inventory_prints_fake_gpus_as_json_without_a_head() {
     let out = worker()
-        .args([
-            "--fake-gpus",
-            "3x24GiB",
-            "--node-name",
-            "n1",
-            "inventory",
-            "-o",
-            "json",
-        ])
+        .args(["--fake-gpus", "3x24GiB", "--node-name", "n1", "inventory", "-o", "json"])
         .output()
         .expect("run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["source"], "fake");
     let gpus = v["gpus"].as_array().expect("gpus");
     assert_eq!(gpus.len(), 3);
-    assert!(
-        gpus.iter()
-            .all(|g| g["fake"] == true && g["memory_total_bytes"] == 24u64 << 30)
-    );
+    assert!(gpus.iter().all(|g| g["fake"] == true && g["memory_total_bytes"] == 24u64 << 30));
     assert_eq!(gpus[0]["nvlink_peers"], serde_json::json!([1, 2]));
 
     let again = worker()
-        .args([
-            "--fake-gpus",
-            "3x24GiB",
-            "--node-name",
-            "n1",
-            "inventory",
-            "-o",
-            "json",
-        ])
+        .args(["--fake-gpus", "3x24GiB", "--node-name", "n1", "inventory", "-o", "json"])
         .output()
         .expect("run");
     assert_eq!(out.stdout, again.stdout, "fake UUIDs are stable");
@@ -54,20 +31,12 @@ fn inventory_prints_fake_gpus_as_json_without_a_head() {
 
 #[test]
 fn inventory_on_a_machine_without_a_driver_reports_no_gpus_and_exits_0() {
-    let out = worker()
-        .args(["inventory", "-o", "json"])
-        .output()
-        .expect("run");
+    let out = worker().args(["inventory", "-o", "json"]).output().expect("run");
     assert!(out.status.success(), "never crashes without NVML");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     if v["source"] == "none" {
         assert_eq!(v["gpus"].as_array().map(Vec::len), Some(0));
-        assert!(
-            v["note"]
-                .as_str()
-                .is_some_and(|n| n.contains("libnvidia-ml")),
-            "{v}"
-        );
+        assert!(v["note"].as_str().is_some_and(|n| n.contains("libnvidia-ml")), "{v}");
     } else {
         assert_eq!(v["source"], "nvml", "a GPU machine reports real GPUs");
     }

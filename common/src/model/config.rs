@@ -20,36 +20,23 @@ pub fn parse_config(file: &str, text: &str) -> Result<ModelDesc, ModelError> {
         message: e.to_string(),
     })?;
     let Value::Object(root) = root else {
-        return Err(ModelError::invalid(
-            file,
-            "(top level)",
-            "is not a JSON object",
-        ));
+        return Err(ModelError::invalid(file, "(top level)", "is not a JSON object"));
     };
     let mut notes = Vec::new();
     // Multimodal wrappers (Llama 4, Llava, Gemma 3 ...) nest the language model.
-    let (lm, prefix) = match ["text_config", "language_config", "llm_config"]
-        .iter()
-        .find_map(|k| match root.get(*k) {
-            Some(Value::Object(o))
-                if o.contains_key("num_attention_heads") || o.contains_key("hidden_size") =>
-            {
-                Some((o, *k))
-            }
-            _ => None,
-        }) {
+    let (lm, prefix) = match ["text_config", "language_config", "llm_config"].iter().find_map(|k| match root.get(*k) {
+        Some(Value::Object(o)) if o.contains_key("num_attention_heads") || o.contains_key("hidden_size") => {
+            Some((o, *k))
+        }
+        _ => None,
+    }) {
         Some((o, k)) => {
             notes.push(format!("language model read from `{k}`"));
             (o, format!("{k}."))
         }
         None => (&root, String::new()),
     };
-    let f = Fields {
-        file,
-        lm,
-        root: &root,
-        prefix: &prefix,
-    };
+    let f = Fields { file, lm, root: &root, prefix: &prefix };
 
     let architecture = root
         .get("architectures")
@@ -65,11 +52,7 @@ pub fn parse_config(file: &str, text: &str) -> Result<ModelDesc, ModelError> {
     let hidden = f.required(&["hidden_size", "d_model", "n_embd", "dim"])?;
     let layers = f.required(&["num_hidden_layers", "n_layer", "num_layers", "n_layers"])?;
     if heads == 0 {
-        return Err(ModelError::invalid(
-            file,
-            &f.name("num_attention_heads"),
-            "is 0",
-        ));
+        return Err(ModelError::invalid(file, &f.name("num_attention_heads"), "is 0"));
     }
     if layers == 0 || layers > MAX_LAYERS {
         return Err(ModelError::invalid(
@@ -80,15 +63,13 @@ pub fn parse_config(file: &str, text: &str) -> Result<ModelDesc, ModelError> {
     }
     let kv = match f.uint_any(&["num_key_value_heads", "n_head_kv", "num_kv_heads"])? {
         Some(kv) => kv,
-        None => {
-            match f.uint_any(&["multi_query_group_num"])? {
-                Some(g) if f.bool_any(&["multi_query_attention"]).unwrap_or(true) => g,
-                _ => {
-                    notes.push(format!("num_key_value_heads missing: assumed equal to num_attention_heads ({heads})"));
-                    heads
-                }
+        None => match f.uint_any(&["multi_query_group_num"])? {
+            Some(g) if f.bool_any(&["multi_query_attention"]).unwrap_or(true) => g,
+            _ => {
+                notes.push(format!("num_key_value_heads missing: assumed equal to num_attention_heads ({heads})"));
+                heads
             }
-        }
+        },
     };
     if kv == 0 || kv > heads {
         return Err(ModelError::invalid(
@@ -104,9 +85,7 @@ pub fn parse_config(file: &str, text: &str) -> Result<ModelDesc, ModelError> {
                 return Err(ModelError::invalid(
                     file,
                     &f.name("head_dim"),
-                    &format!(
-                        "is missing and hidden_size {hidden} does not divide by num_attention_heads {heads}"
-                    ),
+                    &format!("is missing and hidden_size {hidden} does not divide by num_attention_heads {heads}"),
                 ));
             }
             hidden / heads
@@ -129,20 +108,14 @@ pub fn parse_config(file: &str, text: &str) -> Result<ModelDesc, ModelError> {
         None => None,
     };
 
-    let experts = f.uint_any(&[
-        "num_local_experts",
-        "n_routed_experts",
-        "num_experts",
-        "moe_num_experts",
-    ])?;
+    let experts = f.uint_any(&["num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts"])?;
     let expert_inter = f.uint_any(&["moe_intermediate_size"])?;
     let inter = f.uint_any(&["intermediate_size", "ffn_hidden_size", "n_inner", "ffn_dim"])?;
     let dense_inter = f.uint_any(&["intermediate_size_mlp"])?.or(inter);
     let moe = match experts {
         Some(n) if n > 1 => {
-            let width = expert_inter
-                .or(inter)
-                .ok_or_else(|| ModelError::missing(file, &f.name("moe_intermediate_size")))?;
+            let width =
+                expert_inter.or(inter).ok_or_else(|| ModelError::missing(file, &f.name("moe_intermediate_size")))?;
             let llama4_style = f.uint_any(&["interleave_moe_layer_step", "decoder_sparse_step"])?;
             Some(Moe {
                 num_experts: n,
@@ -151,16 +124,9 @@ pub fn parse_config(file: &str, text: &str) -> Result<ModelDesc, ModelError> {
                 // Llama 4's MoE layers carry one shared expert without saying so in the config.
                 shared_experts: f
                     .uint_any(&["n_shared_experts", "num_shared_experts"])?
-                    .unwrap_or(if model_type == "llama4" || model_type == "llama4_text" {
-                        1
-                    } else {
-                        0
-                    }),
+                    .unwrap_or(if model_type == "llama4" || model_type == "llama4_text" { 1 } else { 0 }),
                 first_dense_layers: f.uint_any(&["first_k_dense_replace"])?.unwrap_or(0),
-                step: llama4_style
-                    .or(f.uint_any(&["moe_layer_freq"])?)
-                    .unwrap_or(1)
-                    .max(1),
+                step: llama4_style.or(f.uint_any(&["moe_layer_freq"])?).unwrap_or(1).max(1),
                 step_one_based: llama4_style.is_some(),
                 has_moe_intermediate_size: expert_inter.is_some(),
             })
@@ -172,9 +138,7 @@ pub fn parse_config(file: &str, text: &str) -> Result<ModelDesc, ModelError> {
         Some(s) => match DType::parse(&s) {
             Some(d) => (d, false),
             None => {
-                notes.push(format!(
-                    "torch_dtype {s:?} not recognised: assumed bfloat16"
-                ));
+                notes.push(format!("torch_dtype {s:?} not recognised: assumed bfloat16"));
                 (DType::Bfloat16, true)
             }
         },
@@ -184,18 +148,11 @@ pub fn parse_config(file: &str, text: &str) -> Result<ModelDesc, ModelError> {
         }
     };
 
-    let quantization = match root
-        .get("quantization_config")
-        .or_else(|| lm.get("quantization_config"))
-    {
+    let quantization = match root.get("quantization_config").or_else(|| lm.get("quantization_config")) {
         Some(Value::Object(q)) => Some(parse_quantization(file, q)?),
         Some(Value::Null) | None => None,
         Some(_) => {
-            return Err(ModelError::invalid(
-                file,
-                "quantization_config",
-                "is not an object",
-            ));
+            return Err(ModelError::invalid(file, "quantization_config", "is not an object"));
         }
     };
 
@@ -226,11 +183,7 @@ pub fn parse_config(file: &str, text: &str) -> Result<ModelDesc, ModelError> {
 }
 
 fn parse_quantization(file: &str, q: &Map<String, Value>) -> Result<Quantization, ModelError> {
-    let method = q
-        .get("quant_method")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_ascii_lowercase();
+    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("").to_ascii_lowercase();
     let uint = |k: &str| q.get(k).and_then(Value::as_u64);
     let group = |k: &str| match q.get(k).and_then(Value::as_i64) {
         Some(g) if g > 0 => Some(g as u64),
@@ -265,23 +218,15 @@ fn parse_quantization(file: &str, q: &Map<String, Value>) -> Result<Quantization
             Quantization::Fp8 { block }
         }
         "mxfp4" => Quantization::Mxfp4,
-        "gptq" => Quantization::Gptq {
-            bits: uint("bits").unwrap_or(4) as u32,
-            group_size: group("group_size"),
-        },
+        "gptq" => Quantization::Gptq { bits: uint("bits").unwrap_or(4) as u32, group_size: group("group_size") },
         "awq" => Quantization::Awq {
             bits: uint("bits").or(uint("w_bit")).unwrap_or(4) as u32,
             group_size: group("group_size").or(group("q_group_size")),
         },
         "" => {
-            return Err(ModelError::missing(
-                file,
-                "quantization_config.quant_method",
-            ));
+            return Err(ModelError::missing(file, "quantization_config.quant_method"));
         }
-        other => Quantization::Other {
-            name: other.to_string(),
-        },
+        other => Quantization::Other { name: other.to_string() },
     })
 }
 
@@ -299,28 +244,17 @@ impl Fields<'_> {
     }
 
     fn get(&self, key: &str) -> Option<&Value> {
-        self.lm
-            .get(key)
-            .filter(|v| !v.is_null())
-            .or_else(|| self.root.get(key).filter(|v| !v.is_null()))
+        self.lm.get(key).filter(|v| !v.is_null()).or_else(|| self.root.get(key).filter(|v| !v.is_null()))
     }
 
     fn uint_any(&self, keys: &[&str]) -> Result<Option<u64>, ModelError> {
         for k in keys {
             if let Some(v) = self.get(k) {
                 let n = v.as_u64().ok_or_else(|| {
-                    ModelError::invalid(
-                        self.file,
-                        &self.name(k),
-                        &format!("{v} is not a non-negative integer"),
-                    )
+                    ModelError::invalid(self.file, &self.name(k), &format!("{v} is not a non-negative integer"))
                 })?;
                 if n > MAX_FIELD {
-                    return Err(ModelError::invalid(
-                        self.file,
-                        &self.name(k),
-                        &format!("{n} is implausibly large"),
-                    ));
+                    return Err(ModelError::invalid(self.file, &self.name(k), &format!("{n} is implausibly large")));
                 }
                 return Ok(Some(n));
             }
@@ -329,18 +263,15 @@ impl Fields<'_> {
     }
 
     fn required(&self, keys: &[&str]) -> Result<u64, ModelError> {
-        self.uint_any(keys)?
-            .ok_or_else(|| ModelError::missing(self.file, &self.name(keys[0])))
+        self.uint_any(keys)?.ok_or_else(|| ModelError::missing(self.file, &self.name(keys[0])))
     }
 
     fn str_any(&self, keys: &[&str]) -> Option<String> {
-        keys.iter()
-            .find_map(|k| self.get(k).and_then(Value::as_str).map(str::to_string))
+        keys.iter().find_map(|k| self.get(k).and_then(Value::as_str).map(str::to_string))
     }
 
     fn bool_any(&self, keys: &[&str]) -> Option<bool> {
-        keys.iter()
-            .find_map(|k| self.get(k).and_then(Value::as_bool))
+        keys.iter().find_map(|k| self.get(k).and_then(Value::as_bool))
     }
 }
 
@@ -350,22 +281,12 @@ mod tests {
 
     #[test]
     fn aliases_and_defaults() {
-        let d = parse_config(
-            "c.json",
-            r#"{"n_head": 16, "n_embd": 2048, "n_layer": 24, "n_vocab": 50000}"#,
-        )
-        .expect("valid");
-        assert_eq!(
-            (d.num_attention_heads, d.num_key_value_heads, d.head_dim),
-            (16, 16, 128)
-        );
+        let d = parse_config("c.json", r#"{"n_head": 16, "n_embd": 2048, "n_layer": 24, "n_vocab": 50000}"#)
+            .expect("valid");
+        assert_eq!((d.num_attention_heads, d.num_key_value_heads, d.head_dim), (16, 16, 128));
         assert!(d.dtype_assumed);
         assert!(d.notes.iter().any(|n| n.contains("torch_dtype missing")));
-        assert!(
-            d.notes
-                .iter()
-                .any(|n| n.contains("num_key_value_heads missing"))
-        );
+        assert!(d.notes.iter().any(|n| n.contains("num_key_value_heads missing")));
 
         let d = parse_config("c.json", r#"{"num_attention_heads": 32, "hidden_size": 4096, "num_layers": 28,
             "multi_query_group_num": 2, "multi_query_attention": true, "padded_vocab_size": 65024, "torch_dtype": "float16"}"#)
@@ -376,32 +297,21 @@ mod tests {
 
     #[test]
     fn errors_name_the_file_and_field() {
-        let e = parse_config(
-            "m/config.json",
-            r#"{"hidden_size": 10, "num_hidden_layers": 2, "vocab_size": 5}"#,
-        )
-        .expect_err("missing");
-        assert_eq!(
-            e.to_string(),
-            "m/config.json: num_attention_heads is missing"
-        );
-        let e =
-            parse_config("m/config.json", r#"{"num_attention_heads": "many"}"#).expect_err("type");
-        assert!(
-            e.to_string().contains("num_attention_heads") && e.to_string().contains("\"many\""),
-            "{e}"
-        );
+        let e = parse_config("m/config.json", r#"{"hidden_size": 10, "num_hidden_layers": 2, "vocab_size": 5}"#)
+            .expect_err("missing");
+        assert_eq!(e.to_string(), "m/config.json: num_attention_heads is missing");
+        let e = parse_config("m/config.json", r#"{"num_attention_heads": "many"}"#).expect_err("type");
+        assert!(e.to_string().contains("num_attention_heads") && e.to_string().contains("\"many\""), "{e}");
         let e = parse_config("m/config.json", "{\"a\": ").expect_err("malformed");
-        assert!(
-            e.to_string()
-                .starts_with("m/config.json: invalid JSON at line 1"),
-            "{e}"
-        );
+        assert!(e.to_string().starts_with("m/config.json: invalid JSON at line 1"), "{e}");
         let e = parse_config("c", r#"{"num_attention_heads": 8, "num_key_value_heads": 16, "hidden_size": 64, "num_hidden_layers": 1, "vocab_size": 1}"#)
             .expect_err("kv > heads");
         assert!(e.to_string().contains("num_key_value_heads"), "{e}");
-        let e = parse_config("c", r#"{"num_attention_heads": 8, "hidden_size": 64, "num_hidden_layers": 99999999999, "vocab_size": 1}"#)
-            .expect_err("huge");
+        let e = parse_config(
+            "c",
+            r#"{"num_attention_heads": 8, "hidden_size": 64, "num_hidden_layers": 99999999999, "vocab_size": 1}"#,
+        )
+        .expect_err("huge");
         assert!(e.to_string().contains("num_hidden_layers"), "{e}");
         let e = parse_config("c", "[1,2]").expect_err("array");
         assert!(e.to_string().contains("not a JSON object"), "{e}");
@@ -410,47 +320,26 @@ mod tests {
     #[test]
     fn quantization_methods() {
         let base = r#""num_attention_heads": 8, "hidden_size": 1024, "num_hidden_layers": 2, "vocab_size": 100"#;
-        let q = |qc: &str| {
-            parse_config("c", &format!("{{{base}, \"quantization_config\": {qc}}}"))
-                .map(|d| d.quantization)
-        };
+        let q =
+            |qc: &str| parse_config("c", &format!("{{{base}, \"quantization_config\": {qc}}}")).map(|d| d.quantization);
         assert_eq!(
             q(r#"{"quant_method":"fp8","weight_block_size":[128,128]}"#).expect("fp8"),
-            Some(Quantization::Fp8 {
-                block: Some((128, 128))
-            })
+            Some(Quantization::Fp8 { block: Some((128, 128)) })
         );
         assert_eq!(
             q(r#"{"quant_method":"gptq","bits":4,"group_size":128}"#).expect("gptq"),
-            Some(Quantization::Gptq {
-                bits: 4,
-                group_size: Some(128)
-            })
+            Some(Quantization::Gptq { bits: 4, group_size: Some(128) })
         );
         assert_eq!(
             q(r#"{"quant_method":"gptq","bits":8,"group_size":-1}"#).expect("gptq"),
-            Some(Quantization::Gptq {
-                bits: 8,
-                group_size: None
-            })
+            Some(Quantization::Gptq { bits: 8, group_size: None })
         );
         assert_eq!(
             q(r#"{"quant_method":"awq","w_bit":4,"q_group_size":64}"#).expect("awq"),
-            Some(Quantization::Awq {
-                bits: 4,
-                group_size: Some(64)
-            })
+            Some(Quantization::Awq { bits: 4, group_size: Some(64) })
         );
-        assert_eq!(
-            q(r#"{"quant_method":"mxfp4"}"#).expect("mxfp4"),
-            Some(Quantization::Mxfp4)
-        );
+        assert_eq!(q(r#"{"quant_method":"mxfp4"}"#).expect("mxfp4"), Some(Quantization::Mxfp4));
         assert!(q(r#"{"quant_method":"fp8","weight_block_size":[0,128]}"#).is_err());
-        assert!(
-            q(r#"{"bits":4}"#)
-                .expect_err("no method")
-                .to_string()
-                .contains("quant_method")
-        );
+        assert!(q(r#"{"bits":4}"#).expect_err("no method").to_string().contains("quant_method"));
     }
 }

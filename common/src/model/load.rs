@@ -12,38 +12,22 @@ pub enum ModelError {
     #[error("{path}: {message}")]
     Io { path: String, message: String },
     #[error("{file}: invalid JSON at line {line} column {column}: {message}")]
-    Json {
-        file: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    Json { file: String, line: usize, column: usize, message: String },
     #[error("{file}: {field} is missing")]
     Missing { file: String, field: String },
     #[error("{file}: {field} {why}")]
-    Invalid {
-        file: String,
-        field: String,
-        why: String,
-    },
+    Invalid { file: String, field: String, why: String },
     #[error("{file}: not a valid safetensors file: {why}")]
     Safetensors { file: String, why: String },
 }
 
 impl ModelError {
     pub fn missing(file: &str, field: &str) -> Self {
-        ModelError::Missing {
-            file: file.to_string(),
-            field: field.to_string(),
-        }
+        ModelError::Missing { file: file.to_string(), field: field.to_string() }
     }
 
     pub fn invalid(file: &str, field: &str, why: &str) -> Self {
-        ModelError::Invalid {
-            file: file.to_string(),
-            field: field.to_string(),
-            why: why.to_string(),
-        }
+        ModelError::Invalid { file: file.to_string(), field: field.to_string(), why: why.to_string() }
     }
 }
 
@@ -67,19 +51,12 @@ pub struct Model {
 
 impl Model {
     pub fn weights_source(&self) -> WeightsSource {
-        if self.weights.is_some() {
-            WeightsSource::Safetensors
-        } else {
-            WeightsSource::Estimated
-        }
+        if self.weights.is_some() { WeightsSource::Safetensors } else { WeightsSource::Estimated }
     }
 }
 
 fn io(path: &Path, e: std::io::Error) -> ModelError {
-    ModelError::Io {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    }
+    ModelError::Io { path: path.display().to_string(), message: e.to_string() }
 }
 
 /// Loads `path`: a model directory with `config.json`, or a `config.json` file itself.
@@ -88,23 +65,12 @@ pub fn load_model(path: &Path) -> Result<Model, ModelError> {
     let (dir, config) = if meta.is_dir() {
         (path.to_path_buf(), path.join("config.json"))
     } else {
-        (
-            path.parent().map(Path::to_path_buf).unwrap_or_default(),
-            path.to_path_buf(),
-        )
+        (path.parent().map(Path::to_path_buf).unwrap_or_default(), path.to_path_buf())
     };
     let text = std::fs::read_to_string(&config).map_err(|e| io(&config, e))?;
     let desc = super::config::parse_config(&config.display().to_string(), &text)?;
-    let weights = if meta.is_dir() {
-        read_weights(&dir, desc.num_hidden_layers)?
-    } else {
-        None
-    };
-    Ok(Model {
-        path: path.to_path_buf(),
-        desc,
-        weights,
-    })
+    let weights = if meta.is_dir() { read_weights(&dir, desc.num_hidden_layers)? } else { None };
+    Ok(Model { path: path.to_path_buf(), desc, weights })
 }
 
 fn read_weights(dir: &Path, layers: u64) -> Result<Option<WeightBytes>, ModelError> {
@@ -112,11 +78,7 @@ fn read_weights(dir: &Path, layers: u64) -> Result<Option<WeightBytes>, ModelErr
     let files: Vec<PathBuf> = if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| io(&index, e))?;
         safetensors::index_files(&text)
-            .map_err(|why| ModelError::Invalid {
-                file: index.display().to_string(),
-                field: "weight_map".into(),
-                why,
-            })?
+            .map_err(|why| ModelError::Invalid { file: index.display().to_string(), field: "weight_map".into(), why })?
             .into_iter()
             .map(|f| dir.join(f))
             .collect()
@@ -136,10 +98,8 @@ fn read_weights(dir: &Path, layers: u64) -> Result<Option<WeightBytes>, ModelErr
     }
     let mut all = Vec::new();
     for f in &files {
-        let tensors = safetensors::read_header(f).map_err(|why| ModelError::Safetensors {
-            file: f.display().to_string(),
-            why,
-        })?;
+        let tensors = safetensors::read_header(f)
+            .map_err(|why| ModelError::Safetensors { file: f.display().to_string(), why })?;
         all.extend(tensors);
     }
     let mut w = WeightBytes::from_tensors(layers, &all);
@@ -162,10 +122,8 @@ mod tests {
             ("model.embed_tokens.weight", "BF16", &[128, 64]),
             ("model.layers.0.w", "BF16", &[64, 64]),
         ]);
-        let b = safetensors::build_file(&[
-            ("model.layers.1.w", "BF16", &[64, 64]),
-            ("lm_head.weight", "BF16", &[128, 64]),
-        ]);
+        let b =
+            safetensors::build_file(&[("model.layers.1.w", "BF16", &[64, 64]), ("lm_head.weight", "BF16", &[128, 64])]);
         std::fs::write(dir.path().join("model-00001-of-00002.safetensors"), a).expect("write");
         std::fs::write(dir.path().join("model-00002-of-00002.safetensors"), b).expect("write");
         std::fs::write(
@@ -195,11 +153,7 @@ mod tests {
         assert!(e.to_string().contains("nope"), "{e}");
         std::fs::write(dir.path().join("model.safetensors"), [0u8; 3]).expect("write");
         let e = load_model(dir.path()).expect_err("corrupt weights");
-        assert!(
-            e.to_string()
-                .contains("model.safetensors: not a valid safetensors file"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("model.safetensors: not a valid safetensors file"), "{e}");
     }
 }
 

@@ -86,9 +86,7 @@ impl Quantization {
     /// Input-dimension group size of GPTQ/AWQ, which per-rank input sizes must divide by.
     pub fn group_size(&self) -> Option<u64> {
         match self {
-            Quantization::Gptq { group_size, .. } | Quantization::Awq { group_size, .. } => {
-                *group_size
-            }
+            Quantization::Gptq { group_size, .. } | Quantization::Awq { group_size, .. } => *group_size,
             _ => None,
         }
     }
@@ -115,11 +113,7 @@ pub struct Moe {
 impl Moe {
     pub fn is_moe_layer(&self, layer: u64) -> bool {
         let step = self.step.max(1);
-        let on_step = if self.step_one_based {
-            (layer + 1) % step == 0
-        } else {
-            layer % step == 0
-        };
+        let on_step = if self.step_one_based { (layer + 1) % step == 0 } else { layer % step == 0 };
         layer >= self.first_dense_layers && on_step
     }
 }

@@ -23,8 +23,7 @@ pub struct TensorInfo {
 /// Parses the JSON header. `data_len` (the file size minus the header), when known, bounds the
 /// offsets so that a header cannot claim more data than the file has.
 pub fn parse_header(json: &[u8], data_len: Option<u64>) -> Result<Vec<TensorInfo>, String> {
-    let v: Value =
-        serde_json::from_slice(json).map_err(|e| format!("header is not valid JSON: {e}"))?;
+    let v: Value = serde_json::from_slice(json).map_err(|e| format!("header is not valid JSON: {e}"))?;
     let Value::Object(map) = v else {
         return Err("header is not a JSON object".into());
     };
@@ -33,10 +32,7 @@ pub fn parse_header(json: &[u8], data_len: Option<u64>) -> Result<Vec<TensorInfo
         if name == "__metadata__" {
             continue;
         }
-        let dtype = t
-            .get("dtype")
-            .and_then(Value::as_str)
-            .ok_or_else(|| format!("tensor {name:?}: dtype missing"))?;
+        let dtype = t.get("dtype").and_then(Value::as_str).ok_or_else(|| format!("tensor {name:?}: dtype missing"))?;
         let offsets = t
             .get("data_offsets")
             .and_then(Value::as_array)
@@ -45,28 +41,21 @@ pub fn parse_header(json: &[u8], data_len: Option<u64>) -> Result<Vec<TensorInfo
         let (start, end) = match (offsets[0].as_u64(), offsets[1].as_u64()) {
             (Some(s), Some(e)) if e >= s => (s, e),
             _ => {
-                return Err(format!(
-                    "tensor {name:?}: data_offsets {offsets:?} are not a range"
-                ));
+                return Err(format!("tensor {name:?}: data_offsets {offsets:?} are not a range"));
             }
         };
         if let Some(len) = data_len {
             if end > len {
-                return Err(format!(
-                    "tensor {name:?}: data_offsets end {end} is past the file's {len} data bytes"
-                ));
+                return Err(format!("tensor {name:?}: data_offsets end {end} is past the file's {len} data bytes"));
             }
         }
-        let shape = t
-            .get("shape")
-            .and_then(Value::as_array)
-            .ok_or_else(|| format!("tensor {name:?}: shape missing"))?;
+        let shape =
+            t.get("shape").and_then(Value::as_array).ok_or_else(|| format!("tensor {name:?}: shape missing"))?;
         if let Some(size) = dtype_size(dtype) {
             let mut elems: u128 = 1;
             for d in shape {
-                let d = d.as_u64().ok_or_else(|| {
-                    format!("tensor {name:?}: shape {shape:?} is not a list of integers")
-                })?;
+                let d =
+                    d.as_u64().ok_or_else(|| format!("tensor {name:?}: shape {shape:?} is not a list of integers"))?;
                 elems = elems.saturating_mul(d as u128);
             }
             if elems.saturating_mul(size as u128) != (end - start) as u128 {
@@ -77,11 +66,7 @@ pub fn parse_header(json: &[u8], data_len: Option<u64>) -> Result<Vec<TensorInfo
                 ));
             }
         }
-        out.push(TensorInfo {
-            name,
-            dtype: dtype.to_string(),
-            bytes: end - start,
-        });
+        out.push(TensorInfo { name, dtype: dtype.to_string(), bytes: end - start });
     }
     Ok(out)
 }
@@ -101,22 +86,16 @@ pub fn read_header(path: &Path) -> Result<Vec<TensorInfo>, String> {
     let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let file_len = f.metadata().map_err(|e| e.to_string())?.len();
     let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .map_err(|_| "shorter than the 8-byte header length".to_string())?;
+    f.read_exact(&mut len).map_err(|_| "shorter than the 8-byte header length".to_string())?;
     let n = u64::from_le_bytes(len);
     if n > MAX_HEADER_BYTES {
-        return Err(format!(
-            "header length {n} exceeds the format's limit of {MAX_HEADER_BYTES} bytes"
-        ));
+        return Err(format!("header length {n} exceeds the format's limit of {MAX_HEADER_BYTES} bytes"));
     }
     if n > file_len - 8 {
-        return Err(format!(
-            "header length {n} is longer than the file ({file_len} bytes)"
-        ));
+        return Err(format!("header length {n} is longer than the file ({file_len} bytes)"));
     }
     let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)
-        .map_err(|e| format!("cannot read the {n}-byte header: {e}"))?;
+    f.read_exact(&mut header).map_err(|e| format!("cannot read the {n}-byte header: {e}"))?;
     parse_header(&header, Some(file_len - 8 - n))
 }
 
@@ -149,9 +128,7 @@ pub fn classify(name: &str) -> Part {
     let lower = name.to_ascii_lowercase();
     if lower.contains("lm_head") || name == "output.weight" {
         Part::LmHead
-    } else if ["embed_tokens", "wte", "tok_embeddings", "word_embeddings"]
-        .iter()
-        .any(|e| lower.contains(e))
+    } else if ["embed_tokens", "wte", "tok_embeddings", "word_embeddings"].iter().any(|e| lower.contains(e))
         && !lower.contains("vision")
     {
         Part::Embedding
@@ -179,14 +156,8 @@ pub struct WeightBytes {
 }
 
 impl WeightBytes {
-    pub fn from_tensors<'a>(
-        layers: u64,
-        tensors: impl IntoIterator<Item = &'a TensorInfo>,
-    ) -> Self {
-        let mut w = WeightBytes {
-            per_layer: vec![0; layers as usize],
-            ..Default::default()
-        };
+    pub fn from_tensors<'a>(layers: u64, tensors: impl IntoIterator<Item = &'a TensorInfo>) -> Self {
+        let mut w = WeightBytes { per_layer: vec![0; layers as usize], ..Default::default() };
         for t in tensors {
             w.tensors += 1;
             match classify(&t.name) {
@@ -213,23 +184,14 @@ impl WeightBytes {
 /// Names of the files a `model.safetensors.index.json` points to, in order.
 pub fn index_files(index_json: &str) -> Result<Vec<String>, String> {
     let v: Value = serde_json::from_str(index_json).map_err(|e| format!("not valid JSON: {e}"))?;
-    let map = v
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or("weight_map is missing")?;
+    let map = v.get("weight_map").and_then(Value::as_object).ok_or("weight_map is missing")?;
     let files: std::collections::BTreeSet<String> = map
         .values()
-        .map(|f| {
-            f.as_str()
-                .map(str::to_string)
-                .ok_or("weight_map values must be file names")
-        })
+        .map(|f| f.as_str().map(str::to_string).ok_or("weight_map values must be file names"))
         .collect::<Result<_, _>>()?;
     for f in &files {
         if f.contains('/') || f.contains("..") {
-            return Err(format!(
-                "weight_map names {f:?}, which is not a file in the model directory"
-            ));
+            return Err(format!("weight_map names {f:?}, which is not a file in the model directory"));
         }
     }
     Ok(files.into_iter().collect())
@@ -261,26 +223,14 @@ mod tests {
 
     #[test]
     fn classifies_tensor_names() {
-        assert_eq!(
-            classify("model.layers.12.self_attn.q_proj.weight"),
-            Part::Layer(12)
-        );
+        assert_eq!(classify("model.layers.12.self_attn.q_proj.weight"), Part::Layer(12));
         assert_eq!(classify("transformer.h.3.mlp.c_fc.weight"), Part::Layer(3));
-        assert_eq!(
-            classify("language_model.model.layers.0.mlp.experts.gate_up_proj"),
-            Part::Layer(0)
-        );
+        assert_eq!(classify("language_model.model.layers.0.mlp.experts.gate_up_proj"), Part::Layer(0));
         assert_eq!(classify("model.embed_tokens.weight"), Part::Embedding);
         assert_eq!(classify("lm_head.weight"), Part::LmHead);
         assert_eq!(classify("model.norm.weight"), Part::Last);
-        assert_eq!(
-            classify("vision_model.model.layers.3.mlp.fc1.weight"),
-            Part::First
-        );
-        assert_eq!(
-            classify("multi_modal_projector.linear_1.weight"),
-            Part::First
-        );
+        assert_eq!(classify("vision_model.model.layers.3.mlp.fc1.weight"), Part::First);
+        assert_eq!(classify("multi_modal_projector.linear_1.weight"), Part::First);
     }
 
     #[test]
@@ -291,11 +241,7 @@ mod tests {
             ("model.embed_tokens.weight", "BF16", &[128, 64]),
             ("model.layers.0.self_attn.q_proj.weight", "BF16", &[64, 64]),
             ("model.layers.1.mlp.down_proj.weight", "F8_E4M3", &[64, 256]),
-            (
-                "model.layers.1.mlp.down_proj.weight_scale_inv",
-                "F32",
-                &[1, 2],
-            ),
+            ("model.layers.1.mlp.down_proj.weight_scale_inv", "F32", &[1, 2]),
             ("model.layers.2.mtp.weight", "BF16", &[8]),
             ("model.norm.weight", "BF16", &[64]),
             ("lm_head.weight", "BF16", &[128, 64]),
@@ -308,10 +254,7 @@ mod tests {
         assert_eq!(w.unused, 16, "layer 2 is past num_hidden_layers");
         assert_eq!(w.last_stage_other, 128);
         assert_eq!(w.lm_head, 128 * 64 * 2);
-        assert_eq!(
-            w.total(),
-            128 * 64 * 2 * 2 + 64 * 64 * 2 + 64 * 256 + 8 + 128
-        );
+        assert_eq!(w.total(), 128 * 64 * 2 * 2 + 64 * 64 * 2 + 64 * 256 + 8 + 128);
     }
 
     #[test]
@@ -326,26 +269,14 @@ mod tests {
         let mut long = 1000u64.to_le_bytes().to_vec();
         long.extend_from_slice(b"{}");
         std::fs::write(&p, &long).expect("write");
-        assert!(
-            read_header(&p)
-                .expect_err("past end")
-                .contains("longer than the file")
-        );
+        assert!(read_header(&p).expect_err("past end").contains("longer than the file"));
 
         std::fs::write(&p, [1u8, 2]).expect("write");
         assert!(read_header(&p).expect_err("short").contains("8-byte"));
 
         let bad = br#"{"t": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 100]}}"#;
-        assert!(
-            parse_header(bad, Some(1000))
-                .expect_err("shape mismatch")
-                .contains("needs 8 bytes")
-        );
-        assert!(
-            parse_header(bad, Some(50))
-                .expect_err("past data")
-                .contains("past the file")
-        );
+        assert!(parse_header(bad, Some(1000)).expect_err("shape mismatch").contains("needs 8 bytes"));
+        assert!(parse_header(bad, Some(50)).expect_err("past data").contains("past the file"));
         let rev = br#"{"t": {"dtype": "BF16", "shape": [0], "data_offsets": [10, 0]}}"#;
         assert!(parse_header(rev, None).is_err());
     }
@@ -355,10 +286,7 @@ mod tests {
         let idx = r#"{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors", "c": "model-00001-of-00002.safetensors"}}"#;
         assert_eq!(
             index_files(idx).expect("ok"),
-            vec![
-                "model-00001-of-00002.safetensors",
-                "model-00002-of-00002.safetensors"
-            ]
+            vec!["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
         );
         assert!(index_files(r#"{"weight_map": {"a": "../etc/passwd"}}"#).is_err());
         assert!(index_files(r#"{}"#).is_err());

@@ -40,11 +40,7 @@ impl Weights {
     /// per parameter; embeddings, LM head and norms stay at the model dtype.
     pub fn estimate(m: &ModelDesc) -> Weights {
         let dt = m.dtype.bytes() as f64;
-        let lin = m
-            .quantization
-            .as_ref()
-            .map(|q| q.bytes_per_param(m.dtype))
-            .unwrap_or(dt);
+        let lin = m.quantization.as_ref().map(|q| q.bytes_per_param(m.dtype)).unwrap_or(dt);
         let (h, hidden) = (m.num_attention_heads as f64, m.hidden_size as f64);
         let attn = match &m.mla {
             Some(mla) => {
@@ -54,8 +50,7 @@ impl Weights {
                     None => hidden * h * qk,
                 };
                 let kv_a = hidden * (mla.kv_lora_rank + mla.qk_rope_head_dim) as f64;
-                let kv_b =
-                    mla.kv_lora_rank as f64 * h * (mla.qk_nope_head_dim + mla.v_head_dim) as f64;
+                let kv_b = mla.kv_lora_rank as f64 * h * (mla.qk_nope_head_dim + mla.v_head_dim) as f64;
                 let o = h * mla.v_head_dim as f64 * hidden;
                 q + kv_a + kv_b + o
             }
@@ -65,10 +60,7 @@ impl Weights {
                 hidden * h * hd + 2.0 * hidden * kv * hd + h * hd * hidden
             }
         };
-        let dense_ffn = m
-            .intermediate_size
-            .map(|i| 3.0 * hidden * i as f64)
-            .unwrap_or(0.0);
+        let dense_ffn = m.intermediate_size.map(|i| 3.0 * hidden * i as f64).unwrap_or(0.0);
         let per_layer = (0..m.num_hidden_layers)
             .map(|layer| {
                 let ffn = match &m.moe {
@@ -99,9 +91,7 @@ impl Weights {
     /// Bytes one GPU of stage `s` holds with `tp`-way tensor parallelism.
     pub fn per_gpu(&self, m: &ModelDesc, counts: &[u64], s: usize, tp: u64) -> u64 {
         let start: u64 = counts[..s].iter().sum();
-        let layers: u64 = self.per_layer[start as usize..(start + counts[s]) as usize]
-            .iter()
-            .sum();
+        let layers: u64 = self.per_layer[start as usize..(start + counts[s]) as usize].iter().sum();
         let mut bytes = layers;
         let pp = counts.len();
         if s == 0 {
@@ -111,31 +101,18 @@ impl Weights {
             bytes += self.last_other;
             // Tied embeddings share one tensor on a single stage; with pipelining the last stage
             // loads its own copy for the LM head.
-            bytes += if self.lm_head == 0 && m.tie_word_embeddings && pp > 1 {
-                self.embedding
-            } else {
-                self.lm_head
-            };
+            bytes += if self.lm_head == 0 && m.tie_word_embeddings && pp > 1 { self.embedding } else { self.lm_head };
         }
         bytes.div_ceil(tp.max(1))
     }
 
     pub fn total(&self) -> u64 {
-        self.per_layer.iter().sum::<u64>()
-            + self.embedding
-            + self.lm_head
-            + self.first_other
-            + self.last_other
+        self.per_layer.iter().sum::<u64>() + self.embedding + self.lm_head + self.first_other + self.last_other
     }
 }
 
 /// KV cache bytes per token on one rank of a stage with `layers` layers.
-pub fn kv_bytes_per_token(
-    m: &ModelDesc,
-    layers: u64,
-    kv_heads_per_rank: u64,
-    kv_dtype: DType,
-) -> u64 {
+pub fn kv_bytes_per_token(m: &ModelDesc, layers: u64, kv_heads_per_rank: u64, kv_dtype: DType) -> u64 {
     let b = kv_dtype.bytes();
     match &m.mla {
         Some(mla) => layers * (mla.kv_lora_rank + mla.qk_rope_head_dim) * b,
@@ -178,13 +155,8 @@ pub fn memory(
     max_model_len: Option<u64>,
 ) -> MemoryReport {
     let budget = (gpu_memory as f64 * utilization) as u64;
-    let by_stage: Vec<u64> = (0..counts.len())
-        .map(|s| w.per_gpu(m, counts, s, tp))
-        .collect();
-    let kv_per_token: Vec<u64> = counts
-        .iter()
-        .map(|&l| kv_bytes_per_token(m, l, kv_heads_per_rank, m.dtype))
-        .collect();
+    let by_stage: Vec<u64> = (0..counts.len()).map(|s| w.per_gpu(m, counts, s, tp)).collect();
+    let kv_per_token: Vec<u64> = counts.iter().map(|&l| kv_bytes_per_token(m, l, kv_heads_per_rank, m.dtype)).collect();
     let mut tokens = u64::MAX;
     let mut kv_min = u64::MAX;
     let mut shortfall = 0u64;

@@ -38,9 +38,7 @@ impl std::str::FromStr for Size {
         }
         match s.parse::<u64>() {
             Ok(n) if (1..=4096).contains(&n) => Ok(Size::Fixed(n)),
-            _ => Err(format!(
-                "invalid size {s:?}: write a whole number from 1 to 4096, or auto"
-            )),
+            _ => Err(format!("invalid size {s:?}: write a whole number from 1 to 4096, or auto")),
         }
     }
 }
@@ -110,19 +108,15 @@ impl ModelSummary {
             dtype: m.dtype.name().to_string(),
             dtype_assumed: m.dtype_assumed,
             quantization: m.quantization.as_ref().map(|q| match q {
-                Quantization::Fp8 {
-                    block: Some((n, k)),
-                } => format!("fp8 (blocks {n}x{k})"),
+                Quantization::Fp8 { block: Some((n, k)) } => format!("fp8 (blocks {n}x{k})"),
                 Quantization::Fp8 { block: None } => "fp8".into(),
                 Quantization::Mxfp4 => "mxfp4".into(),
-                Quantization::Gptq { bits, group_size } => format!(
-                    "gptq {bits}-bit, group {}",
-                    group_size.map(|g| g.to_string()).unwrap_or("none".into())
-                ),
-                Quantization::Awq { bits, group_size } => format!(
-                    "awq {bits}-bit, group {}",
-                    group_size.map(|g| g.to_string()).unwrap_or("none".into())
-                ),
+                Quantization::Gptq { bits, group_size } => {
+                    format!("gptq {bits}-bit, group {}", group_size.map(|g| g.to_string()).unwrap_or("none".into()))
+                }
+                Quantization::Awq { bits, group_size } => {
+                    format!("awq {bits}-bit, group {}", group_size.map(|g| g.to_string()).unwrap_or("none".into()))
+                }
                 Quantization::Other { name } => {
                     format!("{name} (not modelled: weights estimated at the model dtype)")
                 }
@@ -167,17 +161,15 @@ pub struct PlanReport {
 
 /// Plans `model` on `cluster`. Never fails: an invalid request is a report with `valid: false`
 /// and errors that say why.
-pub fn plan(
-    model: &ModelDesc,
-    weights: &Weights,
-    cluster: &Cluster,
-    req: &PlanRequest,
-) -> PlanReport {
+pub fn plan(model: &ModelDesc, weights: &Weights, cluster: &Cluster, req: &PlanRequest) -> PlanReport {
     let valid_tp = rules::valid_tp_sizes(model);
     let mut warnings: Vec<String> = model.notes.clone();
     let max_model_len = req.max_model_len.or(model.max_position_embeddings);
     if max_model_len.is_none() {
-        warnings.push("the model has no max_position_embeddings and no --max-model-len was given: KV cache fit is not checked".into());
+        warnings.push(
+            "the model has no max_position_embeddings and no --max-model-len was given: KV cache fit is not checked"
+                .into(),
+        );
     }
     if !(req.gpu_memory_utilization > 0.0 && req.gpu_memory_utilization <= 1.0) {
         return invalid(
@@ -242,10 +234,9 @@ pub fn plan(
         )
     }) {
         if let Some(first) = errors.first_mut() {
-            first.message.push_str(&format!(
-                " Valid tensor parallel sizes for this model: {}.",
-                rules::list(&valid_tp)
-            ));
+            first
+                .message
+                .push_str(&format!(" Valid tensor parallel sizes for this model: {}.", rules::list(&valid_tp)));
         }
     }
     let counts = match &req.layer_partition {
@@ -255,22 +246,13 @@ pub fn plan(
     let counts = match counts {
         Ok(c) => {
             if c.contains(&0) {
-                warnings.push(
-                    "a pipeline stage holds no layers; it will only pass activations on".into(),
-                );
+                warnings.push("a pipeline stage holds no layers; it will only pass activations on".into());
             }
             c
         }
         Err(e) => {
-            let rule = if req.layer_partition.is_some() {
-                "layer_partition"
-            } else {
-                "pipeline_parallel_size"
-            };
-            errors.push(Violation {
-                rule: rule.into(),
-                message: e.to_string(),
-            });
+            let rule = if req.layer_partition.is_some() { "layer_partition" } else { "pipeline_parallel_size" };
+            errors.push(Violation { rule: rule.into(), message: e.to_string() });
             Vec::new()
         }
     };
@@ -284,16 +266,10 @@ pub fn plan(
                 warnings.extend(p.warnings.iter().cloned());
                 placement = Some(p);
             }
-            Err(e) => errors.push(Violation {
-                rule: "placement".into(),
-                message: e.to_string(),
-            }),
+            Err(e) => errors.push(Violation { rule: "placement".into(), message: e.to_string() }),
         }
     }
-    let gpu_memory = placement
-        .as_ref()
-        .map(|p| p.gpu_memory_bytes)
-        .or_else(|| cluster.min_free_gpu_memory());
+    let gpu_memory = placement.as_ref().map(|p| p.gpu_memory_bytes).or_else(|| cluster.min_free_gpu_memory());
     // Memory is only meaningful for a shape vLLM would accept.
     let shape_ok = rules::check_tp(model, tp).is_empty();
     let memory = match (gpu_memory, counts.is_empty() || !shape_ok) {
@@ -331,13 +307,8 @@ pub fn plan(
                 )
             };
             if alternatives.is_empty() {
-                let all = PlanRequest {
-                    tp: Size::Auto,
-                    pp: Size::Auto,
-                    ..req.clone()
-                };
-                alternatives =
-                    auto_candidates(model, weights, cluster, &all, &valid_tp, max_model_len);
+                let all = PlanRequest { tp: Size::Auto, pp: Size::Auto, ..req.clone() };
+                alternatives = auto_candidates(model, weights, cluster, &all, &valid_tp, max_model_len);
             }
             match alternatives.first() {
                 Some(_) => msg.push_str(&format!(
@@ -358,10 +329,7 @@ pub fn plan(
                 )),
                 None => msg.push_str(". No TP x PP fits on the free GPUs of this cluster"),
             }
-            errors.push(Violation {
-                rule: "memory".into(),
-                message: msg,
-            });
+            errors.push(Violation { rule: "memory".into(), message: msg });
         }
     }
 
@@ -426,11 +394,7 @@ fn auto_candidates(
     };
     let tps: Vec<u64> = match req.tp {
         Size::Fixed(t) => vec![t],
-        Size::Auto => valid_tp
-            .iter()
-            .copied()
-            .filter(|&t| t <= per_node)
-            .collect(),
+        Size::Auto => valid_tp.iter().copied().filter(|&t| t <= per_node).collect(),
     };
     let pps: Vec<u64> = match req.pp {
         Size::Fixed(p) => vec![p],
@@ -449,16 +413,7 @@ fn auto_candidates(
             let Ok(counts) = partition::layer_counts(model.num_hidden_layers, pp) else {
                 continue;
             };
-            let m = memory::memory(
-                model,
-                weights,
-                &counts,
-                tp,
-                kv,
-                mem,
-                req.gpu_memory_utilization,
-                max_model_len,
-            );
+            let m = memory::memory(model, weights, &counts, tp, kv, mem, req.gpu_memory_utilization, max_model_len);
             if m.fits {
                 sized.push((tp, pp, m));
             }
@@ -466,12 +421,7 @@ fn auto_candidates(
     }
     // Rank before placing, then place in rank order until enough alternatives are found.
     sized.sort_by_key(|(tp, pp, m)| {
-        (
-            tp * pp,
-            (tp * pp).div_ceil(per_node.max(1)),
-            *pp,
-            std::cmp::Reverse(m.kv_cache_tokens),
-        )
+        (tp * pp, (tp * pp).div_ceil(per_node.max(1)), *pp, std::cmp::Reverse(m.kv_cache_tokens))
     });
     let mut out = Vec::new();
     for (tp, pp, m) in sized {
@@ -489,14 +439,7 @@ fn auto_candidates(
             }
         }
     }
-    out.sort_by_key(|a| {
-        (
-            a.world_size,
-            a.nnodes,
-            a.pp,
-            std::cmp::Reverse(a.kv_cache_tokens),
-        )
-    });
+    out.sort_by_key(|a| (a.world_size, a.nnodes, a.pp, std::cmp::Reverse(a.kv_cache_tokens)));
     out
 }
 

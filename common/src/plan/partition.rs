@@ -23,19 +23,11 @@ pub enum PartitionError {
     #[error(
         "layer partition {given:?} has {len} entries but pipeline parallel size is {pp}: give exactly one layer count per stage"
     )]
-    WrongLength {
-        given: Vec<u64>,
-        len: usize,
-        pp: u64,
-    },
+    WrongLength { given: Vec<u64>, len: usize, pp: u64 },
     #[error(
         "layer partition {given:?} sums to {sum} but the model has {layers} layers: the counts must add up to {layers}"
     )]
-    WrongSum {
-        given: Vec<u64>,
-        sum: u64,
-        layers: u64,
-    },
+    WrongSum { given: Vec<u64>, sum: u64, layers: u64 },
 }
 
 /// vLLM's rule: every stage gets `L / pp`; the `L % pp` extra layers go one each to stages
@@ -63,19 +55,11 @@ pub fn check_override(given: &[u64], layers: u64, pp: u64) -> Result<Vec<u64>, P
         return Err(PartitionError::ZeroStages);
     }
     if given.len() as u64 != pp {
-        return Err(PartitionError::WrongLength {
-            given: given.to_vec(),
-            len: given.len(),
-            pp,
-        });
+        return Err(PartitionError::WrongLength { given: given.to_vec(), len: given.len(), pp });
     }
     let sum: u64 = given.iter().fold(0u64, |a, &b| a.saturating_add(b));
     if sum != layers {
-        return Err(PartitionError::WrongSum {
-            given: given.to_vec(),
-            sum,
-            layers,
-        });
+        return Err(PartitionError::WrongSum { given: given.to_vec(), sum, layers });
     }
     Ok(given.to_vec())
 }
@@ -84,11 +68,9 @@ pub fn check_override(given: &[u64], layers: u64, pp: u64) -> Result<Vec<u64>, P
 pub fn parse_partition(s: &str) -> Result<Vec<u64>, String> {
     s.split(',')
         .map(|p| {
-            p.trim().parse::<u64>().map_err(|_| {
-                format!(
-                    "invalid layer partition {s:?}: {p:?} is not a whole number; write e.g. 40,40"
-                )
-            })
+            p.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("invalid layer partition {s:?}: {p:?} is not a whole number; write e.g. 40,40"))
         })
         .collect()
 }
@@ -99,12 +81,7 @@ pub fn stages(counts: &[u64]) -> Vec<Stage> {
         .iter()
         .enumerate()
         .map(|(i, &n)| {
-            let s = Stage {
-                pp_rank: i as u64,
-                layer_start: start,
-                layer_end: start + n,
-                num_layers: n,
-            };
+            let s = Stage { pp_rank: i as u64, layer_start: start, layer_end: start + n, num_layers: n };
             start += n;
             s
         })
@@ -123,30 +100,18 @@ mod tests {
         assert_eq!(layer_counts(61, 8), Ok(vec![7, 7, 8, 8, 8, 8, 8, 7]));
         assert_eq!(layer_counts(28, 8), Ok(vec![3, 3, 3, 4, 4, 4, 4, 3]));
         assert_eq!(layer_counts(5, 5), Ok(vec![1, 1, 1, 1, 1]));
-        assert_eq!(
-            layer_counts(4, 5),
-            Err(PartitionError::TooManyStages { pp: 5, layers: 4 })
-        );
+        assert_eq!(layer_counts(4, 5), Err(PartitionError::TooManyStages { pp: 5, layers: 4 }));
     }
 
     #[test]
     fn overrides_are_checked() {
         assert_eq!(check_override(&[23, 4], 27, 2), Ok(vec![23, 4]));
-        assert!(matches!(
-            check_override(&[23, 4], 28, 2),
-            Err(PartitionError::WrongSum { sum: 27, .. })
-        ));
-        assert!(matches!(
-            check_override(&[27], 27, 2),
-            Err(PartitionError::WrongLength { len: 1, .. })
-        ));
+        assert!(matches!(check_override(&[23, 4], 28, 2), Err(PartitionError::WrongSum { sum: 27, .. })));
+        assert!(matches!(check_override(&[27], 27, 2), Err(PartitionError::WrongLength { len: 1, .. })));
         assert_eq!(parse_partition("23, 4"), Ok(vec![23, 4]));
         assert!(parse_partition("23,x").expect_err("bad").contains("\"x\""));
         let s = stages(&[2, 3]);
-        assert_eq!(
-            (s[1].layer_start, s[1].layer_end, s[1].num_layers),
-            (2, 5, 3)
-        );
+        assert_eq!((s[1].layer_start, s[1].layer_end, s[1].num_layers), (2, 5, 3));
     }
 
     proptest! {

@@ -35,11 +35,7 @@ pub struct ClusterNode {
 
 impl ClusterNode {
     fn free(&self) -> usize {
-        if self.schedulable {
-            self.gpus.iter().filter(|g| !g.reserved).count()
-        } else {
-            0
-        }
+        if self.schedulable { self.gpus.iter().filter(|g| !g.reserved).count() } else { 0 }
     }
 }
 
@@ -75,21 +71,13 @@ impl Cluster {
 
     /// Parses `NODESxGPUSxMEMORY` (`2x8x80GiB`) for [`Cluster::uniform`].
     pub fn parse_spec(s: &str) -> Result<(u32, u32, u64), String> {
-        let err = |why: &str| {
-            format!("invalid --gpus {s:?}: {why}; write NODESxGPUSxMEMORY, e.g. 2x8x80GiB")
-        };
+        let err = |why: &str| format!("invalid --gpus {s:?}: {why}; write NODESxGPUSxMEMORY, e.g. 2x8x80GiB");
         let parts: Vec<&str> = s.trim().splitn(3, ['x', 'X']).collect();
         let [nodes, gpus, mem] = parts.as_slice() else {
             return Err(err("three parts are needed"));
         };
-        let nodes: u32 = nodes
-            .trim()
-            .parse()
-            .map_err(|_| err("the node count is not a whole number"))?;
-        let gpus: u32 = gpus
-            .trim()
-            .parse()
-            .map_err(|_| err("the GPU count is not a whole number"))?;
+        let nodes: u32 = nodes.trim().parse().map_err(|_| err("the node count is not a whole number"))?;
+        let gpus: u32 = gpus.trim().parse().map_err(|_| err("the GPU count is not a whole number"))?;
         if nodes == 0 || gpus == 0 || nodes > 100_000 || gpus > 64 {
             return Err(err("nodes must be 1-100000 and GPUs per node 1-64"));
         }
@@ -152,17 +140,10 @@ pub enum PlacementError {
 }
 
 /// Places `tp * pp` ranks. `strict`: never let a TP group span nodes.
-pub fn place(
-    cluster: &Cluster,
-    tp: u64,
-    pp: u64,
-    strict: bool,
-) -> Result<Placement, PlacementError> {
+pub fn place(cluster: &Cluster, tp: u64, pp: u64, strict: bool) -> Result<Placement, PlacementError> {
     let world = tp * pp;
     if world == 0 {
-        return Err(PlacementError::Insufficient(
-            "tensor and pipeline parallel sizes must be at least 1".into(),
-        ));
+        return Err(PlacementError::Insufficient("tensor and pipeline parallel sizes must be at least 1".into()));
     }
     let free: Vec<usize> = cluster.nodes.iter().map(ClusterNode::free).collect();
     let divisors: Vec<u64> = (1..=world).filter(|k| world % k == 0).collect();
@@ -182,9 +163,7 @@ pub fn place(
             }
         }
     }
-    Err(PlacementError::Insufficient(shortfall(
-        cluster, &free, tp, world, strict,
-    )))
+    Err(PlacementError::Insufficient(shortfall(cluster, &free, tp, world, strict)))
 }
 
 /// The `k` nodes for `g` GPUs each, node rank 0 first; `None` if fewer than `k` can host `g`.
@@ -265,12 +244,7 @@ fn choose_gpus(node: &ClusterNode, g: usize, group: usize) -> (Vec<&ClusterGpu>,
         });
         let chosen: HashSet<usize> = picked.iter().copied().collect();
         out.extend(picked.iter().map(|&i| remaining[i]));
-        remaining = remaining
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| !chosen.contains(i))
-            .map(|(_, x)| x)
-            .collect();
+        remaining = remaining.into_iter().enumerate().filter(|(i, _)| !chosen.contains(i)).map(|(_, x)| x).collect();
     }
     (out, all_linked)
 }
@@ -281,9 +255,8 @@ fn clique(gpus: &[&ClusterGpu], want: usize) -> Option<Vec<usize>> {
     if want <= 1 {
         return (gpus.len() >= want).then(|| (0..want).collect());
     }
-    let linked = |a: &ClusterGpu, b: &ClusterGpu| {
-        a.nvlink_peers.contains(&b.index) && b.nvlink_peers.contains(&a.index)
-    };
+    let linked =
+        |a: &ClusterGpu, b: &ClusterGpu| a.nvlink_peers.contains(&b.index) && b.nvlink_peers.contains(&a.index);
     for start in 0..gpus.len() {
         let mut chosen = vec![start];
         for c in 0..gpus.len() {
@@ -304,13 +277,7 @@ fn clique(gpus: &[&ClusterGpu], want: usize) -> Option<Vec<usize>> {
 
 /// "need 16 GPUs as 2 nodes x 8; free: node-a 8, node-b 4, node-c 4"
 fn shortfall(cluster: &Cluster, free: &[usize], tp: u64, world: u64, strict: bool) -> String {
-    let largest = cluster
-        .nodes
-        .iter()
-        .filter(|n| n.schedulable)
-        .map(|n| n.gpus.len() as u64)
-        .max()
-        .unwrap_or(0);
+    let largest = cluster.nodes.iter().filter(|n| n.schedulable).map(|n| n.gpus.len() as u64).max().unwrap_or(0);
     let layouts: Vec<u64> = (1..=world).filter(|k| world % k == 0).collect();
     let need = layouts
         .iter()
@@ -320,19 +287,13 @@ fn shortfall(cluster: &Cluster, free: &[usize], tp: u64, world: u64, strict: boo
             let g = world / k;
             format!("need {world} GPUs as {k} node{} x {g}", if k == 1 { "" } else { "s" })
         })
-        .unwrap_or_else(|| format!("need {world} GPUs with each TP group of {tp} inside one node, but no node has {tp} GPUs"));
-    let mut nodes: Vec<(usize, &ClusterNode)> = cluster
-        .nodes
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| n.schedulable)
-        .collect();
+        .unwrap_or_else(|| {
+            format!("need {world} GPUs with each TP group of {tp} inside one node, but no node has {tp} GPUs")
+        });
+    let mut nodes: Vec<(usize, &ClusterNode)> =
+        cluster.nodes.iter().enumerate().filter(|(_, n)| n.schedulable).collect();
     nodes.sort_by(|(a, x), (b, y)| free[*b].cmp(&free[*a]).then_with(|| x.name.cmp(&y.name)));
-    let shown: Vec<String> = nodes
-        .iter()
-        .take(8)
-        .map(|(i, n)| format!("{} {}", n.name, free[*i]))
-        .collect();
+    let shown: Vec<String> = nodes.iter().take(8).map(|(i, n)| format!("{} {}", n.name, free[*i])).collect();
     let mut s = if shown.is_empty() {
         format!("{need}; no schedulable node has GPUs (nodes must be alive and not draining)")
     } else {
@@ -341,15 +302,9 @@ fn shortfall(cluster: &Cluster, free: &[usize], tp: u64, world: u64, strict: boo
     if nodes.len() > 8 {
         s.push_str(&format!(" and {} more nodes with fewer", nodes.len() - 8));
     }
-    let unschedulable = cluster
-        .nodes
-        .iter()
-        .filter(|n| !n.schedulable && !n.gpus.is_empty())
-        .count();
+    let unschedulable = cluster.nodes.iter().filter(|n| !n.schedulable && !n.gpus.is_empty()).count();
     if unschedulable > 0 {
-        s.push_str(&format!(
-            " ({unschedulable} node(s) with GPUs are dead, left or draining)"
-        ));
+        s.push_str(&format!(" ({unschedulable} node(s) with GPUs are dead, left or draining)"));
     }
     s
 }

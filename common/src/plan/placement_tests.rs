@@ -26,11 +26,7 @@ fn node(name: &str, is_head: bool, gpus: u32, reserved: &[u32]) -> ClusterNode {
 fn gpu_specs_parse() {
     assert_eq!(Cluster::parse_spec("2x8x80GiB"), Ok((2, 8, 80 << 30)));
     for bad in ["8x80GiB", "0x8x80GiB", "2x8x0", "axbxc", "2x65x80GiB"] {
-        assert!(
-            Cluster::parse_spec(bad)
-                .expect_err(bad)
-                .contains("NODESxGPUSxMEMORY")
-        );
+        assert!(Cluster::parse_spec(bad).expect_err(bad).contains("NODESxGPUSxMEMORY"));
     }
 }
 
@@ -39,10 +35,7 @@ fn one_node_beats_two_and_the_head_hosts_node_rank_0() {
     let c = Cluster::uniform(3, 8, 80 << 30);
     let p = place(&c, 8, 1, false).expect("fits");
     assert_eq!((p.nnodes, p.gpus_per_node), (1, 8));
-    assert!(
-        p.ranks.iter().all(|r| r.node == "node-0"),
-        "the head, node-0, has the GPUs"
-    );
+    assert!(p.ranks.iter().all(|r| r.node == "node-0"), "the head, node-0, has the GPUs");
 
     let p = place(&c, 8, 2, false).expect("fits");
     assert_eq!(p.nnodes, 2);
@@ -55,12 +48,7 @@ fn one_node_beats_two_and_the_head_hosts_node_rank_0() {
 
 #[test]
 fn a_busy_head_gives_node_rank_0_to_another_node() {
-    let c = Cluster {
-        nodes: vec![
-            node("head", true, 4, &[0, 1, 2, 3]),
-            node("w1", false, 4, &[]),
-        ],
-    };
+    let c = Cluster { nodes: vec![node("head", true, 4, &[0, 1, 2, 3]), node("w1", false, 4, &[])] };
     let p = place(&c, 4, 1, true).expect("fits on w1");
     assert!(p.ranks.iter().all(|r| r.node == "w1"));
 }
@@ -75,10 +63,7 @@ fn the_shortfall_names_the_layout_and_the_free_gpus() {
         ],
     };
     let e = place(&c, 8, 2, true).expect_err("no second node with 8 free");
-    assert_eq!(
-        e.to_string(),
-        "need 16 GPUs as 2 nodes x 8; free: node-a 8, node-b 4, node-c 4"
-    );
+    assert_eq!(e.to_string(), "need 16 GPUs as 2 nodes x 8; free: node-a 8, node-b 4, node-c 4");
 }
 
 #[test]
@@ -91,20 +76,12 @@ fn tp_groups_take_nvlink_islands() {
     let c = Cluster { nodes: vec![n] };
     let p = place(&c, 4, 1, true).expect("fits");
     let gpus: Vec<u32> = p.ranks.iter().map(|r| r.gpu_index).collect();
-    assert_eq!(
-        gpus,
-        vec![4, 5, 6, 7],
-        "the whole island, not 0,2,3 plus a stranger"
-    );
+    assert_eq!(gpus, vec![4, 5, 6, 7], "the whole island, not 0,2,3 plus a stranger");
     assert!(p.warnings.is_empty());
 
     let p = place(&c, 2, 3, true).expect("fits");
     for pair in p.ranks.chunks(2) {
-        assert_eq!(
-            pair[0].gpu_index < 4,
-            pair[1].gpu_index < 4,
-            "each TP pair inside one island: {pair:?}"
-        );
+        assert_eq!(pair[0].gpu_index < 4, pair[1].gpu_index < 4, "each TP pair inside one island: {pair:?}");
     }
     assert!(p.warnings.is_empty());
 }
@@ -122,9 +99,7 @@ fn tp_across_nodes_is_a_warning_or_with_strict_an_error() {
 
 #[test]
 fn best_fit_keeps_big_nodes_whole() {
-    let c = Cluster {
-        nodes: vec![node("big", false, 8, &[]), node("small", false, 4, &[])],
-    };
+    let c = Cluster { nodes: vec![node("big", false, 8, &[]), node("small", false, 4, &[])] };
     let p = place(&c, 4, 1, true).expect("fits");
     assert!(p.ranks.iter().all(|r| r.node == "small"));
 }
@@ -133,47 +108,35 @@ fn best_fit_keeps_big_nodes_whole() {
 fn unschedulable_and_reserved_gpus_are_never_used() {
     let mut dead = node("dead", true, 8, &[]);
     dead.schedulable = false;
-    let c = Cluster {
-        nodes: vec![dead, node("w", false, 8, &[0, 1, 2, 3, 4, 5])],
-    };
+    let c = Cluster { nodes: vec![dead, node("w", false, 8, &[0, 1, 2, 3, 4, 5])] };
     let p = place(&c, 2, 1, true).expect("fits");
-    assert_eq!(
-        p.ranks.iter().map(|r| r.gpu_index).collect::<Vec<_>>(),
-        vec![6, 7]
-    );
+    assert_eq!(p.ranks.iter().map(|r| r.gpu_index).collect::<Vec<_>>(), vec![6, 7]);
     let e = place(&c, 4, 1, true).expect_err("only 2 free");
     assert!(e.to_string().contains("dead, left or draining"), "{e}");
 }
 
 fn arb_cluster() -> impl Strategy<Value = Cluster> {
-    prop::collection::vec(
-        (
-            1u32..=8,
-            prop::collection::vec(any::<bool>(), 8),
-            any::<bool>(),
-            0u8..4,
-        ),
-        1..7,
-    )
-    .prop_map(|nodes| {
-        Cluster {
-            nodes: nodes
-                .into_iter()
-                .enumerate()
-                .map(|(i, (gpus, reserved, schedulable, links))| {
-                    let res: Vec<u32> = (0..gpus).filter(|&g| reserved[g as usize]).collect();
-                    let mut n = node(&format!("n{i}"), i == 0, gpus, &res);
-                    n.schedulable = schedulable || i == 0;
-                    if links == 0 {
-                        for g in &mut n.gpus {
-                            g.nvlink_peers.clear(); // a PCIe-only node
+    prop::collection::vec((1u32..=8, prop::collection::vec(any::<bool>(), 8), any::<bool>(), 0u8..4), 1..7).prop_map(
+        |nodes| {
+            Cluster {
+                nodes: nodes
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (gpus, reserved, schedulable, links))| {
+                        let res: Vec<u32> = (0..gpus).filter(|&g| reserved[g as usize]).collect();
+                        let mut n = node(&format!("n{i}"), i == 0, gpus, &res);
+                        n.schedulable = schedulable || i == 0;
+                        if links == 0 {
+                            for g in &mut n.gpus {
+                                g.nvlink_peers.clear(); // a PCIe-only node
+                            }
                         }
-                    }
-                    n
-                })
-                .collect(),
-        }
-    })
+                        n
+                    })
+                    .collect(),
+            }
+        },
+    )
 }
 
 proptest! {

@@ -12,20 +12,14 @@ pub struct Violation {
 }
 
 fn v(rule: &str, message: String) -> Violation {
-    Violation {
-        rule: rule.to_string(),
-        message,
-    }
+    Violation { rule: rule.to_string(), message }
 }
 
 /// Every rule a TP size must pass for this model. Empty when `tp` is valid.
 pub fn check_tp(m: &ModelDesc, tp: u64) -> Vec<Violation> {
     let mut out = Vec::new();
     if tp == 0 {
-        out.push(v(
-            "tensor_parallel_size",
-            "tensor parallel size must be at least 1".into(),
-        ));
+        out.push(v("tensor_parallel_size", "tensor parallel size must be at least 1".into()));
         return out;
     }
     let h = m.num_attention_heads;
@@ -56,9 +50,7 @@ pub fn check_tp(m: &ModelDesc, tp: u64) -> Vec<Violation> {
         if i % tp != 0 {
             out.push(v(
                 "intermediate_size",
-                format!(
-                    "intermediate_size ({i}) must be divisible by tensor parallel size ({tp})."
-                ),
+                format!("intermediate_size ({i}) must be divisible by tensor parallel size ({tp})."),
             ));
         }
     }
@@ -67,7 +59,10 @@ pub fn check_tp(m: &ModelDesc, tp: u64) -> Vec<Violation> {
         if m.intermediate_size != Some(i) && i % tp != 0 {
             out.push(v(
                 "moe_intermediate_size",
-                format!("{} ({i}) must be divisible by tensor parallel size ({tp}) without expert parallelism.", expert_width_name(m)),
+                format!(
+                    "{} ({i}) must be divisible by tensor parallel size ({tp}) without expert parallelism.",
+                    expert_width_name(m)
+                ),
             ));
         }
     }
@@ -82,9 +77,7 @@ pub fn check_tp(m: &ModelDesc, tp: u64) -> Vec<Violation> {
         }
     }
     match &m.quantization {
-        Some(Quantization::Fp8 {
-            block: Some((bn, bk)),
-        }) => {
+        Some(Quantization::Fp8 { block: Some((bn, bk)) }) => {
             for (name, width) in &ffn_widths {
                 if width % tp != 0 {
                     continue; // reported above
@@ -104,11 +97,7 @@ pub fn check_tp(m: &ModelDesc, tp: u64) -> Vec<Violation> {
             if let Some(g) = q.group_size() {
                 // Row-parallel layers split their input: down_proj (the FFN width), o_proj (heads x head_dim).
                 let attn = m.num_attention_heads * m.head_dim;
-                for (name, width) in ffn_widths
-                    .iter()
-                    .copied()
-                    .chain([("attention output (heads x head_dim)", attn)])
-                {
+                for (name, width) in ffn_widths.iter().copied().chain([("attention output (heads x head_dim)", attn)]) {
                     if width % tp != 0 {
                         continue;
                     }
@@ -139,9 +128,7 @@ fn expert_width_name(m: &ModelDesc) -> &'static str {
 /// The TP sizes that pass every rule: divisors of the attention head count that also pass the
 /// KV, FFN and quantization rules.
 pub fn valid_tp_sizes(m: &ModelDesc) -> Vec<u64> {
-    (1..=m.num_attention_heads)
-        .filter(|&t| m.num_attention_heads % t == 0 && check_tp(m, t).is_empty())
-        .collect()
+    (1..=m.num_attention_heads).filter(|&t| m.num_attention_heads % t == 0 && check_tp(m, t).is_empty()).collect()
 }
 
 /// KV heads each rank holds, and how many ranks hold a copy of each (replication).
@@ -150,17 +137,9 @@ pub fn kv_heads_per_rank(m: &ModelDesc, tp: u64) -> (u64, u64) {
         return (1, tp.max(1)); // one latent KV "head", replicated on every rank
     }
     let kv = m.num_key_value_heads;
-    if tp >= kv {
-        (1, tp / kv.max(1))
-    } else {
-        (kv / tp.max(1), 1)
-    }
+    if tp >= kv { (1, tp / kv.max(1)) } else { (kv / tp.max(1), 1) }
 }
 
 pub fn list(sizes: &[u64]) -> String {
-    sizes
-        .iter()
-        .map(u64::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
+    sizes.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
 }

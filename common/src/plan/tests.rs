@@ -8,9 +8,7 @@ use super::*;
 use crate::model::{ModelDesc, parse_config};
 
 fn config(name: &str) -> ModelDesc {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/model-configs")
-        .join(format!("{name}.json"));
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/model-configs").join(format!("{name}.json"));
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     parse_config(&p.display().to_string(), &text).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -36,15 +34,7 @@ fn every_config_parses_to_the_published_shape() {
         ("Mixtral-8x7B-v0.1", 32, 8, 32, 128, Some(8), false),
         ("Qwen2.5-7B-Instruct", 28, 4, 28, 128, None, false),
         ("Phi-3-mini-4k-instruct", 32, 32, 32, 96, None, false),
-        (
-            "Llama-4-Scout-17B-16E-Instruct",
-            40,
-            8,
-            48,
-            128,
-            Some(16),
-            false,
-        ),
+        ("Llama-4-Scout-17B-16E-Instruct", 40, 8, 48, 128, Some(16), false),
         ("DeepSeek-V3", 128, 128, 61, 56, Some(256), true),
     ];
     for (name, h, kv, l, hd, experts, mla) in want {
@@ -65,28 +55,12 @@ fn every_config_parses_to_the_published_shape() {
     let scout = config("Llama-4-Scout-17B-16E-Instruct");
     assert_eq!(scout.architecture, "Llama4ForConditionalGeneration");
     assert!(scout.notes.iter().any(|n| n.contains("text_config")));
-    assert_eq!(
-        scout.intermediate_size,
-        Some(16384),
-        "dense layers use intermediate_size_mlp"
-    );
-    assert_eq!(
-        scout.moe.as_ref().map(|x| x.expert_intermediate_size),
-        Some(8192)
-    );
+    assert_eq!(scout.intermediate_size, Some(16384), "dense layers use intermediate_size_mlp");
+    assert_eq!(scout.moe.as_ref().map(|x| x.expert_intermediate_size), Some(8192));
     let ds = config("DeepSeek-V3");
+    assert_eq!(ds.quantization, Some(crate::model::Quantization::Fp8 { block: Some((128, 128)) }));
     assert_eq!(
-        ds.quantization,
-        Some(crate::model::Quantization::Fp8 {
-            block: Some((128, 128))
-        })
-    );
-    assert_eq!(
-        ds.moe.as_ref().map(|x| (
-            x.first_dense_layers,
-            x.shared_experts,
-            x.expert_intermediate_size
-        )),
+        ds.moe.as_ref().map(|x| (x.first_dense_layers, x.shared_experts, x.expert_intermediate_size)),
         Some((3, 1, 2048))
     );
     assert!(config("granite-3.3-8b-instruct").tie_word_embeddings);
@@ -119,10 +93,7 @@ fn invalid_tp_messages_match_vllm_and_list_the_valid_sizes() {
         &m,
         &memory::Weights::estimate(&m),
         &Cluster::uniform(1, 8, 80 << 30),
-        &PlanRequest {
-            tp: Size::Fixed(3),
-            ..Default::default()
-        },
+        &PlanRequest { tp: Size::Fixed(3), ..Default::default() },
     );
     assert!(!r.valid);
     assert_eq!(r.errors[0].rule, "attention_heads");
@@ -130,84 +101,39 @@ fn invalid_tp_messages_match_vllm_and_list_the_valid_sizes() {
         r.errors[0].message,
         "Total number of attention heads (32) must be divisible by tensor parallel size (3). Valid tensor parallel sizes for this model: 1, 2, 4, 8, 16, 32."
     );
-    assert!(
-        r.placement.is_empty(),
-        "nothing is placed for an invalid shape"
-    );
+    assert!(r.placement.is_empty(), "nothing is placed for an invalid shape");
 
     let q = config("Qwen2.5-7B-Instruct");
     let r = plan(
         &q,
         &memory::Weights::estimate(&q),
         &Cluster::uniform(1, 8, 80 << 30),
-        &PlanRequest {
-            tp: Size::Fixed(8),
-            ..Default::default()
-        },
+        &PlanRequest { tp: Size::Fixed(8), ..Default::default() },
     );
     let rules_hit: Vec<&str> = r.errors.iter().map(|e| e.rule.as_str()).collect();
-    assert_eq!(
-        rules_hit,
-        ["attention_heads"],
-        "8 is a multiple of the 4 KV heads: only the head rule fails"
-    );
-    assert!(
-        r.errors[0]
-            .message
-            .ends_with("Valid tensor parallel sizes for this model: 1, 2, 4.")
-    );
+    assert_eq!(rules_hit, ["attention_heads"], "8 is a multiple of the 4 KV heads: only the head rule fails");
+    assert!(r.errors[0].message.ends_with("Valid tensor parallel sizes for this model: 1, 2, 4."));
 
     let ds = config("DeepSeek-V3");
     let errs = rules::check_tp(&ds, 32);
     assert!(errs.iter().all(|e| e.rule == "fp8_block"), "{errs:?}");
-    assert!(
-        errs[0].message.contains("576 per rank") && errs[0].message.contains("[128, 128]"),
-        "{}",
-        errs[0].message
-    );
+    assert!(errs[0].message.contains("576 per rank") && errs[0].message.contains("[128, 128]"), "{}", errs[0].message);
 }
 
 #[test]
 fn stage_partitions_for_pp_2_3_4_8() {
     let want: [(&str, [&[u64]; 4]); 6] = [
-        (
-            "Llama-3.1-8B-Instruct",
-            [&[16, 16], &[11, 11, 10], &[8, 8, 8, 8], &[4; 8]],
-        ),
-        (
-            "Llama-3.1-70B-Instruct",
-            [&[40, 40], &[27, 27, 26], &[20; 4], &[10; 8]],
-        ),
-        (
-            "granite-3.3-8b-instruct",
-            [&[20, 20], &[13, 14, 13], &[10; 4], &[5; 8]],
-        ),
-        (
-            "Qwen2.5-7B-Instruct",
-            [&[14, 14], &[9, 10, 9], &[7; 4], &[3, 3, 3, 4, 4, 4, 4, 3]],
-        ),
-        (
-            "Llama-4-Scout-17B-16E-Instruct",
-            [&[24, 24], &[16; 3], &[12; 4], &[6; 8]],
-        ),
-        (
-            "DeepSeek-V3",
-            [
-                &[31, 30],
-                &[20, 21, 20],
-                &[15, 15, 16, 15],
-                &[7, 7, 8, 8, 8, 8, 8, 7],
-            ],
-        ),
+        ("Llama-3.1-8B-Instruct", [&[16, 16], &[11, 11, 10], &[8, 8, 8, 8], &[4; 8]]),
+        ("Llama-3.1-70B-Instruct", [&[40, 40], &[27, 27, 26], &[20; 4], &[10; 8]]),
+        ("granite-3.3-8b-instruct", [&[20, 20], &[13, 14, 13], &[10; 4], &[5; 8]]),
+        ("Qwen2.5-7B-Instruct", [&[14, 14], &[9, 10, 9], &[7; 4], &[3, 3, 3, 4, 4, 4, 4, 3]]),
+        ("Llama-4-Scout-17B-16E-Instruct", [&[24, 24], &[16; 3], &[12; 4], &[6; 8]]),
+        ("DeepSeek-V3", [&[31, 30], &[20, 21, 20], &[15, 15, 16, 15], &[7, 7, 8, 8, 8, 8, 8, 7]]),
     ];
     for (name, parts) in want {
         let m = config(name);
         for (pp, expect) in [2u64, 3, 4, 8].into_iter().zip(parts) {
-            assert_eq!(
-                partition::layer_counts(m.num_hidden_layers, pp).expect("valid"),
-                expect,
-                "{name} pp={pp}"
-            );
+            assert_eq!(partition::layer_counts(m.num_hidden_layers, pp).expect("valid"), expect, "{name} pp={pp}");
         }
     }
 }
@@ -215,24 +141,11 @@ fn stage_partitions_for_pp_2_3_4_8() {
 #[test]
 fn kv_heads_per_rank_split_or_replicate() {
     let l8 = config("Llama-3.1-8B-Instruct");
-    let got: Vec<(u64, u64)> = [1, 2, 4, 8, 16]
-        .iter()
-        .map(|&t| rules::kv_heads_per_rank(&l8, t))
-        .collect();
+    let got: Vec<(u64, u64)> = [1, 2, 4, 8, 16].iter().map(|&t| rules::kv_heads_per_rank(&l8, t)).collect();
     assert_eq!(got, [(8, 1), (4, 1), (2, 1), (1, 1), (1, 2)]);
-    assert_eq!(
-        rules::kv_heads_per_rank(&config("Qwen2.5-7B-Instruct"), 2),
-        (2, 1)
-    );
-    assert_eq!(
-        rules::kv_heads_per_rank(&config("Phi-3-mini-4k-instruct"), 8),
-        (4, 1)
-    );
-    assert_eq!(
-        rules::kv_heads_per_rank(&config("DeepSeek-V3"), 8),
-        (1, 8),
-        "MLA: one latent head, replicated"
-    );
+    assert_eq!(rules::kv_heads_per_rank(&config("Qwen2.5-7B-Instruct"), 2), (2, 1));
+    assert_eq!(rules::kv_heads_per_rank(&config("Phi-3-mini-4k-instruct"), 8), (4, 1));
+    assert_eq!(rules::kv_heads_per_rank(&config("DeepSeek-V3"), 8), (1, 8), "MLA: one latent head, replicated");
 }
 
 #[test]
@@ -248,61 +161,33 @@ fn estimated_weights_match_published_parameter_counts() {
         let m = config(name);
         let total = memory::Weights::estimate(&m).total() as f64;
         let want = params * bytes;
-        assert!(
-            (total - want).abs() / want < 0.03,
-            "{name}: estimated {total:.3e} bytes, published ~{want:.3e}"
-        );
+        assert!((total - want).abs() / want < 0.03, "{name}: estimated {total:.3e} bytes, published ~{want:.3e}");
     }
     // DeepSeek-V3: 671B parameters in FP8 (1 byte) with bf16 embeddings.
     let ds = config("DeepSeek-V3");
     let total = memory::Weights::estimate(&ds).total() as f64;
-    assert!(
-        (650e9..700e9).contains(&total),
-        "DeepSeek-V3 estimated {total:.3e} bytes"
-    );
+    assert!((650e9..700e9).contains(&total), "DeepSeek-V3 estimated {total:.3e} bytes");
 }
 
 #[test]
 fn llama_70b_tp8_pp2_on_two_nodes_fits_with_stage_0_on_the_head() {
     let m = config("Llama-3.1-70B-Instruct");
     let w = memory::Weights::estimate(&m);
-    let req = PlanRequest {
-        tp: Size::Fixed(8),
-        pp: Size::Fixed(2),
-        ..Default::default()
-    };
+    let req = PlanRequest { tp: Size::Fixed(8), pp: Size::Fixed(2), ..Default::default() };
     let r = plan(&m, &w, &Cluster::uniform(2, 8, 80 << 30), &req);
     assert!(r.valid, "{:?}", r.errors);
     assert_eq!((r.world_size, r.nnodes, r.kv_heads_per_rank), (16, 2, 1));
-    assert_eq!(
-        r.stages
-            .iter()
-            .map(|s| (s.layer_start, s.layer_end))
-            .collect::<Vec<_>>(),
-        [(0, 40), (40, 80)]
-    );
+    assert_eq!(r.stages.iter().map(|s| (s.layer_start, s.layer_end)).collect::<Vec<_>>(), [(0, 40), (40, 80)]);
     let mem = r.memory.as_ref().expect("memory");
     assert_eq!(mem.weights_source, "estimated");
     assert!(mem.fits);
     // ~141 GB of weights over 16 GPUs: about 8.8 GB each (plus embedding / LM head on the ends).
-    assert!(
-        (8_000_000_000..10_500_000_000).contains(&mem.weight_bytes_per_gpu),
-        "{}",
-        mem.weight_bytes_per_gpu
-    );
+    assert!((8_000_000_000..10_500_000_000).contains(&mem.weight_bytes_per_gpu), "{}", mem.weight_bytes_per_gpu);
     // KV per token per rank: 2 x 40 layers x 1 head x 128 x 2 bytes = 20480.
     assert_eq!(mem.kv_bytes_per_token_by_stage, vec![20480, 20480]);
     assert!(mem.kv_cache_tokens >= 131072);
-    assert!(
-        r.placement[..8]
-            .iter()
-            .all(|p| p.node == "node-0" && p.pp_rank == 0)
-    );
-    assert!(
-        r.placement[8..]
-            .iter()
-            .all(|p| p.node == "node-1" && p.pp_rank == 1)
-    );
+    assert!(r.placement[..8].iter().all(|p| p.node == "node-0" && p.pp_rank == 0));
+    assert!(r.placement[8..].iter().all(|p| p.node == "node-1" && p.pp_rank == 1));
 }
 
 #[test]
@@ -313,29 +198,16 @@ fn too_big_for_the_gpus_says_by_how_much_and_what_would_fit() {
         &m,
         &w,
         &Cluster::uniform(2, 8, 80 << 30),
-        &PlanRequest {
-            max_model_len: Some(8192),
-            ..Default::default()
-        },
+        &PlanRequest { max_model_len: Some(8192), ..Default::default() },
     );
     assert!(!r.valid);
-    let e = r
-        .errors
-        .iter()
-        .find(|e| e.rule == "memory")
-        .expect("memory error");
+    let e = r.errors.iter().find(|e| e.rule == "memory").expect("memory error");
     assert!(
-        e.message.contains("does not fit: the weights need")
-            && e.message.contains("more than 0.9 of a 80GiB GPU"),
+        e.message.contains("does not fit: the weights need") && e.message.contains("more than 0.9 of a 80GiB GPU"),
         "{}",
         e.message
     );
-    assert!(
-        e.message
-            .contains("Would fit: --tp 2 --pp 1 (2 GPUs on 1 node)"),
-        "{}",
-        e.message
-    );
+    assert!(e.message.contains("Would fit: --tp 2 --pp 1 (2 GPUs on 1 node)"), "{}", e.message);
     assert!(r.memory.as_ref().expect("memory").shortfall_bytes_per_gpu > 60_000_000_000);
 }
 
@@ -343,35 +215,14 @@ fn too_big_for_the_gpus_says_by_how_much_and_what_would_fit() {
 fn a_huge_context_that_the_kv_cache_cannot_hold_is_reported() {
     let m = config("Llama-4-Scout-17B-16E-Instruct");
     let w = memory::Weights::estimate(&m);
+    let r = plan(&m, &w, &Cluster::uniform(1, 8, 80 << 30), &PlanRequest { tp: Size::Fixed(8), ..Default::default() });
+    let e = r.errors.iter().find(|e| e.rule == "memory").expect("10M tokens do not fit");
+    assert!(e.message.contains("fewer than one sequence of max-model-len 10485760"), "{}", e.message);
     let r = plan(
         &m,
         &w,
         &Cluster::uniform(1, 8, 80 << 30),
-        &PlanRequest {
-            tp: Size::Fixed(8),
-            ..Default::default()
-        },
-    );
-    let e = r
-        .errors
-        .iter()
-        .find(|e| e.rule == "memory")
-        .expect("10M tokens do not fit");
-    assert!(
-        e.message
-            .contains("fewer than one sequence of max-model-len 10485760"),
-        "{}",
-        e.message
-    );
-    let r = plan(
-        &m,
-        &w,
-        &Cluster::uniform(1, 8, 80 << 30),
-        &PlanRequest {
-            tp: Size::Fixed(8),
-            max_model_len: Some(65536),
-            ..Default::default()
-        },
+        &PlanRequest { tp: Size::Fixed(8), max_model_len: Some(65536), ..Default::default() },
     );
     assert!(r.valid, "{:?}", r.errors);
 }
@@ -380,40 +231,19 @@ fn a_huge_context_that_the_kv_cache_cannot_hold_is_reported() {
 fn auto_picks_the_fewest_gpus_on_one_node_and_ranks_alternatives() {
     let m = config("Llama-3.1-70B-Instruct");
     let w = memory::Weights::estimate(&m);
-    let req = PlanRequest {
-        tp: Size::Auto,
-        pp: Size::Auto,
-        max_model_len: Some(8192),
-        ..Default::default()
-    };
+    let req = PlanRequest { tp: Size::Auto, pp: Size::Auto, max_model_len: Some(8192), ..Default::default() };
     let r = plan(&m, &w, &Cluster::uniform(2, 8, 80 << 30), &req);
     assert!(r.valid, "{:?}", r.errors);
-    assert_eq!(
-        (r.tp, r.pp, r.nnodes),
-        (2, 1, 1),
-        "141 GB fits on 2 x 80 GiB"
-    );
+    assert_eq!((r.tp, r.pp, r.nnodes), (2, 1, 1), "141 GB fits on 2 x 80 GiB");
     assert_eq!(r.alternatives[0].tp, 2);
-    assert!(
-        r.alternatives
-            .windows(2)
-            .all(|a| a[0].world_size <= a[1].world_size)
-    );
+    assert!(r.alternatives.windows(2).all(|a| a[0].world_size <= a[1].world_size));
 
     // Long context: needs more GPUs for the KV cache.
-    let req = PlanRequest {
-        tp: Size::Auto,
-        pp: Size::Fixed(1),
-        ..Default::default()
-    };
+    let req = PlanRequest { tp: Size::Auto, pp: Size::Fixed(1), ..Default::default() };
     let r = plan(&m, &w, &Cluster::uniform(2, 8, 80 << 30), &req);
     assert!(r.valid, "{:?}", r.errors);
     assert_eq!(r.pp, 1);
-    assert!(
-        r.tp >= 4,
-        "131072 tokens of KV need more than 2 GPUs: got {}",
-        r.tp
-    );
+    assert!(r.tp >= 4, "131072 tokens of KV need more than 2 GPUs: got {}", r.tp);
 
     // Nothing fits: a clear error.
     let ds = config("DeepSeek-V3");
@@ -421,19 +251,11 @@ fn auto_picks_the_fewest_gpus_on_one_node_and_ranks_alternatives() {
         &ds,
         &memory::Weights::estimate(&ds),
         &Cluster::uniform(1, 8, 80 << 30),
-        &PlanRequest {
-            tp: Size::Auto,
-            pp: Size::Auto,
-            ..Default::default()
-        },
+        &PlanRequest { tp: Size::Auto, pp: Size::Auto, ..Default::default() },
     );
     assert!(!r.valid);
     assert_eq!(r.errors[0].rule, "auto");
-    assert!(
-        r.errors[0].message.contains("8 free"),
-        "{}",
-        r.errors[0].message
-    );
+    assert!(r.errors[0].message.contains("8 free"), "{}", r.errors[0].message);
 }
 
 #[test]
@@ -445,42 +267,19 @@ fn layer_partition_override_is_checked() {
         &m,
         &w,
         &c,
-        &PlanRequest {
-            pp: Size::Fixed(2),
-            layer_partition: Some(vec![20, 12]),
-            ..Default::default()
-        },
+        &PlanRequest { pp: Size::Fixed(2), layer_partition: Some(vec![20, 12]), ..Default::default() },
     );
     assert!(r.valid, "{:?}", r.errors);
-    assert_eq!(
-        r.stages.iter().map(|s| s.num_layers).collect::<Vec<_>>(),
-        [20, 12]
-    );
+    assert_eq!(r.stages.iter().map(|s| s.num_layers).collect::<Vec<_>>(), [20, 12]);
     let r = plan(
         &m,
         &w,
         &c,
-        &PlanRequest {
-            pp: Size::Fixed(2),
-            layer_partition: Some(vec![20, 13]),
-            ..Default::default()
-        },
+        &PlanRequest { pp: Size::Fixed(2), layer_partition: Some(vec![20, 13]), ..Default::default() },
     );
     assert_eq!(r.errors[0].rule, "layer_partition");
-    assert!(
-        r.errors[0].message.contains("sums to 33"),
-        "{}",
-        r.errors[0].message
-    );
-    let r = plan(
-        &m,
-        &w,
-        &c,
-        &PlanRequest {
-            pp: Size::Fixed(33),
-            ..Default::default()
-        },
-    );
+    assert!(r.errors[0].message.contains("sums to 33"), "{}", r.errors[0].message);
+    let r = plan(&m, &w, &c, &PlanRequest { pp: Size::Fixed(33), ..Default::default() });
     assert_eq!(r.errors[0].rule, "pipeline_parallel_size");
 }
 
@@ -496,11 +295,7 @@ fn every_model_plans_without_panicking_for_many_shapes() {
                         &m,
                         &w,
                         &Cluster::uniform(nodes, gpus, 80 << 30),
-                        &PlanRequest {
-                            tp: Size::Fixed(tp),
-                            pp: Size::Fixed(pp),
-                            ..Default::default()
-                        },
+                        &PlanRequest { tp: Size::Fixed(tp), pp: Size::Fixed(pp), ..Default::default() },
                     );
                     assert_eq!(r.valid, r.errors.is_empty());
                     if r.valid {
@@ -517,14 +312,9 @@ fn qwen_tp_6_fails_the_kv_rule() {
     let q = config("Qwen2.5-7B-Instruct");
     let errs = rules::check_tp(&q, 6);
     assert!(
-        errs.iter().any(|e| e.rule == "kv_heads"
-            && e.message.contains("(6)")
-            && e.message.contains("(4)")),
+        errs.iter().any(|e| e.rule == "kv_heads" && e.message.contains("(6)") && e.message.contains("(4)")),
         "{errs:?}"
     );
     let errs = rules::check_tp(&q, 14);
-    assert_eq!(
-        errs.iter().map(|e| e.rule.as_str()).collect::<Vec<_>>(),
-        ["kv_heads", "intermediate_size"]
-    );
+    assert_eq!(errs.iter().map(|e| e.rule.as_str()).collect::<Vec<_>>(), ["kv_heads", "intermediate_size"]);
 }

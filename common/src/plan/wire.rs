@@ -15,10 +15,7 @@ impl From<&PlanReport> for pb::PlanReport {
             errors: r
                 .errors
                 .iter()
-                .map(|e| pb::PlanViolation {
-                    rule: e.rule.clone(),
-                    message: e.message.clone(),
-                })
+                .map(|e| pb::PlanViolation { rule: e.rule.clone(), message: e.message.clone() })
                 .collect(),
             warnings: r.warnings.clone(),
             tp: r.tp,
@@ -122,14 +119,7 @@ impl From<pb::PlanReport> for PlanReport {
         let m = r.model.unwrap_or_default();
         PlanReport {
             valid: r.valid,
-            errors: r
-                .errors
-                .into_iter()
-                .map(|e| Violation {
-                    rule: e.rule,
-                    message: e.message,
-                })
-                .collect(),
+            errors: r.errors.into_iter().map(|e| Violation { rule: e.rule, message: e.message }).collect(),
             warnings: r.warnings,
             tp: r.tp,
             pp: r.pp,
@@ -214,11 +204,7 @@ mod tests {
             &m,
             &memory::Weights::estimate(&m),
             &Cluster::uniform(2, 4, 80 << 30),
-            &PlanRequest {
-                tp: Size::Fixed(4),
-                pp: Size::Fixed(2),
-                ..Default::default()
-            },
+            &PlanRequest { tp: Size::Fixed(4), pp: Size::Fixed(2), ..Default::default() },
         );
         assert!(r.valid, "{:?}", r.errors);
         let back = PlanReport::from(tessera_proto::v1::PlanReport::from(&r));

@@ -53,10 +53,7 @@ impl MembershipConfig {
     /// How often the detector looks at the table: a small fraction of the shortest deadline, so a
     /// verdict comes at most this late.
     pub fn tick(&self) -> Duration {
-        let shortest = self
-            .heartbeat_interval
-            .min(self.reconnect_grace)
-            .min(self.node_timeout);
+        let shortest = self.heartbeat_interval.min(self.reconnect_grace).min(self.node_timeout);
         (shortest / 10).clamp(Duration::from_millis(5), Duration::from_millis(50))
     }
 
@@ -83,19 +80,14 @@ pub struct Liveness {
 
 impl Liveness {
     fn new(epoch: Instant) -> Self {
-        let l = Liveness {
-            epoch,
-            last_ms: AtomicU64::new(0),
-        };
+        let l = Liveness { epoch, last_ms: AtomicU64::new(0) };
         l.touch();
         l
     }
 
     /// Records a heartbeat now.
     pub fn touch(&self) {
-        let ms = Instant::now()
-            .saturating_duration_since(self.epoch)
-            .as_millis() as u64;
+        let ms = Instant::now().saturating_duration_since(self.epoch).as_millis() as u64;
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
@@ -125,21 +117,11 @@ pub enum JoinError {
          this worker ({claimant:?}) has a copy of its state dir: delete the node-id file in this worker's \
          --state-dir so that it joins as a new node"
     )]
-    NodeIdConflict {
-        node_id: Uuid,
-        name: String,
-        address: IpAddr,
-        held_by: String,
-        claimant: String,
-    },
+    NodeIdConflict { node_id: Uuid, name: String, address: IpAddr, held_by: String, claimant: String },
     #[error(
         "node name {name:?} is already used by live node {node_id} at {address}; give this worker another --node-name"
     )]
-    NameConflict {
-        name: String,
-        node_id: Uuid,
-        address: IpAddr,
-    },
+    NameConflict { name: String, node_id: Uuid, address: IpAddr },
     #[error("the head is shutting down")]
     ShuttingDown,
 }
@@ -185,38 +167,14 @@ pub struct ConnInfo {
 }
 
 enum Command {
-    Join {
-        info: Box<JoinInfo>,
-        conn: ConnInfo,
-        tx: SessionTx,
-        reply: oneshot::Sender<Result<Admitted, JoinError>>,
-    },
-    Usage {
-        node_id: Uuid,
-        usage: Vec<(u32, u64)>,
-    },
-    Leave {
-        node_id: Uuid,
-        session_id: u64,
-        reason: String,
-        reply: oneshot::Sender<()>,
-    },
-    Closed {
-        node_id: Uuid,
-        session_id: u64,
-        why: String,
-    },
-    List {
-        reply: oneshot::Sender<Vec<NodeView>>,
-    },
-    Subscribe {
-        reply: oneshot::Sender<(Vec<NodeView>, broadcast::Receiver<Event>)>,
-    },
-    Drain {
-        node: String,
-        draining: bool,
-        reply: oneshot::Sender<Result<NodeView, NodeError>>,
-    },
+    Join { info: Box<JoinInfo>, conn: ConnInfo, tx: SessionTx, reply: oneshot::Sender<Result<Admitted, JoinError>> },
+    Usage { node_id: Uuid, usage: Vec<(u32, u64)> },
+    Leave { node_id: Uuid, session_id: u64, reason: String, reply: oneshot::Sender<()> },
+    Closed { node_id: Uuid, session_id: u64, why: String },
+    List { reply: oneshot::Sender<Vec<NodeView>> },
+    Subscribe { reply: oneshot::Sender<(Vec<NodeView>, broadcast::Receiver<Event>)> },
+    Drain { node: String, draining: bool, reply: oneshot::Sender<Result<NodeView, NodeError>> },
+    Send { node_id: Uuid, msg: pb::HeadMessage, reply: oneshot::Sender<bool> },
 }
 
 /// Handle to the membership task. Cheap to clone.
@@ -229,12 +187,19 @@ pub struct Membership {
 impl Membership {
     /// Starts the membership task; it runs until `shutdown` is cancelled, then closes every session
     /// with a `shutdown` message so that workers reconnect to the next head.
-    pub fn spawn(
+    pub fn spawn(config: MembershipConfig, shutdown: CancellationToken) -> (Membership, tokio::task::JoinHandle<()>) {
+        Self::spawn_with_seq(config, shutdown, Arc::new(AtomicU64::new(1)))
+    }
+
+    /// Like [`Membership::spawn`], numbering events from `seq`, a counter shared with the other
+    /// event sources of the head so that one stream has one order.
+    pub fn spawn_with_seq(
         config: MembershipConfig,
         shutdown: CancellationToken,
+        seq: Arc<AtomicU64>,
     ) -> (Membership, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(1024);
-        let table = state::Table::new(config, Instant::now());
+        let table = state::Table::new(config, Instant::now(), seq);
         let task = tokio::spawn(run(table, rx, shutdown));
         (Membership { tx, config }, task)
     }
@@ -243,20 +208,10 @@ impl Membership {
         self.config
     }
 
-    pub async fn join(
-        &self,
-        info: JoinInfo,
-        conn: ConnInfo,
-        tx: SessionTx,
-    ) -> Result<Admitted, JoinError> {
+    pub async fn join(&self, info: JoinInfo, conn: ConnInfo, tx: SessionTx) -> Result<Admitted, JoinError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Join {
-                info: Box::new(info),
-                conn,
-                tx,
-                reply,
-            })
+            .send(Command::Join { info: Box::new(info), conn, tx, reply })
             .await
             .map_err(|_| JoinError::ShuttingDown)?;
         rx.await.map_err(|_| JoinError::ShuttingDown)?
@@ -269,31 +224,14 @@ impl Membership {
     /// Graceful leave: the node becomes `left`. Returns once recorded.
     pub async fn leave(&self, node_id: Uuid, session_id: u64, reason: String) {
         let (reply, rx) = oneshot::channel();
-        if self
-            .tx
-            .send(Command::Leave {
-                node_id,
-                session_id,
-                reason,
-                reply,
-            })
-            .await
-            .is_ok()
-        {
+        if self.tx.send(Command::Leave { node_id, session_id, reason, reply }).await.is_ok() {
             let _ = rx.await;
         }
     }
 
     /// The session's stream ended without a leave.
     pub async fn session_closed(&self, node_id: Uuid, session_id: u64, why: String) {
-        let _ = self
-            .tx
-            .send(Command::Closed {
-                node_id,
-                session_id,
-                why,
-            })
-            .await;
+        let _ = self.tx.send(Command::Closed { node_id, session_id, why }).await;
     }
 
     pub async fn list(&self) -> Vec<NodeView> {
@@ -311,25 +249,23 @@ impl Membership {
         rx.await.ok()
     }
 
+    /// Sends a message down a node's session; false if the node has no open session.
+    pub async fn send(&self, node_id: Uuid, msg: pb::HeadMessage) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Send { node_id, msg, reply }).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
     pub async fn set_draining(&self, node: String, draining: bool) -> Result<NodeView, NodeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Drain {
-                node,
-                draining,
-                reply,
-            })
-            .await
-            .map_err(|_| NodeError::ShuttingDown)?;
+        self.tx.send(Command::Drain { node, draining, reply }).await.map_err(|_| NodeError::ShuttingDown)?;
         rx.await.map_err(|_| NodeError::ShuttingDown)?
     }
 }
 
-async fn run(
-    mut table: state::Table,
-    mut rx: mpsc::Receiver<Command>,
-    shutdown: CancellationToken,
-) {
+async fn run(mut table: state::Table, mut rx: mpsc::Receiver<Command>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(table.config().tick());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -349,52 +285,38 @@ async fn run(
 fn handle(table: &mut state::Table, cmd: Command) {
     let now = Instant::now();
     match cmd {
-        Command::Join {
-            info,
-            conn,
-            tx,
-            reply,
-        } => {
+        Command::Join { info, conn, tx, reply } => {
             let _ = reply.send(table.join(*info, conn, tx, now));
         }
         Command::Usage { node_id, usage } => table.usage(node_id, &usage),
-        Command::Leave {
-            node_id,
-            session_id,
-            reason,
-            reply,
-        } => {
+        Command::Leave { node_id, session_id, reason, reply } => {
             table.leave(node_id, session_id, &reason, now);
             let _ = reply.send(());
         }
-        Command::Closed {
-            node_id,
-            session_id,
-            why,
-        } => table.closed(node_id, session_id, &why, now),
+        Command::Closed { node_id, session_id, why } => table.closed(node_id, session_id, &why, now),
         Command::List { reply } => {
             let _ = reply.send(table.views(now));
         }
         Command::Subscribe { reply } => {
             let _ = reply.send((table.views(now), table.subscribe()));
         }
-        Command::Drain {
-            node,
-            draining,
-            reply,
-        } => {
+        Command::Drain { node, draining, reply } => {
             let _ = reply.send(table.set_draining(&node, draining, now));
+        }
+        Command::Send { node_id, msg, reply } => {
+            let _ = reply.send(table.send(node_id, msg));
         }
     }
 }
 
+/// Wall-clock milliseconds since the Unix epoch, for events.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 /// Node state for display: the admin `draining` mark shows while the node is alive.
 pub fn shown_state(health: NodeState, draining: bool) -> NodeState {
-    if draining && health == NodeState::Alive {
-        NodeState::Draining
-    } else {
-        health
-    }
+    if draining && health == NodeState::Alive { NodeState::Draining } else { health }
 }
 
 #[cfg(test)]

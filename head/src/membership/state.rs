@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tessera_common::duration::format_duration;
 use tessera_common::node::{JoinInfo, NodeState};
@@ -13,9 +13,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use super::{
-    Admitted, ConnInfo, JoinError, Liveness, MembershipConfig, NodeError, SessionTx, shown_state,
-};
+use super::{Admitted, ConnInfo, JoinError, Liveness, MembershipConfig, NodeError, SessionTx, shown_state};
 
 /// A node as seen at one instant, for listing and events.
 #[derive(Debug, Clone)]
@@ -88,12 +86,10 @@ impl From<&Event> for pb::Event {
             unix_ms: e.unix_ms,
             kind: kind as i32,
             node: Some((&e.node).into()),
-            previous_state: e
-                .previous
-                .map(pb::NodeState::from)
-                .unwrap_or(pb::NodeState::Unspecified) as i32,
+            previous_state: e.previous.map(pb::NodeState::from).unwrap_or(pb::NodeState::Unspecified) as i32,
             reason: e.reason.clone(),
             rejoined,
+            deployment: None,
         }
     }
 }
@@ -128,20 +124,21 @@ pub struct Table {
     epoch: Instant,
     nodes: HashMap<Uuid, Entry>,
     next_session: u64,
-    next_seq: u64,
+    seq: Arc<std::sync::atomic::AtomicU64>,
     events: broadcast::Sender<Event>,
 }
 
 impl Table {
-    pub fn new(config: MembershipConfig, epoch: Instant) -> Self {
+    pub fn new(config: MembershipConfig, epoch: Instant, seq: Arc<std::sync::atomic::AtomicU64>) -> Self {
         let (events, _) = broadcast::channel(4096);
-        Table {
-            config,
-            epoch,
-            nodes: HashMap::new(),
-            next_session: 1,
-            next_seq: 1,
-            events,
+        Table { config, epoch, nodes: HashMap::new(), next_session: 1, seq, events }
+    }
+
+    /// Queues a message on a node's open session.
+    pub fn send(&self, node_id: Uuid, msg: pb::HeadMessage) -> bool {
+        match self.nodes.get(&node_id).and_then(|e| e.session.as_ref()) {
+            Some(s) => s.tx.try_send(Ok(msg)).is_ok(),
+            None => false,
         }
     }
 
@@ -153,13 +150,7 @@ impl Table {
         self.events.subscribe()
     }
 
-    pub fn join(
-        &mut self,
-        info: JoinInfo,
-        conn: ConnInfo,
-        tx: SessionTx,
-        now: Instant,
-    ) -> Result<Admitted, JoinError> {
+    pub fn join(&mut self, info: JoinInfo, conn: ConnInfo, tx: SessionTx, now: Instant) -> Result<Admitted, JoinError> {
         let live = |e: &Entry| matches!(e.health, NodeState::Alive | NodeState::Suspect);
         // Which entry is this worker? Its persisted id first; else the same machine and state dir
         // (a worker that lost its id file must not show up twice).
@@ -169,8 +160,7 @@ impl Table {
                 .nodes
                 .values()
                 .find(|e| {
-                    !info.machine_fingerprint.is_empty()
-                        && e.info.machine_fingerprint == info.machine_fingerprint
+                    !info.machine_fingerprint.is_empty() && e.info.machine_fingerprint == info.machine_fingerprint
                 })
                 .map(|e| e.id),
         };
@@ -187,11 +177,7 @@ impl Table {
             }
         }
         // Names identify nodes for people; two live nodes must not share one.
-        if let Some(other) = self
-            .nodes
-            .values()
-            .find(|e| e.info.name == info.name && Some(e.id) != existing)
-        {
+        if let Some(other) = self.nodes.values().find(|e| e.info.name == info.name && Some(e.id) != existing) {
             if live(other) {
                 return Err(JoinError::NameConflict {
                     name: info.name.clone(),
@@ -217,24 +203,15 @@ impl Table {
         self.next_session += 1;
         let liveness = Arc::new(Liveness::new(self.epoch));
         let session = Session { id: session_id, tx };
-        let gpu_memory_used = info
-            .inventory
-            .gpus
-            .iter()
-            .map(|g| g.memory_used_bytes)
-            .collect();
+        let gpu_memory_used = info.inventory.gpus.iter().map(|g| g.memory_used_bytes).collect();
         let info = Arc::new(info);
 
         let (node_id, rejoined, previous) = match existing {
             Some(id) => {
-                let e = self
-                    .nodes
-                    .get_mut(&id)
-                    .expect("existing id was found above");
+                let e = self.nodes.get_mut(&id).expect("existing id was found above");
                 if let Some(old) = e.session.take() {
-                    let _ = old.tx.try_send(Err(tonic::Status::aborted(
-                        "replaced by a newer session of the same node",
-                    )));
+                    let _ =
+                        old.tx.try_send(Err(tonic::Status::aborted("replaced by a newer session of the same node")));
                 }
                 let previous = shown_state(e.health, e.draining);
                 e.info = info;
@@ -278,30 +255,15 @@ impl Table {
             is_head = e.info.is_head, rejoined, "node joined"
         );
         let reason = if rejoined { "rejoined" } else { "joined" };
-        self.emit(
-            node_id,
-            EventKind::Joined { rejoined },
-            previous,
-            reason.to_string(),
-            now,
-        );
-        Ok(Admitted {
-            node_id,
-            session_id,
-            address,
-            rejoined,
-            liveness,
-        })
+        self.emit(node_id, EventKind::Joined { rejoined }, previous, reason.to_string(), now);
+        Ok(Admitted { node_id, session_id, address, rejoined, liveness })
     }
 
     /// The head's own node was registered with the loopback address it connected from; once a
     /// remote worker reaches the head on a real interface, that interface's address is the one
     /// other nodes can use, so the head node takes it (unless the operator set one).
     fn learn_head_address(&mut self, local: IpAddr, now: Instant) {
-        let Some(head) = self
-            .nodes
-            .values_mut()
-            .find(|e| e.info.is_head && e.address_auto && e.address.is_loopback())
+        let Some(head) = self.nodes.values_mut().find(|e| e.info.is_head && e.address_auto && e.address.is_loopback())
         else {
             return;
         };
@@ -312,13 +274,7 @@ impl Table {
         head.address = local;
         let id = head.id;
         let state = shown_state(head.health, head.draining);
-        self.emit(
-            id,
-            EventKind::StateChanged,
-            Some(state),
-            format!("address is now {local}"),
-            now,
-        );
+        self.emit(id, EventKind::StateChanged, Some(state), format!("address is now {local}"), now);
     }
 
     pub fn usage(&mut self, node_id: Uuid, usage: &[(u32, u64)]) {
@@ -369,13 +325,7 @@ impl Table {
             e.since = now;
             warn!(node_id = %node_id, name = %e.info.name, why, "session closed; node suspect");
             let reason = e.reason.clone();
-            self.emit(
-                node_id,
-                EventKind::StateChanged,
-                Some(previous),
-                reason,
-                now,
-            );
+            self.emit(node_id, EventKind::StateChanged, Some(previous), reason, now);
         }
     }
 
@@ -391,10 +341,8 @@ impl Table {
             if let Some(closed) = e.closed_at {
                 if now.saturating_duration_since(closed) >= cfg.reconnect_grace {
                     e.health = NodeState::Dead;
-                    e.reason = format!(
-                        "session closed and no reconnect within {}",
-                        format_duration(cfg.reconnect_grace)
-                    );
+                    e.reason =
+                        format!("session closed and no reconnect within {}", format_duration(cfg.reconnect_grace));
                     e.closed_at = None;
                     e.since = now;
                     changes.push((e.id, previous, e.reason.clone()));
@@ -416,10 +364,7 @@ impl Table {
                 changes.push((e.id, previous, e.reason.clone()));
             } else if silence >= cfg.suspect_after() && e.health == NodeState::Alive {
                 e.health = NodeState::Suspect;
-                e.reason = format!(
-                    "heartbeat late: none for {}",
-                    format_duration(round_ms(silence))
-                );
+                e.reason = format!("heartbeat late: none for {}", format_duration(round_ms(silence)));
                 e.since = now;
                 changes.push((e.id, previous, e.reason.clone()));
             } else if silence < cfg.suspect_after() && e.health == NodeState::Suspect {
@@ -430,10 +375,7 @@ impl Table {
             }
         }
         for (id, previous, reason) in changes {
-            let level_dead = self
-                .nodes
-                .get(&id)
-                .is_some_and(|e| e.health == NodeState::Dead);
+            let level_dead = self.nodes.get(&id).is_some_and(|e| e.health == NodeState::Dead);
             if level_dead {
                 warn!(node_id = %id, reason = %reason, "node dead");
             } else {
@@ -443,33 +385,18 @@ impl Table {
         }
     }
 
-    pub fn set_draining(
-        &mut self,
-        node: &str,
-        draining: bool,
-        now: Instant,
-    ) -> Result<NodeView, NodeError> {
+    pub fn set_draining(&mut self, node: &str, draining: bool, now: Instant) -> Result<NodeView, NodeError> {
         let id = self.resolve(node)?;
         let e = self.nodes.get_mut(&id).expect("resolved id exists");
         if e.draining != draining {
             let previous = shown_state(e.health, e.draining);
             e.draining = draining;
-            let reason = if draining {
-                "drained by an operator"
-            } else {
-                "undrained by an operator"
-            };
+            let reason = if draining { "drained by an operator" } else { "undrained by an operator" };
             if previous != shown_state(e.health, e.draining) {
                 e.since = now;
             }
             info!(node_id = %id, draining, "node admin state changed");
-            self.emit(
-                id,
-                EventKind::StateChanged,
-                Some(previous),
-                reason.into(),
-                now,
-            );
+            self.emit(id, EventKind::StateChanged, Some(previous), reason.into(), now);
         }
         Ok(self.view(&self.nodes[&id], now))
     }
@@ -483,9 +410,7 @@ impl Table {
         let matches: Vec<Uuid> = self
             .nodes
             .values()
-            .filter(|e| {
-                e.info.name == node || e.id.to_string().starts_with(node) && node.len() >= 8
-            })
+            .filter(|e| e.info.name == node || e.id.to_string().starts_with(node) && node.len() >= 8)
             .map(|e| e.id)
             .collect();
         match matches.as_slice() {
@@ -498,12 +423,7 @@ impl Table {
     /// Every node, the head first, then by name.
     pub fn views(&self, now: Instant) -> Vec<NodeView> {
         let mut v: Vec<NodeView> = self.nodes.values().map(|e| self.view(e, now)).collect();
-        v.sort_by(|a, b| {
-            b.info
-                .is_head
-                .cmp(&a.info.is_head)
-                .then_with(|| a.info.name.cmp(&b.info.name))
-        });
+        v.sort_by(|a, b| b.info.is_head.cmp(&a.info.is_head).then_with(|| a.info.name.cmp(&b.info.name)));
         v
     }
 
@@ -522,25 +442,10 @@ impl Table {
         }
     }
 
-    fn emit(
-        &mut self,
-        id: Uuid,
-        kind: EventKind,
-        previous: Option<NodeState>,
-        reason: String,
-        now: Instant,
-    ) {
+    fn emit(&mut self, id: Uuid, kind: EventKind, previous: Option<NodeState>, reason: String, now: Instant) {
         let Some(e) = self.nodes.get(&id) else { return };
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let event = Event {
-            seq,
-            unix_ms: unix_ms(),
-            kind,
-            node: self.view(e, now),
-            previous,
-            reason,
-        };
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let event = Event { seq, unix_ms: super::unix_ms(), kind, node: self.view(e, now), previous, reason };
         let _ = self.events.send(event); // no subscribers is fine
     }
 
@@ -549,9 +454,7 @@ impl Table {
         for e in self.nodes.values_mut() {
             if let Some(s) = e.session.take() {
                 let _ = s.tx.try_send(Ok(pb::HeadMessage {
-                    msg: Some(pb::head_message::Msg::Shutdown(pb::HeadShutdown {
-                        reason: reason.to_string(),
-                    })),
+                    msg: Some(pb::head_message::Msg::Shutdown(pb::HeadShutdown { reason: reason.to_string() })),
                 }));
             }
         }
@@ -560,11 +463,4 @@ impl Table {
 
 fn round_ms(d: Duration) -> Duration {
     Duration::from_millis(d.as_millis() as u64)
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -26,10 +26,7 @@ fn info(name: &str, fingerprint: &str) -> JoinInfo {
 }
 
 fn conn(last_octet: u8) -> ConnInfo {
-    ConnInfo {
-        peer: IpAddr::V4(Ipv4Addr::new(127, 0, 0, last_octet)),
-        local: None,
-    }
+    ConnInfo { peer: IpAddr::V4(Ipv4Addr::new(127, 0, 0, last_octet)), local: None }
 }
 
 type Rx = mpsc::Receiver<Result<pb::HeadMessage, tonic::Status>>;
@@ -40,12 +37,7 @@ async fn join(m: &Membership, i: JoinInfo) -> (Admitted, Rx) {
 }
 
 async fn state_of(m: &Membership, id: Uuid) -> NodeState {
-    m.list()
-        .await
-        .into_iter()
-        .find(|n| n.id == id)
-        .expect("node listed")
-        .state
+    m.list().await.into_iter().find(|n| n.id == id).expect("node listed").state
 }
 
 fn start() -> Membership {
@@ -80,31 +72,15 @@ async fn silent_node_is_suspect_then_dead_after_the_node_timeout() {
     let m = start();
     let (a, mut rx) = join(&m, info("a", "fp-a")).await;
     advance(Duration::from_millis(900)).await;
-    assert_eq!(
-        state_of(&m, a.node_id).await,
-        NodeState::Alive,
-        "one missed heartbeat is not suspicious"
-    );
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Alive, "one missed heartbeat is not suspicious");
     advance(Duration::from_millis(300)).await;
-    assert_eq!(
-        state_of(&m, a.node_id).await,
-        NodeState::Suspect,
-        "two missed heartbeats are"
-    );
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Suspect, "two missed heartbeats are");
     advance(Duration::from_millis(1700)).await; // 2.9 s of silence
-    assert_eq!(
-        state_of(&m, a.node_id).await,
-        NodeState::Suspect,
-        "not dead before the 3 s timeout"
-    );
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Suspect, "not dead before the 3 s timeout");
     advance(Duration::from_millis(200)).await;
     assert_eq!(state_of(&m, a.node_id).await, NodeState::Dead);
     // The silent session is closed so that a worker that wakes up must rejoin.
-    let closing = rx
-        .recv()
-        .await
-        .expect("a message")
-        .expect_err("an error status");
+    let closing = rx.recv().await.expect("a message").expect_err("an error status");
     assert_eq!(closing.code(), tonic::Code::Unavailable);
 }
 
@@ -124,10 +100,8 @@ async fn closed_session_is_dead_after_the_grace_unless_it_reconnects() {
     let m = start();
     let (a, _rx) = join(&m, info("a", "fp-a")).await;
     let (b, _rxb) = join(&m, info("b", "fp-b")).await;
-    m.session_closed(a.node_id, a.session_id, "connection reset".into())
-        .await;
-    m.session_closed(b.node_id, b.session_id, "connection reset".into())
-        .await;
+    m.session_closed(a.node_id, a.session_id, "connection reset".into()).await;
+    m.session_closed(b.node_id, b.session_id, "connection reset".into()).await;
     advance(Duration::from_millis(10)).await;
     assert_eq!(state_of(&m, a.node_id).await, NodeState::Suspect);
 
@@ -141,11 +115,7 @@ async fn closed_session_is_dead_after_the_grace_unless_it_reconnects() {
     advance(Duration::from_millis(500)).await;
     b2.liveness.touch();
     advance(Duration::from_millis(400)).await;
-    assert_eq!(
-        state_of(&m, a.node_id).await,
-        NodeState::Suspect,
-        "still inside the 1 s grace"
-    );
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Suspect, "still inside the 1 s grace");
     advance(Duration::from_millis(150)).await;
     assert_eq!(state_of(&m, a.node_id).await, NodeState::Dead);
     assert_eq!(state_of(&m, b.node_id).await, NodeState::Alive);
@@ -160,8 +130,7 @@ async fn leave_is_left_not_dead_and_stale_sessions_are_ignored() {
     m.leave(a.node_id, a.session_id + 100, "stale".into()).await;
     assert_eq!(state_of(&m, a.node_id).await, NodeState::Alive);
     m.leave(a.node_id, a.session_id, "SIGTERM".into()).await;
-    m.session_closed(a.node_id, a.session_id, "stream ended".into())
-        .await;
+    m.session_closed(a.node_id, a.session_id, "stream ended".into()).await;
     advance(Duration::from_secs(10)).await;
     assert_eq!(state_of(&m, a.node_id).await, NodeState::Left);
 }
@@ -184,29 +153,21 @@ async fn a_live_name_cannot_be_taken_but_a_dead_one_can() {
     let m = start();
     let (a, _rx) = join(&m, info("a", "fp-1")).await;
     let (tx, _r) = mpsc::channel(4);
-    let err = m
-        .join(info("a", "fp-2"), conn(3), tx)
-        .await
-        .expect_err("name in use");
+    let err = m.join(info("a", "fp-2"), conn(3), tx).await.expect_err("name in use");
     assert!(matches!(err, JoinError::NameConflict { .. }), "{err}");
 
     m.leave(a.node_id, a.session_id, "bye".into()).await;
     let (b, _rxb) = join(&m, info("a", "fp-2")).await;
     assert_ne!(b.node_id, a.node_id);
     let nodes = m.list().await;
-    assert_eq!(
-        nodes.len(),
-        1,
-        "the departed node with that name is forgotten"
-    );
+    assert_eq!(nodes.len(), 1, "the departed node with that name is forgotten");
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_worker_that_lost_its_id_file_is_the_same_node_again() {
     let m = start();
     let (a, _rx) = join(&m, info("a", "fp-a")).await;
-    m.session_closed(a.node_id, a.session_id, "crash".into())
-        .await;
+    m.session_closed(a.node_id, a.session_id, "crash".into()).await;
     let (again, _rx2) = join(&m, info("a", "fp-a")).await; // node_id: None
     assert_eq!(again.node_id, a.node_id);
     assert_eq!(m.list().await.len(), 1);
@@ -217,8 +178,7 @@ async fn events_follow_every_transition_in_order() {
     let m = start();
     let (_, mut events) = m.subscribe().await.expect("subscribed");
     let (a, _rx) = join(&m, info("a", "fp-a")).await;
-    m.session_closed(a.node_id, a.session_id, "reset".into())
-        .await;
+    m.session_closed(a.node_id, a.session_id, "reset".into()).await;
     advance(Duration::from_millis(1100)).await;
     let mut seen = Vec::new();
     while let Ok(e) = events.try_recv() {
@@ -238,20 +198,11 @@ async fn events_follow_every_transition_in_order() {
 async fn draining_shows_while_alive_and_clears() {
     let m = start();
     let (a, _rx) = join(&m, info("a", "fp-a")).await;
-    let v = m
-        .set_draining("a".into(), true)
-        .await
-        .expect("found by name");
+    let v = m.set_draining("a".into(), true).await.expect("found by name");
     assert_eq!(v.state, NodeState::Draining);
-    let v = m
-        .set_draining(a.node_id.to_string(), false)
-        .await
-        .expect("found by id");
+    let v = m.set_draining(a.node_id.to_string(), false).await.expect("found by id");
     assert_eq!(v.state, NodeState::Alive);
-    let e = m
-        .set_draining("nope".into(), true)
-        .await
-        .expect_err("unknown");
+    let e = m.set_draining("nope".into(), true).await.expect_err("unknown");
     assert_eq!(tonic::Status::from(e).code(), tonic::Code::NotFound);
 }
 
@@ -271,9 +222,6 @@ fn config_rules() {
     let c = MembershipConfig::default();
     assert_eq!(c.suspect_after(), Duration::from_secs(1));
     assert!(c.tick() <= Duration::from_millis(50));
-    let bad = MembershipConfig {
-        node_timeout: Duration::from_millis(600),
-        ..c
-    };
+    let bad = MembershipConfig { node_timeout: Duration::from_millis(600), ..c };
     assert!(bad.validate().expect_err("too short").contains("twice"));
 }

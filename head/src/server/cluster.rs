@@ -13,6 +13,7 @@ use crate::membership::{Membership, NodeView};
 
 pub struct ClusterService {
     pub membership: Membership,
+    pub deployments: crate::deploy::Deployments,
     pub head_instance_id: String,
     pub started: Instant,
 }
@@ -21,70 +22,62 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>
 
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
-    async fn list_nodes(
-        &self,
-        _: Request<pb::ListNodesRequest>,
-    ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let nodes = self
-            .membership
-            .list()
-            .await
-            .iter()
-            .map(pb::Node::from)
-            .collect();
+    async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let nodes = self.membership.list().await.iter().map(pb::Node::from).collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
-    async fn get_status(
-        &self,
-        _: Request<pb::GetStatusRequest>,
-    ) -> Result<Response<pb::ClusterStatus>, Status> {
+    async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         let nodes = self.membership.list().await;
         let cfg = self.membership.config();
-        Ok(Response::new(status_of(
-            &nodes,
-            cfg,
-            &self.head_instance_id,
-            self.started.elapsed(),
-        )))
+        Ok(Response::new(status_of(&nodes, cfg, &self.head_instance_id, self.started.elapsed())))
     }
 
     type WatchEventsStream = EventStream;
 
-    async fn watch_events(
-        &self,
-        request: Request<pb::WatchEventsRequest>,
-    ) -> Result<Response<EventStream>, Status> {
+    async fn watch_events(&self, request: Request<pb::WatchEventsRequest>) -> Result<Response<EventStream>, Status> {
         let include_current = request.into_inner().include_current;
-        let (current, mut rx) = self
-            .membership
-            .subscribe()
-            .await
-            .ok_or_else(|| Status::unavailable("the head is shutting down"))?;
+        let mut deps_rx = self.deployments.subscribe();
+        let (current, mut rx) =
+            self.membership.subscribe().await.ok_or_else(|| Status::unavailable("the head is shutting down"))?;
+        let current_deps = if include_current { self.deployments.list().await? } else { Vec::new() };
         let stream = async_stream(move |tx| async move {
             if include_current {
-                for n in &current {
-                    let e = pb::Event {
-                        seq: 0,
-                        unix_ms: 0,
-                        kind: pb::EventKind::NodeJoined as i32,
-                        node: Some(n.into()),
-                        previous_state: pb::NodeState::Unspecified as i32,
-                        reason: "already a member".into(),
-                        rejoined: false,
-                    };
+                let nodes = current.iter().map(|n| pb::Event {
+                    kind: pb::EventKind::NodeJoined as i32,
+                    node: Some(n.into()),
+                    reason: "already a member".into(),
+                    ..Default::default()
+                });
+                let deps = current_deps.into_iter().map(|d| pb::Event {
+                    kind: pb::EventKind::DeploymentChanged as i32,
+                    reason: d.message.clone(),
+                    deployment: Some(d),
+                    ..Default::default()
+                });
+                for e in nodes.chain(deps) {
                     if tx.send(Ok(e)).await.is_err() {
                         return;
                     }
                 }
             }
+            let lagged = |n: u64| {
+                Err(Status::resource_exhausted(format!(
+                    "event stream fell {n} events behind; watch again with include_current to resync"
+                )))
+            };
             loop {
-                let item = match rx.recv().await {
-                    Ok(e) => Ok(pb::Event::from(&e)),
-                    Err(RecvError::Lagged(n)) => Err(Status::resource_exhausted(format!(
-                        "event stream fell {n} events behind; watch again with include_current to resync"
-                    ))),
-                    Err(RecvError::Closed) => return,
+                let item = tokio::select! {
+                    r = rx.recv() => match r {
+                        Ok(e) => Ok(pb::Event::from(&e)),
+                        Err(RecvError::Lagged(n)) => lagged(n),
+                        Err(RecvError::Closed) => return,
+                    },
+                    r = deps_rx.recv() => match r {
+                        Ok(e) => Ok(e),
+                        Err(RecvError::Lagged(n)) => lagged(n),
+                        Err(RecvError::Closed) => return,
+                    },
                 };
                 let stop = item.is_err();
                 if tx.send(item).await.is_err() || stop {
@@ -95,19 +88,13 @@ impl pb::cluster_server::Cluster for ClusterService {
         Ok(Response::new(stream))
     }
 
-    async fn drain_node(
-        &self,
-        request: Request<pb::DrainNodeRequest>,
-    ) -> Result<Response<pb::Node>, Status> {
+    async fn drain_node(&self, request: Request<pb::DrainNodeRequest>) -> Result<Response<pb::Node>, Status> {
         let node = request.into_inner().node;
         let v = self.membership.set_draining(node, true).await?;
         Ok(Response::new((&v).into()))
     }
 
-    async fn undrain_node(
-        &self,
-        request: Request<pb::DrainNodeRequest>,
-    ) -> Result<Response<pb::Node>, Status> {
+    async fn undrain_node(&self, request: Request<pb::DrainNodeRequest>) -> Result<Response<pb::Node>, Status> {
         let node = request.into_inner().node;
         let v = self.membership.set_draining(node, false).await?;
         Ok(Response::new((&v).into()))
@@ -132,9 +119,7 @@ pub fn status_of(
     uptime: std::time::Duration,
 ) -> pb::ClusterStatus {
     let count = |s: NodeState| nodes.iter().filter(|n| n.state == s).count() as u32;
-    let serving = nodes
-        .iter()
-        .filter(|n| matches!(n.state, NodeState::Alive | NodeState::Draining));
+    let serving = nodes.iter().filter(|n| matches!(n.state, NodeState::Alive | NodeState::Draining));
     let gpus: Vec<_> = serving.flat_map(|n| n.info.inventory.gpus.iter()).collect();
     pb::ClusterStatus {
         head_version: tessera_common::VERSION.to_string(),

@@ -21,10 +21,7 @@ const MAX_SIZE: u32 = 4096;
 
 #[tonic::async_trait]
 impl pb::planner_server::Planner for PlannerService {
-    async fn plan(
-        &self,
-        request: Request<pb::PlanRequest>,
-    ) -> Result<Response<pb::PlanReport>, Status> {
+    async fn plan(&self, request: Request<pb::PlanRequest>) -> Result<Response<pb::PlanReport>, Status> {
         let r = request.into_inner();
         let req = plan_request(&r)?;
         let path = model_path(&r.model_path)?;
@@ -34,11 +31,7 @@ impl pb::planner_server::Planner for PlannerService {
             .map_err(model_status)?;
         let cluster = cluster_of(&self.membership.list().await);
         let report = tokio::task::spawn_blocking(move || {
-            let weights = model
-                .weights
-                .as_ref()
-                .map(Weights::exact)
-                .unwrap_or_else(|| Weights::estimate(&model.desc));
+            let weights = model.weights.as_ref().map(Weights::exact).unwrap_or_else(|| Weights::estimate(&model.desc));
             plan::plan(&model.desc, &weights, &cluster, &req)
         })
         .await
@@ -53,16 +46,10 @@ pub fn plan_request(r: &pb::PlanRequest) -> Result<PlanRequest, Status> {
         match v {
             0 => Ok(Size::Auto),
             v if v <= MAX_SIZE => Ok(Size::Fixed(v as u64)),
-            v => Err(Status::invalid_argument(format!(
-                "{field}: {v} is more than {MAX_SIZE}"
-            ))),
+            v => Err(Status::invalid_argument(format!("{field}: {v} is more than {MAX_SIZE}"))),
         }
     };
-    let util = if r.gpu_memory_utilization == 0.0 {
-        0.9
-    } else {
-        r.gpu_memory_utilization
-    };
+    let util = if r.gpu_memory_utilization == 0.0 { 0.9 } else { r.gpu_memory_utilization };
     if !(util > 0.0 && util <= 1.0) {
         return Err(Status::invalid_argument(format!(
             "gpu_memory_utilization: {} must be more than 0 and at most 1 (0 means the default 0.9)",
@@ -87,14 +74,10 @@ pub fn plan_request(r: &pb::PlanRequest) -> Result<PlanRequest, Status> {
 
 pub fn model_path(p: &str) -> Result<PathBuf, Status> {
     if p.is_empty() {
-        return Err(Status::invalid_argument(
-            "model_path: missing; give a model directory or config.json on the head",
-        ));
+        return Err(Status::invalid_argument("model_path: missing; give a model directory or config.json on the head"));
     }
     if p.len() > 4096 || p.contains('\0') {
-        return Err(Status::invalid_argument(
-            "model_path: not a usable path (too long or contains NUL)",
-        ));
+        return Err(Status::invalid_argument("model_path: not a usable path (too long or contains NUL)"));
     }
     let path = PathBuf::from(p);
     if !path.is_absolute() {
@@ -107,9 +90,9 @@ pub fn model_path(p: &str) -> Result<PathBuf, Status> {
 
 pub fn model_status(e: ModelError) -> Status {
     match &e {
-        ModelError::Io { message, .. } if message.contains("No such file") => Status::not_found(
-            format!("{e} (the head reads the model on its own filesystem)"),
-        ),
+        ModelError::Io { message, .. } if message.contains("No such file") => {
+            Status::not_found(format!("{e} (the head reads the model on its own filesystem)"))
+        }
         ModelError::Io { .. } => Status::failed_precondition(e.to_string()),
         _ => Status::invalid_argument(e.to_string()),
     }

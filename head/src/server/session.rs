@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
+use crate::deploy::Deployments;
 use crate::membership::{Admitted, ConnInfo, Membership};
 
 /// How long a new session may take to send its join.
@@ -22,6 +23,7 @@ const SESSION_QUEUE: usize = 64;
 
 pub struct MembershipService {
     pub membership: Membership,
+    pub deployments: Deployments,
     pub head_instance_id: String,
 }
 
@@ -31,37 +33,29 @@ type HeadStream = Pin<Box<dyn Stream<Item = Result<pb::HeadMessage, Status>> + S
 impl pb::membership_server::Membership for MembershipService {
     type SessionStream = HeadStream;
 
-    async fn session(
-        &self,
-        request: Request<Streaming<pb::WorkerMessage>>,
-    ) -> Result<Response<HeadStream>, Status> {
+    async fn session(&self, request: Request<Streaming<pb::WorkerMessage>>) -> Result<Response<HeadStream>, Status> {
         let peer = request
             .remote_addr()
             .map(|a| canonical(a.ip()))
-            .ok_or_else(|| {
-                Status::failed_precondition("session over a transport without peer addresses")
-            })?;
+            .ok_or_else(|| Status::failed_precondition("session over a transport without peer addresses"))?;
         let local = request.local_addr().map(|a| canonical(a.ip()));
         let mut inbound = request.into_inner();
 
         let first = tokio::time::timeout(JOIN_TIMEOUT, inbound.message())
             .await
-            .map_err(|_| {
-                Status::deadline_exceeded("no join message within 10s of opening the session")
-            })??
+            .map_err(|_| Status::deadline_exceeded("no join message within 10s of opening the session"))??
             .ok_or_else(|| Status::invalid_argument("session closed before its join message"))?;
-        let Some(pb::worker_message::Msg::Join(join)) = first.msg else {
-            return Err(Status::invalid_argument(
-                "the first message of a session must be `join`",
-            ));
+        let Some(pb::worker_message::Msg::Join(mut join)) = first.msg else {
+            return Err(Status::invalid_argument("the first message of a session must be `join`"));
         };
+        if join.shards.len() > 4096 {
+            return Err(Status::invalid_argument(format!("join.shards: {} reports; at most 4096", join.shards.len())));
+        }
+        let shards = std::mem::take(&mut join.shards);
         let info = JoinInfo::try_from(join)?;
 
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        let admitted = self
-            .membership
-            .join(info, ConnInfo { peer, local }, tx.clone())
-            .await?;
+        let admitted = self.membership.join(info, ConnInfo { peer, local }, tx.clone()).await?;
         let cfg = self.membership.config();
         let joined = pb::Joined {
             node_id: admitted.node_id.to_string(),
@@ -74,7 +68,9 @@ impl pb::membership_server::Membership for MembershipService {
         };
         // The channel is fresh, so this cannot be full.
         let _ = tx.try_send(Ok(msg(pb::head_message::Msg::Joined(joined))));
-        tokio::spawn(pump(self.membership.clone(), admitted, inbound, tx));
+        // What the node already runs is reconciled against the deployments (kept, or stopped).
+        self.deployments.node_joined(admitted.node_id, shards).await;
+        tokio::spawn(pump(self.membership.clone(), self.deployments.clone(), admitted, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -82,16 +78,12 @@ impl pb::membership_server::Membership for MembershipService {
 /// Reads one session's inbound messages until it ends.
 async fn pump(
     membership: Membership,
+    deployments: Deployments,
     admitted: Admitted,
     mut inbound: Streaming<pb::WorkerMessage>,
     tx: mpsc::Sender<Result<pb::HeadMessage, Status>>,
 ) {
-    let Admitted {
-        node_id,
-        session_id,
-        liveness,
-        ..
-    } = admitted;
+    let Admitted { node_id, session_id, liveness, .. } = admitted;
     let why = loop {
         let next = tokio::select! {
             next = inbound.next() => next,
@@ -103,30 +95,22 @@ async fn pump(
                 Some(pb::worker_message::Msg::Heartbeat(hb)) => {
                     liveness.touch();
                     if !hb.gpu_usage.is_empty() {
-                        let usage = hb
-                            .gpu_usage
-                            .iter()
-                            .map(|u| (u.index, u.memory_used_bytes))
-                            .collect();
+                        let usage = hb.gpu_usage.iter().map(|u| (u.index, u.memory_used_bytes)).collect();
                         membership.report_usage(node_id, usage).await;
                     }
                     // A full queue means the worker is not reading; it will time out by itself.
-                    let _ = tx.try_send(Ok(msg(pb::head_message::Msg::HeartbeatAck(
-                        pb::HeartbeatAck { seq: hb.seq },
-                    ))));
+                    let _ = tx.try_send(Ok(msg(pb::head_message::Msg::HeartbeatAck(pb::HeartbeatAck { seq: hb.seq }))));
                 }
+                Some(pb::worker_message::Msg::Shard(report)) => deployments.report(node_id, report).await,
+                Some(pb::worker_message::Msg::LogData(data)) => deployments.log_data(data).await,
                 Some(pb::worker_message::Msg::Leave(leave)) => {
                     membership.leave(node_id, session_id, leave.reason).await;
-                    let _ = tx
-                        .send(Ok(msg(pb::head_message::Msg::Left(pb::Left {}))))
-                        .await;
+                    let _ = tx.send(Ok(msg(pb::head_message::Msg::Left(pb::Left {})))).await;
                     return;
                 }
                 Some(pb::worker_message::Msg::Join(_)) => {
                     let _ = tx
-                        .send(Err(Status::invalid_argument(
-                            "`join` may only be the first message of a session",
-                        )))
+                        .send(Err(Status::invalid_argument("`join` may only be the first message of a session")))
                         .await;
                     break "protocol error: second join".to_string();
                 }

@@ -43,31 +43,16 @@ async fn failure(runs: usize) -> anyhow::Result<()> {
     for (label, sig) in [("kill -9", Signal::SIGKILL), ("SIGSTOP", Signal::SIGSTOP)] {
         let mut times = Vec::new();
         for i in 0..runs {
-            let name = format!(
-                "w{i}-{}",
-                if sig == Signal::SIGKILL {
-                    "kill"
-                } else {
-                    "stop"
-                }
-            );
+            let name = format!("w{i}-{}", if sig == Signal::SIGKILL { "kill" } else { "stop" });
             let w = start_worker(dir.path(), &name, &head.url);
             wait_state(&mut client, &name, pb::NodeState::Alive).await;
             // Let a few heartbeats pass so the worker is in its steady state.
             tokio::time::sleep(Duration::from_millis(1200)).await;
-            let mut events = client
-                .watch_events(pb::WatchEventsRequest {
-                    include_current: false,
-                })
-                .await?
-                .into_inner();
+            let mut events = client.watch_events(pb::WatchEventsRequest { include_current: false }).await?.into_inner();
             let t0 = Instant::now();
             w.signal(sig);
             loop {
-                let e = events
-                    .next()
-                    .await
-                    .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+                let e = events.next().await.ok_or_else(|| anyhow::anyhow!("stream ended"))??;
                 let n = e.node.unwrap_or_default();
                 if n.name == name && n.state == pb::NodeState::Dead as i32 {
                     break;
@@ -110,11 +95,7 @@ async fn idle_rss() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(10)).await;
     let h = rss_kib(head.daemon.pid().as_raw())?;
     let wk = rss_kib(w.pid().as_raw())?;
-    println!(
-        "idle RSS: head {:.1} MiB (with its worker), worker {:.1} MiB",
-        h as f64 / 1024.0,
-        wk as f64 / 1024.0
-    );
+    println!("idle RSS: head {:.1} MiB (with its worker), worker {:.1} MiB", h as f64 / 1024.0, wk as f64 / 1024.0);
     Ok(())
 }
 
@@ -131,10 +112,7 @@ fn plan_bench(runs: usize) -> anyhow::Result<()> {
             g.reserved = true;
         }
     }
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../examples/model-configs/Llama-3.1-70B-Instruct.json"
-    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/model-configs/Llama-3.1-70B-Instruct.json");
     let m = tessera_common::model::parse_config(path, &std::fs::read_to_string(path)?)?;
     let w = Weights::estimate(&m);
     for (label, tp, pp) in [
@@ -142,12 +120,7 @@ fn plan_bench(runs: usize) -> anyhow::Result<()> {
         ("TP 8 x PP 8 (64 GPUs)", Size::Fixed(8), Size::Fixed(8)),
         ("auto x auto", Size::Auto, Size::Auto),
     ] {
-        let req = PlanRequest {
-            tp,
-            pp,
-            max_model_len: Some(8192),
-            ..Default::default()
-        };
+        let req = PlanRequest { tp, pp, max_model_len: Some(8192), ..Default::default() };
         let mut times = Vec::new();
         let mut valid = true;
         for _ in 0..runs {

@@ -16,11 +16,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration) -> Self {
-        Backoff {
-            base,
-            cap: cap.max(base),
-            attempt: 0,
-        }
+        Backoff { base, cap: cap.max(base), attempt: 0 }
     }
 
     /// The ceiling of the next delay, before jitter.
@@ -38,11 +34,7 @@ impl Backoff {
 
     /// Sleeps the next delay; returns false at once if `cancel` fires first (a worker waiting out a
     /// head outage still stops promptly on SIGTERM).
-    pub async fn wait(
-        &mut self,
-        rng: &mut impl Rng,
-        cancel: &tokio_util::sync::CancellationToken,
-    ) -> bool {
+    pub async fn wait(&mut self, rng: &mut impl Rng, cancel: &tokio_util::sync::CancellationToken) -> bool {
         let d = self.next_delay(rng);
         tokio::select! {
             _ = cancel.cancelled() => false,
@@ -79,25 +71,16 @@ mod tests {
             ceilings.push(c.as_millis());
         }
         assert_eq!(&ceilings[..7], &[100, 200, 400, 800, 1600, 3200, 5000]);
-        assert!(
-            ceilings[7..].iter().all(|&c| c == 5000),
-            "capped: {ceilings:?}"
-        );
+        assert!(ceilings[7..].iter().all(|&c| c == 5000), "capped: {ceilings:?}");
     }
 
     #[test]
     fn jitter_spreads_workers_apart() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let delays: std::collections::HashSet<Duration> = (0..50)
-            .map(|_| {
-                Backoff::new(Duration::from_secs(1), Duration::from_secs(5)).next_delay(&mut rng)
-            })
+            .map(|_| Backoff::new(Duration::from_secs(1), Duration::from_secs(5)).next_delay(&mut rng))
             .collect();
-        assert!(
-            delays.len() > 40,
-            "only {} distinct delays out of 50",
-            delays.len()
-        );
+        assert!(delays.len() > 40, "only {} distinct delays out of 50", delays.len());
     }
 
     #[test]
@@ -123,10 +106,7 @@ mod tests {
         }
         let took = start.elapsed();
         // Ceilings 0.1+0.2+0.4+0.8+1.6+3.2+5+5 = 16.3 s; each delay is at least half its ceiling.
-        assert!(
-            took >= Duration::from_millis(8150) && took <= Duration::from_millis(16300),
-            "{took:?}"
-        );
+        assert!(took >= Duration::from_millis(8150) && took <= Duration::from_millis(16300), "{took:?}");
 
         let t2 = token.clone();
         tokio::spawn(async move {
@@ -135,10 +115,6 @@ mod tests {
         });
         let before = tokio::time::Instant::now();
         assert!(!b.wait(&mut rng, &token).await, "cancelled");
-        assert_eq!(
-            before.elapsed(),
-            Duration::from_millis(300),
-            "returned at the cancel, not after the 2.5-5 s delay"
-        );
+        assert_eq!(before.elapsed(), Duration::from_millis(300), "returned at the cancel, not after the 2.5-5 s delay");
     }
 }

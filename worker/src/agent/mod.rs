@@ -81,15 +81,10 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(config: AgentConfig, state: StateDir) -> Result<Self, AgentError> {
-        Endpoint::from_shared(config.head.clone()).map_err(|e| AgentError::BadHeadUrl {
-            url: config.head.clone(),
-            why: e.to_string(),
-        })?;
+        Endpoint::from_shared(config.head.clone())
+            .map_err(|e| AgentError::BadHeadUrl { url: config.head.clone(), why: e.to_string() })?;
         let node_id = state.node_id()?;
-        let (status, _) = watch::channel(AgentStatus {
-            node_id,
-            ..Default::default()
-        });
+        let (status, _) = watch::channel(AgentStatus { node_id, ..Default::default() });
         let (host, up_rx) = match &config.shards {
             Some(cfg) => {
                 let (h, rx) = crate::shard::ShardHost::new(cfg.clone());
@@ -99,13 +94,7 @@ impl Agent {
             }
             None => (None, None),
         };
-        Ok(Agent {
-            config,
-            state,
-            status,
-            host,
-            up_rx,
-        })
+        Ok(Agent { config, state, status, host, up_rx })
     }
 
     /// The shard host, when this agent hosts shards.
@@ -123,10 +112,7 @@ impl Agent {
         let mut backoff = Backoff::default();
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let endpoint = Endpoint::from_shared(self.config.head.clone())
-            .map_err(|e| AgentError::BadHeadUrl {
-                url: self.config.head.clone(),
-                why: e.to_string(),
-            })?
+            .map_err(|e| AgentError::BadHeadUrl { url: self.config.head.clone(), why: e.to_string() })?
             .connect_timeout(self.config.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -204,24 +190,17 @@ impl Agent {
             }
             join_msg.shards = h.snapshot();
         }
-        let _ = tx.try_send(pb::WorkerMessage {
-            msg: Some(pb::worker_message::Msg::Join(join_msg)),
-        });
+        let _ = tx.try_send(pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Join(join_msg)) });
         let mut client = pb::membership_client::MembershipClient::new(channel);
-        let opened = tokio::time::timeout(
-            self.config.connect_timeout * 5,
-            client.session(ReceiverStream::new(rx)),
-        )
-        .await;
+        let opened =
+            tokio::time::timeout(self.config.connect_timeout * 5, client.session(ReceiverStream::new(rx))).await;
         let mut inbound = match opened {
             Err(_) => return SessionEnd::Lost("the head did not answer the join in time".into()),
             Ok(Err(status)) => return classify(status),
             Ok(Ok(r)) => r.into_inner(),
         };
         let joined = match inbound.message().await {
-            Ok(Some(pb::HeadMessage {
-                msg: Some(pb::head_message::Msg::Joined(j)),
-            })) => j,
+            Ok(Some(pb::HeadMessage { msg: Some(pb::head_message::Msg::Joined(j)) })) => j,
             Ok(Some(other)) => {
                 return SessionEnd::Lost(format!("expected `joined`, got {other:?}"));
             }
@@ -233,10 +212,7 @@ impl Agent {
         let node_id = match Uuid::parse_str(&joined.node_id) {
             Ok(id) => id,
             Err(_) => {
-                return SessionEnd::Lost(format!(
-                    "the head sent an invalid node id {:?}",
-                    joined.node_id
-                ));
+                return SessionEnd::Lost(format!("the head sent an invalid node id {:?}", joined.node_id));
             }
         };
         if join.node_id != Some(node_id) {
@@ -262,14 +238,9 @@ impl Agent {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut seq = 0u64;
         let mut last_heard = Instant::now();
-        let mut last_usage: Vec<(u32, u64)> = join
-            .inventory
-            .gpus
-            .iter()
-            .map(|g| (g.index, g.memory_used_bytes))
-            .collect();
-        let usage_every =
-            (Duration::from_secs(5).as_millis() / interval.as_millis().max(1)).max(1) as u64;
+        let mut last_usage: Vec<(u32, u64)> =
+            join.inventory.gpus.iter().map(|g| (g.index, g.memory_used_bytes)).collect();
+        let usage_every = (Duration::from_secs(5).as_millis() / interval.as_millis().max(1)).max(1) as u64;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -341,9 +312,7 @@ impl Agent {
         inbound: &mut tonic::Streaming<pb::HeadMessage>,
     ) -> SessionEnd {
         let leave = pb::WorkerMessage {
-            msg: Some(pb::worker_message::Msg::Leave(pb::LeaveRequest {
-                reason: "shutdown".into(),
-            })),
+            msg: Some(pb::worker_message::Msg::Leave(pb::LeaveRequest { reason: "shutdown".into() })),
         };
         if tx.send(leave).await.is_err() {
             return SessionEnd::Left;
@@ -351,9 +320,7 @@ impl Agent {
         let acked = tokio::time::timeout(self.config.leave_timeout, async {
             loop {
                 match inbound.message().await {
-                    Ok(Some(pb::HeadMessage {
-                        msg: Some(pb::head_message::Msg::Left(_)),
-                    })) => return true,
+                    Ok(Some(pb::HeadMessage { msg: Some(pb::head_message::Msg::Left(_)) })) => return true,
                     Ok(Some(_)) => continue,
                     _ => return false,
                 }
@@ -387,11 +354,7 @@ fn classify(status: tonic::Status) -> SessionEnd {
         | Code::PermissionDenied
         | Code::Unauthenticated
         | Code::FailedPrecondition => SessionEnd::Refused(status.message().to_string()),
-        _ => SessionEnd::Lost(format!(
-            "{}: {}",
-            code_name(status.code()),
-            status.message()
-        )),
+        _ => SessionEnd::Lost(format!("{}: {}", code_name(status.code()), status.message())),
     }
 }
 

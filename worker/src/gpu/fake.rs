@@ -11,9 +11,7 @@ pub struct FakeInventory {
 
 impl FakeInventory {
     pub fn new(spec: FakeGpuSpec, seed: &str) -> Self {
-        FakeInventory {
-            inventory: spec.inventory(seed),
-        }
+        FakeInventory { inventory: spec.inventory(seed) }
     }
 }
 
@@ -23,10 +21,6 @@ impl GpuInventory for FakeInventory {
     }
 
     fn memory_used(&self) -> Vec<(u32, u64)> {
-        self.inventory
-            .gpus
-            .iter()
-            .map(|g| (g.index, g.memory_used_bytes))
-            .collect()
+        self.inventory.gpus.iter().map(|g| (g.index, g.memory_used_bytes)).collect()
     }
 }

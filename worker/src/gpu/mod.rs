@@ -21,10 +21,7 @@ pub trait GpuInventory: Send + Sync + 'static {
 
 /// The inventory for this process: fake when `--fake-gpus` was given, else NVML (or an empty, CPU-only
 /// inventory with one logged line when NVML cannot be loaded).
-pub fn detect(
-    fake: Option<tessera_common::fake::FakeGpuSpec>,
-    seed: &str,
-) -> Box<dyn GpuInventory> {
+pub fn detect(fake: Option<tessera_common::fake::FakeGpuSpec>, seed: &str) -> Box<dyn GpuInventory> {
     match fake {
         Some(spec) => Box::new(FakeInventory::new(spec, seed)),
         None => Box::new(NvmlInventory::load()),

@@ -25,22 +25,17 @@ impl NvmlInventory {
     /// Loads NVML. Never fails: without it the inventory is empty and says why.
     pub fn load() -> Self {
         match Nvml::init() {
-            Ok(nvml) => NvmlInventory {
-                nvml: Some(nvml),
-                load_error: String::new(),
-            },
+            Ok(nvml) => NvmlInventory { nvml: Some(nvml), load_error: String::new() },
             Err(e) => {
                 let why = match &e {
                     NvmlError::LibloadingError(_) => {
-                        "the NVIDIA driver's libnvidia-ml.so could not be loaded (no driver on this machine)".to_string()
+                        "the NVIDIA driver's libnvidia-ml.so could not be loaded (no driver on this machine)"
+                            .to_string()
                     }
                     other => format!("NVML init failed: {other}"),
                 };
                 info!(reason = %why, "no GPUs: reporting this node as CPU-only (use --fake-gpus to pretend)");
-                NvmlInventory {
-                    nvml: None,
-                    load_error: why,
-                }
+                NvmlInventory { nvml: None, load_error: why }
             }
         }
     }
@@ -76,9 +71,7 @@ impl NvmlInventory {
                 name: dev.name().unwrap_or_else(|_| "unknown NVIDIA GPU".into()),
                 memory_total_bytes: mem.as_ref().map(|m| m.total).unwrap_or(0),
                 memory_used_bytes: mem.as_ref().map(|m| m.used).unwrap_or(0),
-                compute_capability: cc
-                    .map(|c| (c.major.max(0) as u32, c.minor.max(0) as u32))
-                    .unwrap_or((0, 0)),
+                compute_capability: cc.map(|c| (c.major.max(0) as u32, c.minor.max(0) as u32)).unwrap_or((0, 0)),
                 numa_node: numa_node(&dev, &pci_bus_id),
                 pci_bus_id,
                 nvlink_peers: Vec::new(),
@@ -86,20 +79,14 @@ impl NvmlInventory {
                 fake: false,
             });
         }
-        let bus_to_index: HashMap<String, u32> = gpus
-            .iter()
-            .map(|g| (normalize_bus_id(&g.pci_bus_id), g.index))
-            .collect();
+        let bus_to_index: HashMap<String, u32> =
+            gpus.iter().map(|g| (normalize_bus_id(&g.pci_bus_id), g.index)).collect();
         let peers = nvlink_peers(&links, &bus_to_index);
         for g in &mut gpus {
             g.nvlink_peers = peers.get(&g.index).cloned().unwrap_or_default();
         }
         let cuda = nvml.sys_cuda_driver_version().map(|v| {
-            format!(
-                "{}.{}",
-                nvml_wrapper::cuda_driver_version_major(v),
-                nvml_wrapper::cuda_driver_version_minor(v)
-            )
+            format!("{}.{}", nvml_wrapper::cuda_driver_version_major(v), nvml_wrapper::cuda_driver_version_minor(v))
         });
         Ok(Inventory {
             gpus,
@@ -167,10 +154,7 @@ fn normalize_bus_id(bus_id: &str) -> String {
 /// Which GPUs reach which over NVLink. A link whose far end is another GPU connects the two; a link
 /// whose far end is not a GPU of this node is an NVSwitch, and every GPU with a switch link reaches
 /// every other such GPU.
-pub(crate) fn nvlink_peers(
-    links: &[(u32, String)],
-    bus_to_index: &HashMap<String, u32>,
-) -> HashMap<u32, Vec<u32>> {
+pub(crate) fn nvlink_peers(links: &[(u32, String)], bus_to_index: &HashMap<String, u32>) -> HashMap<u32, Vec<u32>> {
     let mut peers: HashMap<u32, std::collections::BTreeSet<u32>> = HashMap::new();
     let mut switched = std::collections::BTreeSet::new();
     for (from, remote) in links {
@@ -192,10 +176,7 @@ pub(crate) fn nvlink_peers(
             }
         }
     }
-    peers
-        .into_iter()
-        .map(|(k, v)| (k, v.into_iter().collect()))
-        .collect()
+    peers.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect()
 }
 
 #[cfg(test)]
@@ -204,15 +185,11 @@ mod tests {
 
     #[test]
     fn direct_links_and_switches_make_peers() {
-        let bus: HashMap<String, u32> = [
-            ("0000:18:00.0", 0),
-            ("0000:2a:00.0", 1),
-            ("0000:3a:00.0", 2),
-            ("0000:5d:00.0", 3),
-        ]
-        .into_iter()
-        .map(|(b, i)| (b.to_string(), i))
-        .collect();
+        let bus: HashMap<String, u32> =
+            [("0000:18:00.0", 0), ("0000:2a:00.0", 1), ("0000:3a:00.0", 2), ("0000:5d:00.0", 3)]
+                .into_iter()
+                .map(|(b, i)| (b.to_string(), i))
+                .collect();
         // GPU 0 <-> 1 directly; GPUs 2 and 3 through a switch; GPU 0 links to itself oddly (ignored).
         let links = vec![
             (0, "0000:2a:00.0".to_string()),

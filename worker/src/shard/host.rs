@@ -125,34 +125,53 @@ impl ShardHost {
                     report.exit_code = Some(127);
                     report.error = why.clone();
                     report.log_tail = why;
-                    self.procs.lock().expect("lock").insert(key, Proc { dir, ranks: p.ranks.clone(), last: report.clone(), cmd: None, exited: true });
+                    self.procs.lock().expect("lock").insert(
+                        key,
+                        Proc { dir, ranks: p.ranks.clone(), last: report.clone(), cmd: None, exited: true },
+                    );
                     let _ = self.up.send(shard_msg(report));
                     continue;
                 }
             };
-            let health = if p.health_check { Some(if p.health_port > 0 { p.health_port as u16 } else { health_port }) } else { None };
+            let health = if p.health_check {
+                Some(if p.health_port > 0 { p.health_port as u16 } else { health_port })
+            } else {
+                None
+            };
             let shim_spec = ShimSpec {
                 deployment: l.deployment.clone(),
                 generation: l.generation,
                 key: p.key.clone(),
                 ranks: p.ranks.clone(),
                 argv,
-                env: p.env.iter().map(|(k, v)| (k.clone(), subst(v, master_port, health_port))).collect::<BTreeMap<_, _>>(),
+                env: p
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), subst(v, master_port, health_port)))
+                    .collect::<BTreeMap<_, _>>(),
                 stop_grace_s: grace.as_secs(),
                 orphan_timeout_s: self.cfg.orphan_timeout.as_secs().max(1),
                 log_max_bytes: self.cfg.log_max_bytes,
                 health_port: health,
                 master_port: Some(master_port),
             };
-            if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| spec::write_json(&spec::spec_path(&dir), &shim_spec)) {
+            if let Err(e) =
+                std::fs::create_dir_all(&dir).and_then(|_| spec::write_json(&spec::spec_path(&dir), &shim_spec))
+            {
                 report.state = pb::ProcessState::Exited as i32;
                 report.exit_code = Some(127);
                 report.error = format!("cannot write {}: {e}", dir.display());
-                self.procs.lock().expect("lock").insert(key, Proc { dir, ranks: p.ranks.clone(), last: report.clone(), cmd: None, exited: true });
+                self.procs
+                    .lock()
+                    .expect("lock")
+                    .insert(key, Proc { dir, ranks: p.ranks.clone(), last: report.clone(), cmd: None, exited: true });
                 let _ = self.up.send(shard_msg(report));
                 continue;
             }
-            self.procs.lock().expect("lock").insert(key.clone(), Proc { dir: dir.clone(), ranks: p.ranks.clone(), last: report.clone(), cmd: None, exited: false });
+            self.procs.lock().expect("lock").insert(
+                key.clone(),
+                Proc { dir: dir.clone(), ranks: p.ranks.clone(), last: report.clone(), cmd: None, exited: false },
+            );
             let _ = self.up.send(shard_msg(report));
             match tokio::process::Command::new(&self.cfg.exe)
                 .arg("shim")
@@ -222,7 +241,13 @@ impl ShardHost {
             let Some(stream) = stream else {
                 // The shim never came up (or is long gone): use what its state file says.
                 let st: ShimState = spec::read_json(&spec::state_path(&dir)).unwrap_or_default();
-                host.finish(&key, &dir, st.exit_code.or(Some(127)), st.signal, st.error.unwrap_or_else(|| "the shim did not start".into()));
+                host.finish(
+                    &key,
+                    &dir,
+                    st.exit_code.or(Some(127)),
+                    st.signal,
+                    st.error.unwrap_or_else(|| "the shim did not start".into()),
+                );
                 return;
             };
             let (rd, mut wr) = stream.into_split();
@@ -256,6 +281,12 @@ impl ShardHost {
                 let Ok(st) = serde_json::from_str::<ShimState>(&line) else { continue };
                 last = st.clone();
                 if st.exited {
+                    // Report the exit once the shim itself is gone (its socket closes as it exits),
+                    // so that "exited" means nothing of the process is left.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        while let Ok(Some(_)) = lines.next_line().await {}
+                    })
+                    .await;
                     host.finish(&key, &dir, st.exit_code, st.signal, st.error.clone().unwrap_or_default());
                     return;
                 }
@@ -324,7 +355,11 @@ impl ShardHost {
 
     /// Stops processes of `deployment` with a generation below `below` (all when 0).
     pub fn stop(&self, s: pb::StopShards) {
-        self.stop_matching(&s.deployment, if s.below_generation == 0 { u64::MAX } else { s.below_generation }, &s.reason);
+        self.stop_matching(
+            &s.deployment,
+            if s.below_generation == 0 { u64::MAX } else { s.below_generation },
+            &s.reason,
+        );
     }
 
     fn stop_matching(&self, deployment: &str, below: u64, reason: &str) {
@@ -345,7 +380,12 @@ impl ShardHost {
     async fn wait_stopped(&self, deployment: &str, below: u64, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let busy = self.procs.lock().expect("lock").iter().any(|((d, g, _), p)| d == deployment && *g < below && !p.exited);
+            let busy = self
+                .procs
+                .lock()
+                .expect("lock")
+                .iter()
+                .any(|((d, g, _), p)| d == deployment && *g < below && !p.exited);
             if !busy || tokio::time::Instant::now() > deadline {
                 return;
             }
@@ -375,7 +415,10 @@ impl ShardHost {
                 health_port: s.health_port.unwrap_or(0) as u32,
                 ..Default::default()
             };
-            self.procs.lock().expect("lock").insert(key.clone(), Proc { dir: dir.clone(), ranks: s.ranks.clone(), last: report, cmd: None, exited: false });
+            self.procs.lock().expect("lock").insert(
+                key.clone(),
+                Proc { dir: dir.clone(), ranks: s.ranks.clone(), last: report, cmd: None, exited: false },
+            );
             info!(deployment = %s.deployment, generation = s.generation, key = %s.key, pid = ?st.pid, "adopted a running shim");
             let wait_rtt = is_probe_member(&s);
             self.attach(key, dir, s.health_port, wait_rtt);
@@ -442,7 +485,12 @@ impl ShardHost {
 
     /// Ranks of a process, for tests and diagnostics.
     pub fn ranks_of(&self, deployment: &str, key: &str) -> Option<Vec<u32>> {
-        self.procs.lock().expect("lock").iter().find(|((d, _, k), _)| d == deployment && k == key).map(|(_, p)| p.ranks.clone())
+        self.procs
+            .lock()
+            .expect("lock")
+            .iter()
+            .find(|((d, _, k), _)| d == deployment && k == key)
+            .map(|(_, p)| p.ranks.clone())
     }
 }
 

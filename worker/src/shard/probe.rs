@@ -63,7 +63,8 @@ pub fn run(args: &[String]) -> ExitCode {
 }
 
 fn master(a: &ProbeArgs) -> Result<(), String> {
-    let listener = TcpListener::bind(("0.0.0.0", a.master_port)).map_err(|e| format!("cannot listen on port {}: {e}", a.master_port))?;
+    let listener = TcpListener::bind(("0.0.0.0", a.master_port))
+        .map_err(|e| format!("cannot listen on port {}: {e}", a.master_port))?;
     let rtts: Arc<Mutex<BTreeMap<u32, u64>>> = Arc::new(Mutex::new(BTreeMap::from([(0, 0)])));
     let (lost_tx, lost_rx) = std::sync::mpsc::channel::<String>();
     let mut joined = 1u32;
@@ -105,7 +106,8 @@ fn master(a: &ProbeArgs) -> Result<(), String> {
     }
     println!("world complete: {} ranks", a.world_size);
     if let Some(port) = a.health_port {
-        let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("cannot listen on health port {port}: {e}"))?;
+        let listener =
+            TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("cannot listen on health port {port}: {e}"))?;
         let rtts = rtts.clone();
         let world = a.world_size;
         std::thread::spawn(move || serve_health(listener, world, rtts));
@@ -190,10 +192,11 @@ mod tests {
 
     #[test]
     fn parses_its_arguments() {
-        let args: Vec<String> = ["--rank", "3", "--world-size", "8", "--master-addr", "10.0.0.1", "--master-port", "29500"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> =
+            ["--rank", "3", "--world-size", "8", "--master-addr", "10.0.0.1", "--master-port", "29500"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         let a = ProbeArgs::parse(&args).expect("valid");
         assert_eq!((a.rank, a.world_size, a.master_port, a.health_port), (3, 8, 29500, None));
         assert!(ProbeArgs::parse(&args[..6]).expect_err("no port").contains("--master-port"));

@@ -32,7 +32,8 @@ const LOG_KEEP: usize = 2;
 
 struct Shared {
     state: Mutex<ShimState>,
-    clients: Mutex<Vec<UnixStream>>,
+    /// Connected agents by connection number.
+    clients: Mutex<Vec<(u64, UnixStream)>>,
     stop: AtomicBool,
     /// When an agent was last connected (or the shim started).
     last_agent: Mutex<Instant>,
@@ -54,7 +55,7 @@ impl Shared {
         let mut line = serde_json::to_vec(&state).expect("state serializes");
         line.push(b'\n');
         let mut clients = self.clients.lock().expect("clients lock");
-        clients.retain_mut(|c| c.write_all(&line).is_ok());
+        clients.retain_mut(|(_, c)| c.write_all(&line).is_ok());
         if state.exited && !clients.is_empty() {
             self.delivered_exit.store(true, Ordering::SeqCst);
         }
@@ -121,9 +122,12 @@ fn start_engine(spec: &ShimSpec, dir: &Path, log: &Arc<Mutex<RotatingLog>>, shar
     match cmd.spawn() {
         Ok(mut child) => {
             let pid = child.id();
-            for out in [child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>), child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>)]
-                .into_iter()
-                .flatten()
+            for out in [
+                child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+                child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+            ]
+            .into_iter()
+            .flatten()
             {
                 let log = log.clone();
                 std::thread::spawn(move || pump(out, log));
@@ -201,12 +205,14 @@ fn supervise(engine: Option<Pid>, spec: &ShimSpec, shared: &Arc<Shared>) -> Exit
                 Err(_) => break,
             }
         }
-        let orphaned = shared.clients.lock().expect("lock").is_empty() && shared.last_agent.lock().expect("lock").elapsed() >= orphan;
+        let orphaned = shared.clients.lock().expect("lock").is_empty()
+            && shared.last_agent.lock().expect("lock").elapsed() >= orphan;
         if orphaned && !shared.stop.swap(true, Ordering::SeqCst) {
             shared.log(&format!("no agent for {}s: stopping the engine", orphan.as_secs()));
         }
-        let descendants = children_of(me);
         let stopping = shared.stop.load(Ordering::SeqCst) || !engine_alive;
+        // Scanning /proc is the costly part of the loop: only while stopping.
+        let descendants = if stopping { children_of(me) } else { Vec::new() };
         if stopping && (engine_alive || !descendants.is_empty()) {
             match term_sent {
                 None => {
@@ -234,23 +240,27 @@ fn supervise(engine: Option<Pid>, spec: &ShimSpec, shared: &Arc<Shared>) -> Exit
             }
         }
         if !engine_alive && descendants.is_empty() {
+            // Only now is the engine entirely gone: say so (once), then leave once told.
+            if !shared.state.lock().expect("lock").exited {
+                shared.state.lock().expect("lock").exited = true;
+                shared.log("every process of the engine is gone");
+                shared.publish();
+            }
             let delivered = shared.delivered_exit.load(Ordering::SeqCst);
             if delivered || orphaned || engine.is_none() && shared.stop.load(Ordering::SeqCst) {
-                // Give the agent a moment to read the final state.
-                std::thread::sleep(Duration::from_millis(50));
                 return ExitCode::SUCCESS;
             }
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(if stopping { 20 } else { 100 }));
     }
 }
 
+/// The engine itself exited; `exited` is set once its descendants are gone too.
 fn record_exit(shared: &Shared, code: Option<i32>, signal: Option<i32>) {
     {
         let mut s = shared.state.lock().expect("lock");
         s.exit_code = code;
         s.signal = signal;
-        s.exited = true;
     }
     shared.log(&format!("engine exited: code {code:?} signal {signal:?}"));
     shared.publish();
@@ -258,10 +268,11 @@ fn record_exit(shared: &Shared, code: Option<i32>, signal: Option<i32>) {
 
 /// Accepts agents: each gets the current state at once, then every change; its lines are commands.
 fn serve(listener: UnixListener, shared: Arc<Shared>) {
-    for conn in listener.incoming() {
+    for (id, conn) in listener.incoming().enumerate() {
+        let id = id as u64;
         let Ok(conn) = conn else { continue };
         let Ok(reader) = conn.try_clone() else { continue };
-        shared.clients.lock().expect("lock").push(conn);
+        shared.clients.lock().expect("lock").push((id, conn));
         shared.publish();
         let shared = shared.clone();
         std::thread::spawn(move || {
@@ -276,7 +287,9 @@ fn serve(listener: UnixListener, shared: Arc<Shared>) {
                 }
             }
             // The agent went away; the orphan clock runs from now.
+            shared.clients.lock().expect("lock").retain(|(c, _)| *c != id);
             *shared.last_agent.lock().expect("lock") = Instant::now();
+            shared.log("agent disconnected");
         });
     }
 }

@@ -1,0 +1,355 @@
+//! `tessera deploy`, `deployments`, `get`, `delete`, `restart`, `logs`.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use anyhow::anyhow;
+use serde_json::{Value, json};
+use tessera_proto::v1 as pb;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use crate::Output;
+use crate::client::{self, StatusContext};
+use crate::table::Table;
+
+pub struct DeployArgs {
+    pub name: String,
+    pub model: std::path::PathBuf,
+    pub tp: u32,
+    pub pp: u32,
+    pub engine: pb::Engine,
+    pub command: Option<String>,
+    pub per_node: bool,
+    pub env: Vec<(String, String)>,
+    pub max_restarts: Option<i32>,
+    pub wait: bool,
+    pub engine_args: Vec<String>,
+    pub output: Output,
+}
+
+async fn client(head: &str) -> anyhow::Result<pb::deployments_client::DeploymentsClient<Channel>> {
+    Ok(pb::deployments_client::DeploymentsClient::new(client::connect(head).await?))
+}
+
+pub fn state_name(s: i32) -> &'static str {
+    match pb::DeploymentState::try_from(s).unwrap_or(pb::DeploymentState::Unspecified) {
+        pb::DeploymentState::Pending => "pending",
+        pb::DeploymentState::Starting => "starting",
+        pb::DeploymentState::Running => "running",
+        pb::DeploymentState::Restarting => "restarting",
+        pb::DeploymentState::Failed => "failed",
+        pb::DeploymentState::Stopping => "stopping",
+        pb::DeploymentState::Stopped => "stopped",
+        pb::DeploymentState::Unspecified => "unknown",
+    }
+}
+
+fn process_state(s: i32) -> &'static str {
+    match pb::ProcessState::try_from(s).unwrap_or(pb::ProcessState::Unspecified) {
+        pb::ProcessState::Starting => "starting",
+        pb::ProcessState::Running => "running",
+        pb::ProcessState::Ready => "ready",
+        pb::ProcessState::Exited => "exited",
+        pb::ProcessState::Stopped => "stopped",
+        pb::ProcessState::Unspecified => "-",
+    }
+}
+
+fn engine_name(e: i32) -> &'static str {
+    match pb::Engine::try_from(e).unwrap_or(pb::Engine::Unspecified) {
+        pb::Engine::Vllm => "vllm",
+        pb::Engine::Command => "command",
+        pb::Engine::Probe => "probe",
+        pb::Engine::Unspecified => "?",
+    }
+}
+
+/// The JSON shape of a deployment (`get -o json`).
+pub fn deployment_json(d: &pb::Deployment) -> Value {
+    let ranks: Vec<Value> = d
+        .ranks
+        .iter()
+        .map(|r| {
+            json!({
+                "rank": r.rank,
+                "tp_rank": r.tp_rank,
+                "pp_rank": r.pp_rank,
+                "node": r.node,
+                "node_id": r.node_id,
+                "node_rank": r.node_rank,
+                "gpu_indices": r.gpu_indices,
+                "pid": r.pid,
+                "state": process_state(r.state),
+                "exit_code": r.exit_code,
+                "signal": r.signal,
+                "layer_start": r.layer_start,
+                "layer_end": r.layer_end,
+                "rtt_us": r.rtt_us,
+            })
+        })
+        .collect();
+    let env: BTreeMap<&String, &String> = d.env.iter().collect();
+    json!({
+        "name": d.name,
+        "state": state_name(d.state),
+        "message": d.message,
+        "generation": d.generation,
+        "restarts": d.restarts,
+        "max_restarts": d.max_restarts,
+        "tp": d.tp,
+        "pp": d.pp,
+        "nnodes": d.nnodes,
+        "engine": engine_name(d.engine),
+        "model_path": d.model_path,
+        "master_addr": d.master_addr,
+        "master_port": d.master_port,
+        "health_url": d.health_url,
+        "engine_args": d.engine_args,
+        "env": env,
+        "command": d.command,
+        "state_since_ms_ago": d.state_since_ms_ago,
+        "ranks": ranks,
+    })
+}
+
+pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
+    let model = std::path::absolute(&a.model)?;
+    let req = pb::CreateDeploymentRequest {
+        name: a.name.clone(),
+        model_path: model.display().to_string(),
+        tp: a.tp,
+        pp: a.pp,
+        engine: a.engine as i32,
+        engine_args: a.engine_args,
+        env: a.env.into_iter().collect(),
+        max_restarts: a.max_restarts.map(|n| if n == 0 { -1 } else { n }).unwrap_or(0),
+        command: a.command.unwrap_or_default(),
+        per_node: a.per_node,
+        gpu_memory_utilization: 0.0,
+        max_model_len: 0,
+    };
+    // Watch before creating, so no event of the new deployment is missed.
+    let mut events = if a.wait {
+        let mut c = client::cluster(head).await?;
+        Some(c.watch_events(pb::WatchEventsRequest { include_current: false }).await.or_status()?)
+    } else {
+        None
+    };
+    let mut c = client(head).await?;
+    let d = match c.create(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound) => {
+            eprintln!("error: {}", s.message());
+            return Ok(2);
+        }
+        Err(s) => return Err(client::status_error(s)),
+    };
+    let Some(events) = events.as_mut() else {
+        print_summary(&d, a.output);
+        return Ok(0);
+    };
+    let tty = std::io::stdout().is_terminal() && a.output == Output::Text;
+    let mut last_line = String::new();
+    let mut current = d;
+    loop {
+        let line = progress_line(&current, tty);
+        if line != last_line {
+            if tty {
+                print!("\r\x1b[2K{line}");
+            } else if a.output == Output::Text {
+                println!("{line}");
+            }
+            std::io::stdout().flush()?;
+            last_line = line;
+        }
+        match pb::DeploymentState::try_from(current.state).unwrap_or(pb::DeploymentState::Unspecified) {
+            pb::DeploymentState::Running => {
+                if tty {
+                    println!();
+                }
+                print_summary(&current, a.output);
+                return Ok(0);
+            }
+            pb::DeploymentState::Failed | pb::DeploymentState::Stopped => {
+                if tty {
+                    println!();
+                }
+                print_summary(&current, a.output);
+                return Ok(1);
+            }
+            _ => {}
+        }
+        let next = loop {
+            match events.next().await {
+                Some(Ok(e)) => {
+                    if let Some(dep) = e.deployment.filter(|x| x.name == a.name) {
+                        break dep;
+                    }
+                }
+                Some(Err(s)) => return Err(client::status_error(s)),
+                None => return Err(anyhow!("the head closed the event stream")),
+            }
+        };
+        current = next;
+    }
+}
+
+fn progress_line(d: &pb::Deployment, tty: bool) -> String {
+    let total = d.ranks.len().max(1);
+    let ready = d.ranks.iter().filter(|r| r.state == pb::ProcessState::Ready as i32).count();
+    let launched = d.ranks.iter().filter(|r| r.pid > 0).count();
+    let bar = if tty {
+        let width = 20;
+        let filled = ready * width / total;
+        format!("[{}{}] ", "#".repeat(filled), ".".repeat(width - filled))
+    } else {
+        String::new()
+    };
+    format!(
+        "{bar}{} {}: generation {}, {launched}/{} ranks launched, {ready}/{} ready: {}",
+        d.name,
+        state_name(d.state),
+        d.generation,
+        d.ranks.len(),
+        d.ranks.len(),
+        d.message
+    )
+}
+
+fn print_summary(d: &pb::Deployment, output: Output) {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&deployment_json(d)).unwrap_or_default()),
+        Output::Text => {
+            println!("{} is {} (generation {}): {}", d.name, state_name(d.state), d.generation, d.message);
+        }
+    }
+}
+
+pub async fn list(head: &str, output: Output) -> anyhow::Result<u8> {
+    let mut c = client(head).await?;
+    let ds = c.list(pb::ListDeploymentsRequest {}).await.or_status()?.deployments;
+    match output {
+        Output::Json => {
+            println!("{}", serde_json::to_string_pretty(&Value::Array(ds.iter().map(deployment_json).collect()))?)
+        }
+        Output::Text if ds.is_empty() => println!("no deployments"),
+        Output::Text => {
+            let mut t = Table::new(&["NAME", "STATE", "GEN", "RESTARTS", "TPxPP", "ENGINE", "NODES", "MESSAGE"]);
+            for d in &ds {
+                t.row(vec![
+                    d.name.clone(),
+                    state_name(d.state).into(),
+                    d.generation.to_string(),
+                    d.restarts.to_string(),
+                    format!("{}x{}", d.tp, d.pp),
+                    engine_name(d.engine).into(),
+                    d.nnodes.to_string(),
+                    d.message.chars().take(80).collect(),
+                ]);
+            }
+            print!("{}", t.render());
+        }
+    }
+    Ok(0)
+}
+
+pub async fn get(head: &str, name: String, output: Output) -> anyhow::Result<u8> {
+    let mut c = client(head).await?;
+    let d = c.get(pb::GetDeploymentRequest { name }).await.or_status()?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&deployment_json(&d))?),
+        Output::Text => {
+            println!("name        {}", d.name);
+            println!(
+                "state       {} (generation {}, {} restart(s), max {} in 10 min)",
+                state_name(d.state),
+                d.generation,
+                d.restarts,
+                d.max_restarts
+            );
+            println!("message     {}", d.message);
+            println!("model       {}", d.model_path);
+            println!("shape       TP {} x PP {} on {} node(s), engine {}", d.tp, d.pp, d.nnodes, engine_name(d.engine));
+            if d.master_port > 0 {
+                println!("rendezvous  {}:{}", d.master_addr, d.master_port);
+            }
+            if !d.health_url.is_empty() {
+                println!("health      {}", d.health_url);
+            }
+            let mut t = Table::new(&["RANK", "TP", "PP", "LAYERS", "NODE", "GPUS", "PID", "STATE", "EXIT", "RTT"]);
+            for r in &d.ranks {
+                let exit = match (r.exit_code, r.signal) {
+                    (_, Some(s)) => format!("signal {s}"),
+                    (Some(c), None) => c.to_string(),
+                    _ => "-".into(),
+                };
+                t.row(vec![
+                    r.rank.to_string(),
+                    r.tp_rank.to_string(),
+                    r.pp_rank.to_string(),
+                    format!("{}-{}", r.layer_start, r.layer_end.saturating_sub(1)),
+                    r.node.clone(),
+                    r.gpu_indices.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+                    if r.pid > 0 { r.pid.to_string() } else { "-".into() },
+                    process_state(r.state).into(),
+                    exit,
+                    r.rtt_us.map(|u| format!("{u}us")).unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            print!("{}", t.render());
+        }
+    }
+    Ok(0)
+}
+
+pub async fn delete(head: &str, name: String, wait: bool) -> anyhow::Result<u8> {
+    let mut c = client(head).await?;
+    c.delete(pb::DeleteDeploymentRequest { name: name.clone() }).await.or_status()?;
+    if !wait {
+        println!("{name}: stopping");
+        return Ok(0);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match c.get(pb::GetDeploymentRequest { name: name.clone() }).await {
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                println!("{name}: deleted; every process stopped");
+                return Ok(0);
+            }
+            Err(s) => return Err(client::status_error(s)),
+            Ok(_) if tokio::time::Instant::now() > deadline => {
+                return Err(anyhow!("{name} is still stopping after 60s; check `tessera get {name}`"));
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+pub async fn restart(head: &str, name: String) -> anyhow::Result<u8> {
+    let mut c = client(head).await?;
+    let d = c.restart(pb::RestartDeploymentRequest { name }).await.or_status()?;
+    println!("{}: {}", d.name, d.message);
+    Ok(0)
+}
+
+pub async fn logs(head: &str, name: String, rank: u64, tail: u32, follow: bool) -> anyhow::Result<u8> {
+    let mut c = client(head).await?;
+    let mut s = c.logs(pb::LogsRequest { name, rank, tail, follow }).await.or_status()?;
+    let mut out = std::io::stdout();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.map_err(client::status_error)?;
+        out.write_all(&chunk.data)?;
+        out.flush()?;
+    }
+    Ok(0)
+}
+
+/// `K=V` for `--env`.
+pub fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("invalid --env {s:?}: write NAME=VALUE"))
+}

@@ -1,0 +1,236 @@
+//! One deployment's record: intent (spec), placement (launch, holding the GPU reservations), and
+//! what the workers report (processes).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::IpAddr;
+
+use tessera_common::plan::partition::Stage;
+use tessera_common::plan::placement::RankPlacement;
+use tessera_proto::v1 as pb;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::spec::{DeploymentSpec, Engine, LoadedModel};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DState {
+    Pending,
+    Starting,
+    Running,
+    Restarting,
+    Failed,
+    Stopping,
+    Stopped,
+}
+
+impl DState {
+    pub fn to_pb(self) -> pb::DeploymentState {
+        match self {
+            DState::Pending => pb::DeploymentState::Pending,
+            DState::Starting => pb::DeploymentState::Starting,
+            DState::Running => pb::DeploymentState::Running,
+            DState::Restarting => pb::DeploymentState::Restarting,
+            DState::Failed => pb::DeploymentState::Failed,
+            DState::Stopping => pb::DeploymentState::Stopping,
+            DState::Stopped => pb::DeploymentState::Stopped,
+        }
+    }
+}
+
+/// Where the current generation runs. Dropping it (see `release`) frees its GPUs.
+pub struct Launch {
+    /// Reserved GPU uuids.
+    pub gpus: Vec<String>,
+    pub placement: Vec<RankPlacement>,
+    pub stages: Vec<Stage>,
+    /// Processes per node, node rank order.
+    pub per_node: Vec<(Uuid, Vec<pb::ShardProcess>)>,
+    pub master_addr: IpAddr,
+    pub master_port: u32,
+    pub health_port: u32,
+    /// The launches of node ranks > 0 have been sent (after node rank 0 picked the ports).
+    pub rest_sent: bool,
+}
+
+/// One process of the current generation, as reported.
+pub struct Proc {
+    pub node_id: Uuid,
+    pub node: String,
+    pub ranks: Vec<u32>,
+    pub pid: u32,
+    pub state: pb::ProcessState,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub rtt_us: Option<u64>,
+    /// Its node died: nothing will be reported any more.
+    pub gone: bool,
+    pub generation_seen: u64,
+}
+
+impl Proc {
+    pub fn new(node_id: Uuid, node: &str, ranks: Vec<u32>) -> Self {
+        Proc {
+            node_id,
+            node: node.to_string(),
+            ranks,
+            pid: 0,
+            state: pb::ProcessState::Starting,
+            exit_code: None,
+            signal: None,
+            rtt_us: None,
+            gone: false,
+            generation_seen: 0,
+        }
+    }
+
+    pub fn apply(&mut self, r: &pb::ShardReport) {
+        let state = pb::ProcessState::try_from(r.state).unwrap_or(pb::ProcessState::Unspecified);
+        // States only move forward within a generation (a late RUNNING never hides an exit).
+        let rank = |s: pb::ProcessState| match s {
+            pb::ProcessState::Unspecified => 0,
+            pb::ProcessState::Starting => 1,
+            pb::ProcessState::Running => 2,
+            pb::ProcessState::Ready => 3,
+            pb::ProcessState::Stopped => 4,
+            pb::ProcessState::Exited => 5,
+        };
+        if rank(state) >= rank(self.state) {
+            self.state = state;
+        }
+        if r.pid > 0 {
+            self.pid = r.pid;
+        }
+        if state == pb::ProcessState::Exited {
+            self.exit_code = r.exit_code;
+            self.signal = r.signal;
+        }
+        if r.rtt_us.is_some() {
+            self.rtt_us = r.rtt_us;
+        }
+        self.generation_seen = r.generation;
+    }
+}
+
+pub struct Dep {
+    pub spec: DeploymentSpec,
+    pub model: LoadedModel,
+    pub state: DState,
+    pub message: String,
+    pub since: Instant,
+    pub generation: u64,
+    pub restarts: u32,
+    pub restart_times: VecDeque<Instant>,
+    pub launch: Option<Launch>,
+    /// Processes of the current generation by key.
+    pub procs: BTreeMap<String, Proc>,
+    pub next_attempt: Option<Instant>,
+    pub delete_deadline: Option<Instant>,
+}
+
+impl Dep {
+    pub fn new(spec: DeploymentSpec, model: LoadedModel) -> Self {
+        Dep {
+            spec,
+            model,
+            state: DState::Pending,
+            message: "planning".into(),
+            since: Instant::now(),
+            generation: 0,
+            restarts: 0,
+            restart_times: VecDeque::new(),
+            launch: None,
+            procs: BTreeMap::new(),
+            next_attempt: None,
+            delete_deadline: None,
+        }
+    }
+
+    pub fn set_state(&mut self, state: DState, message: String) {
+        if state != self.state {
+            self.since = Instant::now();
+        }
+        self.state = state;
+        self.message = message;
+    }
+
+    /// A process of another generation reported during a delete.
+    pub fn forget_proc(&mut self, key: &str, generation: u64) {
+        if let Some(p) = self.procs.get_mut(key) {
+            if p.generation_seen == generation {
+                p.gone = true;
+            }
+        }
+    }
+
+    pub fn to_pb(&self) -> pb::Deployment {
+        let (placement, stages, master_addr, master_port) = match &self.launch {
+            Some(l) => (l.placement.clone(), l.stages.clone(), l.master_addr.to_string(), l.master_port),
+            None => (Vec::new(), Vec::new(), String::new(), 0),
+        };
+        let nnodes = placement.iter().map(|r| r.node_rank).max().map(|m| m as u32 + 1).unwrap_or(0);
+        let ranks = placement
+            .iter()
+            .map(|r| {
+                let proc = self.procs.values().find(|p| p.ranks.contains(&(r.rank as u32)));
+                let (ls, le) = stages.get(r.pp_rank as usize).map(|s| (s.layer_start, s.layer_end)).unwrap_or((0, 0));
+                let node_gpus: Vec<u32> = match self.spec.engine {
+                    // One vLLM process per node holds all of that node's GPUs.
+                    Engine::Vllm => {
+                        placement.iter().filter(|o| o.node_rank == r.node_rank).map(|o| o.gpu_index).collect()
+                    }
+                    _ if self.spec.per_node => {
+                        placement.iter().filter(|o| o.node_rank == r.node_rank).map(|o| o.gpu_index).collect()
+                    }
+                    _ => vec![r.gpu_index],
+                };
+                pb::Rank {
+                    rank: r.rank,
+                    tp_rank: r.tp_rank,
+                    pp_rank: r.pp_rank,
+                    node: r.node.clone(),
+                    node_id: r.node_id.clone(),
+                    node_rank: r.node_rank,
+                    gpu_indices: node_gpus,
+                    pid: proc.map(|p| p.pid).unwrap_or(0),
+                    state: proc.map(|p| p.state).unwrap_or(pb::ProcessState::Unspecified) as i32,
+                    exit_code: proc.and_then(|p| p.exit_code),
+                    signal: proc.and_then(|p| p.signal),
+                    layer_start: ls,
+                    layer_end: le,
+                    rtt_us: proc.and_then(|p| p.rtt_us),
+                }
+            })
+            .collect();
+        let health_url = match (self.spec.engine, &self.launch) {
+            (Engine::Probe, Some(l)) if l.health_port > 0 => {
+                format!("http://{}:{}/health", l.master_addr, l.health_port)
+            }
+            (Engine::Vllm, Some(l)) => {
+                format!("http://{}:{}/health", l.master_addr, super::spec::vllm_port(&self.spec.engine_args))
+            }
+            _ => String::new(),
+        };
+        pb::Deployment {
+            name: self.spec.name.clone(),
+            state: self.state.to_pb() as i32,
+            message: self.message.clone(),
+            generation: self.generation,
+            restarts: self.restarts,
+            tp: self.spec.tp as u32,
+            pp: self.spec.pp as u32,
+            engine: self.spec.engine.to_pb() as i32,
+            model_path: self.spec.model_path.display().to_string(),
+            ranks,
+            master_addr,
+            master_port,
+            health_url,
+            max_restarts: self.spec.max_restarts as i32,
+            nnodes,
+            engine_args: self.spec.engine_args.clone(),
+            env: self.spec.env.clone().into_iter().collect(),
+            command: self.spec.command.clone(),
+            per_node: self.spec.per_node,
+            state_since_ms_ago: self.since.elapsed().as_millis() as u64,
+        }
+    }
+}

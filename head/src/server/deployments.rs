@@ -1,0 +1,88 @@
+//! The `Deployments` service.
+
+use std::pin::Pin;
+
+use futures_util::Stream;
+use tessera_common::model;
+use tessera_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::deploy::Deployments;
+use crate::deploy::spec::{DeploymentSpec, LoadedModel, check_name};
+use crate::server::planner::model_status;
+
+pub struct DeploymentsService {
+    pub deployments: Deployments,
+}
+
+type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::deployments_server::Deployments for DeploymentsService {
+    async fn create(&self, request: Request<pb::CreateDeploymentRequest>) -> Result<Response<pb::Deployment>, Status> {
+        let spec = DeploymentSpec::from_request(request.get_ref())?;
+        let path = spec.model_path.clone();
+        let loaded = tokio::task::spawn_blocking(move || model::load_model(&path))
+            .await
+            .map_err(|e| Status::internal(format!("model loading task failed: {e}")))?
+            .map_err(model_status)?;
+        let d = self.deployments.create(spec, LoadedModel::of(&loaded)).await?;
+        Ok(Response::new(d))
+    }
+
+    async fn get(&self, request: Request<pb::GetDeploymentRequest>) -> Result<Response<pb::Deployment>, Status> {
+        let name = request.into_inner().name;
+        check_name(&name)?;
+        Ok(Response::new(self.deployments.get(name).await?))
+    }
+
+    async fn list(
+        &self,
+        _: Request<pb::ListDeploymentsRequest>,
+    ) -> Result<Response<pb::ListDeploymentsResponse>, Status> {
+        Ok(Response::new(pb::ListDeploymentsResponse { deployments: self.deployments.list().await? }))
+    }
+
+    async fn delete(&self, request: Request<pb::DeleteDeploymentRequest>) -> Result<Response<pb::Deployment>, Status> {
+        let name = request.into_inner().name;
+        check_name(&name)?;
+        Ok(Response::new(self.deployments.delete(name).await?))
+    }
+
+    async fn restart(
+        &self,
+        request: Request<pb::RestartDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        let name = request.into_inner().name;
+        check_name(&name)?;
+        Ok(Response::new(self.deployments.restart(name).await?))
+    }
+
+    type LogsStream = LogStream;
+
+    async fn logs(&self, request: Request<pb::LogsRequest>) -> Result<Response<LogStream>, Status> {
+        let req = request.into_inner();
+        check_name(&req.name)?;
+        let (id, mut rx) = self.deployments.logs(req).await?;
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        let deployments = self.deployments.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    item = rx.recv() => match item {
+                        Some(i) => {
+                            if tx.send(i).await.is_err() {
+                                break;
+                            }
+                        }
+                        None => return,
+                    },
+                    // The client went away: stop the worker following the file.
+                    _ = tx.closed() => break,
+                }
+            }
+            deployments.log_cancel(id).await;
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+}
