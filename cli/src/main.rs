@@ -213,6 +213,10 @@ enum Cmd {
         /// Directory holding tessera-head and tessera-worker [default: beside this binary, else PATH]
         #[arg(long, env = "TESSERA_BIN_DIR", value_name = "DIR")]
         bin_dir: Option<PathBuf>,
+        /// Also deploy a demo: the probe engine, planned from a real model config (Llama 3.1 8B)
+        /// shipped in examples/, TP over each node's GPUs and PP over two nodes
+        #[arg(long, env = "TESSERA_UP_DEPLOY")]
+        deploy: bool,
     },
 }
 
@@ -293,9 +297,9 @@ fn main() -> ExitCode {
             Cmd::Events { follow, output } => nodes::events(&head, follow, output).await.map(|()| 0),
             Cmd::Drain { node } => nodes::drain(&head, node, true).await.map(|()| 0),
             Cmd::Undrain { node } => nodes::drain(&head, node, false).await.map(|()| 0),
-            Cmd::Up { workers, fake_gpus, listen, dir, bin_dir } => {
+            Cmd::Up { workers, fake_gpus, listen, dir, bin_dir, deploy } => {
                 let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("tessera-up"));
-                up::up(up::UpOptions { workers, fake_gpus, listen, dir, bin_dir }).await.map(|()| 0)
+                up::up(up::UpOptions { workers, fake_gpus, listen, dir, bin_dir, deploy }).await.map(|()| 0)
             }
         }
     });

@@ -25,7 +25,13 @@ pub struct UpOptions {
     pub listen: SocketAddr,
     pub dir: PathBuf,
     pub bin_dir: Option<PathBuf>,
+    /// Deploy a demo (probe engine, planned from a real model config) once the nodes are up.
+    pub deploy: bool,
 }
+
+/// The demo's model: a real published config (Llama 3.1 8B: 32 heads, 8 KV heads, 32 layers),
+/// shipped in examples/ and written into the cluster's directory so `up` works from anywhere.
+const DEMO_CONFIG: &str = include_str!("../../examples/model-configs/Llama-3.1-8B-Instruct.json");
 
 struct Proc {
     name: String,
@@ -43,6 +49,9 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<()> {
 
     let mut procs: Vec<Proc> = Vec::new();
     let result = run(&opts, &bins, &logs, &head_dir, &mut procs).await;
+    if let Some(url) = fs::read_to_string(head_dir.join("head.addr")).ok().map(|a| format!("http://{}", a.trim())) {
+        delete_all(&url).await;
+    }
     stop_all(&mut procs).await;
     result
 }
@@ -90,11 +99,20 @@ async fn run(
     print!("{}", nodes_table(&nodes));
     println!("\nhead   {url}");
     println!("logs   {}", logs.display());
-    println!("\nTry, in another terminal:");
     let flag = if url == "http://127.0.0.1:7470" { String::new() } else { format!(" --head {url}") };
+    let demo = if opts.deploy { Some(deploy_demo(opts, &url, nodes.len() as u32).await?) } else { None };
+    println!("\nTry, in another terminal:");
     println!("  tessera{flag} nodes");
     println!("  tessera{flag} status");
     println!("  tessera{flag} events -f");
+    if let Some(d) = &demo {
+        println!("  tessera{flag} get demo");
+        println!("  tessera{flag} logs demo --rank 0");
+        if let Some(r) = d.ranks.last() {
+            println!("  kill -9 {}   # rank {} dies; the whole group restarts at generation 2", r.pid, r.rank);
+        }
+        println!("  tessera{flag} delete demo");
+    }
     println!(
         "  kill -9 {}   # a worker dies; watch it go dead within about a second",
         procs.last().and_then(|p| p.child.id()).unwrap_or(0)
@@ -142,6 +160,85 @@ fn spawn(name: &str, bin: PathBuf, args: &[&str], logs: &Path) -> anyhow::Result
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
     Ok(Proc { name: name.to_string(), child, log })
+}
+
+/// Deploys `demo` with the probe engine: TP over each node's GPUs (at most 4), PP over up to two
+/// nodes, and waits until it runs.
+async fn deploy_demo(opts: &UpOptions, url: &str, nodes: u32) -> anyhow::Result<pb::Deployment> {
+    let model_dir = opts.dir.join("models/Llama-3.1-8B-Instruct");
+    fs::create_dir_all(&model_dir).with_context(|| format!("cannot create {}", model_dir.display()))?;
+    fs::write(model_dir.join("config.json"), DEMO_CONFIG)?;
+    let gpus = opts.fake_gpus.count;
+    let tp = [4u32, 2, 1].into_iter().find(|&t| t <= gpus).unwrap_or(1);
+    let pp = nodes.min(2);
+    let model = std::path::absolute(&model_dir)?;
+    let mut c = pb::deployments_client::DeploymentsClient::new(client::connect(url).await?);
+    let req = pb::CreateDeploymentRequest {
+        name: "demo".into(),
+        model_path: model.display().to_string(),
+        tp,
+        pp,
+        engine: pb::Engine::Probe as i32,
+        ..Default::default()
+    };
+    match c.create(req).await {
+        Ok(_) => {}
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+        Err(s) => return Err(client::status_error(s)),
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let d = loop {
+        let d = c.get(pb::GetDeploymentRequest { name: "demo".into() }).await.or_status()?;
+        if d.state == pb::DeploymentState::Running as i32 {
+            break d;
+        }
+        if d.state == pb::DeploymentState::Failed as i32 || Instant::now() > deadline {
+            bail!("the demo deployment did not start: {}", d.message);
+        }
+        sleep(Duration::from_millis(50)).await;
+    };
+    println!(
+        "\ndeployed demo: {} (probe engine), TP {tp} x PP {pp} = {} ranks on {} node(s), generation {}:",
+        model.display(),
+        d.ranks.len(),
+        d.nnodes,
+        d.generation
+    );
+    for r in &d.ranks {
+        println!(
+            "  rank {:<2} tp {} pp {} layers {:>2}-{:<2} on {:<10} GPU {}  pid {}",
+            r.rank,
+            r.tp_rank,
+            r.pp_rank,
+            r.layer_start,
+            r.layer_end.saturating_sub(1),
+            r.node,
+            r.gpu_indices.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+            r.pid
+        );
+    }
+    Ok(d)
+}
+
+/// Deletes every deployment (their engines would otherwise outlive the agents until the orphan
+/// timeout), waiting up to 20 s for them to be gone.
+async fn delete_all(url: &str) {
+    let Ok(ch) = client::connect(url).await else { return };
+    let mut c = pb::deployments_client::DeploymentsClient::new(ch);
+    let Ok(list) = c.list(pb::ListDeploymentsRequest {}).await else { return };
+    let names: Vec<String> = list.into_inner().deployments.into_iter().map(|d| d.name).collect();
+    for n in &names {
+        let _ = c.delete(pb::DeleteDeploymentRequest { name: n.clone() }).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        match c.list(pb::ListDeploymentsRequest {}).await {
+            Ok(l) if l.get_ref().deployments.is_empty() => return,
+            Ok(_) => sleep(Duration::from_millis(50)).await,
+            Err(_) => return,
+        }
+    }
+    eprintln!("some deployments were still stopping after 20s");
 }
 
 async fn wait_for_addr(path: &Path, head: &mut Proc) -> anyhow::Result<String> {

@@ -55,7 +55,18 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dir_s = dir.path().display().to_string();
     let mut up = tessera()
-        .args(["up", "--workers", "2", "--fake-gpus", "2x40GiB", "--listen", "127.0.0.1:0", "--dir", &dir_s])
+        .args([
+            "up",
+            "--workers",
+            "2",
+            "--fake-gpus",
+            "2x40GiB",
+            "--listen",
+            "127.0.0.1:0",
+            "--dir",
+            &dir_s,
+            "--deploy",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -68,17 +79,33 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
         }
     });
     let mut url = None;
+    let mut deployed = false;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("up prints its banner");
         if let Some(u) = line.strip_prefix("head   ") {
             url = Some(u.trim().to_string());
         }
+        if line.starts_with("deployed demo:") {
+            assert!(line.contains("TP 2 x PP 2 = 4 ranks on 2 node(s)"), "{line}");
+            deployed = true;
+        }
         if line.contains("Press Ctrl-C") {
             break;
         }
     }
     let url = url.expect("head URL printed");
+    assert!(deployed, "--deploy deploys the demo before the banner ends");
+    let get = tessera().args(["--head", &url, "get", "demo", "-o", "json"]).output().expect("get");
+    let demo: serde_json::Value = serde_json::from_slice(&get.stdout).expect("json");
+    assert_eq!(demo["state"], "running");
+    assert_eq!(demo["ranks"][0]["node"], "head", "stage 0 on the head");
+    for key in ["name", "state", "message", "generation", "restarts", "tp", "pp", "ranks"] {
+        assert!(demo.get(key).is_some(), "missing {key}");
+    }
+    for key in ["rank", "tp_rank", "pp_rank", "node", "gpu_indices", "pid", "state", "exit_code"] {
+        assert!(demo["ranks"][0].get(key).is_some(), "missing ranks[].{key}");
+    }
 
     let out = tessera().args(["--head", &url, "nodes", "-o", "json"]).output().expect("nodes");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -119,7 +146,7 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
 
     let up_pid = up.id() as i32;
     let children: Vec<i32> = pids_mentioning(&dir_s).into_iter().filter(|&p| p != up_pid).collect();
-    assert_eq!(children.len(), 3, "a head and two workers run: {children:?}");
+    assert_eq!(children.len(), 3 + 4, "a head, two workers and the demo's four shims run: {children:?}");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGINT)
         .expect("SIGINT");
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -5,6 +5,7 @@
 //! cargo run --release -p tessera-tests --bin tessera-bench -- failure --runs 10
 //! cargo run --release -p tessera-tests --bin tessera-bench -- idle-rss
 //! cargo run --release -p tessera-tests --bin tessera-bench -- plan --runs 20
+//! cargo run --release -p tessera-tests --bin tessera-bench -- deploy --runs 10
 //! ```
 
 use std::time::{Duration, Instant};
@@ -28,8 +29,9 @@ async fn main() -> anyhow::Result<()> {
         Some("failure") => failure(runs).await,
         Some("idle-rss") => idle_rss().await,
         Some("plan") => plan_bench(runs),
+        Some("deploy") => deploy_bench(runs).await,
         _ => {
-            eprintln!("usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N]");
+            eprintln!("usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N] | deploy [--runs N]");
             std::process::exit(2);
         }
     }
@@ -137,4 +139,77 @@ fn plan_bench(runs: usize) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Time from `Create` to `running` for a TP=4 PP=2 probe deployment on a head and two workers (4
+/// fake GPUs each), and from `kill -9` of one rank to `running` again at the next generation.
+async fn deploy_bench(runs: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
+    let _w1 = start_worker(dir.path(), "w1", &head.url);
+    let _w2 = start_worker(dir.path(), "w2", &head.url);
+    let mut client = cluster_client(&head.url).await;
+    wait_state(&mut client, "w1", pb::NodeState::Alive).await;
+    wait_state(&mut client, "w2", pb::NodeState::Alive).await;
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/model-configs/Llama-3.1-8B-Instruct.json");
+    let model = std::fs::canonicalize(model)?.display().to_string();
+    let mut deps = pb::deployments_client::DeploymentsClient::connect(head.url.clone()).await?;
+    let mut up = Vec::new();
+    let mut again = Vec::new();
+    for i in 0..runs {
+        let name = format!("bench-{i}");
+        let mut events = client.watch_events(pb::WatchEventsRequest { include_current: false }).await?.into_inner();
+        let t0 = Instant::now();
+        deps.create(pb::CreateDeploymentRequest {
+            name: name.clone(),
+            model_path: model.clone(),
+            tp: 4,
+            pp: 2,
+            engine: pb::Engine::Probe as i32,
+            ..Default::default()
+        })
+        .await?;
+        let d = wait_running(&mut events, &name, 1).await?;
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        up.push(ms);
+        let victim = d.ranks[5].pid;
+        let t1 = Instant::now();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL)?;
+        wait_running(&mut events, &name, 2).await?;
+        let ms2 = t1.elapsed().as_secs_f64() * 1000.0;
+        again.push(ms2);
+        eprintln!("run {i}: deploy -> running {ms:.0} ms; kill -9 rank 5 -> running at generation 2 {ms2:.0} ms");
+        deps.delete(pb::DeleteDeploymentRequest { name: name.clone() }).await?;
+        while deps.get(pb::GetDeploymentRequest { name: name.clone() }).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for (label, mut v) in [("deploy -> running", up), ("kill -9 of a rank -> running again", again)] {
+        v.sort_by(f64::total_cmp);
+        println!(
+            "{label:<36} median {:.0} ms, min {:.0} ms, max {:.0} ms over {runs} runs",
+            v[v.len() / 2],
+            v[0],
+            v[v.len() - 1]
+        );
+    }
+    Ok(())
+}
+
+async fn wait_running(
+    events: &mut tonic::Streaming<pb::Event>,
+    name: &str,
+    generation: u64,
+) -> anyhow::Result<pb::Deployment> {
+    loop {
+        let e = events.next().await.ok_or_else(|| anyhow::anyhow!("event stream ended"))??;
+        if let Some(d) = e.deployment {
+            if d.name == name && d.generation == generation && d.state == pb::DeploymentState::Running as i32 {
+                return Ok(d);
+            }
+            if d.name == name && d.state == pb::DeploymentState::Failed as i32 {
+                anyhow::bail!("{name} failed: {}", d.message);
+            }
+        }
+    }
 }
