@@ -14,7 +14,7 @@ pub async fn connect(head: &str) -> anyhow::Result<Channel> {
     endpoint.connect().await.map_err(|e| {
         anyhow!(
             "cannot reach the head at {head}: {}; is tessera-head running there? (set --head or TESSERA_HEAD)",
-            chain(&e)
+            tessera_common::error_chain(&e)
         )
     })
 }
@@ -36,15 +36,4 @@ impl<T> StatusContext<T> for Result<tonic::Response<T>, tonic::Status> {
     fn or_status(self) -> anyhow::Result<T> {
         self.map(tonic::Response::into_inner).map_err(status_error)
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }

@@ -21,5 +21,17 @@ pub mod plan;
 pub mod size;
 pub mod validate;
 
+/// An error and its sources on one line: `connect failed: tcp connect error: Connection refused`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
 /// Version of this build of Tessera, reported by every binary and in every join.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

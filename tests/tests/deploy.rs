@@ -234,7 +234,7 @@ async fn a_rank_that_exits_by_itself_fails_the_deployment_after_the_restart_budg
         tp: 1,
         pp: 1,
         engine: pb::Engine::Command as i32,
-        command: "echo boom from rank {rank} of {world_size}; exit 3".into(),
+        command: "echo boom from rank {rank} of {world_size} via port $MASTER_PORT; exit 3".into(),
         max_restarts: 2,
         ..Default::default()
     };
@@ -242,7 +242,8 @@ async fn a_rank_that_exits_by_itself_fails_the_deployment_after_the_restart_budg
     let d = wait_for(&c, "crashy", "failed", |d| d.state == pb::DeploymentState::Failed as i32).await;
     assert_eq!(d.generation, 3, "the first launch and two restarts");
     assert!(d.message.contains("exited with code 3"), "{}", d.message);
-    assert!(d.message.contains("boom from rank 0 of 1"), "log tail in the message: {}", d.message);
+    assert!(d.message.contains("boom from rank 0 of 1 via port "), "log tail in the message: {}", d.message);
+    assert!(!d.message.contains("{master_port}"), "the worker filled in the port it picked: {}", d.message);
     assert!(d.message.contains("gave up after 2 restart(s)"), "{}", d.message);
     assert_eq!(d.ranks[0].exit_code, Some(3));
 

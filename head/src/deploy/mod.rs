@@ -304,12 +304,6 @@ impl Actor {
             }
             return;
         }
-        // Reserve, then launch generation + 1.
-        let gpus: Vec<String> = report.placement.iter().map(|r| r.gpu_uuid.clone()).collect();
-        for g in &gpus {
-            let prev = self.reserved.insert(g.clone(), name.to_string());
-            debug_assert!(prev.is_none(), "GPU {g} reserved twice");
-        }
         let by_id: HashMap<String, &crate::membership::NodeView> =
             nodes.iter().map(|n| (n.id.to_string(), n)).collect();
         let mut shares: Vec<NodeShare> = Vec::new();
@@ -329,6 +323,12 @@ impl Actor {
             }
         }
         let Some(master_addr) = shares.first().map(|s| s.address) else { return };
+        // Reserve, then launch generation + 1.
+        let gpus: Vec<String> = report.placement.iter().map(|r| r.gpu_uuid.clone()).collect();
+        for g in &gpus {
+            let prev = self.reserved.insert(g.clone(), name.to_string());
+            debug_assert!(prev.is_none(), "GPU {g} reserved twice");
+        }
         dep.generation += 1;
         let ctx = LaunchContext {
             spec: &dep.spec,

@@ -304,14 +304,7 @@ pub fn processes(ctx: &LaunchContext<'_>, share: &NodeShare) -> Vec<pb::ShardPro
                 if r.rank == 0 {
                     args.extend(["--health-port".to_string(), "{health_port}".to_string()]);
                 }
-                let mut env =
-                    torchrun_env(&base_env, ctx, share, r.rank, r.rank - share.ranks[0].rank, share.ranks.len() as u64);
-                let (ls, le) = layers(r.pp_rank);
-                env.insert("CUDA_VISIBLE_DEVICES".into(), r.gpu_index.to_string());
-                env.insert("TESSERA_TP_RANK".into(), r.tp_rank.to_string());
-                env.insert("TESSERA_PP_RANK".into(), r.pp_rank.to_string());
-                env.insert("TESSERA_LAYER_START".into(), ls.to_string());
-                env.insert("TESSERA_LAYER_END".into(), le.to_string());
+                let env = rank_env(&base_env, ctx, share, r);
                 pb::ShardProcess {
                     key: format!("rank-{}", r.rank),
                     ranks: vec![r.rank as u32],
@@ -367,20 +360,7 @@ pub fn processes(ctx: &LaunchContext<'_>, share: &NodeShare) -> Vec<pb::ShardPro
                     .ranks
                     .iter()
                     .map(|r| {
-                        let mut env = torchrun_env(
-                            &base_env,
-                            ctx,
-                            share,
-                            r.rank,
-                            r.rank - share.ranks[0].rank,
-                            share.ranks.len() as u64,
-                        );
-                        let (ls, le) = layers(r.pp_rank);
-                        env.insert("CUDA_VISIBLE_DEVICES".into(), r.gpu_index.to_string());
-                        env.insert("TESSERA_TP_RANK".into(), r.tp_rank.to_string());
-                        env.insert("TESSERA_PP_RANK".into(), r.pp_rank.to_string());
-                        env.insert("TESSERA_LAYER_START".into(), ls.to_string());
-                        env.insert("TESSERA_LAYER_END".into(), le.to_string());
+                        let env = rank_env(&base_env, ctx, share, r);
                         pb::ShardProcess {
                             key: format!("rank-{}", r.rank),
                             ranks: vec![r.rank as u32],
@@ -395,6 +375,23 @@ pub fn processes(ctx: &LaunchContext<'_>, share: &NodeShare) -> Vec<pb::ShardPro
             }
         }
     }
+}
+
+/// Everything one rank's process sees: torchrun's variables, its GPU, its TP/PP ranks and layers.
+fn rank_env(
+    base: &BTreeMap<String, String>,
+    ctx: &LaunchContext<'_>,
+    share: &NodeShare,
+    r: &RankPlacement,
+) -> BTreeMap<String, String> {
+    let mut env = torchrun_env(base, ctx, share, r.rank, r.rank - share.ranks[0].rank, share.ranks.len() as u64);
+    let (ls, le) = ctx.stages.get(r.pp_rank as usize).map(|st| (st.layer_start, st.layer_end)).unwrap_or((0, 0));
+    env.insert("CUDA_VISIBLE_DEVICES".into(), r.gpu_index.to_string());
+    env.insert("TESSERA_TP_RANK".into(), r.tp_rank.to_string());
+    env.insert("TESSERA_PP_RANK".into(), r.pp_rank.to_string());
+    env.insert("TESSERA_LAYER_START".into(), ls.to_string());
+    env.insert("TESSERA_LAYER_END".into(), le.to_string());
+    env
 }
 
 /// torchrun's variables: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR,
@@ -464,6 +461,118 @@ mod tests {
             Some(0)
         );
         assert_eq!(DeploymentSpec::from_request(&req()).map(|s| s.max_restarts).ok(), Some(5));
+    }
+
+    fn ctx_fixture() -> (DeploymentSpec, Vec<NodeShare>, Vec<Stage>) {
+        let mut spec = DeploymentSpec::from_request(&pb::CreateDeploymentRequest {
+            engine: pb::Engine::Command as i32,
+            command: "run {model} rank={rank} tp={tp_rank} pp={pp_rank} node={node_rank}/{nnodes} at {master_addr}"
+                .into(),
+            ..req()
+        })
+        .expect("valid");
+        spec.tp = 2;
+        spec.pp = 2;
+        let rank = |rank: u64, node: &str, node_rank: u64, gpu: u32| RankPlacement {
+            rank,
+            tp_rank: rank % 2,
+            pp_rank: rank / 2,
+            node: node.into(),
+            node_id: format!("id-{node}"),
+            node_rank,
+            gpu_index: gpu,
+            gpu_uuid: format!("GPU-{node}-{gpu}"),
+        };
+        let shares = vec![
+            NodeShare {
+                node_id: "id-a".into(),
+                node: "a".into(),
+                address: "10.0.0.1".parse().expect("ip"),
+                node_rank: 0,
+                ranks: vec![rank(0, "a", 0, 2), rank(1, "a", 0, 3)],
+            },
+            NodeShare {
+                node_id: "id-b".into(),
+                node: "b".into(),
+                address: "10.0.0.2".parse().expect("ip"),
+                node_rank: 1,
+                ranks: vec![rank(2, "b", 1, 0), rank(3, "b", 1, 1)],
+            },
+        ];
+        let stages = vec![
+            Stage { pp_rank: 0, layer_start: 0, layer_end: 16, num_layers: 16 },
+            Stage { pp_rank: 1, layer_start: 16, layer_end: 32, num_layers: 16 },
+        ];
+        (spec, shares, stages)
+    }
+
+    #[test]
+    fn the_command_engine_gets_torchrun_variables_per_rank() {
+        let (spec, shares, stages) = ctx_fixture();
+        let ctx = LaunchContext {
+            spec: &spec,
+            generation: 7,
+            nodes: &shares,
+            stages: &stages,
+            master_addr: shares[0].address,
+        };
+        let procs = processes(&ctx, &shares[1]);
+        assert_eq!(procs.len(), 2);
+        let p = &procs[1];
+        assert_eq!(p.key, "rank-3");
+        assert_eq!(p.args, vec!["run /models/llama rank=3 tp=1 pp=1 node=1/2 at 10.0.0.1".to_string()]);
+        let env = |k: &str| p.env.get(k).cloned().unwrap_or_default();
+        for (k, v) in [
+            ("RANK", "3"),
+            ("LOCAL_RANK", "1"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_WORLD_SIZE", "2"),
+            ("GROUP_RANK", "1"),
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "{master_port}"),
+            ("CUDA_VISIBLE_DEVICES", "1"),
+            ("TESSERA_DEPLOYMENT", "llama"),
+            ("TESSERA_GENERATION", "7"),
+            ("TESSERA_TP_RANK", "1"),
+            ("TESSERA_PP_RANK", "1"),
+            ("TESSERA_LAYER_START", "16"),
+            ("TESSERA_LAYER_END", "32"),
+        ] {
+            assert_eq!(env(k), v, "{k}");
+        }
+    }
+
+    #[test]
+    fn per_node_commands_hold_the_node_gpus_and_vllm_is_headless_past_node_0() {
+        let (mut spec, shares, stages) = ctx_fixture();
+        spec.per_node = true;
+        let ctx = LaunchContext {
+            spec: &spec,
+            generation: 1,
+            nodes: &shares,
+            stages: &stages,
+            master_addr: shares[0].address,
+        };
+        let p = &processes(&ctx, &shares[0])[0];
+        assert_eq!((p.key.as_str(), p.ranks.clone()), ("node-0", vec![0, 1]));
+        assert_eq!(p.env.get("CUDA_VISIBLE_DEVICES").map(String::as_str), Some("2,3"));
+        assert_eq!(p.env.get("TESSERA_LAYER_END").map(String::as_str), Some("16"));
+
+        spec.engine = Engine::Vllm;
+        spec.engine_args = vec!["--port".into(), "9000".into()];
+        let ctx = LaunchContext {
+            spec: &spec,
+            generation: 1,
+            nodes: &shares,
+            stages: &stages,
+            master_addr: shares[0].address,
+        };
+        let n0 = &processes(&ctx, &shares[0])[0];
+        let n1 = &processes(&ctx, &shares[1])[0];
+        assert!(!n0.args.contains(&"--headless".to_string()) && n1.args.contains(&"--headless".to_string()));
+        assert!(n0.health_check && n0.health_port == 9000 && !n1.health_check);
+        assert_eq!(n1.env.get("VLLM_HOST_IP").map(String::as_str), Some("10.0.0.2"));
+        assert_eq!(n1.env.get("CUDA_VISIBLE_DEVICES").map(String::as_str), Some("0,1"));
     }
 
     #[test]

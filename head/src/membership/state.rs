@@ -410,7 +410,7 @@ impl Table {
         let matches: Vec<Uuid> = self
             .nodes
             .values()
-            .filter(|e| e.info.name == node || e.id.to_string().starts_with(node) && node.len() >= 8)
+            .filter(|e| e.info.name == node || (node.len() >= 8 && e.id.to_string().starts_with(node)))
             .map(|e| e.id)
             .collect();
         match matches.as_slice() {

@@ -127,7 +127,7 @@ impl Agent {
                 _ = shutdown.cancelled() => return Ok(()),
                 c = endpoint.connect() => match c {
                     Ok(channel) => self.session(channel, &shutdown, &mut backoff, &mut up_rx).await,
-                    Err(e) => SessionEnd::Lost(format!("cannot connect to {}: {}", self.config.head, source_chain(&e))),
+                    Err(e) => SessionEnd::Lost(format!("cannot connect to {}: {}", self.config.head, tessera_common::error_chain(&e))),
                 },
             };
             self.status.send_modify(|s| s.joined = false);
@@ -360,15 +360,4 @@ fn classify(status: tonic::Status) -> SessionEnd {
 
 fn code_name(c: tonic::Code) -> String {
     format!("{c:?}").to_lowercase()
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
 }

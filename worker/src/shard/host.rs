@@ -92,11 +92,8 @@ impl ShardHost {
         self.stop_matching(&l.deployment, l.generation, "superseded by a newer generation");
         self.wait_stopped(&l.deployment, l.generation, grace + Duration::from_secs(5)).await;
 
-        let (master_port, health_port) = if l.pick_ports {
-            (free_port().unwrap_or(0), free_port().unwrap_or(0))
-        } else {
-            (l.master_port as u16, l.health_port as u16)
-        };
+        let (master_port, health_port) =
+            if l.pick_ports { free_ports().unwrap_or((0, 0)) } else { (l.master_port as u16, l.health_port as u16) };
         for p in l.processes {
             let key: Key = (l.deployment.clone(), l.generation, p.key.clone());
             if self.procs.lock().expect("lock").contains_key(&key) {
@@ -503,9 +500,12 @@ fn subst(s: &str, master: u16, health: u16) -> String {
     s.replace("{master_port}", &master.to_string()).replace("{health_port}", &health.to_string())
 }
 
-/// A port that is free on this host now (bound, then released for the engine to take).
-fn free_port() -> Option<u16> {
-    std::net::TcpListener::bind(("0.0.0.0", 0)).ok()?.local_addr().ok().map(|a| a.port())
+/// Two distinct ports that are free on this host now (both bound at once, then released for the
+/// engine to take): the rendezvous and the health endpoint.
+fn free_ports() -> Option<(u16, u16)> {
+    let a = std::net::TcpListener::bind(("0.0.0.0", 0)).ok()?;
+    let b = std::net::TcpListener::bind(("0.0.0.0", 0)).ok()?;
+    Some((a.local_addr().ok()?.port(), b.local_addr().ok()?.port()))
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
