@@ -222,6 +222,18 @@ async fn engines_that_outlive_their_dead_agent_are_stopped_after_the_orphan_time
     // With 8 GPUs left the 12-GPU group cannot come back: it waits, saying why.
     let d = wait_for(&c, "sleepers", "pending", |d| d.state == pb::DeploymentState::Pending as i32).await;
     assert!(d.message.contains("need 12 GPUs"), "{}", d.message);
+
+    // Capacity returns (w1 comes back with its node id): the deployment starts by itself.
+    let w1_state = cluster.dir.path().join("w1-state");
+    cluster.workers[0] = start_worker_with(
+        cluster.dir.path(),
+        "w1",
+        &cluster.head.url,
+        &w1_state,
+        &["--orphan-timeout", "3s", "--allow-command"],
+    );
+    let d = wait_for(&c, "sleepers", "running again once w1 is back", running_at(2)).await;
+    assert!(d.ranks.iter().any(|r| r.node == "w1"));
 }
 
 #[tokio::test]
