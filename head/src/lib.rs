@@ -6,12 +6,14 @@
 //! # Layout
 //! - [`deploy`]: deployments: plan, reserve, launch, supervise, group restart.
 //! - [`membership`]: the node table, the failure detector and membership events (one owner task).
+//! - [`store`]: the durable state (redb): deployments, generations, placements.
 //! - [`server`]: the gRPC services (`Membership` for workers; `Cluster` and `Planner` for clients).
 //! - [`Head`]: wiring and ordered shutdown.
 
 pub mod deploy;
 pub mod membership;
 pub mod server;
+pub mod store;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -47,6 +49,9 @@ pub struct HeadConfig {
     pub data_dir: PathBuf,
     /// `None` with `--no-worker`.
     pub worker: Option<LocalWorker>,
+    /// After a restart, how long workers have to report their running processes before missing
+    /// ones are restarted.
+    pub recovery_window: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +68,8 @@ pub enum HeadError {
     Serve(#[from] tonic::transport::Error),
     #[error("cannot read the listener's address: {0}")]
     Listener(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
 }
 
 /// A running head. Dropping it does not stop it; cancel the token given to [`Head::start`].
@@ -94,7 +101,9 @@ impl Head {
         let (membership, membership_task) =
             Membership::spawn_with_seq(config.membership, membership_token.clone(), seq.clone());
         let deployments_token = CancellationToken::new();
-        let deployments = Deployments::spawn(membership.clone(), seq, deployments_token.clone());
+        let store = store::Store::open(&config.data_dir)?;
+        let deployments =
+            Deployments::spawn(membership.clone(), seq, store, config.recovery_window, deployments_token.clone())?;
 
         let session = server::session::MembershipService {
             membership: membership.clone(),

@@ -43,6 +43,11 @@ struct Cli {
     #[arg(long, env = env::RECONNECT_GRACE, value_parser = parse_positive_duration, default_value = "1s")]
     reconnect_grace: Duration,
 
+    /// After a restart, how long workers have to reconnect and report their running processes
+    /// before the head judges anything (processes still missing then are restarted)
+    #[arg(long, env = "TESSERA_RECOVERY_WINDOW", value_parser = parse_positive_duration, default_value = "10s")]
+    recovery_window: Duration,
+
     /// Do not run a worker in the head: the head's GPUs are not used
     #[arg(long, env = env::NO_WORKER)]
     no_worker: bool,
@@ -115,7 +120,7 @@ fn main() -> ExitCode {
             tracing::error!("cannot install signal handlers: {e}");
             return ExitCode::from(1);
         }
-        let config = HeadConfig { membership, data_dir: cli.data_dir, worker };
+        let config = HeadConfig { membership, data_dir: cli.data_dir, worker, recovery_window: cli.recovery_window };
         let head = match Head::start(listener, config, root).await {
             Ok(h) => h,
             Err(e) => {

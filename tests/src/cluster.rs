@@ -118,6 +118,7 @@ async fn start_head(
     let head = Head::start(
         listener,
         HeadConfig {
+            recovery_window: Duration::from_secs(10),
             membership: config,
             data_dir: dir.path().join("head"),
             worker: Some(LocalWorker {

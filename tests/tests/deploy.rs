@@ -414,3 +414,57 @@ async fn the_vllm_engine_runs_one_serve_per_node_with_the_multi_node_flags() {
         assert!(e.lines().any(|l| l == "TESSERA_DEPLOYMENT=llama"), "node {n}");
     }
 }
+
+#[tokio::test]
+async fn a_head_killed_and_restarted_adopts_the_running_group_without_restarting_anything() {
+    let mut cluster = Cluster::start(&[]).await;
+    let mut c = cluster.client().await;
+    c.create(probe("durable", 4, 2)).await.expect("create");
+    let d = wait_for(&c, "durable", "running", running_at(1)).await;
+    assert_eq!(d.ranks[0].node, "head");
+    let pids: Vec<u32> = d.ranks.iter().map(|r| r.pid).collect();
+
+    cluster.head.daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    cluster.head.daemon.wait();
+    let listen = cluster.head.url.trim_start_matches("http://").to_string();
+    cluster.head = start_head(cluster.dir.path(), "head", &listen, &["--orphan-timeout", "3s"]);
+    let c = cluster.client().await;
+    let d2 = wait_for(&c, "durable", "running again after the head restart", running_at(1)).await;
+    assert_eq!(d2.restarts, 0, "{}", d2.message);
+    assert_eq!(d2.ranks.iter().map(|r| r.pid).collect::<Vec<_>>(), pids, "the same processes on every node");
+    assert!(pids.iter().all(|&p| alive(p)));
+    // A failure while the head is down is handled once it is back.
+    cluster.head.daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    cluster.head.daemon.wait();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[6] as i32), nix::sys::signal::Signal::SIGKILL)
+        .expect("kill");
+    cluster.head = start_head(cluster.dir.path(), "head", &listen, &["--orphan-timeout", "3s"]);
+    let c = cluster.client().await;
+    let d3 = wait_for(&c, "durable", "running at generation 2", running_at(2)).await;
+    assert_eq!(d3.restarts, 1);
+    assert!(pids.iter().all(|&p| !alive(p)), "generation 1 is gone");
+}
+
+#[tokio::test]
+async fn a_worker_agent_killed_and_restarted_at_once_restarts_nothing() {
+    let mut cluster = Cluster::start(&[]).await;
+    let mut c = cluster.client().await;
+    c.create(probe("steady", 4, 2)).await.expect("create");
+    let d = wait_for(&c, "steady", "running", running_at(1)).await;
+    let pids: Vec<u32> = d.ranks.iter().map(|r| r.pid).collect();
+    let node = d.ranks[4].node.clone();
+    let idx = if node == "w1" { 0 } else { 1 };
+    cluster.workers[idx].signal(nix::sys::signal::Signal::SIGKILL);
+    cluster.workers[idx].wait();
+    let state = cluster.dir.path().join(format!("{node}-state"));
+    cluster.workers[idx] =
+        start_worker_with(cluster.dir.path(), &node, &cluster.head.url, &state, &["--orphan-timeout", "3s"]);
+    let mut cl = tessera_tests::cluster_client(&cluster.head.url).await;
+    tessera_tests::wait_state(&mut cl, &node, pb::NodeState::Alive).await;
+    // Give a wrongly triggered restart time to show.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let d2 = c.get(pb::GetDeploymentRequest { name: "steady".into() }).await.expect("get").into_inner();
+    assert_eq!((d2.state, d2.generation, d2.restarts), (pb::DeploymentState::Running as i32, 1, 0), "{}", d2.message);
+    assert_eq!(d2.ranks.iter().map(|r| r.pid).collect::<Vec<_>>(), pids);
+    assert!(pids.iter().all(|&p| alive(p)));
+}

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 /// One pipeline stage's layers, `layer_start..layer_end`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Stage {
     pub pp_rank: u64,
     pub layer_start: u64,

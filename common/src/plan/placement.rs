@@ -109,7 +109,7 @@ impl Cluster {
 }
 
 /// Where one rank runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RankPlacement {
     pub rank: u64,
     pub tp_rank: u64,

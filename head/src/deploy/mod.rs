@@ -23,6 +23,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::membership::{Event as MemberEvent, Membership};
+use crate::store::{Store, StoredDeployment};
 use spec::{DeploymentSpec, LaunchContext, LoadedModel, NodeShare, RESTART_WINDOW, STOP_GRACE_S};
 pub use state::DState;
 use state::{Dep, Launch, Proc};
@@ -87,10 +88,19 @@ pub struct Deployments {
 }
 
 impl Deployments {
-    pub fn spawn(membership: Membership, seq: Arc<AtomicU64>, shutdown: CancellationToken) -> Deployments {
+    /// Starts the deployment task with the deployments recorded in `store` (after a head restart:
+    /// their workers have `recovery_window` to report what runs before anything is judged).
+    pub fn spawn(
+        membership: Membership,
+        seq: Arc<AtomicU64>,
+        store: Store,
+        recovery_window: Duration,
+        shutdown: CancellationToken,
+    ) -> Result<Deployments, crate::store::StoreError> {
         let (tx, rx) = mpsc::channel(1024);
         let (events, _) = broadcast::channel(4096);
-        let actor = Actor {
+        let stored = store.load()?;
+        let mut actor = Actor {
             membership,
             deps: BTreeMap::new(),
             reserved: HashMap::new(),
@@ -99,9 +109,13 @@ impl Deployments {
             next_log_id: 1,
             log_routes: HashMap::new(),
             last_pending_retry: Instant::now(),
+            store,
         };
+        for d in stored {
+            actor.recover(d, recovery_window);
+        }
         tokio::spawn(actor.run(rx, shutdown));
-        Deployments { tx, events }
+        Ok(Deployments { tx, events })
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<pb::Event> {
@@ -161,6 +175,7 @@ struct Actor {
     next_log_id: u64,
     log_routes: HashMap<u64, (Uuid, mpsc::Sender<Result<pb::LogChunk, Status>>)>,
     last_pending_retry: Instant,
+    store: Store,
 }
 
 impl Actor {
@@ -271,7 +286,12 @@ impl Actor {
         }
         let name = spec.name.clone();
         info!(deployment = %name, tp = spec.tp, pp = spec.pp, engine = ?spec.engine, "deployment created");
-        self.deps.insert(name.clone(), Dep::new(spec, model));
+        let dep = Dep::new(spec, model);
+        // Durable before the RPC answers.
+        self.store
+            .put(&dep.to_stored())
+            .map_err(|e| Status::unavailable(format!("cannot record the deployment: {e}")))?;
+        self.deps.insert(name.clone(), dep);
         self.try_launch(&name).await;
         Ok(self.deps[&name].to_pb())
     }
@@ -286,7 +306,16 @@ impl Actor {
             }
         }
         let Some(dep) = self.deps.get_mut(name) else { return };
-        let report = plan::plan(&dep.model.desc, &dep.model.weights, &cluster, &plan_request(&dep.spec));
+        let Some(model) = dep.model.as_ref() else {
+            dep.set_state(
+                DState::Failed,
+                format!("cannot read the model at {} to plan it", dep.spec.model_path.display()),
+            );
+            self.persist(name);
+            self.emit(name);
+            return;
+        };
+        let report = plan::plan(&model.desc, &model.weights, &cluster, &plan_request(&dep.spec));
         if !report.valid {
             let msg = report.errors.iter().map(|e| e.message.clone()).collect::<Vec<_>>().join("; ");
             let only_placement = report.errors.iter().all(|e| e.rule == "placement");
@@ -300,6 +329,7 @@ impl Actor {
                 }
             } else {
                 dep.set_state(DState::Failed, format!("cannot plan: {msg}"));
+                self.persist(name);
                 self.emit(name);
             }
             return;
@@ -364,6 +394,7 @@ impl Actor {
             format!("generation {generation}: launching {} process(es) on {} node(s)", dep.procs.len(), shares.len()),
         );
         info!(deployment = %name, generation, nodes = shares.len(), "launching");
+        self.persist(name);
         self.emit(name);
         // Node rank 0 first: it picks the rendezvous ports; the others follow once they are known.
         let (first, procs0) = {
@@ -453,12 +484,18 @@ impl Actor {
             return;
         }
         let name = r.deployment.clone();
+        let mut learned_ports = false;
         if let Some(l) = dep.launch.as_mut() {
             if l.master_port == 0 && r.master_port > 0 {
                 l.master_port = r.master_port;
                 l.health_port = r.health_port;
+                learned_ports = true;
             }
         }
+        if learned_ports {
+            self.persist(&r.deployment);
+        }
+        let Some(dep) = self.deps.get_mut(&r.deployment) else { return };
         let Some(p) = dep.procs.get_mut(&r.key) else { return };
         let before = p.state;
         p.apply(&r);
@@ -524,6 +561,7 @@ impl Actor {
             );
             dep.next_attempt = Some(now + backoff);
         }
+        self.persist(name);
         self.emit(name);
         for node in nodes {
             let stop = pb::StopShards {
@@ -543,6 +581,11 @@ impl Actor {
         let nodes: HashSet<Uuid> =
             dep.procs.values().filter(|p| p.state != pb::ProcessState::Exited).map(|p| p.node_id).collect();
         release(&mut self.reserved, dep);
+        if let Err(e) = self.store.remove(name) {
+            // Deleting goes on: after a head restart, processes of an unknown deployment are stopped.
+            warn!(deployment = %name, error = %e, "cannot remove the deployment's record");
+        }
+        let Some(dep) = self.deps.get_mut(name) else { return Err(not_found(name)) };
         dep.set_state(DState::Stopping, "deleting: stopping every process".into());
         dep.delete_deadline = Some(Instant::now() + DELETE_TIMEOUT);
         let snapshot = dep.to_pb();
@@ -627,6 +670,28 @@ impl Actor {
         for name in due {
             self.try_launch(&name).await;
         }
+        // After a head restart: a generation whose processes did not all report in time restarts.
+        let unrecovered: Vec<(String, Vec<String>)> = self
+            .deps
+            .iter()
+            .filter(|(_, d)| d.state == DState::Starting && d.recover_deadline.is_some_and(|t| t <= now))
+            .map(|(n, d)| {
+                (
+                    n.clone(),
+                    d.procs.iter().filter(|(_, p)| p.pid == 0).map(|(k, p)| format!("{k} on {}", p.node)).collect(),
+                )
+            })
+            .collect();
+        for (name, missing) in unrecovered {
+            if let Some(d) = self.deps.get_mut(&name) {
+                d.recover_deadline = None;
+            }
+            if !missing.is_empty() {
+                let why =
+                    format!("after the head restart, {} did not report within the recovery window", missing.join(", "));
+                self.group_restart(&name, why, true).await;
+            }
+        }
         let stopping: Vec<String> =
             self.deps.iter().filter(|(_, d)| d.state == DState::Stopping).map(|(n, _)| n.clone()).collect();
         for name in stopping {
@@ -669,6 +734,80 @@ impl Actor {
 
     async fn send(&self, node: Uuid, msg: pb::head_message::Msg) -> bool {
         self.membership.send(node, pb::HeadMessage { msg: Some(msg) }).await
+    }
+
+    /// Writes a deployment's record; a failure is logged (the in-memory state stays authoritative
+    /// until the next successful write).
+    fn persist(&self, name: &str) {
+        if let Some(d) = self.deps.get(name) {
+            if let Err(e) = self.store.put(&d.to_stored()) {
+                warn!(deployment = %name, error = %e, "cannot record the deployment's state");
+            }
+        }
+    }
+
+    /// Rebuilds a deployment from its record at start-up: the current generation's processes are
+    /// expected to be running still, and are adopted as their workers report them.
+    fn recover(&mut self, d: StoredDeployment, window: Duration) {
+        let now = Instant::now();
+        let spec = match d.to_spec() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(deployment = %d.name, error = %e, "cannot rebuild the deployment; forgetting it");
+                return;
+            }
+        };
+        let model = tessera_common::model::load_model(&spec.model_path).ok().map(|m| LoadedModel::of(&m));
+        let name = spec.name.clone();
+        let mut dep = Dep::new(spec, LoadedModel::placeholder());
+        dep.model = model;
+        dep.generation = d.generation;
+        dep.restarts = d.restarts;
+        let unix_now = crate::membership::unix_ms();
+        dep.restart_times = d
+            .restart_times_unix_ms
+            .iter()
+            .filter_map(|&t| now.checked_sub(Duration::from_millis(unix_now.saturating_sub(t))))
+            .collect();
+        match (d.failed, d.launch) {
+            (Some(why), _) => dep.set_state(DState::Failed, why),
+            (None, Some(l)) => {
+                for g in &l.gpus {
+                    self.reserved.insert(g.clone(), name.clone());
+                }
+                for p in &l.processes {
+                    let node = Uuid::parse_str(&p.node_id).unwrap_or_default();
+                    dep.procs.insert(p.key.clone(), Proc::new(node, &p.node, p.ranks.clone()));
+                }
+                dep.launch = Some(Launch {
+                    gpus: l.gpus,
+                    placement: l.placement,
+                    stages: l.stages,
+                    per_node: Vec::new(),
+                    master_addr: l.master_addr.parse().unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
+                    master_port: l.master_port,
+                    health_port: l.health_port,
+                    rest_sent: true,
+                });
+                dep.recover_deadline = Some(now + window);
+                dep.set_state(
+                    DState::Starting,
+                    format!(
+                        "recovering after a head restart: waiting up to {:?} for generation {} to report",
+                        window, d.generation
+                    ),
+                );
+            }
+            (None, None) => {
+                dep.next_attempt = Some(now + window);
+                dep.set_state(
+                    DState::Restarting,
+                    "recovering after a head restart: relaunching once the nodes are back".into(),
+                );
+            }
+        }
+        info!(deployment = %name, generation = dep.generation, state = ?dep.state, "deployment recovered from the store");
+        self.deps.insert(name, dep);
     }
 
     fn emit(&self, name: &str) {

@@ -113,7 +113,8 @@ impl Proc {
 
 pub struct Dep {
     pub spec: DeploymentSpec,
-    pub model: LoadedModel,
+    /// `None` when the model could not be read again after a head restart.
+    pub model: Option<LoadedModel>,
     pub state: DState,
     pub message: String,
     pub since: Instant,
@@ -125,13 +126,15 @@ pub struct Dep {
     pub procs: BTreeMap<String, Proc>,
     pub next_attempt: Option<Instant>,
     pub delete_deadline: Option<Instant>,
+    /// After a head restart: by then every process of the generation must have reported.
+    pub recover_deadline: Option<Instant>,
 }
 
 impl Dep {
     pub fn new(spec: DeploymentSpec, model: LoadedModel) -> Self {
         Dep {
             spec,
-            model,
+            model: Some(model),
             state: DState::Pending,
             message: "planning".into(),
             since: Instant::now(),
@@ -142,6 +145,59 @@ impl Dep {
             procs: BTreeMap::new(),
             next_attempt: None,
             delete_deadline: None,
+            recover_deadline: None,
+        }
+    }
+
+    /// The durable record of this deployment.
+    pub fn to_stored(&self) -> crate::store::StoredDeployment {
+        let s = &self.spec;
+        let now = Instant::now();
+        let unix_now = crate::membership::unix_ms();
+        crate::store::StoredDeployment {
+            name: s.name.clone(),
+            model_path: s.model_path.clone(),
+            tp: s.tp,
+            pp: s.pp,
+            engine: match s.engine {
+                Engine::Vllm => "vllm",
+                Engine::Command => "command",
+                Engine::Probe => "probe",
+            }
+            .into(),
+            engine_args: s.engine_args.clone(),
+            env: s.env.clone(),
+            max_restarts: s.max_restarts,
+            command: s.command.clone(),
+            per_node: s.per_node,
+            gpu_memory_utilization: s.gpu_memory_utilization,
+            max_model_len: s.max_model_len,
+            generation: self.generation,
+            restarts: self.restarts,
+            restart_times_unix_ms: self
+                .restart_times
+                .iter()
+                .map(|t| unix_now.saturating_sub(now.duration_since(*t).as_millis() as u64))
+                .collect(),
+            failed: (self.state == DState::Failed).then(|| self.message.clone()),
+            launch: self.launch.as_ref().filter(|l| !l.gpus.is_empty()).map(|l| crate::store::StoredLaunch {
+                gpus: l.gpus.clone(),
+                placement: l.placement.clone(),
+                stages: l.stages.clone(),
+                processes: self
+                    .procs
+                    .iter()
+                    .map(|(k, p)| crate::store::StoredProcess {
+                        key: k.clone(),
+                        node_id: p.node_id.to_string(),
+                        node: p.node.clone(),
+                        ranks: p.ranks.clone(),
+                    })
+                    .collect(),
+                master_addr: l.master_addr.to_string(),
+                master_port: l.master_port,
+                health_port: l.health_port,
+            }),
         }
     }
 
