@@ -6,7 +6,29 @@ use anyhow::anyhow;
 use tessera_proto::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
 
-pub async fn connect(head: &str) -> anyhow::Result<Channel> {
+/// The token every call carries: from `--token`/`--token-file`, or (for `up`) the local head's.
+static TOKEN: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+pub fn set_token(token: Option<String>) {
+    if let Ok(mut t) = TOKEN.write() {
+        *t = token;
+    }
+}
+
+pub fn token() -> Option<String> {
+    TOKEN.read().ok().and_then(|t| t.clone())
+}
+
+/// A connection whose calls carry the bearer token.
+pub type Conn = tonic::service::interceptor::InterceptedService<Channel, tessera_common::auth::Bearer>;
+
+pub async fn connect(head: &str) -> anyhow::Result<Conn> {
+    let channel = connect_channel(head).await?;
+    let bearer = tessera_common::auth::Bearer::new(token().as_deref()).map_err(|e| anyhow!("invalid token: {e}"))?;
+    Ok(tonic::service::interceptor::InterceptedService::new(channel, bearer))
+}
+
+async fn connect_channel(head: &str) -> anyhow::Result<Channel> {
     let endpoint = Endpoint::from_shared(head.to_string())
         .map_err(|e| anyhow!("invalid head URL {head:?}: {e}; write e.g. http://10.0.0.1:7470"))?
         .connect_timeout(Duration::from_secs(3))
@@ -19,7 +41,7 @@ pub async fn connect(head: &str) -> anyhow::Result<Channel> {
     })
 }
 
-pub async fn cluster(head: &str) -> anyhow::Result<pb::cluster_client::ClusterClient<Channel>> {
+pub async fn cluster(head: &str) -> anyhow::Result<pb::cluster_client::ClusterClient<Conn>> {
     Ok(pb::cluster_client::ClusterClient::new(connect(head).await?))
 }
 

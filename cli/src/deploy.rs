@@ -8,7 +8,6 @@ use anyhow::anyhow;
 use serde_json::{Value, json};
 use tessera_proto::v1 as pb;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 use crate::Output;
 use crate::client::{self, StatusContext};
@@ -29,7 +28,7 @@ pub struct DeployArgs {
     pub output: Output,
 }
 
-async fn client(head: &str) -> anyhow::Result<pb::deployments_client::DeploymentsClient<Channel>> {
+async fn client(head: &str) -> anyhow::Result<pb::deployments_client::DeploymentsClient<client::Conn>> {
     Ok(pb::deployments_client::DeploymentsClient::new(client::connect(head).await?))
 }
 

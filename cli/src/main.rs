@@ -29,6 +29,14 @@ struct Cli {
     #[arg(long, global = true, env = env::HEAD, default_value = "http://127.0.0.1:7470", value_name = "URL")]
     head: String,
 
+    /// The admin token (the head writes it to DATA_DIR/admin.token). Prefer --token-file
+    #[arg(long, global = true, env = "TESSERA_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    token: Option<String>,
+
+    /// File holding the admin token
+    #[arg(long, global = true, env = "TESSERA_TOKEN_FILE", value_name = "PATH")]
+    token_file: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Cmd,
 }
@@ -241,6 +249,18 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(p)) => match tessera_common::auth::read_token_file(p) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("error: --token-file {}: {e}", p.display());
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => None,
+    };
+    client::set_token(token);
     let head = cli.head.clone();
     let result = runtime.block_on(async move {
         match cli.command {

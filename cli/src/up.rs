@@ -82,13 +82,32 @@ async fn run(
     procs.push(head);
     let addr = wait_for_addr(&head_dir.join("head.addr"), &mut procs[0]).await?;
     let url = format!("http://{addr}");
+    // The head made its tokens: workers join with the join token, `up` itself acts as admin.
+    let join_token = head_dir.join("join.token");
+    let admin_token = head_dir.join("admin.token");
+    if client::token().is_none() {
+        let t = tessera_common::auth::read_token_file(&admin_token)
+            .with_context(|| format!("cannot read the head's admin token {}", admin_token.display()))?;
+        client::set_token(Some(t));
+    }
     for i in 1..=opts.workers {
         let name = format!("worker-{i}");
         let state = opts.dir.join(&name);
         let p = spawn(
             &name,
             bins.path("tessera-worker"),
-            &["--head", &url, "--state-dir", &state.display().to_string(), "--node-name", &name, "--fake-gpus", &spec],
+            &[
+                "--head",
+                &url,
+                "--state-dir",
+                &state.display().to_string(),
+                "--node-name",
+                &name,
+                "--fake-gpus",
+                &spec,
+                "--token-file",
+                &join_token.display().to_string(),
+            ],
             logs,
         )?;
         procs.push(p);
@@ -101,7 +120,8 @@ async fn run(
     println!("logs   {}", logs.display());
     let flag = if url == "http://127.0.0.1:7470" { String::new() } else { format!(" --head {url}") };
     let demo = if opts.deploy { Some(deploy_demo(opts, &url, nodes.len() as u32).await?) } else { None };
-    println!("\nTry, in another terminal:");
+    println!("\nTry, in another terminal (the admin token is in {}):", admin_token.display());
+    println!("  export TESSERA_TOKEN_FILE={}", admin_token.display());
     println!("  tessera{flag} nodes");
     println!("  tessera{flag} status");
     println!("  tessera{flag} events -f");

@@ -95,6 +95,25 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
         }
     }
     let url = url.expect("head URL printed");
+    let admin = dir.path().join("head/admin.token");
+    let tessera = || {
+        let mut c = tessera();
+        c.env("TESSERA_TOKEN_FILE", &admin);
+        c
+    };
+    // Without the token the head refuses, and says what to do.
+    let denied = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["--head", &url, "nodes"])
+        .env_remove("TESSERA_TOKEN_FILE")
+        .env_remove("TESSERA_TOKEN")
+        .output()
+        .expect("nodes");
+    assert_eq!(denied.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("missing bearer token"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
     assert!(deployed, "--deploy deploys the demo before the banner ends");
     let get = tessera().args(["--head", &url, "get", "demo", "-o", "json"]).output().expect("get");
     let demo: serde_json::Value = serde_json::from_slice(&get.stdout).expect("json");

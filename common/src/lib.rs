@@ -3,6 +3,7 @@
 //! Nothing here does I/O on its own; the head, the worker and the CLI all build on these types.
 //!
 //! # Layout
+//! - [`auth`]: bearer tokens (join and admin), their files, the check and the client interceptor.
 //! - [`node`]: GPUs, inventories, node states, join info, and their proto conversions.
 //! - [`validate`]: field rules (names, labels, lengths) with errors that name the field.
 //! - [`model`]: model configs and safetensors headers -> what the planner needs.
@@ -12,6 +13,7 @@
 //! - [`duration`]: human durations (`500ms`, `3s`).
 //! - [`env`]: the `TESSERA_*` environment variable names.
 
+pub mod auth;
 pub mod duration;
 pub mod env;
 pub mod fake;

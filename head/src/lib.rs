@@ -52,6 +52,8 @@ pub struct HeadConfig {
     /// After a restart, how long workers have to report their running processes before missing
     /// ones are restarted.
     pub recovery_window: Duration,
+    /// The join and admin tokens; `None` is `--insecure` (no authentication).
+    pub auth: Option<tessera_common::auth::TokenSet>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,9 +120,16 @@ impl Head {
         };
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let server_stop = CancellationToken::new();
+        if config.auth.is_none() {
+            warn!(
+                "--insecure: authentication is OFF; anyone who reaches this port can deploy and run processes. Use it only on isolated test networks"
+            );
+        }
+        let join_token = config.auth.as_ref().map(|t| t.join.clone());
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(server::auth::AuthLayer::new(config.auth.clone()))
             .add_service(pb::membership_server::MembershipServer::new(session))
             .add_service(pb::cluster_server::ClusterServer::new(cluster))
             .add_service(pb::planner_server::PlannerServer::new(server::planner::PlannerService {
@@ -144,6 +153,7 @@ impl Head {
                         labels: w.labels,
                         advertise_address: w.advertise_address,
                         is_head: true,
+                        token: join_token.clone(),
                         inventory: w.inventory,
                         connect_timeout: Duration::from_secs(2),
                         leave_timeout: Duration::from_secs(1),

@@ -48,6 +48,21 @@ struct Cli {
     #[arg(long, env = "TESSERA_RECOVERY_WINDOW", value_parser = parse_positive_duration, default_value = "10s")]
     recovery_window: Duration,
 
+    /// File with the join token (workers present it to join). Default: DATA_DIR/join.token,
+    /// generated (0600) on first start
+    #[arg(long, env = "TESSERA_JOIN_TOKEN_FILE", value_name = "PATH")]
+    join_token_file: Option<PathBuf>,
+
+    /// File with the admin token (needed for everything but joining). Default: DATA_DIR/admin.token,
+    /// generated (0600) on first start
+    #[arg(long, env = "TESSERA_ADMIN_TOKEN_FILE", value_name = "PATH")]
+    admin_token_file: Option<PathBuf>,
+
+    /// Turn authentication off. Anyone who reaches the port can then deploy and run processes:
+    /// only for isolated test networks (a warning is logged at every start)
+    #[arg(long, env = "TESSERA_INSECURE")]
+    insecure: bool,
+
     /// Do not run a worker in the head: the head's GPUs are not used
     #[arg(long, env = env::NO_WORKER)]
     no_worker: bool,
@@ -120,7 +135,19 @@ fn main() -> ExitCode {
             tracing::error!("cannot install signal handlers: {e}");
             return ExitCode::from(1);
         }
-        let config = HeadConfig { membership, data_dir: cli.data_dir, worker, recovery_window: cli.recovery_window };
+        let auth = if cli.insecure {
+            None
+        } else {
+            match tokens(&cli.data_dir, cli.join_token_file.as_deref(), cli.admin_token_file.as_deref()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::from(1);
+                }
+            }
+        };
+        let config =
+            HeadConfig { membership, data_dir: cli.data_dir, worker, recovery_window: cli.recovery_window, auth };
         let head = match Head::start(listener, config, root).await {
             Ok(h) => h,
             Err(e) => {
@@ -136,6 +163,34 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// The tokens: from the given files, else from (or generated into) the data dir.
+fn tokens(
+    data_dir: &std::path::Path,
+    join_file: Option<&std::path::Path>,
+    admin_file: Option<&std::path::Path>,
+) -> Result<tessera_common::auth::TokenSet, String> {
+    use tessera_common::auth::{TokenSet, read_token_file};
+    let (mut set, created) = TokenSet::load_or_create(data_dir)
+        .map_err(|e| format!("cannot read or create the tokens in {}: {e}", data_dir.display()))?;
+    if created {
+        tracing::info!(
+            join = %TokenSet::join_path(data_dir).display(),
+            admin = %TokenSet::admin_path(data_dir).display(),
+            "generated the join and admin tokens (mode 0600): give workers the join token, clients the admin token"
+        );
+    }
+    if let Some(p) = join_file {
+        set.join = read_token_file(p).map_err(|e| format!("--join-token-file: {e}"))?;
+    }
+    if let Some(p) = admin_file {
+        set.admin = read_token_file(p).map_err(|e| format!("--admin-token-file: {e}"))?;
+    }
+    if set.join == set.admin {
+        return Err("the join and admin tokens must differ, or a worker could deploy".into());
+    }
+    Ok(set)
 }
 
 fn usage(msg: &str) -> ExitCode {

@@ -54,6 +54,7 @@ impl TestCluster {
                 labels: [("role".to_string(), "test".to_string())].into(),
                 advertise_address: None,
                 is_head: false,
+                token: Some(crate::JOIN_TOKEN.to_string()),
                 inventory: Box::new(FakeInventory::new(self.spec, name)),
                 connect_timeout: Duration::from_secs(2),
                 leave_timeout: Duration::from_secs(2),
@@ -118,6 +119,10 @@ async fn start_head(
     let head = Head::start(
         listener,
         HeadConfig {
+            auth: Some(tessera_common::auth::TokenSet {
+                join: crate::JOIN_TOKEN.to_string(),
+                admin: crate::ADMIN_TOKEN.to_string(),
+            }),
             recovery_window: Duration::from_secs(10),
             membership: config,
             data_dir: dir.path().join("head"),

@@ -16,7 +16,9 @@ pub use process::{
 use std::future::Future;
 use std::time::Duration;
 
+use tessera_common::auth::Bearer;
 use tessera_proto::v1 as pb;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// Deadline for waits in tests: long enough for a loaded 2-core CI machine, short enough to end a
@@ -41,16 +43,46 @@ where
     }
 }
 
-pub async fn cluster_client(url: &str) -> pb::cluster_client::ClusterClient<Channel> {
+/// The tokens every test head uses (its data dir holds them before it starts).
+pub const JOIN_TOKEN: &str = "tsj_test_join_token_0123456789";
+pub const ADMIN_TOKEN: &str = "tsa_test_admin_token_0123456789";
+
+/// A connection whose calls carry the admin token.
+pub type Conn = InterceptedService<Channel, Bearer>;
+
+pub async fn conn_with(url: &str, token: Option<&str>) -> Conn {
     let ch = tonic::transport::Endpoint::from_shared(url.to_string())
         .expect("valid url")
         .connect()
         .await
         .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
-    pb::cluster_client::ClusterClient::new(ch)
+    InterceptedService::new(ch, Bearer::new(token).expect("valid token"))
 }
 
-pub async fn list_nodes(client: &mut pb::cluster_client::ClusterClient<Channel>) -> Vec<pb::Node> {
+pub async fn conn(url: &str) -> Conn {
+    conn_with(url, Some(ADMIN_TOKEN)).await
+}
+
+pub async fn cluster_client(url: &str) -> pb::cluster_client::ClusterClient<Conn> {
+    pb::cluster_client::ClusterClient::new(conn(url).await)
+}
+
+pub async fn deployments_client(url: &str) -> pb::deployments_client::DeploymentsClient<Conn> {
+    pb::deployments_client::DeploymentsClient::new(conn(url).await)
+}
+
+pub async fn planner_client(url: &str) -> pb::planner_client::PlannerClient<Conn> {
+    pb::planner_client::PlannerClient::new(conn(url).await)
+}
+
+/// Writes the test tokens into a head's data dir, where it picks them up.
+pub fn write_tokens(data_dir: &std::path::Path) {
+    std::fs::create_dir_all(data_dir).expect("data dir");
+    std::fs::write(data_dir.join("join.token"), format!("{JOIN_TOKEN}\n")).expect("join token");
+    std::fs::write(data_dir.join("admin.token"), format!("{ADMIN_TOKEN}\n")).expect("admin token");
+}
+
+pub async fn list_nodes(client: &mut pb::cluster_client::ClusterClient<Conn>) -> Vec<pb::Node> {
     client.list_nodes(pb::ListNodesRequest {}).await.expect("ListNodes").into_inner().nodes
 }
 
@@ -65,7 +97,7 @@ pub fn state(n: &pb::Node) -> pb::NodeState {
 
 /// Waits until node `name` is in `want`, and returns it.
 pub async fn wait_state(
-    client: &mut pb::cluster_client::ClusterClient<Channel>,
+    client: &mut pb::cluster_client::ClusterClient<Conn>,
     name: &str,
     want: pb::NodeState,
 ) -> pb::Node {

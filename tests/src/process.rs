@@ -95,6 +95,7 @@ pub struct HeadProc {
 pub fn start_head(dir: &Path, name: &str, listen: &str, extra: &[&str]) -> HeadProc {
     let data_dir = dir.join(name);
     let _ = std::fs::remove_file(data_dir.join("head.addr"));
+    crate::write_tokens(&data_dir);
     let mut args: Vec<String> = vec![
         "--listen".into(),
         listen.into(),
@@ -145,6 +146,13 @@ pub fn start_worker_with(dir: &Path, name: &str, head_url: &str, state_dir: &Pat
         "--fake-gpus".into(),
         "4x80GiB".into(),
     ];
+    let token_file = dir.join("worker-join.token");
+    if !token_file.exists() {
+        std::fs::write(&token_file, format!("{}\n", crate::JOIN_TOKEN)).expect("token file");
+    }
+    if !extra.contains(&"--token") && !extra.contains(&"--token-file") {
+        args.extend(["--token-file".to_string(), token_file.display().to_string()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     Daemon::spawn(name, "tessera-worker", &args, dir)
 }

@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 use tessera_proto::v1 as pb;
 use tessera_tests::process::{HeadProc, start_head};
 use tessera_tests::{Daemon, alive, pids_with, start_worker_with, wait_until};
-use tonic::transport::Channel;
 
-type Client = pb::deployments_client::DeploymentsClient<Channel>;
+type Client = pb::deployments_client::DeploymentsClient<tessera_tests::Conn>;
 
 fn model() -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -54,7 +53,7 @@ impl Cluster {
     }
 
     async fn client(&self) -> Client {
-        pb::deployments_client::DeploymentsClient::connect(self.head.url.clone()).await.expect("connect")
+        tessera_tests::deployments_client(&self.head.url).await
     }
 
     fn tag(&self) -> String {

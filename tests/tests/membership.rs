@@ -123,8 +123,7 @@ async fn drain_marks_a_node_and_undrain_clears_it() {
 #[tokio::test]
 async fn a_session_that_does_not_start_with_join_is_refused() {
     let cluster = TestCluster::start(0).await;
-    let ch =
-        tonic::transport::Endpoint::from_shared(cluster.url.clone()).expect("url").connect().await.expect("connect");
+    let ch = tessera_tests::conn_with(&cluster.url, Some(tessera_tests::JOIN_TOKEN)).await;
     let mut m = pb::membership_client::MembershipClient::new(ch);
     let hb = pb::WorkerMessage {
         msg: Some(pb::worker_message::Msg::Heartbeat(pb::Heartbeat { seq: 1, gpu_usage: vec![] })),

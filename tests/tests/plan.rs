@@ -27,8 +27,8 @@ async fn ready(url: &str, n: usize) {
     .await;
 }
 
-async fn planner(url: &str) -> pb::planner_client::PlannerClient<tonic::transport::Channel> {
-    pb::planner_client::PlannerClient::connect(url.to_string()).await.expect("connect")
+async fn planner(url: &str) -> pb::planner_client::PlannerClient<tessera_tests::Conn> {
+    tessera_tests::planner_client(url).await
 }
 
 #[tokio::test]

@@ -105,3 +105,30 @@ impl ShardArgs {
         })
     }
 }
+
+/// The token this process presents to the head.
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// Token for the head: the join token for workers (the head writes it to DATA_DIR/join.token).
+    /// Prefer --token-file: a command line is visible to every user of the machine
+    #[arg(long, env = "TESSERA_TOKEN", value_name = "TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    pub token: Option<String>,
+
+    /// File holding the token (first line)
+    #[arg(long, env = "TESSERA_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    pub fn resolve(&self) -> Result<Option<String>, String> {
+        match (&self.token, &self.token_file) {
+            (Some(t), _) => tessera_common::auth::check_token_syntax(t)
+                .map(|_| Some(t.clone()))
+                .map_err(|e| format!("--token: {e}")),
+            (None, Some(p)) => tessera_common::auth::read_token_file(p)
+                .map(Some)
+                .map_err(|e| format!("--token-file {}: {e}", p.display())),
+            (None, None) => Ok(None),
+        }
+    }
+}

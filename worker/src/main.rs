@@ -8,7 +8,7 @@ use tessera_common::duration::parse_positive_duration;
 use tessera_common::env;
 use tessera_common::size::HumanBytes;
 use tessera_worker::agent::{Agent, AgentConfig};
-use tessera_worker::args::{LogArgs, NodeArgs, ShardArgs, StateArgs};
+use tessera_worker::args::{LogArgs, NodeArgs, ShardArgs, StateArgs, TokenArgs};
 use tessera_worker::state::StateDir;
 use tessera_worker::{gpu, signals, telemetry};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +36,9 @@ struct Cli {
 
     #[command(flatten)]
     shards: ShardArgs,
+
+    #[command(flatten)]
+    token: TokenArgs,
 
     #[command(flatten)]
     log: LogArgs,
@@ -85,6 +88,10 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    let token = match cli.token.resolve() {
+        Ok(t) => t,
+        Err(e) => return usage(&e),
+    };
     let Some(head) = cli.head.clone() else {
         return usage(
             "--head URL is required to run the worker (or set TESSERA_HEAD); e.g. --head http://10.0.0.1:7470",
@@ -116,6 +123,7 @@ fn main() -> ExitCode {
             }
         };
         let config = AgentConfig {
+            token,
             shards: Some(shards),
             head,
             inventory: gpu::detect(parts.fake_gpus, &parts.node_name),

@@ -1,5 +1,6 @@
 //! The head's gRPC edge: the services, and the server that runs them on a bound listener.
 
+pub mod auth;
 pub mod cluster;
 pub mod deployments;
 pub mod planner;

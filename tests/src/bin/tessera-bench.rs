@@ -153,7 +153,7 @@ async fn deploy_bench(runs: usize) -> anyhow::Result<()> {
     wait_state(&mut client, "w2", pb::NodeState::Alive).await;
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/model-configs/Llama-3.1-8B-Instruct.json");
     let model = std::fs::canonicalize(model)?.display().to_string();
-    let mut deps = pb::deployments_client::DeploymentsClient::connect(head.url.clone()).await?;
+    let mut deps = tessera_tests::deployments_client(&head.url).await;
     let mut up = Vec::new();
     let mut again = Vec::new();
     for i in 0..runs {

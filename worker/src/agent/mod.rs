@@ -36,6 +36,8 @@ pub struct AgentConfig {
     pub connect_timeout: Duration,
     /// How long to wait for the head's `left` answer when leaving.
     pub leave_timeout: Duration,
+    /// The join token (or the admin token); `None` against an `--insecure` head.
+    pub token: Option<String>,
     /// Hosts shard processes; `None` for a node that runs no shards (tests of membership alone).
     pub shards: Option<crate::shard::HostConfig>,
 }
@@ -191,7 +193,11 @@ impl Agent {
             join_msg.shards = h.snapshot();
         }
         let _ = tx.try_send(pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Join(join_msg)) });
-        let mut client = pb::membership_client::MembershipClient::new(channel);
+        let bearer = match tessera_common::auth::Bearer::new(self.config.token.as_deref()) {
+            Ok(b) => b,
+            Err(e) => return SessionEnd::Refused(format!("invalid join token: {e}")),
+        };
+        let mut client = pb::membership_client::MembershipClient::with_interceptor(channel, bearer);
         let opened =
             tokio::time::timeout(self.config.connect_timeout * 5, client.session(ReceiverStream::new(rx))).await;
         let mut inbound = match opened {
