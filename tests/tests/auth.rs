@@ -9,10 +9,19 @@ use tessera_tests::{Daemon, conn_with, wait_until};
 /// A head with a fresh data dir and no token flags: it must generate its tokens.
 fn bare_head(dir: &std::path::Path, extra: &[&str]) -> (Daemon, String) {
     let data = dir.join("head");
-    let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--data-dir", &data.display().to_string(), "--node-name", "head", "--fake-gpus", "2x80GiB"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &data.display().to_string(),
+        "--node-name",
+        "head",
+        "--fake-gpus",
+        "2x80GiB",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
     let d = Daemon::spawn("head", "tessera-head", &args, dir);
     let deadline = Instant::now() + tessera_tests::HANG;
@@ -75,8 +84,17 @@ async fn a_head_without_tokens_generates_them_and_enforces_roles() {
     let _w1 = Daemon::spawn(
         "w1",
         "tessera-worker",
-        &["--head", &url, "--state-dir", &dir.path().join("w1").display().to_string(), "--node-name", "w1", "--token-file", &token_file]
-            .map(String::from),
+        &[
+            "--head",
+            &url,
+            "--state-dir",
+            &dir.path().join("w1").display().to_string(),
+            "--node-name",
+            "w1",
+            "--token-file",
+            &token_file,
+        ]
+        .map(String::from),
         dir.path(),
     );
     let url2 = url.clone();

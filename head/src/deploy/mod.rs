@@ -401,6 +401,11 @@ impl Actor {
             let l = self.deps[name].launch.as_ref().expect("just set");
             l.per_node[0].clone()
         };
+        if let Some(d) = self.deps.get_mut(name) {
+            for p in d.procs.values_mut().filter(|p| p.node_id == first) {
+                p.launched = true;
+            }
+        }
         let msg = pb::LaunchShards {
             deployment: name.to_string(),
             generation,
@@ -422,6 +427,10 @@ impl Actor {
             return;
         }
         l.rest_sent = true;
+        let first = l.per_node.first().map(|(n, _)| *n);
+        for p in dep.procs.values_mut().filter(|p| Some(p.node_id) != first) {
+            p.launched = true;
+        }
         let sends: Vec<(Uuid, pb::LaunchShards)> = l.per_node[1..]
             .iter()
             .map(|(node, ps)| {
@@ -578,8 +587,16 @@ impl Actor {
         if dep.state == DState::Stopping {
             return Ok(dep.to_pb());
         }
-        let nodes: HashSet<Uuid> =
-            dep.procs.values().filter(|p| p.state != pb::ProcessState::Exited).map(|p| p.node_id).collect();
+        // Processes whose node was never told to launch them will never report: nothing to wait for.
+        for p in dep.procs.values_mut().filter(|p| !p.launched) {
+            p.gone = true;
+        }
+        let nodes: HashSet<Uuid> = dep
+            .procs
+            .values()
+            .filter(|p| p.launched && p.state != pb::ProcessState::Exited)
+            .map(|p| p.node_id)
+            .collect();
         release(&mut self.reserved, dep);
         if let Err(e) = self.store.remove(name) {
             // Deleting goes on: after a head restart, processes of an unknown deployment are stopped.
@@ -777,7 +794,9 @@ impl Actor {
                 }
                 for p in &l.processes {
                     let node = Uuid::parse_str(&p.node_id).unwrap_or_default();
-                    dep.procs.insert(p.key.clone(), Proc::new(node, &p.node, p.ranks.clone()));
+                    let mut proc = Proc::new(node, &p.node, p.ranks.clone());
+                    proc.launched = true;
+                    dep.procs.insert(p.key.clone(), proc);
                 }
                 dep.launch = Some(Launch {
                     gpus: l.gpus,

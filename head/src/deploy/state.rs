@@ -62,8 +62,10 @@ pub struct Proc {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub rtt_us: Option<u64>,
-    /// Its node died: nothing will be reported any more.
+    /// Its node died, or it was never launched: nothing will be reported any more.
     pub gone: bool,
+    /// Its node was told to launch it.
+    pub launched: bool,
     pub generation_seen: u64,
 }
 
@@ -79,6 +81,7 @@ impl Proc {
             signal: None,
             rtt_us: None,
             gone: false,
+            launched: false,
             generation_seen: 0,
         }
     }
