@@ -17,6 +17,7 @@ pub mod auth;
 pub mod duration;
 pub mod env;
 pub mod fake;
+mod hostile;
 pub mod model;
 pub mod node;
 pub mod plan;

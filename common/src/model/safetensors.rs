@@ -160,24 +160,25 @@ impl WeightBytes {
         let mut w = WeightBytes { per_layer: vec![0; layers as usize], ..Default::default() };
         for t in tensors {
             w.tensors += 1;
-            match classify(&t.name) {
-                Part::Layer(n) if n < layers => w.per_layer[n as usize] += t.bytes,
-                Part::Layer(_) => w.unused += t.bytes,
-                Part::Embedding => w.embedding += t.bytes,
-                Part::LmHead => w.lm_head += t.bytes,
-                Part::Last => w.last_stage_other += t.bytes,
-                Part::First => w.first_stage_other += t.bytes,
-            }
+            let slot = match classify(&t.name) {
+                Part::Layer(n) if n < layers => &mut w.per_layer[n as usize],
+                Part::Layer(_) => &mut w.unused,
+                Part::Embedding => &mut w.embedding,
+                Part::LmHead => &mut w.lm_head,
+                Part::Last => &mut w.last_stage_other,
+                Part::First => &mut w.first_stage_other,
+            };
+            // Sizes come from files: a lying header must not overflow the sums.
+            *slot = slot.saturating_add(t.bytes);
         }
         w
     }
 
     pub fn total(&self) -> u64 {
-        self.per_layer.iter().sum::<u64>()
-            + self.embedding
-            + self.lm_head
-            + self.first_stage_other
-            + self.last_stage_other
+        [self.embedding, self.lm_head, self.first_stage_other, self.last_stage_other]
+            .iter()
+            .chain(&self.per_layer)
+            .fold(0u64, |a, &b| a.saturating_add(b))
     }
 }
 

@@ -77,13 +77,13 @@ impl Weights {
                 ((attn + ffn) * lin + router + 2.0 * hidden * dt) as u64
             })
             .collect();
-        let embedding = m.padded_vocab() * m.hidden_size * m.dtype.bytes();
+        let embedding = m.padded_vocab().saturating_mul(m.hidden_size).saturating_mul(m.dtype.bytes());
         Weights {
             per_layer,
             embedding,
             lm_head: if m.tie_word_embeddings { 0 } else { embedding },
             first_other: 0,
-            last_other: m.hidden_size * m.dtype.bytes(),
+            last_other: m.hidden_size.saturating_mul(m.dtype.bytes()),
             exact: false,
         }
     }
@@ -91,23 +91,31 @@ impl Weights {
     /// Bytes one GPU of stage `s` holds with `tp`-way tensor parallelism.
     pub fn per_gpu(&self, m: &ModelDesc, counts: &[u64], s: usize, tp: u64) -> u64 {
         let start: u64 = counts[..s].iter().sum();
-        let layers: u64 = self.per_layer[start as usize..(start + counts[s]) as usize].iter().sum();
+        let layers: u64 =
+            self.per_layer[start as usize..(start + counts[s]) as usize].iter().fold(0u64, |a, &b| a.saturating_add(b));
         let mut bytes = layers;
         let pp = counts.len();
         if s == 0 {
-            bytes += self.embedding + self.first_other;
+            bytes = bytes.saturating_add(self.embedding).saturating_add(self.first_other);
         }
         if s == pp - 1 {
-            bytes += self.last_other;
+            bytes = bytes.saturating_add(self.last_other);
             // Tied embeddings share one tensor on a single stage; with pipelining the last stage
             // loads its own copy for the LM head.
-            bytes += if self.lm_head == 0 && m.tie_word_embeddings && pp > 1 { self.embedding } else { self.lm_head };
+            bytes = bytes.saturating_add(if self.lm_head == 0 && m.tie_word_embeddings && pp > 1 {
+                self.embedding
+            } else {
+                self.lm_head
+            });
         }
         bytes.div_ceil(tp.max(1))
     }
 
     pub fn total(&self) -> u64 {
-        self.per_layer.iter().sum::<u64>() + self.embedding + self.lm_head + self.first_other + self.last_other
+        [self.embedding, self.lm_head, self.first_other, self.last_other]
+            .iter()
+            .chain(&self.per_layer)
+            .fold(0u64, |a, &b| a.saturating_add(b))
     }
 }
 
@@ -115,8 +123,10 @@ impl Weights {
 pub fn kv_bytes_per_token(m: &ModelDesc, layers: u64, kv_heads_per_rank: u64, kv_dtype: DType) -> u64 {
     let b = kv_dtype.bytes();
     match &m.mla {
-        Some(mla) => layers * (mla.kv_lora_rank + mla.qk_rope_head_dim) * b,
-        None => 2 * layers * kv_heads_per_rank * m.head_dim * b,
+        Some(mla) => layers.saturating_mul(mla.kv_lora_rank.saturating_add(mla.qk_rope_head_dim)).saturating_mul(b),
+        None => {
+            2u64.saturating_mul(layers).saturating_mul(kv_heads_per_rank).saturating_mul(m.head_dim).saturating_mul(b)
+        }
     }
 }
 
@@ -161,7 +171,7 @@ pub fn memory(
     let mut kv_min = u64::MAX;
     let mut shortfall = 0u64;
     for (s, &wb) in by_stage.iter().enumerate() {
-        let need = wb + RUNTIME_RESERVE_BYTES;
+        let need = wb.saturating_add(RUNTIME_RESERVE_BYTES);
         let kv = budget.saturating_sub(need);
         if need > budget {
             shortfall = shortfall.max(need - budget);
