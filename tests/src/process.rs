@@ -32,17 +32,22 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(name: &str, binary: &str, args: &[String], log_dir: &Path) -> Daemon {
+        Self::spawn_program(name, &bin(binary).display().to_string(), args, log_dir)
+    }
+
+    /// Any program (e.g. `ip netns exec NS tessera-worker ...`), with the same log and cleanup.
+    pub fn spawn_program(name: &str, program: &str, args: &[String], log_dir: &Path) -> Daemon {
         let log = log_dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = Command::new(bin(binary))
+        let child = Command::new(program)
             .args(args)
             .env_remove("TESSERA_HEAD")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {binary}: {e}"));
+            .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
         Daemon { name: name.to_string(), child: Some(child), log }
     }
 
