@@ -15,6 +15,15 @@ pub fn set_token(token: Option<String>) {
     }
 }
 
+/// TLS towards an https head (from --tls-ca, --tls-cert, --tls-key).
+static TLS: std::sync::RwLock<Option<tonic::transport::ClientTlsConfig>> = std::sync::RwLock::new(None);
+
+pub fn set_tls(tls: Option<tonic::transport::ClientTlsConfig>) {
+    if let Ok(mut t) = TLS.write() {
+        *t = tls;
+    }
+}
+
 pub fn token() -> Option<String> {
     TOKEN.read().ok().and_then(|t| t.clone())
 }
@@ -29,10 +38,16 @@ pub async fn connect(head: &str) -> anyhow::Result<Conn> {
 }
 
 async fn connect_channel(head: &str) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(head.to_string())
+    let tls = TLS.read().ok().and_then(|t| t.clone());
+    tessera_common::tls::check_scheme(head, tls.is_some()).map_err(|e| anyhow!(e))?;
+    let mut endpoint = Endpoint::from_shared(head.to_string())
         .map_err(|e| anyhow!("invalid head URL {head:?}: {e}; write e.g. http://10.0.0.1:7470"))?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint =
+            endpoint.tls_config(tls).map_err(|e| anyhow!("TLS settings: {}", tessera_common::error_chain(&e)))?;
+    }
     endpoint.connect().await.map_err(|e| {
         anyhow!(
             "cannot reach the head at {head}: {}; is tessera-head running there? (set --head or TESSERA_HEAD)",

@@ -37,6 +37,18 @@ struct Cli {
     #[arg(long, global = true, env = "TESSERA_TOKEN_FILE", value_name = "PATH")]
     token_file: Option<PathBuf>,
 
+    /// CA certificate (PEM) that signed the head's certificate; needed for an https:// head
+    #[arg(long, global = true, env = "TESSERA_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM), when the head requires client certificates
+    #[arg(long, global = true, env = "TESSERA_TLS_CERT", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+
+    /// Key (PEM) of --tls-cert
+    #[arg(long, global = true, env = "TESSERA_TLS_KEY", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Cmd,
 }
@@ -261,6 +273,18 @@ fn main() -> ExitCode {
         (None, None) => None,
     };
     client::set_token(token);
+    match tessera_common::tls::client_config(
+        cli.tls_ca.as_deref(),
+        cli.tls_cert.as_deref(),
+        cli.tls_key.as_deref(),
+        None,
+    ) {
+        Ok(tls) => client::set_tls(tls),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let head = cli.head.clone();
     let result = runtime.block_on(async move {
         match cli.command {

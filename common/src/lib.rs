@@ -9,6 +9,7 @@
 //! - [`model`]: model configs and safetensors headers -> what the planner needs.
 //! - [`plan`]: the sharding planner (TP/PP rules, stages, memory fit, placement); pure.
 //! - [`fake`]: `--fake-gpus COUNTxMEMORY` and the fake inventory it makes.
+//! - [`tls`]: TLS settings from PEM files.
 //! - [`size`]: human byte sizes (`80GiB`).
 //! - [`duration`]: human durations (`500ms`, `3s`).
 //! - [`env`]: the `TESSERA_*` environment variable names.
@@ -22,6 +23,7 @@ pub mod model;
 pub mod node;
 pub mod plan;
 pub mod size;
+pub mod tls;
 pub mod validate;
 
 /// An error and its sources on one line: `connect failed: tcp connect error: Connection refused`.

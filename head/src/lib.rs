@@ -54,6 +54,16 @@ pub struct HeadConfig {
     pub recovery_window: Duration,
     /// The join and admin tokens; `None` is `--insecure` (no authentication).
     pub auth: Option<tessera_common::auth::TokenSet>,
+    /// TLS: how the head serves, and how its own worker reaches it over loopback (`localhost`).
+    pub tls: Option<HeadTls>,
+}
+
+/// The head's TLS settings.
+pub struct HeadTls {
+    pub server: tonic::transport::ServerTlsConfig,
+    /// For the in-process worker: trusts the head's CA, names `localhost`, and presents the head's
+    /// certificate when client certificates are required.
+    pub own_worker: tonic::transport::ClientTlsConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +136,11 @@ impl Head {
             );
         }
         let join_token = config.auth.as_ref().map(|t| t.join.clone());
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &config.tls {
+            builder = builder.tls_config(tls.server.clone())?;
+        }
+        let server = builder
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(server::auth::AuthLayer::new(config.auth.clone()))
@@ -148,7 +162,11 @@ impl Head {
                 let state = StateDir::open(&config.data_dir.join("worker"))?;
                 let agent = Agent::new(
                     AgentConfig {
-                        head: format!("http://{}", loopback_for(addr)),
+                        head: match &config.tls {
+                            Some(_) => format!("https://localhost:{}", addr.port()),
+                            None => format!("http://{}", loopback_for(addr)),
+                        },
+                        tls: config.tls.as_ref().map(|t| t.own_worker.clone()),
                         node_name: w.node_name,
                         labels: w.labels,
                         advertise_address: w.advertise_address,

@@ -9,7 +9,7 @@ use clap::Parser;
 use tessera_common::duration::parse_positive_duration;
 use tessera_common::env;
 use tessera_head::membership::MembershipConfig;
-use tessera_head::{Head, HeadConfig, LocalWorker};
+use tessera_head::{Head, HeadConfig, HeadTls, LocalWorker};
 use tessera_worker::args::{LogArgs, NodeArgs, ShardArgs};
 use tessera_worker::{gpu, signals, telemetry};
 use tokio_util::sync::CancellationToken;
@@ -62,6 +62,25 @@ struct Cli {
     /// only for isolated test networks (a warning is logged at every start)
     #[arg(long, env = "TESSERA_INSECURE")]
     insecure: bool,
+
+    /// Serve TLS with this certificate (PEM). It must also name `localhost`: the head's own worker
+    /// connects over loopback
+    #[arg(long, env = "TESSERA_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// Key (PEM) of --tls-cert
+    #[arg(long, env = "TESSERA_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by this CA (mTLS). The head's own certificate must be
+    /// signed by it too: its in-process worker presents it
+    #[arg(long, env = "TESSERA_TLS_CLIENT_CA", value_name = "PEM", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// CA that signed --tls-cert, for the head's own worker to trust [default: --tls-cert itself,
+    /// right for a self-signed certificate]
+    #[arg(long, env = "TESSERA_TLS_CA", value_name = "PEM", requires = "tls_cert")]
+    tls_ca: Option<PathBuf>,
 
     /// Do not run a worker in the head: the head's GPUs are not used
     #[arg(long, env = env::NO_WORKER)]
@@ -146,8 +165,30 @@ fn main() -> ExitCode {
                 }
             }
         };
+        let tls = match (&cli.tls_cert, &cli.tls_key) {
+            (Some(cert), Some(key)) => {
+                let server = tessera_common::tls::server_config(cert, key, cli.tls_client_ca.as_deref());
+                let ca = cli.tls_ca.clone().unwrap_or_else(|| cert.clone());
+                let identity = cli.tls_client_ca.as_ref().map(|_| (cert.as_path(), key.as_path()));
+                let own = tessera_common::tls::client_config(
+                    Some(&ca),
+                    identity.map(|i| i.0),
+                    identity.map(|i| i.1),
+                    Some("localhost"),
+                );
+                match (server, own) {
+                    (Ok(server), Ok(Some(own_worker))) => Some(HeadTls { server, own_worker }),
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::error!("{e}");
+                        return ExitCode::from(2);
+                    }
+                    (Ok(_), Ok(None)) => None,
+                }
+            }
+            _ => None,
+        };
         let config =
-            HeadConfig { membership, data_dir: cli.data_dir, worker, recovery_window: cli.recovery_window, auth };
+            HeadConfig { membership, data_dir: cli.data_dir, worker, recovery_window: cli.recovery_window, auth, tls };
         let head = match Head::start(listener, config, root).await {
             Ok(h) => h,
             Err(e) => {

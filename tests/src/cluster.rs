@@ -55,6 +55,7 @@ impl TestCluster {
                 advertise_address: None,
                 is_head: false,
                 token: Some(crate::JOIN_TOKEN.to_string()),
+                tls: None,
                 inventory: Box::new(FakeInventory::new(self.spec, name)),
                 connect_timeout: Duration::from_secs(2),
                 leave_timeout: Duration::from_secs(2),
@@ -119,6 +120,7 @@ async fn start_head(
     let head = Head::start(
         listener,
         HeadConfig {
+            tls: None,
             auth: Some(tessera_common::auth::TokenSet {
                 join: crate::JOIN_TOKEN.to_string(),
                 admin: crate::ADMIN_TOKEN.to_string(),

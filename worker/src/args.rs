@@ -132,3 +132,30 @@ impl TokenArgs {
         }
     }
 }
+
+/// TLS towards the head.
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// CA certificate (PEM) that signed the head's certificate; needed for an https:// head
+    #[arg(long, env = "TESSERA_TLS_CA", value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM), when the head requires client certificates (mTLS)
+    #[arg(long, env = "TESSERA_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Key (PEM) of --tls-cert
+    #[arg(long, env = "TESSERA_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn client_config(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+        tessera_common::tls::client_config(
+            self.tls_ca.as_deref(),
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            None,
+        )
+    }
+}

@@ -8,7 +8,7 @@ use tessera_common::duration::parse_positive_duration;
 use tessera_common::env;
 use tessera_common::size::HumanBytes;
 use tessera_worker::agent::{Agent, AgentConfig};
-use tessera_worker::args::{LogArgs, NodeArgs, ShardArgs, StateArgs, TokenArgs};
+use tessera_worker::args::{LogArgs, NodeArgs, ShardArgs, StateArgs, TlsArgs, TokenArgs};
 use tessera_worker::state::StateDir;
 use tessera_worker::{gpu, signals, telemetry};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,9 @@ struct Cli {
 
     #[command(flatten)]
     token: TokenArgs,
+
+    #[command(flatten)]
+    tls: TlsArgs,
 
     #[command(flatten)]
     log: LogArgs,
@@ -97,6 +100,13 @@ fn main() -> ExitCode {
             "--head URL is required to run the worker (or set TESSERA_HEAD); e.g. --head http://10.0.0.1:7470",
         );
     };
+    let tls = match cli.tls.client_config() {
+        Ok(t) => t,
+        Err(e) => return usage(&e),
+    };
+    if let Err(e) = tessera_common::tls::check_scheme(&head, tls.is_some()) {
+        return usage(&e);
+    }
     if let Err(e) = telemetry::init(cli.log.log_format, &cli.log.log_level) {
         return usage(&e);
     }
@@ -124,6 +134,7 @@ fn main() -> ExitCode {
         };
         let config = AgentConfig {
             token,
+            tls,
             shards: Some(shards),
             head,
             inventory: gpu::detect(parts.fake_gpus, &parts.node_name),

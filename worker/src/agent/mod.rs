@@ -38,6 +38,8 @@ pub struct AgentConfig {
     pub leave_timeout: Duration,
     /// The join token (or the admin token); `None` against an `--insecure` head.
     pub token: Option<String>,
+    /// TLS towards an https head.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// Hosts shard processes; `None` for a node that runs no shards (tests of membership alone).
     pub shards: Option<crate::shard::HostConfig>,
 }
@@ -119,6 +121,13 @@ impl Agent {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10));
+        let endpoint = match &self.config.tls {
+            Some(tls) => endpoint.tls_config(tls.clone()).map_err(|e| AgentError::BadHeadUrl {
+                url: self.config.head.clone(),
+                why: format!("TLS settings: {}", tessera_common::error_chain(&e)),
+            })?,
+            None => endpoint,
+        };
         let mut failures = 0u32;
         loop {
             if shutdown.is_cancelled() {
