@@ -6,6 +6,7 @@
 //! cargo run --release -p tessera-tests --bin tessera-bench -- idle-rss
 //! cargo run --release -p tessera-tests --bin tessera-bench -- plan --runs 20
 //! cargo run --release -p tessera-tests --bin tessera-bench -- deploy --runs 10
+//! cargo run --release -p tessera-tests --bin tessera-bench -- head-restart --runs 5
 //! ```
 
 use std::time::{Duration, Instant};
@@ -30,8 +31,11 @@ async fn main() -> anyhow::Result<()> {
         Some("idle-rss") => idle_rss().await,
         Some("plan") => plan_bench(runs),
         Some("deploy") => deploy_bench(runs).await,
+        Some("head-restart") => head_restart_bench(runs).await,
         _ => {
-            eprintln!("usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N] | deploy [--runs N]");
+            eprintln!(
+                "usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N] | deploy [--runs N] | head-restart [--runs N]"
+            );
             std::process::exit(2);
         }
     }
@@ -212,4 +216,63 @@ async fn wait_running(
             }
         }
     }
+}
+
+/// kill -9 of the head with a TP=4 PP=2 probe deployment running (stage 0 on the head), restart:
+/// time from the restart to `running` again, and how many processes were restarted (0 expected).
+async fn head_restart_bench(runs: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
+    let listen = head.url.trim_start_matches("http://").to_string();
+    let _w1 = start_worker(dir.path(), "w1", &head.url);
+    let _w2 = start_worker(dir.path(), "w2", &head.url);
+    let mut client = cluster_client(&head.url).await;
+    wait_state(&mut client, "w1", pb::NodeState::Alive).await;
+    wait_state(&mut client, "w2", pb::NodeState::Alive).await;
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/model-configs/Llama-3.1-8B-Instruct.json");
+    let model = std::fs::canonicalize(model)?.display().to_string();
+    let mut deps = tessera_tests::deployments_client(&head.url).await;
+    deps.create(pb::CreateDeploymentRequest {
+        name: "steady".into(),
+        model_path: model,
+        tp: 4,
+        pp: 2,
+        engine: pb::Engine::Probe as i32,
+        ..Default::default()
+    })
+    .await?;
+    let mut events = client.watch_events(pb::WatchEventsRequest { include_current: true }).await?.into_inner();
+    let first = wait_running(&mut events, "steady", 1).await?;
+    let pids: Vec<u32> = first.ranks.iter().map(|r| r.pid).collect();
+    let mut times = Vec::new();
+    for i in 0..runs {
+        head.daemon.signal(Signal::SIGKILL);
+        head.daemon.wait();
+        let t0 = Instant::now();
+        head = start_head(dir.path(), "head", &listen, &[]);
+        let mut deps = tessera_tests::deployments_client(&head.url).await;
+        let d = loop {
+            let d = deps.get(pb::GetDeploymentRequest { name: "steady".into() }).await?.into_inner();
+            if d.state == pb::DeploymentState::Running as i32 {
+                break d;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let same = d.ranks.iter().map(|r| r.pid).collect::<Vec<_>>() == pids;
+        eprintln!(
+            "run {i}: running again {ms:.0} ms after the restart; generation {}, restarts {}, same pids {same}",
+            d.generation, d.restarts
+        );
+        anyhow::ensure!(d.restarts == 0 && d.generation == 1 && same, "a process was restarted");
+        times.push(ms);
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "head kill -9 + restart -> running, shard restarts 0: median {:.0} ms, min {:.0} ms, max {:.0} ms over {runs} runs",
+        times[times.len() / 2],
+        times[0],
+        times[times.len() - 1]
+    );
+    Ok(())
 }
