@@ -110,10 +110,10 @@ impl Head {
 
         let membership_token = CancellationToken::new();
         let seq = Arc::new(AtomicU64::new(1));
+        let store = Arc::new(store::Store::open(&config.data_dir)?);
         let (membership, membership_task) =
-            Membership::spawn_with_seq(config.membership, membership_token.clone(), seq.clone());
+            Membership::spawn_durable(config.membership, membership_token.clone(), seq.clone(), Some(store.clone()));
         let deployments_token = CancellationToken::new();
-        let store = store::Store::open(&config.data_dir)?;
         let deployments =
             Deployments::spawn(membership.clone(), seq, store, config.recovery_window, deployments_token.clone())?;
 

@@ -18,6 +18,8 @@ pub const FORMAT_VERSION: u64 = 1;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
+/// Node id -> 1 when an operator drained it (admin state survives head restarts).
+const DRAINED: TableDefinition<&str, u64> = TableDefinition::new("drained_nodes");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -138,6 +140,7 @@ impl Store {
                     let mut t = txn.open_table(META).map_err(|e| open_err(&e))?;
                     t.insert("format_version", FORMAT_VERSION).map_err(|e| open_err(&e))?;
                     txn.open_table(DEPLOYMENTS).map_err(|e| open_err(&e))?;
+                    txn.open_table(DRAINED).map_err(|e| open_err(&e))?;
                 }
                 txn.commit().map_err(|e| open_err(&e))?;
             }
@@ -171,6 +174,36 @@ impl Store {
             t.remove(name).map_err(|e| self.io(e))?;
         }
         txn.commit().map_err(|e| self.io(e))
+    }
+
+    /// Records whether an operator drained a node.
+    pub fn set_drained(&self, node_id: &str, drained: bool) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        {
+            let mut t = txn.open_table(DRAINED).map_err(|e| self.io(e))?;
+            if drained {
+                t.insert(node_id, 1).map_err(|e| self.io(e))?;
+            } else {
+                t.remove(node_id).map_err(|e| self.io(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.io(e))
+    }
+
+    /// Ids of the nodes an operator drained.
+    pub fn drained(&self) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = match txn.open_table(DRAINED) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.io(e)),
+        };
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| self.io(e))? {
+            let (k, _) = item.map_err(|e| self.io(e))?;
+            out.push(k.value().to_string());
+        }
+        Ok(out)
     }
 
     pub fn load(&self) -> Result<Vec<StoredDeployment>, StoreError> {
@@ -227,6 +260,18 @@ mod tests {
         }
         let s = Store::open(dir.path()).expect("reopen");
         assert_eq!(s.load().expect("load"), vec![dep("b")]);
+    }
+
+    #[test]
+    fn drained_marks_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = Store::open(dir.path()).expect("open");
+            s.set_drained("n1", true).expect("drain");
+            s.set_drained("n2", true).expect("drain");
+            s.set_drained("n2", false).expect("undrain");
+        }
+        assert_eq!(Store::open(dir.path()).expect("reopen").drained().expect("read"), vec!["n1".to_string()]);
     }
 
     #[test]

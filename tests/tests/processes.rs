@@ -148,3 +148,21 @@ async fn one_state_dir_cannot_serve_two_workers() {
     assert_eq!(b.wait().code(), Some(1));
     assert!(b.log_text().contains("in use by another running worker"), "{}", b.log_text());
 }
+
+#[tokio::test]
+async fn an_operators_drain_mark_survives_a_head_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
+    let listen = head.url.trim_start_matches("http://").to_string();
+    let _w1 = start_worker(dir.path(), "w1", &head.url);
+    let mut c = cluster_client(&head.url).await;
+    wait_state(&mut c, "w1", pb::NodeState::Alive).await;
+    c.drain_node(pb::DrainNodeRequest { node: "w1".into() }).await.expect("drain");
+    head.daemon.signal(Signal::SIGKILL);
+    head.daemon.wait();
+    let head2 = start_head(dir.path(), "head", &listen, &[]);
+    let mut c = cluster_client(&head2.url).await;
+    let w1 = wait_state(&mut c, "w1", pb::NodeState::Draining).await;
+    assert!(w1.draining);
+    assert_eq!(state(node(&list_nodes(&mut c).await, "head").expect("head")), pb::NodeState::Alive);
+}

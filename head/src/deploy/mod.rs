@@ -93,7 +93,7 @@ impl Deployments {
     pub fn spawn(
         membership: Membership,
         seq: Arc<AtomicU64>,
-        store: Store,
+        store: Arc<Store>,
         recovery_window: Duration,
         shutdown: CancellationToken,
     ) -> Result<Deployments, crate::store::StoreError> {
@@ -175,7 +175,7 @@ struct Actor {
     next_log_id: u64,
     log_routes: HashMap<u64, (Uuid, mpsc::Sender<Result<pb::LogChunk, Status>>)>,
     last_pending_retry: Instant,
-    store: Store,
+    store: Arc<Store>,
 }
 
 impl Actor {

@@ -198,8 +198,25 @@ impl Membership {
         shutdown: CancellationToken,
         seq: Arc<AtomicU64>,
     ) -> (Membership, tokio::task::JoinHandle<()>) {
+        Self::spawn_durable(config, shutdown, seq, None)
+    }
+
+    /// Like [`Membership::spawn_with_seq`], keeping operators' drain marks in `store` (and
+    /// applying the recorded ones to nodes as they rejoin).
+    pub fn spawn_durable(
+        config: MembershipConfig,
+        shutdown: CancellationToken,
+        seq: Arc<AtomicU64>,
+        store: Option<Arc<crate::store::Store>>,
+    ) -> (Membership, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(1024);
-        let table = state::Table::new(config, Instant::now(), seq);
+        let mut table = state::Table::new(config, Instant::now(), seq);
+        if let Some(store) = store {
+            match store.drained() {
+                Ok(ids) => table.set_store(store, ids.iter().filter_map(|i| Uuid::parse_str(i).ok()).collect()),
+                Err(e) => tracing::warn!(error = %e, "cannot read the drained nodes; none are drained"),
+            }
+        }
         let task = tokio::spawn(run(table, rx, shutdown));
         (Membership { tx, config }, task)
     }

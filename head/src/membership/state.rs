@@ -126,12 +126,29 @@ pub struct Table {
     next_session: u64,
     seq: Arc<std::sync::atomic::AtomicU64>,
     events: broadcast::Sender<Event>,
+    /// Where drain marks are kept, and the recorded marks of nodes that have not rejoined yet.
+    store: Option<Arc<crate::store::Store>>,
+    drained_unjoined: std::collections::HashSet<Uuid>,
 }
 
 impl Table {
     pub fn new(config: MembershipConfig, epoch: Instant, seq: Arc<std::sync::atomic::AtomicU64>) -> Self {
         let (events, _) = broadcast::channel(4096);
-        Table { config, epoch, nodes: HashMap::new(), next_session: 1, seq, events }
+        Table {
+            config,
+            epoch,
+            nodes: HashMap::new(),
+            next_session: 1,
+            seq,
+            events,
+            store: None,
+            drained_unjoined: Default::default(),
+        }
+    }
+
+    pub fn set_store(&mut self, store: Arc<crate::store::Store>, drained: std::collections::HashSet<Uuid>) {
+        self.store = Some(store);
+        self.drained_unjoined = drained;
     }
 
     /// Queues a message on a node's open session.
@@ -228,13 +245,15 @@ impl Table {
             }
             None => {
                 let id = info.node_id.unwrap_or_else(Uuid::new_v4);
+                // An operator's drain mark outlives a head restart.
+                let draining = self.drained_unjoined.remove(&id);
                 self.nodes.insert(
                     id,
                     Entry {
                         id,
                         info,
                         health: NodeState::Alive,
-                        draining: false,
+                        draining,
                         address,
                         address_auto,
                         reason: "joined".into(),
@@ -389,6 +408,11 @@ impl Table {
         let id = self.resolve(node)?;
         let e = self.nodes.get_mut(&id).expect("resolved id exists");
         if e.draining != draining {
+            if let Some(store) = &self.store {
+                if let Err(err) = store.set_drained(&id.to_string(), draining) {
+                    warn!(node_id = %id, error = %err, "cannot record the drain mark");
+                }
+            }
             let previous = shown_state(e.health, e.draining);
             e.draining = draining;
             let reason = if draining { "drained by an operator" } else { "undrained by an operator" };
