@@ -1,16 +1,32 @@
-//! A minimal client of the public API: list the nodes, then print membership events as they come.
+//! A minimal client of the public API: list the nodes, then print membership and deployment events
+//! as they come.
 //!
 //! ```text
-//! cargo run -p tessera-examples --bin watch-cluster -- http://127.0.0.1:7470
+//! TESSERA_TOKEN_FILE=/var/lib/tessera/head/admin.token \
+//!     cargo run -p tessera-examples --bin watch-cluster -- http://127.0.0.1:7470
 //! ```
 
 use tessera_proto::v1 as pb;
 use tokio_stream::StreamExt;
+use tonic::metadata::MetadataValue;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let head = std::env::args().nth(1).unwrap_or_else(|| "http://127.0.0.1:7470".into());
-    let mut client = pb::cluster_client::ClusterClient::connect(head.clone()).await?;
+    // Every call carries the admin token as a bearer token.
+    let token = match (std::env::var("TESSERA_TOKEN"), std::env::var("TESSERA_TOKEN_FILE")) {
+        (Ok(t), _) => Some(t),
+        (_, Ok(f)) => Some(std::fs::read_to_string(&f)?.trim().to_string()),
+        _ => None,
+    };
+    let bearer: Option<MetadataValue<_>> = token.map(|t| format!("Bearer {t}").parse()).transpose()?;
+    let channel = tonic::transport::Endpoint::from_shared(head.clone())?.connect().await?;
+    let mut client = pb::cluster_client::ClusterClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        if let Some(b) = &bearer {
+            req.metadata_mut().insert("authorization", b.clone());
+        }
+        Ok(req)
+    });
 
     let nodes = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
     println!("{} node(s) at {head}:", nodes.len());
@@ -24,9 +40,13 @@ async fn main() -> anyhow::Result<()> {
     println!("following events (Ctrl-C to stop)");
     while let Some(e) = events.next().await {
         let e = e?;
-        let node = e.node.unwrap_or_default();
         let kind = pb::EventKind::try_from(e.kind).map(|k| k.as_str_name()).unwrap_or("?");
-        println!("#{} {kind} {} -> {}", e.seq, node.name, e.reason);
+        let subject = match (&e.node, &e.deployment) {
+            (Some(n), _) => n.name.clone(),
+            (None, Some(d)) => format!("deployment {}", d.name),
+            _ => "?".into(),
+        };
+        println!("#{} {kind} {subject}: {}", e.seq, e.reason);
     }
     Ok(())
 }
