@@ -76,6 +76,8 @@ async fn run(
             "head",
             "--fake-gpus",
             &spec,
+            "--metrics-listen",
+            "127.0.0.1:0",
         ],
         logs,
     )?;
@@ -107,6 +109,8 @@ async fn run(
                 &spec,
                 "--token-file",
                 &join_token.display().to_string(),
+                "--metrics-listen",
+                "127.0.0.1:0",
             ],
             logs,
         )?;

@@ -12,6 +12,7 @@
 
 pub mod deploy;
 pub mod membership;
+pub mod metrics;
 pub mod server;
 pub mod store;
 
@@ -37,7 +38,7 @@ pub struct LocalWorker {
     pub node_name: String,
     pub labels: std::collections::BTreeMap<String, String>,
     pub advertise_address: Option<IpAddr>,
-    pub inventory: Box<dyn tessera_worker::gpu::GpuInventory>,
+    pub inventory: Arc<dyn tessera_worker::gpu::GpuInventory>,
     /// How it hosts shards (its state dir is set to `<data_dir>/worker`); `None`: it hosts none.
     pub shards: Option<tessera_worker::shard::HostConfig>,
 }
@@ -56,6 +57,8 @@ pub struct HeadConfig {
     pub auth: Option<tessera_common::auth::TokenSet>,
     /// TLS: how the head serves, and how its own worker reaches it over loopback (`localhost`).
     pub tls: Option<HeadTls>,
+    /// Where to serve /metrics, /healthz and /readyz (`--metrics-listen`); `None`: nowhere.
+    pub metrics_listener: Option<TcpListener>,
 }
 
 /// The head's TLS settings.
@@ -117,6 +120,19 @@ impl Head {
         let deployments =
             Deployments::spawn(membership.clone(), seq, store, config.recovery_window, deployments_token.clone())?;
 
+        let metrics = metrics::HeadMetrics::new();
+        metrics.follow(membership.clone(), deployments.clone());
+        let ops_token = CancellationToken::new();
+        if let Some(listener) = config.metrics_listener {
+            let (m, d, mm) = (membership.clone(), deployments.clone(), metrics.clone());
+            let render: tessera_worker::ops::Render = Arc::new(move || {
+                let (m, d, mm) = (m.clone(), d.clone(), mm.clone());
+                Box::pin(async move { mm.render(&m, &d).await })
+            });
+            // Ready: the store is open and the server is up (both true once start() returns).
+            let ready: tessera_worker::ops::Ready = Arc::new(|| true);
+            tokio::spawn(tessera_worker::ops::serve(listener, render, ready, ops_token.clone()));
+        }
         let session = server::session::MembershipService {
             membership: membership.clone(),
             deployments: deployments.clone(),
@@ -143,7 +159,7 @@ impl Head {
         let server = builder
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .layer(server::auth::AuthLayer::new(config.auth.clone()))
+            .layer(server::auth::AuthLayer::new(config.auth.clone(), Some(metrics.clone())))
             .add_service(pb::membership_server::MembershipServer::new(session))
             .add_service(pb::cluster_server::ClusterServer::new(cluster))
             .add_service(pb::planner_server::PlannerServer::new(server::planner::PlannerService {
@@ -173,6 +189,7 @@ impl Head {
                         is_head: true,
                         token: join_token.clone(),
                         inventory: w.inventory,
+                        metrics: None,
                         connect_timeout: Duration::from_secs(2),
                         leave_timeout: Duration::from_secs(1),
                         shards: w.shards.map(|mut h| {
@@ -208,6 +225,7 @@ impl Head {
             deployments_token.cancel();
             membership_token.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(1), membership_task).await;
+            ops_token.cancel();
             // 3. The server stops accepting and drains what is left, under a deadline.
             server_stop.cancel();
             match tokio::time::timeout(Duration::from_secs(2), server_task).await {

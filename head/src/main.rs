@@ -26,6 +26,10 @@ struct Cli {
     #[arg(long, env = env::LISTEN, default_value = "0.0.0.0:7470", value_name = "ADDR")]
     listen: SocketAddr,
 
+    /// Where to serve /metrics (Prometheus), /healthz and /readyz; port 0 picks a free one
+    #[arg(long, env = "TESSERA_METRICS_LISTEN", default_value = "0.0.0.0:7471", value_name = "ADDR")]
+    metrics_listen: SocketAddr,
+
     /// Directory for the head's durable state (and its in-process worker's node id)
     #[arg(long, env = env::DATA_DIR, default_value = "/var/lib/tessera/head", value_name = "DIR")]
     data_dir: PathBuf,
@@ -187,8 +191,26 @@ fn main() -> ExitCode {
             }
             _ => None,
         };
-        let config =
-            HeadConfig { membership, data_dir: cli.data_dir, worker, recovery_window: cli.recovery_window, auth, tls };
+        let metrics_listener = match tessera_worker::ops::bind(cli.metrics_listen).await {
+            Ok(l) => {
+                let _ = std::fs::create_dir_all(&cli.data_dir);
+                tessera_worker::ops::write_addr(&l, &cli.data_dir.join("metrics.addr"));
+                Some(l)
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(1);
+            }
+        };
+        let config = HeadConfig {
+            membership,
+            data_dir: cli.data_dir,
+            worker,
+            recovery_window: cli.recovery_window,
+            auth,
+            tls,
+            metrics_listener,
+        };
         let head = match Head::start(listener, config, root).await {
             Ok(h) => h,
             Err(e) => {

@@ -56,7 +56,8 @@ impl TestCluster {
                 is_head: false,
                 token: Some(crate::JOIN_TOKEN.to_string()),
                 tls: None,
-                inventory: Box::new(FakeInventory::new(self.spec, name)),
+                inventory: std::sync::Arc::new(FakeInventory::new(self.spec, name)),
+                metrics: None,
                 connect_timeout: Duration::from_secs(2),
                 leave_timeout: Duration::from_secs(2),
                 shards: Some(host_config(&self.dir.path().join(name))),
@@ -121,6 +122,7 @@ async fn start_head(
         listener,
         HeadConfig {
             tls: None,
+            metrics_listener: None,
             auth: Some(tessera_common::auth::TokenSet {
                 join: crate::JOIN_TOKEN.to_string(),
                 admin: crate::ADMIN_TOKEN.to_string(),
@@ -132,7 +134,7 @@ async fn start_head(
                 node_name: "head".into(),
                 labels: Default::default(),
                 advertise_address: None,
-                inventory: Box::new(FakeInventory::new(spec, "head")),
+                inventory: std::sync::Arc::new(FakeInventory::new(spec, "head")),
                 shards: Some(host_config(&dir.path().join("head/worker"))),
             }),
         },

@@ -31,8 +31,14 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// A Tessera daemon. Its metrics endpoint takes a free port unless the args name one, so that
+    /// tests running side by side do not fight over the default ports.
     pub fn spawn(name: &str, binary: &str, args: &[String], log_dir: &Path) -> Daemon {
-        Self::spawn_program(name, &bin(binary).display().to_string(), args, log_dir)
+        let mut args = args.to_vec();
+        if !args.iter().any(|a| a == "--metrics-listen") {
+            args.extend(["--metrics-listen".to_string(), "127.0.0.1:0".to_string()]);
+        }
+        Self::spawn_program(name, &bin(binary).display().to_string(), &args, log_dir)
     }
 
     /// Any program (e.g. `ip netns exec NS tessera-worker ...`), with the same log and cleanup.

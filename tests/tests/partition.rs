@@ -96,6 +96,8 @@ async fn a_partitioned_worker_is_dead_its_group_moves_and_after_healing_it_stops
         "4x80GiB",
         "--token-file",
         &token_file.display().to_string(),
+        "--metrics-listen",
+        "127.0.0.1:0",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -4,6 +4,7 @@
 //! - [`agent`]: the session loop (join, heartbeat, reconnect with backoff, leave).
 //! - [`gpu`]: GPU inventory behind one trait: NVML (real) or fake.
 //! - [`shard`]: hosting shards: shims, the probe engine, launch/stop/fencing, logs.
+//! - [`metrics`]: the worker's Prometheus metrics; [`ops`]: the /metrics, /healthz, /readyz endpoint.
 //! - [`state`]: the state directory (node id, lock, machine fingerprint).
 //! - [`args`]: the agent's flags, shared with `tessera-head`.
 //! - [`telemetry`]: logging set-up.
@@ -12,6 +13,8 @@
 pub mod agent;
 pub mod args;
 pub mod gpu;
+pub mod metrics;
+pub mod ops;
 pub mod shard;
 pub mod signals;
 pub mod state;

@@ -1,6 +1,7 @@
 //! `tessera-worker`: the daemon on every GPU node.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -45,6 +46,10 @@ struct Cli {
 
     #[command(flatten)]
     log: LogArgs,
+
+    /// Where to serve /metrics (Prometheus), /healthz and /readyz; port 0 picks a free one
+    #[arg(long, env = "TESSERA_METRICS_LISTEN", default_value = "0.0.0.0:7472", value_name = "ADDR")]
+    metrics_listen: std::net::SocketAddr,
 
     /// How long one attempt to connect to the head may take
     #[arg(long, env = "TESSERA_CONNECT_TIMEOUT", value_parser = parse_positive_duration, default_value = "2s")]
@@ -132,12 +137,23 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        let metrics_listener = match tessera_worker::ops::bind(cli.metrics_listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(1);
+            }
+        };
+        tessera_worker::ops::write_addr(&metrics_listener, &state.path().join("metrics.addr"));
+        let inventory = gpu::detect(parts.fake_gpus, &parts.node_name);
+        let metrics = tessera_worker::metrics::WorkerMetrics::new();
         let config = AgentConfig {
             token,
             tls,
             shards: Some(shards),
             head,
-            inventory: gpu::detect(parts.fake_gpus, &parts.node_name),
+            metrics: Some(metrics.clone()),
+            inventory: inventory.clone(),
             node_name: parts.node_name,
             labels: parts.labels,
             advertise_address: parts.advertise_addr,
@@ -157,6 +173,18 @@ fn main() -> ExitCode {
             tracing::error!("cannot install signal handlers: {e}");
             return ExitCode::from(1);
         }
+        let host = agent.shard_host();
+        let status = agent.status();
+        let render: tessera_worker::ops::Render = Arc::new(move || {
+            let (metrics, inventory, host) = (metrics.clone(), inventory.clone(), host.clone());
+            Box::pin(async move {
+                tokio::task::spawn_blocking(move || metrics.render(inventory.as_ref(), host.as_ref()))
+                    .await
+                    .unwrap_or_default()
+            })
+        });
+        let ready: tessera_worker::ops::Ready = Arc::new(move || status.borrow().joined);
+        tokio::spawn(tessera_worker::ops::serve(metrics_listener, render, ready, root.child_token()));
         match agent.run(root).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

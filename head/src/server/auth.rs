@@ -18,18 +18,19 @@ use tracing::warn;
 pub struct AuthLayer {
     tokens: Option<Arc<TokenSet>>,
     pub failures: Arc<AtomicU64>,
+    metrics: Option<Arc<crate::metrics::HeadMetrics>>,
 }
 
 impl AuthLayer {
-    pub fn new(tokens: Option<TokenSet>) -> Self {
-        AuthLayer { tokens: tokens.map(Arc::new), failures: Arc::new(AtomicU64::new(0)) }
+    pub fn new(tokens: Option<TokenSet>, metrics: Option<Arc<crate::metrics::HeadMetrics>>) -> Self {
+        AuthLayer { tokens: tokens.map(Arc::new), failures: Arc::new(AtomicU64::new(0)), metrics }
     }
 }
 
 impl<S> Layer<S> for AuthLayer {
     type Service = Auth<S>;
     fn layer(&self, inner: S) -> Auth<S> {
-        Auth { inner, tokens: self.tokens.clone(), failures: self.failures.clone() }
+        Auth { inner, tokens: self.tokens.clone(), failures: self.failures.clone(), metrics: self.metrics.clone() }
     }
 }
 
@@ -38,6 +39,15 @@ pub struct Auth<S> {
     inner: S,
     tokens: Option<Arc<TokenSet>>,
     failures: Arc<AtomicU64>,
+    metrics: Option<Arc<crate::metrics::HeadMetrics>>,
+}
+
+/// Counts one RPC by method and code.
+fn count(metrics: &Option<Arc<crate::metrics::HeadMetrics>>, method: &str, code: tonic::Code) {
+    if let Some(m) = metrics {
+        let code = format!("{code:?}");
+        m.rpcs.get_or_create(&crate::metrics::RpcLabels { method: method.to_string(), code }).inc();
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -74,9 +84,28 @@ where
                     )),
                 };
                 warn!(method = %path, code = ?status.code(), refusals = n, "request refused");
+                if let Some(m) = &self.metrics {
+                    m.auth_refusals.inc();
+                }
+                count(&self.metrics, &path, status.code());
                 return Box::pin(async move { Ok(status.into_http()) });
             }
         }
-        Box::pin(self.inner.call(req))
+        let path = req.uri().path().to_string();
+        let metrics = self.metrics.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            // A trailers-only error response carries its status in the headers.
+            let code = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok())
+                .map(tonic::Code::from_i32)
+                .unwrap_or(tonic::Code::Ok);
+            count(&metrics, &path, code);
+            Ok(resp)
+        })
     }
 }

@@ -31,7 +31,9 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     pub advertise_address: Option<IpAddr>,
     pub is_head: bool,
-    pub inventory: Box<dyn GpuInventory>,
+    pub inventory: std::sync::Arc<dyn GpuInventory>,
+    /// Where the heartbeat round trip and the joined state are recorded.
+    pub metrics: Option<std::sync::Arc<crate::metrics::WorkerMetrics>>,
     /// How long one connection attempt may take.
     pub connect_timeout: Duration,
     /// How long to wait for the head's `left` answer when leaving.
@@ -142,6 +144,9 @@ impl Agent {
                 },
             };
             self.status.send_modify(|s| s.joined = false);
+            if let Some(m) = &self.config.metrics {
+                m.joined.set(0);
+            }
             match end {
                 SessionEnd::Left => return Ok(()),
                 SessionEnd::Refused(why) => {
@@ -248,6 +253,10 @@ impl Agent {
             s.joined = true;
             s.joins += 1;
         });
+        if let Some(m) = &self.config.metrics {
+            m.joined.set(1);
+        }
+        let mut last_sent: Option<(u64, Instant)> = None;
 
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -266,6 +275,7 @@ impl Agent {
                         return SessionEnd::Lost(format!("no word from the head for {head_timeout:?}"));
                     }
                     seq += 1;
+                    last_sent = Some((seq, Instant::now()));
                     let mut gpu_usage = Vec::new();
                     if seq % usage_every == 0 {
                         let now = self.config.inventory.memory_used();
@@ -288,7 +298,13 @@ impl Agent {
                     Ok(Some(msg)) => {
                         last_heard = Instant::now();
                         match msg.msg {
-                            Some(pb::head_message::Msg::HeartbeatAck(_)) => {}
+                            Some(pb::head_message::Msg::HeartbeatAck(ack)) => {
+                                if let (Some(m), Some((sent_seq, at))) = (&self.config.metrics, last_sent) {
+                                    if ack.seq == sent_seq {
+                                        m.heartbeat_rtt.observe(at.elapsed().as_secs_f64());
+                                    }
+                                }
+                            }
                             Some(pb::head_message::Msg::Shutdown(s)) => {
                                 return SessionEnd::Lost(format!("head shutting down: {}", s.reason));
                             }

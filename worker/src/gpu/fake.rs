@@ -23,4 +23,18 @@ impl GpuInventory for FakeInventory {
     fn memory_used(&self) -> Vec<(u32, u64)> {
         self.inventory.gpus.iter().map(|g| (g.index, g.memory_used_bytes)).collect()
     }
+
+    fn telemetry(&self) -> Vec<super::GpuTelemetry> {
+        self.inventory
+            .gpus
+            .iter()
+            .map(|g| super::GpuTelemetry {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                memory_used_bytes: g.memory_used_bytes,
+                memory_total_bytes: g.memory_total_bytes,
+                ..Default::default()
+            })
+            .collect()
+    }
 }

@@ -114,6 +114,10 @@ impl GpuInventory for NvmlInventory {
         }
     }
 
+    fn telemetry(&self) -> Vec<super::GpuTelemetry> {
+        self.nvml.as_ref().map(Self::read_telemetry).unwrap_or_default()
+    }
+
     fn memory_used(&self) -> Vec<(u32, u64)> {
         let Some(nvml) = &self.nvml else {
             return Vec::new();
@@ -123,6 +127,29 @@ impl GpuInventory for NvmlInventory {
             .filter_map(|i| {
                 let d = nvml.device_by_index(i).ok()?;
                 Some((d.index().unwrap_or(i), d.memory_info().ok()?.used))
+            })
+            .collect()
+    }
+}
+
+impl NvmlInventory {
+    fn read_telemetry(nvml: &Nvml) -> Vec<super::GpuTelemetry> {
+        let count = nvml.device_count().unwrap_or(0);
+        (0..count)
+            .filter_map(|i| {
+                let d = nvml.device_by_index(i).ok()?;
+                let mem = d.memory_info().ok();
+                Some(super::GpuTelemetry {
+                    index: d.index().unwrap_or(i),
+                    uuid: d.uuid().unwrap_or_default(),
+                    memory_used_bytes: mem.as_ref().map(|m| m.used).unwrap_or(0),
+                    memory_total_bytes: mem.as_ref().map(|m| m.total).unwrap_or(0),
+                    utilization_percent: d.utilization_rates().ok().map(|u| u.gpu),
+                    temperature_celsius: d
+                        .temperature(nvml_wrapper::enum_wrappers::device::TemperatureSensor::Gpu)
+                        .ok(),
+                    power_milliwatts: d.power_usage().ok(),
+                })
             })
             .collect()
     }
