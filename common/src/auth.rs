@@ -13,12 +13,20 @@ pub enum Role {
     Join,
     /// Everything else: plan, deploy, delete, drain, logs, events.
     Admin,
+    /// The standard health check and server reflection: no token (load balancers, grpcurl).
+    Public,
 }
 
 impl Role {
     /// The role a gRPC method path (`/tessera.v1.Membership/Session`) needs.
     pub fn for_path(path: &str) -> Role {
-        if path.starts_with("/tessera.v1.Membership/") { Role::Join } else { Role::Admin }
+        if path.starts_with("/tessera.v1.Membership/") {
+            Role::Join
+        } else if path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.") {
+            Role::Public
+        } else {
+            Role::Admin
+        }
     }
 }
 
@@ -47,6 +55,9 @@ pub enum Denied {
 impl TokenSet {
     /// Checks the `authorization` header value for a call that needs `role`.
     pub fn check(&self, role: Role, authorization: Option<&[u8]>) -> Result<(), Denied> {
+        if role == Role::Public {
+            return Ok(());
+        }
         let Some(token) = authorization.and_then(|h| h.strip_prefix(b"Bearer ")) else {
             return Err(Denied::Unauthenticated { missing: true });
         };
@@ -184,6 +195,8 @@ mod tests {
         );
         assert_eq!(Role::for_path("/tessera.v1.Membership/Session"), Role::Join);
         assert_eq!(Role::for_path("/tessera.v1.Deployments/Create"), Role::Admin);
+        assert_eq!(Role::for_path("/grpc.health.v1.Health/Check"), Role::Public);
+        assert_eq!(t.check(Role::Public, None), Ok(()), "health checks need no token");
         assert!(
             constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"ab", b"abc")
         );

@@ -156,10 +156,21 @@ impl Head {
         if let Some(tls) = &config.tls {
             builder = builder.tls_config(tls.server.clone())?;
         }
+        // The standard gRPC health service and server reflection (grpcurl works without the .proto).
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for svc in ["tessera.v1.Membership", "tessera.v1.Cluster", "tessera.v1.Planner", "tessera.v1.Deployments", ""] {
+            health.set_service_status(svc, tonic_health::ServingStatus::Serving).await;
+        }
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| HeadError::Config(format!("reflection: {e}")))?;
         let server = builder
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(server::auth::AuthLayer::new(config.auth.clone(), Some(metrics.clone())))
+            .add_service(health_service)
+            .add_service(reflection)
             .add_service(pb::membership_server::MembershipServer::new(session))
             .add_service(pb::cluster_server::ClusterServer::new(cluster))
             .add_service(pb::planner_server::PlannerServer::new(server::planner::PlannerService {

@@ -74,8 +74,17 @@ async fn a_head_without_tokens_generates_them_and_enforces_roles() {
     let mut w = Daemon::spawn(
         "nobody",
         "tessera-worker",
-        &["--head", &url, "--state-dir", &dir.path().join("w0").display().to_string(), "--node-name", "nobody", "--metrics-listen", "127.0.0.1:0"]
-            .map(String::from),
+        &[
+            "--head",
+            &url,
+            "--state-dir",
+            &dir.path().join("w0").display().to_string(),
+            "--node-name",
+            "nobody",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ]
+        .map(String::from),
         dir.path(),
     );
     assert_eq!(w.wait().code(), Some(1));

@@ -84,3 +84,37 @@ async fn head_and_worker_serve_metrics_health_and_readiness() {
     assert!(text.contains("tessera_head_membership_failure_detections_total{state=\"dead\"} 1"), "{text}");
     assert!(text.contains("tessera_head_membership_nodes{state=\"dead\"} 1"), "{text}");
 }
+
+#[tokio::test]
+async fn grpc_health_and_reflection_answer_without_a_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
+    let anon = tessera_tests::conn_with(&head.url, None).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(anon.clone());
+    for service in ["", "tessera.v1.Deployments"] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+            .await
+            .expect("health check needs no token")
+            .into_inner();
+        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service:?}");
+    }
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut refl = ServerReflectionClient::new(anon);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.expect("reflection").into_inner();
+    let resp = stream.message().await.expect("answer").expect("one message");
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected {resp:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for s in ["tessera.v1.Cluster", "tessera.v1.Deployments", "tessera.v1.Planner", "tessera.v1.Membership"] {
+        assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
+    }
+}

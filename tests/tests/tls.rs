@@ -93,7 +93,9 @@ async fn mutual_tls_for_workers_and_the_cli() {
             "--tls-cert",
             &s(&pki.client_cert),
             "--tls-key",
-            &s(&pki.client_key), "--metrics-listen", "127.0.0.1:0",
+            &s(&pki.client_key),
+            "--metrics-listen",
+            "127.0.0.1:0",
         ]
         .map(String::from),
         dir.path(),
