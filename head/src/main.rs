@@ -211,6 +211,7 @@ fn main() -> ExitCode {
             tls,
             metrics_listener,
         };
+        let stop = root.clone();
         let head = match Head::start(listener, config, root).await {
             Ok(h) => h,
             Err(e) => {
@@ -218,6 +219,32 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        // systemd: READY=1 now that the store is open and the server listens; a STATUS= summary
+        // every 5 s; WATCHDOG=1 when asked; STOPPING=1 on shutdown.
+        let notifier = std::sync::Arc::new(tessera_worker::notify::Notifier::from_env());
+        if notifier.enabled() {
+            notifier.spawn_watchdog(stop.child_token());
+            notifier.ready(&format!("serving on {}", head.addr));
+            let (n, m, d, stop) = (notifier.clone(), head.membership.clone(), head.deployments.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut t = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => {
+                            n.stopping();
+                            return;
+                        }
+                        _ = t.tick() => {
+                            let nodes = m.list().await;
+                            let alive = nodes.iter().filter(|v| v.state == tessera_common::node::NodeState::Alive).count();
+                            let deps = d.list().await.unwrap_or_default();
+                            let running = deps.iter().filter(|x| x.state == tessera_proto::v1::DeploymentState::Running as i32).count();
+                            n.status(&format!("{alive}/{} nodes alive, {running}/{} deployments running", nodes.len(), deps.len()));
+                        }
+                    }
+                }
+            });
+        }
         match head.stopped().await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -41,13 +41,27 @@ impl Daemon {
         Self::spawn_program(name, &bin(binary).display().to_string(), &args, log_dir)
     }
 
+    /// A Tessera daemon with extra environment variables.
+    pub fn spawn_env(name: &str, binary: &str, args: &[String], env: &[(&str, String)], log_dir: &Path) -> Daemon {
+        let mut args = args.to_vec();
+        if !args.iter().any(|a| a == "--metrics-listen") {
+            args.extend(["--metrics-listen".to_string(), "127.0.0.1:0".to_string()]);
+        }
+        Self::spawn_inner(name, &bin(binary).display().to_string(), &args, env, log_dir)
+    }
+
     /// Any program (e.g. `ip netns exec NS tessera-worker ...`), with the same log and cleanup.
     pub fn spawn_program(name: &str, program: &str, args: &[String], log_dir: &Path) -> Daemon {
+        Self::spawn_inner(name, program, args, &[], log_dir)
+    }
+
+    fn spawn_inner(name: &str, program: &str, args: &[String], env: &[(&str, String)], log_dir: &Path) -> Daemon {
         let log = log_dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k.to_string(), v.clone())))
             .env_remove("TESSERA_HEAD")
             .stdin(Stdio::null())
             .stdout(out)

@@ -118,3 +118,90 @@ async fn grpc_health_and_reflection_answer_without_a_token() {
         assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
     }
 }
+
+/// Reads datagrams from a notify socket until `want` has been seen in one of them.
+fn wait_message(sock: &std::os::unix::net::UnixDatagram, want: &str, seen: &mut Vec<String>) {
+    let deadline = std::time::Instant::now() + tessera_tests::HANG;
+    let mut buf = [0u8; 4096];
+    while !seen.iter().any(|m| m.contains(want)) {
+        assert!(std::time::Instant::now() < deadline, "no {want:?} among {seen:?}");
+        if let Ok(n) = sock.recv(&mut buf) {
+            seen.push(String::from_utf8_lossy(&buf[..n]).to_string());
+        }
+    }
+}
+
+#[test]
+fn systemd_notify_ready_status_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let data = dir.path().join("head");
+    tessera_tests::write_tokens(&data);
+    let env = vec![("NOTIFY_SOCKET", sock_path.display().to_string()), ("WATCHDOG_USEC", "400000".to_string())];
+    let mut head = tessera_tests::Daemon::spawn_env(
+        "head",
+        "tessera-head",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data.display().to_string(),
+            "--fake-gpus",
+            "1x80GiB",
+            "--node-name",
+            "head",
+        ]
+        .map(String::from),
+        &env,
+        dir.path(),
+    );
+    let mut seen = Vec::new();
+    wait_message(&sock, "READY=1", &mut seen);
+    assert!(seen.iter().any(|m| m.contains("STATUS=serving on 127.0.0.1:")), "{seen:?}");
+    wait_message(&sock, "WATCHDOG=1", &mut seen);
+    wait_message(&sock, "nodes alive", &mut seen);
+    head.signal(nix::sys::signal::Signal::SIGTERM);
+    wait_message(&sock, "STOPPING=1", &mut seen);
+    assert!(head.wait().success());
+    // READY comes once, before anything else is announced.
+    assert_eq!(seen.iter().filter(|m| m.contains("READY=1")).count(), 1);
+}
+
+#[test]
+fn a_workers_ready_comes_once_it_has_joined() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
+    let sock_path = dir.path().join("w.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind");
+    sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let token = dir.path().join("join.token");
+    std::fs::write(&token, format!("{}\n", tessera_tests::JOIN_TOKEN)).expect("token");
+    let mut w = tessera_tests::Daemon::spawn_env(
+        "w1",
+        "tessera-worker",
+        &[
+            "--head",
+            &head.url,
+            "--node-name",
+            "w1",
+            "--state-dir",
+            &dir.path().join("w1").display().to_string(),
+            "--fake-gpus",
+            "1x80GiB",
+            "--token-file",
+            &token.display().to_string(),
+        ]
+        .map(String::from),
+        &[("NOTIFY_SOCKET", sock_path.display().to_string())],
+        dir.path(),
+    );
+    let mut seen = Vec::new();
+    wait_message(&sock, "READY=1", &mut seen);
+    let ready = seen.iter().find(|m| m.contains("READY=1")).expect("ready");
+    assert!(ready.contains("STATUS=joined as node "), "{ready}");
+    w.signal(nix::sys::signal::Signal::SIGTERM);
+    wait_message(&sock, "STOPPING=1", &mut seen);
+    assert!(w.wait().success());
+}

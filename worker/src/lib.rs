@@ -5,6 +5,7 @@
 //! - [`gpu`]: GPU inventory behind one trait: NVML (real) or fake.
 //! - [`shard`]: hosting shards: shims, the probe engine, launch/stop/fencing, logs.
 //! - [`metrics`]: the worker's Prometheus metrics; [`ops`]: the /metrics, /healthz, /readyz endpoint.
+//! - [`notify`]: systemd's notify protocol (READY, STATUS, WATCHDOG, STOPPING).
 //! - [`state`]: the state directory (node id, lock, machine fingerprint).
 //! - [`args`]: the agent's flags, shared with `tessera-head`.
 //! - [`telemetry`]: logging set-up.
@@ -14,6 +15,7 @@ pub mod agent;
 pub mod args;
 pub mod gpu;
 pub mod metrics;
+pub mod notify;
 pub mod ops;
 pub mod shard;
 pub mod signals;

@@ -185,6 +185,35 @@ fn main() -> ExitCode {
         });
         let ready: tessera_worker::ops::Ready = Arc::new(move || status.borrow().joined);
         tokio::spawn(tessera_worker::ops::serve(metrics_listener, render, ready, root.child_token()));
+        // systemd: READY=1 once joined, STATUS= as the session comes and goes, WATCHDOG, STOPPING.
+        let notifier = Arc::new(tessera_worker::notify::Notifier::from_env());
+        if notifier.enabled() {
+            notifier.spawn_watchdog(root.child_token());
+            let (n, mut st, stop) = (notifier.clone(), agent.status(), root.clone());
+            tokio::spawn(async move {
+                let mut was_ready = false;
+                loop {
+                    let s = st.borrow_and_update().clone();
+                    let line = match (&s.node_id, s.joined) {
+                        (Some(id), true) => format!("joined as node {id}"),
+                        _ => "connecting to the head".to_string(),
+                    };
+                    if s.joined && !was_ready {
+                        n.ready(&line);
+                        was_ready = true;
+                    } else {
+                        n.status(&line);
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => {
+                            n.stopping();
+                            return;
+                        }
+                        r = st.changed() => if r.is_err() { return },
+                    }
+                }
+            });
+        }
         match agent.run(root).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
