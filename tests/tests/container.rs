@@ -7,7 +7,11 @@ fn run(env: &[(&str, &str)]) -> (i32, String, String) {
     let bin = tempfile::tempdir().expect("tempdir");
     for name in ["tessera-head", "tessera-worker"] {
         let p = bin.path().join(name);
-        std::fs::write(&p, format!("#!/bin/sh\necho \"{name} $* HEAD=${{TESSERA_HEAD:-}} NAME=${{TESSERA_NODE_NAME:-}}\"\n")).expect("stub");
+        std::fs::write(
+            &p,
+            format!("#!/bin/sh\necho \"{name} $* HEAD=${{TESSERA_HEAD:-}} NAME=${{TESSERA_NODE_NAME:-}}\"\n"),
+        )
+        .expect("stub");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
     let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap_or_default());
@@ -18,7 +22,11 @@ fn run(env: &[(&str, &str)]) -> (i32, String, String) {
         c.env(k, v);
     }
     let out = c.output().expect("run entrypoint");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).trim().to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 #[test]
@@ -31,7 +39,10 @@ fn roles_from_tessera_role_and_from_leaderworkerset() {
     assert!(out.starts_with("tessera-head "), "index 0 is the head: {out}");
 
     let (code, out, _) = run(&[("LWS_WORKER_INDEX", "1"), ("LWS_LEADER_ADDRESS", "llama-0.llama")]);
-    assert_eq!((code, out.as_str()), (0, "tessera-worker --state-dir /var/lib/tessera/worker HEAD=http://llama-0.llama:7470 NAME=worker-1"));
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "tessera-worker --state-dir /var/lib/tessera/worker HEAD=http://llama-0.llama:7470 NAME=worker-1")
+    );
 
     let (_, out, _) = run(&[("LWS_WORKER_INDEX", "2"), ("LWS_LEADER_ADDRESS", "l0"), ("TESSERA_TLS_CA", "/ca.pem")]);
     assert!(out.contains("HEAD=https://l0:7470"), "TLS makes it https: {out}");

@@ -174,6 +174,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
         let host = agent.shard_host();
+        let host_for_stop = agent.shard_host();
         let status = agent.status();
         let render: tessera_worker::ops::Render = Arc::new(move || {
             let (metrics, inventory, host) = (metrics.clone(), inventory.clone(), host.clone());
@@ -214,7 +215,19 @@ fn main() -> ExitCode {
                 }
             });
         }
-        match agent.run(root).await {
+        // As PID 1 (a container's entrypoint) this process adopts every orphan: reap them.
+        let pid1 = std::process::id() == 1;
+        if pid1 {
+            tokio::spawn(tessera_worker::signals::reap_orphans(root.child_token()));
+        }
+        let result = agent.run(root).await;
+        if pid1 {
+            // The container goes away with this process: take the shards down first.
+            if let Some(h) = host_for_stop {
+                h.stop_all(Duration::from_secs(15)).await;
+            }
+        }
+        match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e}");

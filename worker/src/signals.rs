@@ -24,3 +24,23 @@ pub fn spawn(root: CancellationToken) -> std::io::Result<()> {
     });
     Ok(())
 }
+
+/// Reaps children nobody waits for (PID 1 inherits every orphan of its namespace), every 200 ms
+/// and on SIGCHLD, until `stop`.
+pub async fn reap_orphans(stop: CancellationToken) {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let mut chld = signal(SignalKind::child()).ok();
+    loop {
+        while let Ok(s) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            if s == WaitStatus::StillAlive {
+                break;
+            }
+        }
+        let tick = tokio::time::sleep(std::time::Duration::from_millis(200));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick => {}
+            _ = async { match chld.as_mut() { Some(c) => { c.recv().await; } None => std::future::pending().await } } => {}
+        }
+    }
+}

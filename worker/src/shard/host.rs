@@ -480,6 +480,20 @@ impl ShardHost {
         }
     }
 
+    /// Stops every process of every deployment and waits (up to `limit`) until they are gone: for
+    /// a worker that is PID 1 of a container, whose shards go away with it.
+    pub async fn stop_all(&self, limit: Duration) {
+        let deployments: std::collections::BTreeSet<String> =
+            self.procs.lock().expect("lock").keys().map(|(d, _, _)| d.clone()).collect();
+        for d in &deployments {
+            self.stop_matching(d, u64::MAX, "the worker is stopping (PID 1)");
+        }
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.procs.lock().expect("lock").values().any(|p| !p.exited) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Ranks of a process, for tests and diagnostics.
     pub fn ranks_of(&self, deployment: &str, key: &str) -> Option<Vec<u32>> {
         self.procs
