@@ -12,7 +12,9 @@ use tessera_tests::{cluster_client, wait_state};
 async fn the_python_client_lists_plans_deploys_follows_and_deletes() {
     let ok = Command::new("python3").args(["-c", "import grpc, grpc_tools"]).output().is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("SKIPPED: python3 with grpcio and grpcio-tools is needed (pip install -r examples/python/requirements.txt)");
+        eprintln!(
+            "SKIPPED: python3 with grpcio and grpcio-tools is needed (pip install -r examples/python/requirements.txt)"
+        );
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -28,7 +30,13 @@ async fn the_python_client_lists_plans_deploys_follows_and_deletes() {
         .expect("run python");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    for line in ["1 node(s):", "plan: valid=True tp=2 pp=1", "DEPLOYMENT_STATE_RUNNING", "py-demo is running", "py-demo deleted"] {
+    for line in [
+        "1 node(s):",
+        "plan: valid=True tp=2 pp=1",
+        "DEPLOYMENT_STATE_RUNNING",
+        "py-demo is running",
+        "py-demo deleted",
+    ] {
         assert!(text.contains(line), "missing {line:?} in:\n{text}");
     }
 }

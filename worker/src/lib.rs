@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`agent`]: the session loop (join, heartbeat, reconnect with backoff, leave).
+//! - [`config`]: `--config FILE` (TOML) and `--print-config` for the daemons.
 //! - [`gpu`]: GPU inventory behind one trait: NVML (real) or fake.
 //! - [`shard`]: hosting shards: shims, the probe engine, launch/stop/fencing, logs.
 //! - [`metrics`]: the worker's Prometheus metrics; [`ops`]: the /metrics, /healthz, /readyz endpoint.
@@ -13,6 +14,7 @@
 
 pub mod agent;
 pub mod args;
+pub mod config;
 pub mod gpu;
 pub mod metrics;
 pub mod notify;

@@ -77,7 +77,10 @@ fn main() -> ExitCode {
     if let Some(code) = tessera_worker::shard::run_hidden_mode() {
         return code;
     }
-    let cli = Cli::parse();
+    let (cli, matches, command) = tessera_worker::config::parse::<Cli>();
+    if tessera_worker::config::print_if_asked(&matches, &command) {
+        return ExitCode::SUCCESS;
+    }
     let parts = match cli.node.to_parts() {
         Ok(p) => p,
         Err(e) => return usage(&e.to_string()),

@@ -48,3 +48,28 @@ fn running_without_a_head_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--head URL is required"));
 }
+
+#[test]
+fn config_file_under_env_under_flags_and_print_config_masks_secrets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = dir.path().join("worker.toml");
+    std::fs::write(&f, "head = \"http://10.0.0.1:7470\"\nnode-name = \"from-file\"\nlabels = \"zone=a\"\ntoken = \"tsj_supersecret_0123456789\"\n").expect("write");
+    let out = worker()
+        .args(["--config", &f.display().to_string(), "--node-name", "from-flag", "--print-config"])
+        .env("TESSERA_LABELS", "zone=env")
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |key: &str| text.lines().find(|l| l.starts_with(&format!("{key} "))).unwrap_or_default().to_string();
+    assert!(line("head").contains("\"http://10.0.0.1:7470\"") && line("head").ends_with("# --config"), "{text}");
+    assert!(line("node-name").contains("from-flag") && line("node-name").ends_with("# flag"), "{text}");
+    assert!(line("labels").contains("zone=env") && line("labels").ends_with("# env"), "{text}");
+    assert!(line("token").contains("********"), "{text}");
+    assert!(!text.contains("supersecret"), "the secret never shows: {text}");
+
+    std::fs::write(&f, "nod-name = \"x\"\n").expect("write");
+    let out = worker().args(["--config", &f.display().to_string()]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key \"nod-name\""));
+}
