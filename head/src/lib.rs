@@ -123,11 +123,25 @@ impl Head {
         let metrics = metrics::HeadMetrics::new();
         metrics.follow(membership.clone(), deployments.clone());
         let ops_token = CancellationToken::new();
+        // The head's own worker: its GPUs and shard processes are on the head's /metrics too.
+        let local_metrics = tessera_worker::metrics::WorkerMetrics::new();
+        let local_inventory = config.worker.as_ref().map(|w| w.inventory.clone());
+        let local_host: Arc<std::sync::OnceLock<tessera_worker::shard::ShardHost>> = Arc::default();
         if let Some(listener) = config.metrics_listener {
             let (m, d, mm) = (membership.clone(), deployments.clone(), metrics.clone());
+            let (lm, li, lh) = (local_metrics.clone(), local_inventory.clone(), local_host.clone());
             let render: tessera_worker::ops::Render = Arc::new(move || {
                 let (m, d, mm) = (m.clone(), d.clone(), mm.clone());
-                Box::pin(async move { mm.render(&m, &d).await })
+                let (lm, li, lh) = (lm.clone(), li.clone(), lh.clone());
+                Box::pin(async move {
+                    let head = mm.render(&m, &d).await;
+                    let Some(inv) = li else { return head };
+                    let local = tokio::task::spawn_blocking(move || lm.render(inv.as_ref(), lh.get()))
+                        .await
+                        .unwrap_or_default();
+                    // One exposition: the head's part without its end marker, then the worker's.
+                    format!("{}{local}", head.trim_end_matches("# EOF\n"))
+                })
             });
             // Ready: the store is open and the server is up (both true once start() returns).
             let ready: tessera_worker::ops::Ready = Arc::new(|| true);
@@ -200,7 +214,7 @@ impl Head {
                         is_head: true,
                         token: join_token.clone(),
                         inventory: w.inventory,
-                        metrics: None,
+                        metrics: Some(local_metrics.clone()),
                         connect_timeout: Duration::from_secs(2),
                         leave_timeout: Duration::from_secs(1),
                         shards: w.shards.map(|mut h| {
@@ -210,6 +224,9 @@ impl Head {
                     },
                     state,
                 )?;
+                if let Some(h) = agent.shard_host() {
+                    let _ = local_host.set(h);
+                }
                 let status = agent.status();
                 let task = tokio::spawn(agent.run(agent_token.clone()));
                 (Some(status), Some(task))

@@ -57,6 +57,8 @@ async fn head_and_worker_serve_metrics_health_and_readiness() {
     assert!(text.contains("# HELP tessera_head_rpc_requests RPCs by method and gRPC status code"), "{text}");
     assert!(text.contains("method=\"/tessera.v1.Cluster/ListNodes\",code=\"Ok\""), "{text}");
     assert!(text.contains("tessera_head_membership_joins_total"), "{text}");
+    assert!(text.contains("tessera_worker_gpu_memory_total_bytes{uuid=\"GPU-fake-"), "the head's own GPUs: {text}");
+    assert_eq!(text.matches("# EOF").count(), 1, "one exposition");
 
     // A refused call is counted.
     let mut anon = pb::cluster_client::ClusterClient::new(tessera_tests::conn_with(&head.url, None).await);

@@ -7,6 +7,7 @@
 //! cargo run --release -p tessera-tests --bin tessera-bench -- plan --runs 20
 //! cargo run --release -p tessera-tests --bin tessera-bench -- deploy --runs 10
 //! cargo run --release -p tessera-tests --bin tessera-bench -- head-restart --runs 5
+//! cargo run --release -p tessera-tests --bin tessera-bench -- metrics-scrape --runs 1000
 //! ```
 
 use std::time::{Duration, Instant};
@@ -32,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
         Some("plan") => plan_bench(runs),
         Some("deploy") => deploy_bench(runs).await,
         Some("head-restart") => head_restart_bench(runs).await,
+        Some("metrics-scrape") => metrics_scrape_bench(runs.max(1000)).await,
         _ => {
             eprintln!(
                 "usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N] | deploy [--runs N] | head-restart [--runs N]"
@@ -275,4 +277,76 @@ async fn head_restart_bench(runs: usize) -> anyhow::Result<()> {
         times[times.len() - 1]
     );
     Ok(())
+}
+
+/// `/metrics` of a head with `nodes` simulated workers (each a real agent with its own gRPC
+/// session, 8 fake GPUs): scrape time (median of 20) and size.
+async fn metrics_scrape_bench(nodes: usize) -> anyhow::Result<()> {
+    use tessera_worker::agent::{Agent, AgentConfig};
+    let dir = tempfile::tempdir()?;
+    let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
+    let spec: tessera_common::fake::FakeGpuSpec = "8x80GiB".parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    for i in 0..nodes {
+        let name = format!("sim-{i:05}");
+        let state = tessera_worker::state::StateDir::open(&dir.path().join("sim").join(&name))?;
+        let agent = Agent::new(
+            AgentConfig {
+                head: head.url.clone(),
+                node_name: name.clone(),
+                labels: Default::default(),
+                advertise_address: None,
+                is_head: false,
+                token: Some(tessera_tests::JOIN_TOKEN.to_string()),
+                tls: None,
+                inventory: std::sync::Arc::new(tessera_worker::gpu::FakeInventory::new(spec, &name)),
+                metrics: None,
+                connect_timeout: Duration::from_secs(5),
+                leave_timeout: Duration::from_secs(1),
+                shards: None,
+            },
+            state,
+        )?;
+        tokio::spawn(agent.run(stop.clone()));
+    }
+    let mut client = cluster_client(&head.url).await;
+    let t0 = Instant::now();
+    loop {
+        let n = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+        if n.iter().filter(|x| x.state == pb::NodeState::Alive as i32).count() == nodes + 1 {
+            break;
+        }
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(300), "nodes did not all join");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("{nodes} simulated nodes joined in {:?}", t0.elapsed());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let addr = std::fs::read_to_string(head.data_dir.join("metrics.addr"))?.trim().to_string();
+    let mut times = Vec::new();
+    let mut size = 0;
+    for _ in 0..20 {
+        let t = Instant::now();
+        let body = http_get(&addr, "/metrics")?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        size = body.len();
+    }
+    times.sort_by(f64::total_cmp);
+    let rss = rss_kib(head.daemon.pid().as_raw())?;
+    println!(
+        "/metrics with {nodes} nodes: median {:.2} ms, max {:.2} ms over 20 scrapes, {size} bytes; head RSS {:.1} MiB",
+        times[times.len() / 2],
+        times[times.len() - 1],
+        rss as f64 / 1024.0
+    );
+    stop.cancel();
+    Ok(())
+}
+
+fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }
