@@ -1,0 +1,241 @@
+//! `tessera-sim`: many simulated workers against a real `tessera-head` process, to measure how the
+//! head holds up at scale. Each simulated node is a real membership session (join with 8 fake
+//! GPUs, heartbeats at the interval the head asks for) multiplexed over a pool of HTTP/2
+//! connections; the head's CPU and RSS are read from /proc (the simulator never measures itself).
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! target/release/tessera-sim --nodes 10000 --steady 30 --fail-fraction 0.01 --json sim.json
+//! ```
+//!
+//! Scenarios, in order: join storm (time until every node is alive), steady state (head CPU and
+//! RSS over `--steady` seconds), node failures (a fraction of nodes drop their session, another
+//! fraction go silent; time until the head declares each dead).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tessera_common::fake::FakeGpuSpec;
+use tessera_proto::v1 as pb;
+use tessera_tests::process::start_head;
+use tessera_tests::{JOIN_TOKEN, cluster_client, conn_with};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+
+struct Args {
+    nodes: usize,
+    steady: u64,
+    fail_fraction: f64,
+    per_connection: usize,
+    json: Option<String>,
+}
+
+fn args() -> Args {
+    let a: Vec<String> = std::env::args().collect();
+    let get = |k: &str| a.iter().position(|x| x == k).and_then(|i| a.get(i + 1)).cloned();
+    Args {
+        nodes: get("--nodes").and_then(|v| v.parse().ok()).unwrap_or(1000),
+        steady: get("--steady").and_then(|v| v.parse().ok()).unwrap_or(20),
+        fail_fraction: get("--fail-fraction").and_then(|v| v.parse().ok()).unwrap_or(0.01),
+        per_connection: get("--per-connection").and_then(|v| v.parse().ok()).unwrap_or(100),
+        json: get("--json"),
+    }
+}
+
+/// How a simulated node behaves now.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Silent,
+    Dropped,
+}
+
+struct SimNode {
+    silent: AtomicBool,
+    drop: AtomicBool,
+}
+
+/// CPU seconds (user + system) and RSS of a process, from /proc.
+fn proc_usage(pid: i32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = 100.0; // USER_HZ
+    let cpu = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    (cpu / ticks, rss)
+}
+
+async fn run_node(channel: tessera_tests::Conn, name: String, sim: Arc<SimNode>, spec: FakeGpuSpec) {
+    let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(8);
+    let join = pb::JoinRequest {
+        name: name.clone(),
+        inventory: Some((&spec.inventory(&name)).into()),
+        version: "sim".into(),
+        machine_fingerprint: format!("sim:{name}"),
+        hostname: "sim".into(),
+        ..Default::default()
+    };
+    let _ = tx.send(pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Join(join)) }).await;
+    let mut client = pb::membership_client::MembershipClient::new(channel);
+    let Ok(resp) = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await else { return };
+    let mut inbound = resp.into_inner();
+    let Some(Ok(first)) = inbound.next().await else { return };
+    let Some(pb::head_message::Msg::Joined(j)) = first.msg else { return };
+    let mut tick = tokio::time::interval(Duration::from_millis(j.heartbeat_interval_ms.max(10)));
+    let mut seq = 0;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if sim.drop.load(Ordering::Relaxed) {
+                    return; // the stream and its sender drop: the session breaks
+                }
+                if sim.silent.load(Ordering::Relaxed) {
+                    continue;
+                }
+                seq += 1;
+                let hb = pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Heartbeat(pb::Heartbeat { seq, gpu_usage: vec![] })) };
+                if tx.send(hb).await.is_err() {
+                    return;
+                }
+            }
+            m = inbound.next() => if m.is_none() || matches!(m, Some(Err(_))) { return },
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = args();
+    let dir = tempfile::tempdir()?;
+    let head = start_head(dir.path(), "head", "127.0.0.1:0", &["--no-worker"]);
+    let pid = head.daemon.pid().as_raw();
+    let spec: FakeGpuSpec = "8x80GiB".parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut report: Vec<(String, String)> = Vec::new();
+    let (cpu0, rss0) = proc_usage(pid);
+    report.push(("head RSS before (MiB)".into(), format!("{:.1}", rss0 as f64 / 1024.0)));
+
+    // Join storm.
+    let conns = a.nodes.div_ceil(a.per_connection.max(1));
+    let mut pool = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        pool.push(conn_with(&head.url, Some(JOIN_TOKEN)).await);
+    }
+    let sims: Vec<Arc<SimNode>> = (0..a.nodes)
+        .map(|_| Arc::new(SimNode { silent: AtomicBool::new(false), drop: AtomicBool::new(false) }))
+        .collect();
+    let mut admin = cluster_client(&head.url).await;
+    let mut events = admin.watch_events(pb::WatchEventsRequest { include_current: false }).await?.into_inner();
+    let t0 = Instant::now();
+    for (i, sim) in sims.iter().enumerate() {
+        tokio::spawn(run_node(pool[i % conns].clone(), format!("sim-{i:05}"), sim.clone(), spec));
+    }
+    let mut joined = 0;
+    while joined < a.nodes {
+        match tokio::time::timeout(Duration::from_secs(120), events.next()).await {
+            Ok(Some(Ok(e))) if e.kind == pb::EventKind::NodeJoined as i32 => joined += 1,
+            Ok(Some(Ok(_))) => {}
+            _ => anyhow::bail!("join storm stalled at {joined}/{} nodes", a.nodes),
+        }
+    }
+    let storm = t0.elapsed();
+    report.push((format!("join storm: {} nodes alive (s)", a.nodes), format!("{:.2}", storm.as_secs_f64())));
+
+    // Steady state.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (c1, _) = proc_usage(pid);
+    let s0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(a.steady)).await;
+    let (c2, rss) = proc_usage(pid);
+    let cores = (c2 - c1) / s0.elapsed().as_secs_f64();
+    report.push(("steady state: head CPU (cores)".into(), format!("{cores:.3}")));
+    report.push(("steady state: head RSS (MiB)".into(), format!("{:.1}", rss as f64 / 1024.0)));
+    let _ = cpu0;
+
+    // Deploy: plan and reserve a 64-GPU deployment (TP 8 x PP 8) against the whole inventory.
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/model-configs/Llama-3.1-70B-Instruct.json");
+    let model = std::fs::canonicalize(model)?.display().to_string();
+    let mut deps = tessera_tests::deployments_client(&head.url).await;
+    let mut create_ms = Vec::new();
+    for i in 0..5 {
+        let t = Instant::now();
+        let d = deps
+            .create(pb::CreateDeploymentRequest {
+                name: format!("sim-deploy-{i}"),
+                model_path: model.clone(),
+                tp: 8,
+                pp: 8,
+                engine: pb::Engine::Probe as i32,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        create_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(d.ranks.len() == 64, "placed {} ranks: {}", d.ranks.len(), d.message);
+    }
+    create_ms.sort_by(f64::total_cmp);
+    report.push((
+        "create (plan + reserve) TP 8 x PP 8, 64 GPUs (ms)".into(),
+        format!("median {:.1}, max {:.1} over 5", create_ms[2], create_ms[4]),
+    ));
+
+    // Failures: a fraction drop their session, another fraction go silent.
+    let n_fail = ((a.nodes as f64 * a.fail_fraction).ceil() as usize).max(1).min(a.nodes / 2);
+    let mut acted: HashMap<String, (Mode, Instant)> = HashMap::new();
+    for (i, sim) in sims.iter().enumerate().take(2 * n_fail) {
+        let name = format!("sim-{i:05}");
+        if i % 2 == 0 {
+            sim.drop.store(true, Ordering::Relaxed);
+            acted.insert(name, (Mode::Dropped, Instant::now()));
+        } else {
+            sim.silent.store(true, Ordering::Relaxed);
+            acted.insert(name, (Mode::Silent, Instant::now()));
+        }
+    }
+    let mut dropped = Vec::new();
+    let mut silent = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dropped.len() + silent.len() < acted.len() && Instant::now() < deadline {
+        let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_secs(10), events.next()).await else { break };
+        let Some(node) = e.node else { continue };
+        if node.state != pb::NodeState::Dead as i32 {
+            continue;
+        }
+        if let Some((mode, at)) = acted.get(&node.name) {
+            let ms = at.elapsed().as_secs_f64() * 1000.0;
+            match mode {
+                Mode::Dropped => dropped.push(ms),
+                Mode::Silent => silent.push(ms),
+            }
+        }
+    }
+    for (label, mut v) in [("dropped session -> dead (ms)", dropped), ("silent -> dead (ms)", silent)] {
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() {
+            report.push((label.into(), "none seen".into()));
+        } else {
+            report.push((
+                format!("{label}, {} nodes", v.len()),
+                format!("median {:.0}, max {:.0}", v[v.len() / 2], v[v.len() - 1]),
+            ));
+        }
+    }
+
+    println!("tessera-sim: {} nodes x 8 fake GPUs, {} HTTP/2 connections", a.nodes, conns);
+    for (k, v) in &report {
+        println!("  {k:<48} {v}");
+    }
+    if let Some(path) = a.json {
+        let obj: serde_json::Map<String, serde_json::Value> =
+            report.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
+        std::fs::write(&path, serde_json::to_string_pretty(&serde_json::json!({"nodes": a.nodes, "results": obj}))?)?;
+    }
+    Ok(())
+}
