@@ -63,8 +63,11 @@ pub async fn conn(url: &str) -> Conn {
     conn_with(url, Some(ADMIN_TOKEN)).await
 }
 
+/// Node lists of big clusters pass gRPC's default 4 MiB (about 4,500 nodes of 8 GPUs).
+pub const MAX_MESSAGE: usize = 256 << 20;
+
 pub async fn cluster_client(url: &str) -> pb::cluster_client::ClusterClient<Conn> {
-    pb::cluster_client::ClusterClient::new(conn(url).await)
+    pb::cluster_client::ClusterClient::new(conn(url).await).max_decoding_message_size(MAX_MESSAGE)
 }
 
 pub async fn deployments_client(url: &str) -> pb::deployments_client::DeploymentsClient<Conn> {

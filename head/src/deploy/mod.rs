@@ -292,14 +292,25 @@ impl Actor {
             .put(&dep.to_stored())
             .map_err(|e| Status::unavailable(format!("cannot record the deployment: {e}")))?;
         self.deps.insert(name.clone(), dep);
-        self.try_launch(&name).await;
+        self.launch_on(&name, nodes, empty).await;
         Ok(self.deps[&name].to_pb())
     }
 
     /// Plans against free GPUs and launches the next generation, or leaves the deployment pending.
     async fn try_launch(&mut self, name: &str) {
         let nodes = self.membership.list().await;
-        let mut cluster = crate::server::planner::cluster_of(&nodes);
+        let cluster = crate::server::planner::cluster_of(&nodes);
+        self.launch_on(name, nodes, cluster).await;
+    }
+
+    /// [`Actor::try_launch`] with the inventory already read (a 10,000-node table is worth reading
+    /// once per call, not twice).
+    async fn launch_on(
+        &mut self,
+        name: &str,
+        nodes: Vec<crate::membership::NodeView>,
+        mut cluster: tessera_common::plan::placement::Cluster,
+    ) {
         for n in &mut cluster.nodes {
             for g in &mut n.gpus {
                 g.reserved = self.reserved.contains_key(&g.uuid);

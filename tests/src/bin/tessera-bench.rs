@@ -8,6 +8,7 @@
 //! cargo run --release -p tessera-tests --bin tessera-bench -- deploy --runs 10
 //! cargo run --release -p tessera-tests --bin tessera-bench -- head-restart --runs 5
 //! cargo run --release -p tessera-tests --bin tessera-bench -- metrics-scrape --runs 1000
+//! cargo run --release -p tessera-tests --bin tessera-bench -- bring-up --runs 5
 //! ```
 
 use std::time::{Duration, Instant};
@@ -34,6 +35,7 @@ async fn main() -> anyhow::Result<()> {
         Some("deploy") => deploy_bench(runs).await,
         Some("head-restart") => head_restart_bench(runs).await,
         Some("metrics-scrape") => metrics_scrape_bench(runs.max(1000)).await,
+        Some("bring-up") => bring_up_bench(runs).await,
         _ => {
             eprintln!(
                 "usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N] | deploy [--runs N] | head-restart [--runs N]"
@@ -349,4 +351,47 @@ fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// From starting a head and two workers (processes) to a TP=4 PP=2 probe deployment `running`.
+async fn bring_up_bench(runs: usize) -> anyhow::Result<()> {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/model-configs/Llama-3.1-8B-Instruct.json");
+    let model = std::fs::canonicalize(model)?.display().to_string();
+    let mut times = Vec::new();
+    for i in 0..runs {
+        let dir = tempfile::tempdir()?;
+        let t0 = Instant::now();
+        let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
+        let _w1 = start_worker(dir.path(), "w1", &head.url);
+        let _w2 = start_worker(dir.path(), "w2", &head.url);
+        let mut client = cluster_client(&head.url).await;
+        let mut events = client.watch_events(pb::WatchEventsRequest { include_current: false }).await?.into_inner();
+        wait_state(&mut client, "w1", pb::NodeState::Alive).await;
+        let mut deps = tessera_tests::deployments_client(&head.url).await;
+        deps.create(pb::CreateDeploymentRequest {
+            name: "up".into(),
+            model_path: model.clone(),
+            tp: 4,
+            pp: 2,
+            engine: pb::Engine::Probe as i32,
+            ..Default::default()
+        })
+        .await?;
+        wait_running(&mut events, "up", 1).await?;
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
+        eprintln!("run {i}: bring-up {ms:.0} ms");
+        times.push(ms);
+        deps.delete(pb::DeleteDeploymentRequest { name: "up".into() }).await?;
+        while deps.get(pb::GetDeploymentRequest { name: "up".into() }).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "bring-up (head + 2 workers started -> TP4xPP2 probe running): median {:.0} ms, min {:.0} ms, max {:.0} ms over {runs} runs",
+        times[times.len() / 2],
+        times[0],
+        times[times.len() - 1]
+    );
+    Ok(())
 }

@@ -73,11 +73,32 @@ fn proc_usage(pid: i32) -> (f64, u64) {
     (cpu / ticks, rss)
 }
 
+/// One simulated node: joins, heartbeats, and (like the real agent) rejoins after the head went
+/// away. `drop` ends it for good (its session breaks); `silent` stops its heartbeats.
 async fn run_node(channel: tessera_tests::Conn, name: String, sim: Arc<SimNode>, spec: FakeGpuSpec) {
+    let inventory: pb::Inventory = (&spec.inventory(&name)).into();
+    loop {
+        if sim.drop.load(Ordering::Relaxed) {
+            return;
+        }
+        session(channel.clone(), &name, &sim, inventory.clone()).await;
+        if sim.drop.load(Ordering::Relaxed) {
+            return;
+        }
+        let jitter = rand_ms(&name) % 200;
+        tokio::time::sleep(Duration::from_millis(100 + jitter)).await;
+    }
+}
+
+fn rand_ms(name: &str) -> u64 {
+    name.bytes().fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64))
+}
+
+async fn session(channel: tessera_tests::Conn, name: &str, sim: &SimNode, inventory: pb::Inventory) {
     let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(8);
     let join = pb::JoinRequest {
-        name: name.clone(),
-        inventory: Some((&spec.inventory(&name)).into()),
+        name: name.to_string(),
+        inventory: Some(inventory),
         version: "sim".into(),
         machine_fingerprint: format!("sim:{name}"),
         hostname: "sim".into(),
@@ -227,6 +248,30 @@ async fn main() -> anyhow::Result<()> {
             ));
         }
     }
+
+    // Head restart: kill -9, start again on the same port and data dir; every live node rejoins.
+    let live = a.nodes - acted.len();
+    let listen = head.url.trim_start_matches("http://").to_string();
+    let mut head = head;
+    head.daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    head.daemon.wait();
+    let t = Instant::now();
+    let head2 = start_head(dir.path(), "head", &listen, &["--no-worker"]);
+    let mut admin = cluster_client(&head2.url).await;
+    loop {
+        let n = admin.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+        if n.iter().filter(|x| x.state == pb::NodeState::Alive as i32).count() >= live {
+            break;
+        }
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(120), "nodes did not rejoin the restarted head");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    report.push((
+        format!("head kill -9 + restart: {live} nodes rejoined (s)"),
+        format!("{:.2}", t.elapsed().as_secs_f64()),
+    ));
+    let (_, rss2) = proc_usage(head2.daemon.pid().as_raw());
+    report.push(("restarted head RSS (MiB)".into(), format!("{:.1}", rss2 as f64 / 1024.0)));
 
     println!("tessera-sim: {} nodes x 8 fake GPUs, {} HTTP/2 connections", a.nodes, conns);
     for (k, v) in &report {
