@@ -159,8 +159,6 @@ async fn deploy_bench(runs: usize) -> anyhow::Result<()> {
     let mut client = cluster_client(&head.url).await;
     wait_state(&mut client, "w1", pb::NodeState::Alive).await;
     wait_state(&mut client, "w2", pb::NodeState::Alive).await;
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/model-configs/Llama-3.1-8B-Instruct.json");
-    let model = std::fs::canonicalize(model)?.display().to_string();
     let mut deps = tessera_tests::deployments_client(&head.url).await;
     let mut up = Vec::new();
     let mut again = Vec::new();
@@ -168,15 +166,7 @@ async fn deploy_bench(runs: usize) -> anyhow::Result<()> {
         let name = format!("bench-{i}");
         let mut events = client.watch_events(pb::WatchEventsRequest { include_current: false }).await?.into_inner();
         let t0 = Instant::now();
-        deps.create(pb::CreateDeploymentRequest {
-            name: name.clone(),
-            model_path: model.clone(),
-            tp: 4,
-            pp: 2,
-            engine: pb::Engine::Probe as i32,
-            ..Default::default()
-        })
-        .await?;
+        deps.create(probe_request(name.clone())?).await?;
         let d = wait_running(&mut events, &name, 1).await?;
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
         up.push(ms);
@@ -233,18 +223,8 @@ async fn head_restart_bench(runs: usize) -> anyhow::Result<()> {
     let mut client = cluster_client(&head.url).await;
     wait_state(&mut client, "w1", pb::NodeState::Alive).await;
     wait_state(&mut client, "w2", pb::NodeState::Alive).await;
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/model-configs/Llama-3.1-8B-Instruct.json");
-    let model = std::fs::canonicalize(model)?.display().to_string();
     let mut deps = tessera_tests::deployments_client(&head.url).await;
-    deps.create(pb::CreateDeploymentRequest {
-        name: "steady".into(),
-        model_path: model,
-        tp: 4,
-        pp: 2,
-        engine: pb::Engine::Probe as i32,
-        ..Default::default()
-    })
-    .await?;
+    deps.create(probe_request("steady")?).await?;
     let mut events = client.watch_events(pb::WatchEventsRequest { include_current: true }).await?.into_inner();
     let first = wait_running(&mut events, "steady", 1).await?;
     let pids: Vec<u32> = first.ranks.iter().map(|r| r.pid).collect();
@@ -355,8 +335,6 @@ fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
 
 /// From starting a head and two workers (processes) to a TP=4 PP=2 probe deployment `running`.
 async fn bring_up_bench(runs: usize) -> anyhow::Result<()> {
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/model-configs/Llama-3.1-8B-Instruct.json");
-    let model = std::fs::canonicalize(model)?.display().to_string();
     let mut times = Vec::new();
     for i in 0..runs {
         let dir = tempfile::tempdir()?;
@@ -368,15 +346,7 @@ async fn bring_up_bench(runs: usize) -> anyhow::Result<()> {
         let mut events = client.watch_events(pb::WatchEventsRequest { include_current: false }).await?.into_inner();
         wait_state(&mut client, "w1", pb::NodeState::Alive).await;
         let mut deps = tessera_tests::deployments_client(&head.url).await;
-        deps.create(pb::CreateDeploymentRequest {
-            name: "up".into(),
-            model_path: model.clone(),
-            tp: 4,
-            pp: 2,
-            engine: pb::Engine::Probe as i32,
-            ..Default::default()
-        })
-        .await?;
+        deps.create(probe_request("up")?).await?;
         wait_running(&mut events, "up", 1).await?;
         let ms = t0.elapsed().as_secs_f64() * 1000.0;
         eprintln!("run {i}: bring-up {ms:.0} ms");
@@ -394,4 +364,17 @@ async fn bring_up_bench(runs: usize) -> anyhow::Result<()> {
         times[times.len() - 1]
     );
     Ok(())
+}
+
+/// A TP=4 PP=2 probe deployment of the shipped Llama 3.1 8B config.
+fn probe_request(name: impl Into<String>) -> anyhow::Result<pb::CreateDeploymentRequest> {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/model-configs/Llama-3.1-8B-Instruct.json");
+    Ok(pb::CreateDeploymentRequest {
+        name: name.into(),
+        model_path: std::fs::canonicalize(model)?.display().to_string(),
+        tp: 4,
+        pp: 2,
+        engine: pb::Engine::Probe as i32,
+        ..Default::default()
+    })
 }
