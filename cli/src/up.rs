@@ -182,7 +182,12 @@ fn spawn(name: &str, bin: PathBuf, args: &[&str], logs: &Path) -> anyhow::Result
         .process_group(0)
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot start {}: build the daemons beside tessera (cargo build --release --workspace --bins) or pass --bin-dir",
+                bin.display()
+            )
+        })?;
     Ok(Proc { name: name.to_string(), child, log })
 }
 
