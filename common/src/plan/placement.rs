@@ -18,7 +18,9 @@ pub struct ClusterGpu {
     pub index: u32,
     pub uuid: String,
     pub memory_total_bytes: u64,
-    pub nvlink_peers: Vec<u32>,
+    /// Bit `i` set: GPU index `i` of the same node is an NVLink peer (indices are below 64, the
+    /// most GPUs a node may have). A mask, not a list: a 10,000-node inventory is 80,000 of these.
+    pub nvlink_peers: u64,
     /// Already held by a deployment.
     pub reserved: bool,
 }
@@ -60,7 +62,7 @@ impl Cluster {
                             index: i,
                             uuid: format!("GPU-node{n}-{i}"),
                             memory_total_bytes: memory,
-                            nvlink_peers: (0..gpus).filter(|&p| p != i).collect(),
+                            nvlink_peers: peer_mask((0..gpus).filter(|&p| p != i)),
                             reserved: false,
                         })
                         .collect(),
@@ -106,6 +108,15 @@ impl Cluster {
             .map(|g| g.memory_total_bytes)
             .min()
     }
+}
+
+/// The mask of peer GPU indices (indices of 64 or more are ignored: no node has that many).
+pub fn peer_mask(peers: impl IntoIterator<Item = u32>) -> u64 {
+    peers.into_iter().filter(|&p| p < 64).fold(0u64, |m, p| m | (1u64 << p))
+}
+
+fn has_peer(mask: u64, index: u32) -> bool {
+    index < 64 && mask & (1u64 << index) != 0
 }
 
 /// Where one rank runs.
@@ -256,7 +267,7 @@ fn clique(gpus: &[&ClusterGpu], want: usize) -> Option<Vec<usize>> {
         return (gpus.len() >= want).then(|| (0..want).collect());
     }
     let linked =
-        |a: &ClusterGpu, b: &ClusterGpu| a.nvlink_peers.contains(&b.index) && b.nvlink_peers.contains(&a.index);
+        |a: &ClusterGpu, b: &ClusterGpu| has_peer(a.nvlink_peers, b.index) && has_peer(b.nvlink_peers, a.index);
     for start in 0..gpus.len() {
         let mut chosen = vec![start];
         for c in 0..gpus.len() {

@@ -15,7 +15,7 @@ fn node(name: &str, is_head: bool, gpus: u32, reserved: &[u32]) -> ClusterNode {
                 index: i,
                 uuid: format!("{name}-{i}"),
                 memory_total_bytes: 80 << 30,
-                nvlink_peers: (0..gpus).filter(|&p| p != i).collect(),
+                nvlink_peers: peer_mask((0..gpus).filter(|&p| p != i)),
                 reserved: reserved.contains(&i),
             })
             .collect(),
@@ -71,7 +71,7 @@ fn tp_groups_take_nvlink_islands() {
     let mut n = node("w", true, 8, &[1]);
     for g in &mut n.gpus {
         let island = if g.index < 4 { 0..4 } else { 4..8 };
-        g.nvlink_peers = island.filter(|&p| p != g.index).collect();
+        g.nvlink_peers = peer_mask(island.filter(|&p| p != g.index));
     }
     let c = Cluster { nodes: vec![n] };
     let p = place(&c, 4, 1, true).expect("fits");
@@ -128,7 +128,7 @@ fn arb_cluster() -> impl Strategy<Value = Cluster> {
                         n.schedulable = schedulable || i == 0;
                         if links == 0 {
                             for g in &mut n.gpus {
-                                g.nvlink_peers.clear(); // a PCIe-only node
+                                g.nvlink_peers = 0; // a PCIe-only node
                             }
                         }
                         n

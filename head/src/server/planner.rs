@@ -117,7 +117,7 @@ pub fn cluster_of(nodes: &[NodeView]) -> Cluster {
                         index: g.index,
                         uuid: g.uuid.clone(),
                         memory_total_bytes: g.memory_total_bytes,
-                        nvlink_peers: g.nvlink_peers.clone(),
+                        nvlink_peers: tessera_common::plan::placement::peer_mask(g.nvlink_peers.iter().copied()),
                         reserved: false,
                     })
                     .collect(),
