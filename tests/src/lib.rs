@@ -10,7 +10,8 @@ pub mod process;
 
 pub use cluster::TestCluster;
 pub use process::{
-    Daemon, HeadProc, alive, bin, pids_with, start_head, start_worker, start_worker_in, start_worker_with,
+    Daemon, HeadProc, alive, bin, environ_has, in_proc, pids_with, start_head, start_worker, start_worker_in,
+    start_worker_with,
 };
 
 use std::future::Future;

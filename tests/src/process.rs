@@ -182,6 +182,17 @@ pub fn start_worker_with(dir: &Path, name: &str, head_url: &str, state_dir: &Pat
     Daemon::spawn(name, "tessera-worker", &args, dir)
 }
 
+/// Whether `pid` has any /proc entry (a zombie counts: it is still in the process table).
+pub fn in_proc(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Whether a process's environment mentions `needle` (engines carry TESSERA_PROCESS_DIR, which
+/// names their worker's state dir).
+pub fn environ_has(pid: u32, needle: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ")).map(|e| String::from_utf8_lossy(&e).contains(needle)).unwrap_or(false)
+}
+
 /// Whether a process is alive (not a zombie).
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

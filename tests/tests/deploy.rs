@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tessera_proto::v1 as pb;
 use tessera_tests::process::{HeadProc, start_head};
-use tessera_tests::{Daemon, alive, pids_with, start_worker_with, wait_until};
+use tessera_tests::{Daemon, alive, environ_has, pids_with, start_worker_with, wait_until};
 
 type Client = pb::deployments_client::DeploymentsClient<tessera_tests::Conn>;
 
@@ -67,11 +67,6 @@ impl Cluster {
         v.extend(pids_with(&[" probe --rank"]).into_iter().filter(|p| environ_has(*p, &tag)));
         v
     }
-}
-
-/// The probes run with TESSERA_PROCESS_DIR under this cluster's temp dir.
-fn environ_has(pid: u32, needle: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/environ")).map(|e| String::from_utf8_lossy(&e).contains(needle)).unwrap_or(false)
 }
 
 fn probe(name: &str, tp: u32, pp: u32) -> pb::CreateDeploymentRequest {

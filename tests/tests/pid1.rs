@@ -5,15 +5,9 @@ use std::process::Command;
 
 use tessera_proto::v1 as pb;
 use tessera_tests::process::start_head;
-use tessera_tests::{Daemon, cluster_client, deployments_client, pids_with, wait_state, wait_until};
-
-fn in_proc(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-fn environ_has(pid: u32, needle: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/environ")).map(|e| String::from_utf8_lossy(&e).contains(needle)).unwrap_or(false)
-}
+use tessera_tests::{
+    Daemon, cluster_client, deployments_client, environ_has, in_proc, pids_with, wait_state, wait_until,
+};
 
 #[tokio::test]
 async fn as_pid_1_the_worker_reaps_orphans_and_stops_its_shards_on_sigterm() {

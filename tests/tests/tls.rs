@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use tessera_proto::v1 as pb;
 use tessera_tests::process::start_head;
 use tessera_tests::{Daemon, wait_until};
 
@@ -134,5 +133,4 @@ async fn mutual_tls_for_workers_and_the_cli() {
         "{}",
         String::from_utf8_lossy(&plain.stderr)
     );
-    let _ = pb::NodeState::Alive;
 }

@@ -286,7 +286,7 @@ impl Actor {
         }
         let name = spec.name.clone();
         info!(deployment = %name, tp = spec.tp, pp = spec.pp, engine = ?spec.engine, "deployment created");
-        let dep = Dep::new(spec, model);
+        let dep = Dep::new(spec, Some(model));
         // Durable before the RPC answers.
         self.store
             .put(&dep.to_stored())
@@ -789,8 +789,7 @@ impl Actor {
         };
         let model = tessera_common::model::load_model(&spec.model_path).ok().map(|m| LoadedModel::of(&m));
         let name = spec.name.clone();
-        let mut dep = Dep::new(spec, LoadedModel::placeholder());
-        dep.model = model;
+        let mut dep = Dep::new(spec, model);
         dep.generation = d.generation;
         dep.restarts = d.restarts;
         let unix_now = crate::membership::unix_ms();

@@ -82,16 +82,6 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Stands in until the real model is read (replaced at once by the caller).
-    pub fn placeholder() -> Self {
-        let desc = tessera_common::model::parse_config(
-            "placeholder",
-            r#"{"num_attention_heads": 1, "hidden_size": 1, "num_hidden_layers": 1, "vocab_size": 1}"#,
-        )
-        .expect("a valid built-in config");
-        LoadedModel { weights: Weights::estimate(&desc), desc }
-    }
-
     pub fn of(m: &Model) -> Self {
         LoadedModel {
             desc: m.desc.clone(),

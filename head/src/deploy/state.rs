@@ -134,10 +134,10 @@ pub struct Dep {
 }
 
 impl Dep {
-    pub fn new(spec: DeploymentSpec, model: LoadedModel) -> Self {
+    pub fn new(spec: DeploymentSpec, model: Option<LoadedModel>) -> Self {
         Dep {
             spec,
-            model: Some(model),
+            model,
             state: DState::Pending,
             message: "planning".into(),
             since: Instant::now(),

@@ -4,7 +4,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use tessera_common::auth::{Denied, Role, TokenSet};
@@ -17,20 +16,19 @@ use tracing::warn;
 #[derive(Clone)]
 pub struct AuthLayer {
     tokens: Option<Arc<TokenSet>>,
-    pub failures: Arc<AtomicU64>,
     metrics: Option<Arc<crate::metrics::HeadMetrics>>,
 }
 
 impl AuthLayer {
     pub fn new(tokens: Option<TokenSet>, metrics: Option<Arc<crate::metrics::HeadMetrics>>) -> Self {
-        AuthLayer { tokens: tokens.map(Arc::new), failures: Arc::new(AtomicU64::new(0)), metrics }
+        AuthLayer { tokens: tokens.map(Arc::new), metrics }
     }
 }
 
 impl<S> Layer<S> for AuthLayer {
     type Service = Auth<S>;
     fn layer(&self, inner: S) -> Auth<S> {
-        Auth { inner, tokens: self.tokens.clone(), failures: self.failures.clone(), metrics: self.metrics.clone() }
+        Auth { inner, tokens: self.tokens.clone(), metrics: self.metrics.clone() }
     }
 }
 
@@ -38,7 +36,6 @@ impl<S> Layer<S> for AuthLayer {
 pub struct Auth<S> {
     inner: S,
     tokens: Option<Arc<TokenSet>>,
-    failures: Arc<AtomicU64>,
     metrics: Option<Arc<crate::metrics::HeadMetrics>>,
 }
 
@@ -71,7 +68,6 @@ where
             let role = Role::for_path(&path);
             let header = req.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
             if let Err(denied) = tokens.check(role, header) {
-                let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
                 let status = match denied {
                     Denied::Unauthenticated { missing: true } => Status::unauthenticated(
                         "missing bearer token: give the admin token (--token, --token-file or TESSERA_TOKEN); the head writes it to DATA_DIR/admin.token",
@@ -83,10 +79,9 @@ where
                         "{path} needs the admin token; the join token only lets workers join"
                     )),
                 };
-                warn!(method = %path, code = ?status.code(), refusals = n, "request refused");
-                if let Some(m) = &self.metrics {
-                    m.auth_refusals.inc();
-                }
+                // Counted in tessera_head_auth_refusals_total; logged without the token.
+                let refusals = self.metrics.as_ref().map(|m| m.auth_refusals.inc() + 1);
+                warn!(method = %path, code = ?status.code(), refusals, "request refused");
                 count(&self.metrics, &path, status.code());
                 return Box::pin(async move { Ok(status.into_http()) });
             }

@@ -76,13 +76,8 @@ async fn failure(runs: usize) -> anyhow::Result<()> {
             }
             drop(w);
         }
-        times.sort_by(f64::total_cmp);
-        println!(
-            "{label:>8} -> dead: median {:.0} ms, min {:.0} ms, max {:.0} ms over {runs} runs",
-            times[times.len() / 2],
-            times[0],
-            times[times.len() - 1]
-        );
+        let (median, min, max) = summary(&mut times);
+        println!("{label:>8} -> dead: median {:.0} ms, min {:.0} ms, max {:.0} ms over {runs} runs", median, min, max);
     }
     Ok(())
 }
@@ -139,11 +134,9 @@ fn plan_bench(runs: usize) -> anyhow::Result<()> {
             times.push(t0.elapsed().as_secs_f64() * 1000.0);
             valid &= r.valid;
         }
-        times.sort_by(f64::total_cmp);
+        let (median, _, max) = summary(&mut times);
         println!(
-            "plan {label:<22} on 10,000 x 8 GPUs: median {:.2} ms, max {:.2} ms over {runs} runs (valid: {valid})",
-            times[times.len() / 2],
-            times[times.len() - 1]
+            "plan {label:<22} on 10,000 x 8 GPUs: median {median:.2} ms, max {max:.2} ms over {runs} runs (valid: {valid})"
         );
     }
     Ok(())
@@ -183,13 +176,8 @@ async fn deploy_bench(runs: usize) -> anyhow::Result<()> {
         }
     }
     for (label, mut v) in [("deploy -> running", up), ("kill -9 of a rank -> running again", again)] {
-        v.sort_by(f64::total_cmp);
-        println!(
-            "{label:<36} median {:.0} ms, min {:.0} ms, max {:.0} ms over {runs} runs",
-            v[v.len() / 2],
-            v[0],
-            v[v.len() - 1]
-        );
+        let (median, min, max) = summary(&mut v);
+        println!("{label:<36} median {:.0} ms, min {:.0} ms, max {:.0} ms over {runs} runs", median, min, max);
     }
     Ok(())
 }
@@ -251,12 +239,10 @@ async fn head_restart_bench(runs: usize) -> anyhow::Result<()> {
         anyhow::ensure!(d.restarts == 0 && d.generation == 1 && same, "a process was restarted");
         times.push(ms);
     }
-    times.sort_by(f64::total_cmp);
+    let (median, min, max) = summary(&mut times);
     println!(
         "head kill -9 + restart -> running, shard restarts 0: median {:.0} ms, min {:.0} ms, max {:.0} ms over {runs} runs",
-        times[times.len() / 2],
-        times[0],
-        times[times.len() - 1]
+        median, min, max
     );
     Ok(())
 }
@@ -312,12 +298,10 @@ async fn metrics_scrape_bench(nodes: usize) -> anyhow::Result<()> {
         times.push(t.elapsed().as_secs_f64() * 1000.0);
         size = body.len();
     }
-    times.sort_by(f64::total_cmp);
+    let (median, _, max) = summary(&mut times);
     let rss = rss_kib(head.daemon.pid().as_raw())?;
     println!(
-        "/metrics with {nodes} nodes: median {:.2} ms, max {:.2} ms over 20 scrapes, {size} bytes; head RSS {:.1} MiB",
-        times[times.len() / 2],
-        times[times.len() - 1],
+        "/metrics with {nodes} nodes: median {median:.2} ms, max {max:.2} ms over 20 scrapes, {size} bytes; head RSS {:.1} MiB",
         rss as f64 / 1024.0
     );
     stop.cancel();
@@ -356,12 +340,10 @@ async fn bring_up_bench(runs: usize) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    times.sort_by(f64::total_cmp);
+    let (median, min, max) = summary(&mut times);
     println!(
         "bring-up (head + 2 workers started -> TP4xPP2 probe running): median {:.0} ms, min {:.0} ms, max {:.0} ms over {runs} runs",
-        times[times.len() / 2],
-        times[0],
-        times[times.len() - 1]
+        median, min, max
     );
     Ok(())
 }
@@ -377,4 +359,10 @@ fn probe_request(name: impl Into<String>) -> anyhow::Result<pb::CreateDeployment
         engine: pb::Engine::Probe as i32,
         ..Default::default()
     })
+}
+
+/// Sorts `v` and gives (median, min, max).
+fn summary(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
 }

@@ -39,7 +39,6 @@ type Key = (String, u64, String);
 
 struct Proc {
     dir: PathBuf,
-    ranks: Vec<u32>,
     last: pb::ShardReport,
     cmd: Option<mpsc::UnboundedSender<ShimCommand>>,
     exited: bool,
@@ -122,10 +121,10 @@ impl ShardHost {
                     report.exit_code = Some(127);
                     report.error = why.clone();
                     report.log_tail = why;
-                    self.procs.lock().expect("lock").insert(
-                        key,
-                        Proc { dir, ranks: p.ranks.clone(), last: report.clone(), cmd: None, exited: true },
-                    );
+                    self.procs
+                        .lock()
+                        .expect("lock")
+                        .insert(key, Proc { dir, last: report.clone(), cmd: None, exited: true });
                     let _ = self.up.send(shard_msg(report));
                     continue;
                 }
@@ -161,14 +160,14 @@ impl ShardHost {
                 self.procs
                     .lock()
                     .expect("lock")
-                    .insert(key, Proc { dir, ranks: p.ranks.clone(), last: report.clone(), cmd: None, exited: true });
+                    .insert(key, Proc { dir, last: report.clone(), cmd: None, exited: true });
                 let _ = self.up.send(shard_msg(report));
                 continue;
             }
-            self.procs.lock().expect("lock").insert(
-                key.clone(),
-                Proc { dir: dir.clone(), ranks: p.ranks.clone(), last: report.clone(), cmd: None, exited: false },
-            );
+            self.procs
+                .lock()
+                .expect("lock")
+                .insert(key.clone(), Proc { dir: dir.clone(), last: report.clone(), cmd: None, exited: false });
             let _ = self.up.send(shard_msg(report));
             match tokio::process::Command::new(&self.cfg.exe)
                 .arg("shim")
@@ -412,10 +411,10 @@ impl ShardHost {
                 health_port: s.health_port.unwrap_or(0) as u32,
                 ..Default::default()
             };
-            self.procs.lock().expect("lock").insert(
-                key.clone(),
-                Proc { dir: dir.clone(), ranks: s.ranks.clone(), last: report, cmd: None, exited: false },
-            );
+            self.procs
+                .lock()
+                .expect("lock")
+                .insert(key.clone(), Proc { dir: dir.clone(), last: report, cmd: None, exited: false });
             info!(deployment = %s.deployment, generation = s.generation, key = %s.key, pid = ?st.pid, "adopted a running shim");
             let wait_rtt = is_probe_member(&s);
             self.attach(key, dir, s.health_port, wait_rtt);
@@ -492,16 +491,6 @@ impl ShardHost {
         while self.procs.lock().expect("lock").values().any(|p| !p.exited) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-
-    /// Ranks of a process, for tests and diagnostics.
-    pub fn ranks_of(&self, deployment: &str, key: &str) -> Option<Vec<u32>> {
-        self.procs
-            .lock()
-            .expect("lock")
-            .iter()
-            .find(|((d, _, k), _)| d == deployment && k == key)
-            .map(|(_, p)| p.ranks.clone())
     }
 }
 
