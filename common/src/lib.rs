@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - [`auth`]: bearer tokens (join and admin), their files, the check and the client interceptor.
+//! - [`ids`]: typed ids (node, deployment incarnation, generation, process key).
 //! - [`node`]: GPUs, inventories, node states, join info, and their proto conversions.
 //! - [`validate`]: field rules (names, labels, lengths) with errors that name the field.
 //! - [`model`]: model configs and safetensors headers -> what the planner needs.
@@ -19,6 +20,7 @@ pub mod duration;
 pub mod env;
 pub mod fake;
 mod hostile;
+pub mod ids;
 pub mod model;
 pub mod node;
 pub mod plan;

@@ -62,6 +62,9 @@ pub struct StoredLaunch {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredDeployment {
     pub name: String,
+    /// The incarnation (empty in records written before incarnations existed).
+    #[serde(default)]
+    pub uid: String,
     pub model_path: PathBuf,
     pub tp: u64,
     pub pp: u64,
@@ -81,33 +84,6 @@ pub struct StoredDeployment {
     /// `failed` deployments stay failed after a head restart; everything else is resumed.
     pub failed: Option<String>,
     pub launch: Option<StoredLaunch>,
-}
-
-impl StoredDeployment {
-    /// The spec this record was made from.
-    pub fn to_spec(&self) -> Result<crate::deploy::spec::DeploymentSpec, String> {
-        use crate::deploy::spec::{DeploymentSpec, Engine};
-        let engine = match self.engine.as_str() {
-            "vllm" => Engine::Vllm,
-            "command" => Engine::Command,
-            "probe" => Engine::Probe,
-            other => return Err(format!("unknown engine {other:?}")),
-        };
-        Ok(DeploymentSpec {
-            name: self.name.clone(),
-            model_path: self.model_path.clone(),
-            tp: self.tp,
-            pp: self.pp,
-            engine,
-            engine_args: self.engine_args.clone(),
-            env: self.env.clone(),
-            max_restarts: self.max_restarts,
-            command: self.command.clone(),
-            per_node: self.per_node,
-            gpu_memory_utilization: self.gpu_memory_utilization,
-            max_model_len: self.max_model_len,
-        })
-    }
 }
 
 pub struct Store {
@@ -230,6 +206,7 @@ mod tests {
     fn dep(name: &str) -> StoredDeployment {
         StoredDeployment {
             name: name.into(),
+            uid: String::new(),
             model_path: "/m".into(),
             tp: 4,
             pp: 2,

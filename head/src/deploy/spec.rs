@@ -1,14 +1,11 @@
 //! A deployment's spec, validated on receipt, and the processes each engine runs on each node.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use tessera_common::model::{ModelDesc, load::Model};
 use tessera_common::plan::memory::Weights;
-use tessera_common::plan::partition::Stage;
-use tessera_common::plan::placement::RankPlacement;
 use tessera_proto::v1 as pb;
 use tonic::Status;
 
@@ -18,6 +15,10 @@ pub const DEFAULT_MAX_RESTARTS: u32 = 5;
 pub const RESTART_WINDOW: Duration = Duration::from_secs(600);
 /// Seconds between SIGTERM and SIGKILL when stopping a process.
 pub const STOP_GRACE_S: u32 = 10;
+/// Most bytes of `env` (names and values) and of `engine_args` (each) a deployment may carry: every
+/// launch repeats them per process, and a launch must fit the 4 MiB a worker accepts.
+pub const MAX_ENV_BYTES: usize = 256 * 1024;
+pub const MAX_ARGS_BYTES: usize = 256 * 1024;
 
 /// Environment variables Tessera sets from the placement; a deployment may not override them.
 const RESERVED_ENV: &[&str] = &[
@@ -90,6 +91,23 @@ impl LoadedModel {
     }
 }
 
+/// `model_path` of a request: an absolute path on the head's filesystem.
+pub fn model_path(p: &str) -> Result<PathBuf, Status> {
+    if p.is_empty() {
+        return Err(Status::invalid_argument("model_path: missing; give a model directory or config.json on the head"));
+    }
+    if p.len() > 4096 || p.contains('\0') {
+        return Err(Status::invalid_argument("model_path: not a usable path (too long or contains NUL)"));
+    }
+    let path = PathBuf::from(p);
+    if !path.is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "model_path: {p:?} is relative; give an absolute path (the head reads it on its own filesystem)"
+        )));
+    }
+    Ok(path)
+}
+
 fn bad(field: &str, why: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {why}"))
 }
@@ -116,7 +134,7 @@ pub fn check_name(name: &str) -> Result<(), Status> {
 impl DeploymentSpec {
     pub fn from_request(r: &pb::CreateDeploymentRequest) -> Result<Self, Status> {
         check_name(&r.name)?;
-        let model_path = crate::server::planner::model_path(&r.model_path)?;
+        let model_path = model_path(&r.model_path)?;
         let size = |field: &str, v: u32| -> Result<u64, Status> {
             match v {
                 0 => Ok(1),
@@ -139,6 +157,24 @@ impl DeploymentSpec {
             if a.len() > 4096 || a.contains('\0') {
                 return Err(bad(&format!("engine_args[{i}]"), "longer than 4096 bytes or contains NUL"));
             }
+        }
+        let args_bytes: usize = r.engine_args.iter().map(String::len).sum();
+        if args_bytes > MAX_ARGS_BYTES {
+            return Err(bad(
+                "engine_args",
+                format!(
+                    "{args_bytes} bytes in all; at most {MAX_ARGS_BYTES} (put large settings in a file the engine reads)"
+                ),
+            ));
+        }
+        let env_bytes: usize = r.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if env_bytes > MAX_ENV_BYTES {
+            return Err(bad(
+                "env",
+                format!(
+                    "{env_bytes} bytes in all; at most {MAX_ENV_BYTES} (put large settings in a file the engine reads)"
+                ),
+            ));
         }
         if r.env.len() > 128 {
             return Err(bad("env", format!("{} variables; at most 128", r.env.len())));
@@ -201,234 +237,11 @@ impl DeploymentSpec {
     }
 }
 
-/// One node's share of a launch.
-#[derive(Debug, Clone)]
-pub struct NodeShare {
-    pub node_id: String,
-    pub node: String,
-    pub address: IpAddr,
-    pub node_rank: u64,
-    pub ranks: Vec<RankPlacement>,
-}
-
-impl NodeShare {
-    pub fn gpu_list(&self) -> String {
-        self.ranks.iter().map(|r| r.gpu_index.to_string()).collect::<Vec<_>>().join(",")
-    }
-}
-
-/// Everything the processes of one generation need to know.
-pub struct LaunchContext<'a> {
-    pub spec: &'a DeploymentSpec,
-    pub generation: u64,
-    pub nodes: &'a [NodeShare],
-    pub stages: &'a [Stage],
-    pub master_addr: IpAddr,
-}
-
-/// The port vLLM serves its API (and /health) on: `--port N` in the engine args, else 8000.
-pub fn vllm_port(args: &[String]) -> u16 {
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        if a == "--port" {
-            if let Some(p) = it.next().and_then(|v| v.parse().ok()) {
-                return p;
-            }
-        } else if let Some(p) = a.strip_prefix("--port=").and_then(|v| v.parse().ok()) {
-            return p;
-        }
-    }
-    8000
-}
-
-/// The processes for one node.
-pub fn processes(ctx: &LaunchContext<'_>, share: &NodeShare) -> Vec<pb::ShardProcess> {
-    let s = ctx.spec;
-    let world = s.tp * s.pp;
-    let nnodes = ctx.nodes.len() as u64;
-    let master = ctx.master_addr.to_string();
-    let layers =
-        |pp_rank: u64| ctx.stages.get(pp_rank as usize).map(|st| (st.layer_start, st.layer_end)).unwrap_or((0, 0));
-    let mut base_env: BTreeMap<String, String> = s.env.clone();
-    base_env.insert("TESSERA_DEPLOYMENT".into(), s.name.clone());
-    base_env.insert("TESSERA_GENERATION".into(), ctx.generation.to_string());
-    match s.engine {
-        Engine::Vllm => {
-            let mut args = vec![
-                "serve".to_string(),
-                s.model_path.display().to_string(),
-                "--tensor-parallel-size".into(),
-                s.tp.to_string(),
-                "--pipeline-parallel-size".into(),
-                s.pp.to_string(),
-                "--nnodes".into(),
-                nnodes.to_string(),
-                "--node-rank".into(),
-                share.node_rank.to_string(),
-                "--master-addr".into(),
-                master,
-                "--master-port".into(),
-                "{master_port}".into(),
-            ];
-            if share.node_rank > 0 {
-                args.push("--headless".into());
-            }
-            args.extend(s.engine_args.iter().cloned());
-            let mut env = base_env;
-            env.insert("CUDA_VISIBLE_DEVICES".into(), share.gpu_list());
-            env.insert("VLLM_HOST_IP".into(), share.address.to_string());
-            vec![pb::ShardProcess {
-                key: format!("node-{}", share.node_rank),
-                ranks: share.ranks.iter().map(|r| r.rank as u32).collect(),
-                program: pb::ShardProgram::Vllm as i32,
-                args,
-                env: env.into_iter().collect(),
-                health_check: share.node_rank == 0,
-                health_port: if share.node_rank == 0 { vllm_port(&s.engine_args) as u32 } else { 0 },
-            }]
-        }
-        Engine::Probe => share
-            .ranks
-            .iter()
-            .map(|r| {
-                let mut args = vec![
-                    "--rank".to_string(),
-                    r.rank.to_string(),
-                    "--world-size".into(),
-                    world.to_string(),
-                    "--master-addr".into(),
-                    master.clone(),
-                    "--master-port".into(),
-                    "{master_port}".into(),
-                ];
-                if r.rank == 0 {
-                    args.extend(["--health-port".to_string(), "{health_port}".to_string()]);
-                }
-                let env = rank_env(&base_env, ctx, share, r);
-                pb::ShardProcess {
-                    key: format!("rank-{}", r.rank),
-                    ranks: vec![r.rank as u32],
-                    program: pb::ShardProgram::Probe as i32,
-                    args,
-                    env: env.into_iter().collect(),
-                    health_check: r.rank == 0,
-                    health_port: 0,
-                }
-            })
-            .collect(),
-        Engine::Command => {
-            let template = |rank: Option<&RankPlacement>| {
-                let ranks: Vec<String> = share.ranks.iter().map(|r| r.rank.to_string()).collect();
-                let mut t = s
-                    .command
-                    .replace("{model}", &s.model_path.display().to_string())
-                    .replace("{tp}", &s.tp.to_string())
-                    .replace("{pp}", &s.pp.to_string())
-                    .replace("{world_size}", &world.to_string())
-                    .replace("{ranks}", &ranks.join(","))
-                    .replace("{node_rank}", &share.node_rank.to_string())
-                    .replace("{nnodes}", &nnodes.to_string())
-                    .replace("{master_addr}", &master)
-                    .replace("{args}", &s.engine_args.join(" "));
-                if let Some(r) = rank {
-                    t = t
-                        .replace("{rank}", &r.rank.to_string())
-                        .replace("{tp_rank}", &r.tp_rank.to_string())
-                        .replace("{pp_rank}", &r.pp_rank.to_string());
-                }
-                t
-            };
-            if s.per_node {
-                let first = &share.ranks[0];
-                let mut env = torchrun_env(&base_env, ctx, share, first.rank, 0, share.ranks.len() as u64);
-                env.insert("CUDA_VISIBLE_DEVICES".into(), share.gpu_list());
-                let (ls, _) = layers(first.pp_rank);
-                let (_, le) = layers(share.ranks.last().map(|r| r.pp_rank).unwrap_or(first.pp_rank));
-                env.insert("TESSERA_LAYER_START".into(), ls.to_string());
-                env.insert("TESSERA_LAYER_END".into(), le.to_string());
-                vec![pb::ShardProcess {
-                    key: format!("node-{}", share.node_rank),
-                    ranks: share.ranks.iter().map(|r| r.rank as u32).collect(),
-                    program: pb::ShardProgram::Shell as i32,
-                    args: vec![template(None)],
-                    env: env.into_iter().collect(),
-                    health_check: false,
-                    health_port: 0,
-                }]
-            } else {
-                share
-                    .ranks
-                    .iter()
-                    .map(|r| {
-                        let env = rank_env(&base_env, ctx, share, r);
-                        pb::ShardProcess {
-                            key: format!("rank-{}", r.rank),
-                            ranks: vec![r.rank as u32],
-                            program: pb::ShardProgram::Shell as i32,
-                            args: vec![template(Some(r))],
-                            env: env.into_iter().collect(),
-                            health_check: false,
-                            health_port: 0,
-                        }
-                    })
-                    .collect()
-            }
-        }
-    }
-}
-
-/// Everything one rank's process sees: torchrun's variables, its GPU, its TP/PP ranks and layers.
-fn rank_env(
-    base: &BTreeMap<String, String>,
-    ctx: &LaunchContext<'_>,
-    share: &NodeShare,
-    r: &RankPlacement,
-) -> BTreeMap<String, String> {
-    let mut env = torchrun_env(base, ctx, share, r.rank, r.rank - share.ranks[0].rank, share.ranks.len() as u64);
-    let (ls, le) = ctx.stages.get(r.pp_rank as usize).map(|st| (st.layer_start, st.layer_end)).unwrap_or((0, 0));
-    env.insert("CUDA_VISIBLE_DEVICES".into(), r.gpu_index.to_string());
-    env.insert("TESSERA_TP_RANK".into(), r.tp_rank.to_string());
-    env.insert("TESSERA_PP_RANK".into(), r.pp_rank.to_string());
-    env.insert("TESSERA_LAYER_START".into(), ls.to_string());
-    env.insert("TESSERA_LAYER_END".into(), le.to_string());
-    env
-}
-
-/// torchrun's variables: RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR,
-/// MASTER_PORT (filled in by the worker).
-fn torchrun_env(
-    base: &BTreeMap<String, String>,
-    ctx: &LaunchContext<'_>,
-    share: &NodeShare,
-    rank: u64,
-    local_rank: u64,
-    local_world: u64,
-) -> BTreeMap<String, String> {
-    let mut env = base.clone();
-    env.insert("RANK".into(), rank.to_string());
-    env.insert("LOCAL_RANK".into(), local_rank.to_string());
-    env.insert("WORLD_SIZE".into(), (ctx.spec.tp * ctx.spec.pp).to_string());
-    env.insert("LOCAL_WORLD_SIZE".into(), local_world.to_string());
-    env.insert("GROUP_RANK".into(), share.node_rank.to_string());
-    env.insert("MASTER_ADDR".into(), ctx.master_addr.to_string());
-    env.insert("MASTER_PORT".into(), "{master_port}".into());
-    env
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn req() -> pb::CreateDeploymentRequest {
-        pb::CreateDeploymentRequest {
-            name: "llama".into(),
-            model_path: "/models/llama".into(),
-            tp: 4,
-            pp: 2,
-            engine: pb::Engine::Probe as i32,
-            ..Default::default()
-        }
-    }
+    use crate::deploy::engine::fixture::req;
 
     #[test]
     fn requests_are_validated_field_by_field() {
@@ -448,6 +261,18 @@ mod tests {
             ),
             (pb::CreateDeploymentRequest { gpu_memory_utilization: 2.0, ..req() }, "gpu_memory_utilization:"),
             (pb::CreateDeploymentRequest { engine_args: vec!["a".into(); 300], ..req() }, "engine_args:"),
+            // ~3.9 MiB of env in 128 variables, each under the per-value limit: refused as a whole.
+            (
+                pb::CreateDeploymentRequest {
+                    env: (0..128).map(|i| (format!("V{i}"), "x".repeat(31 * 1024))).collect(),
+                    ..req()
+                },
+                "bytes in all; at most 262144",
+            ),
+            (
+                pb::CreateDeploymentRequest { engine_args: vec!["y".repeat(4000); 70], ..req() },
+                "bytes in all; at most 262144",
+            ),
         ];
         for (r, needle) in cases {
             let e = DeploymentSpec::from_request(&r).expect_err(needle);
@@ -461,124 +286,5 @@ mod tests {
             Some(0)
         );
         assert_eq!(DeploymentSpec::from_request(&req()).map(|s| s.max_restarts).ok(), Some(5));
-    }
-
-    fn ctx_fixture() -> (DeploymentSpec, Vec<NodeShare>, Vec<Stage>) {
-        let mut spec = DeploymentSpec::from_request(&pb::CreateDeploymentRequest {
-            engine: pb::Engine::Command as i32,
-            command: "run {model} rank={rank} tp={tp_rank} pp={pp_rank} node={node_rank}/{nnodes} at {master_addr}"
-                .into(),
-            ..req()
-        })
-        .expect("valid");
-        spec.tp = 2;
-        spec.pp = 2;
-        let rank = |rank: u64, node: &str, node_rank: u64, gpu: u32| RankPlacement {
-            rank,
-            tp_rank: rank % 2,
-            pp_rank: rank / 2,
-            node: node.into(),
-            node_id: format!("id-{node}"),
-            node_rank,
-            gpu_index: gpu,
-            gpu_uuid: format!("GPU-{node}-{gpu}"),
-        };
-        let shares = vec![
-            NodeShare {
-                node_id: "id-a".into(),
-                node: "a".into(),
-                address: "10.0.0.1".parse().expect("ip"),
-                node_rank: 0,
-                ranks: vec![rank(0, "a", 0, 2), rank(1, "a", 0, 3)],
-            },
-            NodeShare {
-                node_id: "id-b".into(),
-                node: "b".into(),
-                address: "10.0.0.2".parse().expect("ip"),
-                node_rank: 1,
-                ranks: vec![rank(2, "b", 1, 0), rank(3, "b", 1, 1)],
-            },
-        ];
-        let stages = vec![
-            Stage { pp_rank: 0, layer_start: 0, layer_end: 16, num_layers: 16 },
-            Stage { pp_rank: 1, layer_start: 16, layer_end: 32, num_layers: 16 },
-        ];
-        (spec, shares, stages)
-    }
-
-    #[test]
-    fn the_command_engine_gets_torchrun_variables_per_rank() {
-        let (spec, shares, stages) = ctx_fixture();
-        let ctx = LaunchContext {
-            spec: &spec,
-            generation: 7,
-            nodes: &shares,
-            stages: &stages,
-            master_addr: shares[0].address,
-        };
-        let procs = processes(&ctx, &shares[1]);
-        assert_eq!(procs.len(), 2);
-        let p = &procs[1];
-        assert_eq!(p.key, "rank-3");
-        assert_eq!(p.args, vec!["run /models/llama rank=3 tp=1 pp=1 node=1/2 at 10.0.0.1".to_string()]);
-        let env = |k: &str| p.env.get(k).cloned().unwrap_or_default();
-        for (k, v) in [
-            ("RANK", "3"),
-            ("LOCAL_RANK", "1"),
-            ("WORLD_SIZE", "4"),
-            ("LOCAL_WORLD_SIZE", "2"),
-            ("GROUP_RANK", "1"),
-            ("MASTER_ADDR", "10.0.0.1"),
-            ("MASTER_PORT", "{master_port}"),
-            ("CUDA_VISIBLE_DEVICES", "1"),
-            ("TESSERA_DEPLOYMENT", "llama"),
-            ("TESSERA_GENERATION", "7"),
-            ("TESSERA_TP_RANK", "1"),
-            ("TESSERA_PP_RANK", "1"),
-            ("TESSERA_LAYER_START", "16"),
-            ("TESSERA_LAYER_END", "32"),
-        ] {
-            assert_eq!(env(k), v, "{k}");
-        }
-    }
-
-    #[test]
-    fn per_node_commands_hold_the_node_gpus_and_vllm_is_headless_past_node_0() {
-        let (mut spec, shares, stages) = ctx_fixture();
-        spec.per_node = true;
-        let ctx = LaunchContext {
-            spec: &spec,
-            generation: 1,
-            nodes: &shares,
-            stages: &stages,
-            master_addr: shares[0].address,
-        };
-        let p = &processes(&ctx, &shares[0])[0];
-        assert_eq!((p.key.as_str(), p.ranks.clone()), ("node-0", vec![0, 1]));
-        assert_eq!(p.env.get("CUDA_VISIBLE_DEVICES").map(String::as_str), Some("2,3"));
-        assert_eq!(p.env.get("TESSERA_LAYER_END").map(String::as_str), Some("16"));
-
-        spec.engine = Engine::Vllm;
-        spec.engine_args = vec!["--port".into(), "9000".into()];
-        let ctx = LaunchContext {
-            spec: &spec,
-            generation: 1,
-            nodes: &shares,
-            stages: &stages,
-            master_addr: shares[0].address,
-        };
-        let n0 = &processes(&ctx, &shares[0])[0];
-        let n1 = &processes(&ctx, &shares[1])[0];
-        assert!(!n0.args.contains(&"--headless".to_string()) && n1.args.contains(&"--headless".to_string()));
-        assert!(n0.health_check && n0.health_port == 9000 && !n1.health_check);
-        assert_eq!(n1.env.get("VLLM_HOST_IP").map(String::as_str), Some("10.0.0.2"));
-        assert_eq!(n1.env.get("CUDA_VISIBLE_DEVICES").map(String::as_str), Some("0,1"));
-    }
-
-    #[test]
-    fn vllm_port_comes_from_the_engine_args() {
-        assert_eq!(vllm_port(&[]), 8000);
-        assert_eq!(vllm_port(&["--port".into(), "9000".into()]), 9000);
-        assert_eq!(vllm_port(&["--port=9100".into()]), 9100);
     }
 }

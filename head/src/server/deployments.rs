@@ -7,9 +7,20 @@ use tessera_common::model;
 use tessera_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::deploy::Deployments;
 use crate::deploy::spec::{DeploymentSpec, LoadedModel, check_name};
+use crate::deploy::{DeployError, Deployments};
 use crate::server::planner::model_status;
+
+/// The one place where deployment errors become gRPC codes.
+pub fn status_of(e: DeployError) -> Status {
+    let msg = e.to_string();
+    match e {
+        DeployError::NotFound(_) | DeployError::NoSuchRank { .. } => Status::not_found(msg),
+        DeployError::AlreadyExists(_) => Status::already_exists(msg),
+        DeployError::BeingDeleted(_) | DeployError::InvalidPlan(_) => Status::failed_precondition(msg),
+        DeployError::Store { .. } => Status::unavailable(msg),
+    }
+}
 
 pub struct DeploymentsService {
     pub deployments: Deployments,

@@ -1,16 +1,14 @@
 //! The `Planner` service: plans against the live inventory. Reserves nothing.
 
-use std::path::PathBuf;
-
 use tessera_common::model::{self, load::ModelError};
-use tessera_common::node::NodeState;
 use tessera_common::plan::memory::Weights;
-use tessera_common::plan::placement::{Cluster, ClusterGpu, ClusterNode};
 use tessera_common::plan::{self, PlanRequest, Size};
 use tessera_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::membership::{Membership, NodeView};
+use crate::deploy::inventory::cluster_of;
+use crate::deploy::spec::model_path;
+use crate::membership::Membership;
 
 pub struct PlannerService {
     pub membership: Membership,
@@ -72,22 +70,6 @@ pub fn plan_request(r: &pb::PlanRequest) -> Result<PlanRequest, Status> {
     })
 }
 
-pub fn model_path(p: &str) -> Result<PathBuf, Status> {
-    if p.is_empty() {
-        return Err(Status::invalid_argument("model_path: missing; give a model directory or config.json on the head"));
-    }
-    if p.len() > 4096 || p.contains('\0') {
-        return Err(Status::invalid_argument("model_path: not a usable path (too long or contains NUL)"));
-    }
-    let path = PathBuf::from(p);
-    if !path.is_absolute() {
-        return Err(Status::invalid_argument(format!(
-            "model_path: {p:?} is relative; give an absolute path (the head reads it on its own filesystem)"
-        )));
-    }
-    Ok(path)
-}
-
 pub fn model_status(e: ModelError) -> Status {
     match &e {
         ModelError::Io { message, .. } if message.contains("No such file") => {
@@ -95,33 +77,5 @@ pub fn model_status(e: ModelError) -> Status {
         }
         ModelError::Io { .. } => Status::failed_precondition(e.to_string()),
         _ => Status::invalid_argument(e.to_string()),
-    }
-}
-
-/// The planner's view of the membership table: alive, undrained nodes are schedulable.
-pub fn cluster_of(nodes: &[NodeView]) -> Cluster {
-    Cluster {
-        nodes: nodes
-            .iter()
-            .map(|n| ClusterNode {
-                id: n.id.to_string(),
-                name: n.info.name.clone(),
-                is_head: n.info.is_head,
-                schedulable: n.state == NodeState::Alive,
-                gpus: n
-                    .info
-                    .inventory
-                    .gpus
-                    .iter()
-                    .map(|g| ClusterGpu {
-                        index: g.index,
-                        uuid: g.uuid.clone(),
-                        memory_total_bytes: g.memory_total_bytes,
-                        nvlink_peers: tessera_common::plan::placement::peer_mask(g.nvlink_peers.iter().copied()),
-                        reserved: false,
-                    })
-                    .collect(),
-            })
-            .collect(),
     }
 }

@@ -102,7 +102,7 @@ async fn pump(
                     let _ = tx.try_send(Ok(msg(pb::head_message::Msg::HeartbeatAck(pb::HeartbeatAck { seq: hb.seq }))));
                 }
                 Some(pb::worker_message::Msg::Shard(report)) => deployments.report(node_id, report).await,
-                Some(pb::worker_message::Msg::LogData(data)) => deployments.log_data(data).await,
+                Some(pb::worker_message::Msg::LogData(data)) => deployments.log_data(node_id, data).await,
                 Some(pb::worker_message::Msg::Leave(leave)) => {
                     membership.leave(node_id, session_id, leave.reason).await;
                     let _ = tx.send(Ok(msg(pb::head_message::Msg::Left(pb::Left {})))).await;

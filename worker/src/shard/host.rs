@@ -35,7 +35,22 @@ pub struct HostConfig {
     pub log_max_bytes: u64,
 }
 
-type Key = (String, u64, String);
+/// A process: deployment name, incarnation, generation, process key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    deployment: String,
+    uid: String,
+    generation: u64,
+    key: String,
+}
+
+impl Key {
+    /// Fencing: is this process superseded when `uid`'s generation `below` of its deployment runs?
+    /// Any other incarnation of the same name always is; `below == u64::MAX` means every one.
+    fn superseded(&self, deployment: &str, uid: &str, below: u64) -> bool {
+        self.deployment == deployment && (self.uid != uid || self.generation < below)
+    }
+}
 
 struct Proc {
     dir: PathBuf,
@@ -88,19 +103,25 @@ impl ShardHost {
     async fn launch_inner(&self, l: pb::LaunchShards) {
         let grace = Duration::from_secs(l.stop_grace_s.max(1) as u64);
         // Fencing: nothing of an older generation may run beside the new one.
-        self.stop_matching(&l.deployment, l.generation, "superseded by a newer generation");
-        self.wait_stopped(&l.deployment, l.generation, grace + Duration::from_secs(5)).await;
+        self.stop_matching(&l.deployment, &l.deployment_uid, l.generation, "superseded by a newer generation");
+        self.wait_stopped(&l.deployment, &l.deployment_uid, l.generation, grace + Duration::from_secs(5)).await;
 
         let (master_port, health_port) =
             if l.pick_ports { free_ports().unwrap_or((0, 0)) } else { (l.master_port as u16, l.health_port as u16) };
         for p in l.processes {
-            let key: Key = (l.deployment.clone(), l.generation, p.key.clone());
+            let key = Key {
+                deployment: l.deployment.clone(),
+                uid: l.deployment_uid.clone(),
+                generation: l.generation,
+                key: p.key.clone(),
+            };
             if self.procs.lock().expect("lock").contains_key(&key) {
                 continue; // already launched (a repeated message)
             }
-            let dir = spec::process_dir(&self.cfg.state_dir, &l.deployment, l.generation, &p.key);
+            let dir = spec::process_dir(&self.cfg.state_dir, &l.deployment, &l.deployment_uid, l.generation, &p.key);
             let mut report = pb::ShardReport {
                 deployment: l.deployment.clone(),
+                deployment_uid: l.deployment_uid.clone(),
                 generation: l.generation,
                 key: p.key.clone(),
                 ranks: p.ranks.clone(),
@@ -121,6 +142,7 @@ impl ShardHost {
                     report.exit_code = Some(127);
                     report.error = why.clone();
                     report.log_tail = why;
+                    report.exited_unix_ms = spec::unix_ms();
                     self.procs
                         .lock()
                         .expect("lock")
@@ -136,6 +158,7 @@ impl ShardHost {
             };
             let shim_spec = ShimSpec {
                 deployment: l.deployment.clone(),
+                deployment_uid: l.deployment_uid.clone(),
                 generation: l.generation,
                 key: p.key.clone(),
                 ranks: p.ranks.clone(),
@@ -157,6 +180,7 @@ impl ShardHost {
                 report.state = pb::ProcessState::Exited as i32;
                 report.exit_code = Some(127);
                 report.error = format!("cannot write {}: {e}", dir.display());
+                report.exited_unix_ms = spec::unix_ms();
                 self.procs
                     .lock()
                     .expect("lock")
@@ -193,6 +217,7 @@ impl ShardHost {
                         pr.last.state = pb::ProcessState::Exited as i32;
                         pr.last.exit_code = Some(127);
                         pr.last.error = format!("cannot start the shim {}: {e}", self.cfg.exe.display());
+                        pr.last.exited_unix_ms = spec::unix_ms();
                     });
                 }
             }
@@ -237,11 +262,11 @@ impl ShardHost {
             let Some(stream) = stream else {
                 // The shim never came up (or is long gone): use what its state file says.
                 let st: ShimState = spec::read_json(&spec::state_path(&dir)).unwrap_or_default();
+                let exited_at = st.exited_unix_ms.unwrap_or_else(spec::unix_ms);
                 host.finish(
                     &key,
                     &dir,
-                    st.exit_code.or(Some(127)),
-                    st.signal,
+                    (st.exit_code.or(Some(127)), st.signal, exited_at),
                     st.error.unwrap_or_else(|| "the shim did not start".into()),
                 );
                 return;
@@ -283,7 +308,8 @@ impl ShardHost {
                         while let Ok(Some(_)) = lines.next_line().await {}
                     })
                     .await;
-                    host.finish(&key, &dir, st.exit_code, st.signal, st.error.clone().unwrap_or_default());
+                    let exited_at = st.exited_unix_ms.unwrap_or_else(spec::unix_ms);
+                    host.finish(&key, &dir, (st.exit_code, st.signal, exited_at), st.error.clone().unwrap_or_default());
                     return;
                 }
                 if let Some(pid) = st.pid {
@@ -300,18 +326,21 @@ impl ShardHost {
                 }
             }
             // The socket closed without an exit: the shim died.
-            host.finish(&key, &dir, last.exit_code, last.signal, "the shim exited unexpectedly".into());
+            let exited_at = last.exited_unix_ms.unwrap_or_else(spec::unix_ms);
+            host.finish(&key, &dir, (last.exit_code, last.signal, exited_at), "the shim exited unexpectedly".into());
         });
     }
 
-    fn finish(&self, key: &Key, dir: &Path, code: Option<i32>, signal: Option<i32>, error: String) {
+    /// Records an exit: (exit code, signal, when in Unix ms).
+    fn finish(&self, key: &Key, dir: &Path, exit: (Option<i32>, Option<i32>, u64), error: String) {
         let tail = tail_lines(&spec::log_path(dir), 20);
         self.update(key, |p| {
             p.exited = true;
             p.cmd = None;
             p.last.state = pb::ProcessState::Exited as i32;
-            p.last.exit_code = code;
-            p.last.signal = signal;
+            p.last.exit_code = exit.0;
+            p.last.signal = exit.1;
+            p.last.exited_unix_ms = exit.2;
             p.last.error = error;
             p.last.log_tail = tail;
         });
@@ -349,20 +378,22 @@ impl ShardHost {
         });
     }
 
-    /// Stops processes of `deployment` with a generation below `below` (all when 0).
+    /// Stops processes of `deployment` of another incarnation than `deployment_uid`, or with a
+    /// generation below `below_generation` (all when 0).
     pub fn stop(&self, s: pb::StopShards) {
         self.stop_matching(
             &s.deployment,
+            &s.deployment_uid,
             if s.below_generation == 0 { u64::MAX } else { s.below_generation },
             &s.reason,
         );
     }
 
-    fn stop_matching(&self, deployment: &str, below: u64, reason: &str) {
+    fn stop_matching(&self, deployment: &str, uid: &str, below: u64, reason: &str) {
         let mut procs = self.procs.lock().expect("lock");
-        for ((d, g, k), p) in procs.iter_mut() {
-            if d == deployment && *g < below && !p.exited {
-                info!(deployment = %d, generation = g, key = %k, reason, "stopping");
+        for (k, p) in procs.iter_mut() {
+            if k.superseded(deployment, uid, below) && !p.exited {
+                info!(deployment = %k.deployment, uid = %k.uid, generation = k.generation, key = %k.key, reason, "stopping");
                 match &p.cmd {
                     Some(tx) => {
                         let _ = tx.send(ShimCommand::Stop);
@@ -373,15 +404,11 @@ impl ShardHost {
         }
     }
 
-    async fn wait_stopped(&self, deployment: &str, below: u64, limit: Duration) {
+    async fn wait_stopped(&self, deployment: &str, uid: &str, below: u64, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let busy = self
-                .procs
-                .lock()
-                .expect("lock")
-                .iter()
-                .any(|((d, g, _), p)| d == deployment && *g < below && !p.exited);
+            let busy =
+                self.procs.lock().expect("lock").iter().any(|(k, p)| k.superseded(deployment, uid, below) && !p.exited);
             if !busy || tokio::time::Instant::now() > deadline {
                 return;
             }
@@ -399,9 +426,15 @@ impl ShardHost {
             if st.exited || !spec::socket_path(&dir).exists() {
                 continue;
             }
-            let key: Key = (s.deployment.clone(), s.generation, s.key.clone());
+            let key = Key {
+                deployment: s.deployment.clone(),
+                uid: s.deployment_uid.clone(),
+                generation: s.generation,
+                key: s.key.clone(),
+            };
             let report = pb::ShardReport {
                 deployment: s.deployment.clone(),
+                deployment_uid: s.deployment_uid.clone(),
                 generation: s.generation,
                 key: s.key.clone(),
                 ranks: s.ranks.clone(),
@@ -430,8 +463,8 @@ impl ShardHost {
             .lock()
             .expect("lock")
             .iter()
-            .filter(|((d, _, k), _)| *d == r.deployment && *k == r.key)
-            .max_by_key(|((_, g, _), _)| *g)
+            .filter(|(k, _)| k.deployment == r.deployment && k.key == r.key)
+            .max_by_key(|(k, _)| k.generation)
             .map(|(_, p)| p.dir.clone());
         let up = self.up.clone();
         let id = r.request_id;
@@ -483,9 +516,9 @@ impl ShardHost {
     /// a worker that is PID 1 of a container, whose shards go away with it.
     pub async fn stop_all(&self, limit: Duration) {
         let deployments: std::collections::BTreeSet<String> =
-            self.procs.lock().expect("lock").keys().map(|(d, _, _)| d.clone()).collect();
+            self.procs.lock().expect("lock").keys().map(|k| k.deployment.clone()).collect();
         for d in &deployments {
-            self.stop_matching(d, u64::MAX, "the worker is stopping (PID 1)");
+            self.stop_matching(d, "", u64::MAX, "the worker is stopping (PID 1)");
         }
         let deadline = tokio::time::Instant::now() + limit;
         while self.procs.lock().expect("lock").values().any(|p| !p.exited) && tokio::time::Instant::now() < deadline {
@@ -579,5 +612,27 @@ mod tests {
         assert_eq!(tail_lines(&p, 3), "b\nc\nd\n");
         assert_eq!(tail_lines(&p, 1), "d\n");
         assert_eq!(tail_lines(&dir.path().join("none"), 5), "");
+    }
+}
+
+#[cfg(test)]
+mod fencing_tests {
+    use super::Key;
+
+    fn k(uid: &str, generation: u64) -> Key {
+        Key { deployment: "llama".into(), uid: uid.into(), generation, key: "rank-0".into() }
+    }
+
+    #[test]
+    fn other_incarnations_are_always_superseded_and_older_generations_of_this_one() {
+        // A deleted deployment's processes are stale for the new incarnation, whatever their generation.
+        assert!(k("old", 5).superseded("llama", "new", 1));
+        assert!(k("new", 1).superseded("llama", "new", 2));
+        assert!(!k("new", 2).superseded("llama", "new", 2));
+        assert!(!k("new", 1).superseded("other", "new", 9));
+        // Stop everything (below 0 on the wire is u64::MAX here).
+        assert!(k("new", 7).superseded("llama", "new", u64::MAX));
+        // An empty uid (stop by name) matches every incarnation.
+        assert!(k("new", 7).superseded("llama", "", 0));
     }
 }

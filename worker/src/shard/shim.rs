@@ -157,6 +157,7 @@ fn fail(shared: &Shared, msg: &str) {
         s.error = Some(msg.to_string());
         s.exit_code = Some(127);
         s.exited = true;
+        s.exited_unix_ms = Some(super::spec::unix_ms());
     }
     shared.publish();
 }
@@ -261,6 +262,7 @@ fn record_exit(shared: &Shared, code: Option<i32>, signal: Option<i32>) {
         let mut s = shared.state.lock().expect("lock");
         s.exit_code = code;
         s.signal = signal;
+        s.exited_unix_ms = Some(super::spec::unix_ms());
     }
     shared.log(&format!("engine exited: code {code:?} signal {signal:?}"));
     shared.publish();

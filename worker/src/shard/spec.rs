@@ -1,7 +1,7 @@
 //! What a shim runs, written as `spec.json` in the process's directory before the shim starts, and
 //! the line protocol between a shim and its agent.
 //!
-//! Directory of one process: `<state-dir>/shards/<deployment>/g<generation>/<key>/` holding
+//! Directory of one process: `<state-dir>/shards/<deployment>/<uid>-g<generation>/<key>/` holding
 //! `spec.json`, `state.json` (pid, exit), `shim.sock`, `output.log` (+ `.1`, `.2` rotated) and
 //! `shim.log`.
 
@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShimSpec {
     pub deployment: String,
+    /// The deployment's incarnation (empty in specs written before incarnations existed).
+    #[serde(default)]
+    pub deployment_uid: String,
     pub generation: u64,
     pub key: String,
     pub ranks: Vec<u32>,
@@ -40,6 +43,9 @@ pub struct ShimState {
     /// Set when the engine could not be started at all.
     pub error: Option<String>,
     pub exited: bool,
+    /// When the engine exited (Unix milliseconds).
+    #[serde(default)]
+    pub exited_unix_ms: Option<u64>,
 }
 
 /// Shim -> agent: the state, sent on connect and on every change.
@@ -67,9 +73,15 @@ pub fn log_path(dir: &Path) -> PathBuf {
     dir.join("output.log")
 }
 
-/// The process directory for a deployment generation's key.
-pub fn process_dir(state_dir: &Path, deployment: &str, generation: u64, key: &str) -> PathBuf {
-    state_dir.join("shards").join(deployment).join(format!("g{generation}")).join(key)
+/// The process directory for a deployment incarnation's generation's key.
+pub fn process_dir(state_dir: &Path, deployment: &str, uid: &str, generation: u64, key: &str) -> PathBuf {
+    let generation_dir = if uid.is_empty() { format!("g{generation}") } else { format!("{uid}-g{generation}") };
+    state_dir.join("shards").join(deployment).join(generation_dir).join(key)
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Writes JSON atomically (temp file + rename).

@@ -4,11 +4,11 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
 
+use tessera_common::ids::{DeploymentUid, Generation, NodeId, ProcKey};
 use tessera_common::plan::partition::Stage;
 use tessera_common::plan::placement::RankPlacement;
 use tessera_proto::v1 as pb;
 use tokio::time::Instant;
-use uuid::Uuid;
 
 use super::spec::{DeploymentSpec, Engine, LoadedModel};
 
@@ -37,14 +37,16 @@ impl DState {
     }
 }
 
-/// Where the current generation runs. Dropping it (see `release`) frees its GPUs.
+/// Where the current generation runs. Its `gpus` are the deployment's reservation, which it
+/// keeps across group restarts (see `Machine::release`).
+#[derive(Debug, Clone)]
 pub struct Launch {
     /// Reserved GPU uuids.
     pub gpus: Vec<String>,
     pub placement: Vec<RankPlacement>,
     pub stages: Vec<Stage>,
-    /// Processes per node, node rank order.
-    pub per_node: Vec<(Uuid, Vec<pb::ShardProcess>)>,
+    /// Processes per node, node rank order (empty after a head restart: nothing is resent).
+    pub per_node: Vec<(NodeId, Vec<pb::ShardProcess>)>,
     pub master_addr: IpAddr,
     pub master_port: u32,
     pub health_port: u32,
@@ -53,8 +55,9 @@ pub struct Launch {
 }
 
 /// One process of the current generation, as reported.
+#[derive(Debug, Clone)]
 pub struct Proc {
-    pub node_id: Uuid,
+    pub node_id: NodeId,
     pub node: String,
     pub ranks: Vec<u32>,
     pub pid: u32,
@@ -66,11 +69,10 @@ pub struct Proc {
     pub gone: bool,
     /// Its node was told to launch it.
     pub launched: bool,
-    pub generation_seen: u64,
 }
 
 impl Proc {
-    pub fn new(node_id: Uuid, node: &str, ranks: Vec<u32>) -> Self {
+    pub fn new(node_id: NodeId, node: &str, ranks: Vec<u32>) -> Self {
         Proc {
             node_id,
             node: node.to_string(),
@@ -82,11 +84,11 @@ impl Proc {
             rtt_us: None,
             gone: false,
             launched: false,
-            generation_seen: 0,
         }
     }
 
-    pub fn apply(&mut self, r: &pb::ShardReport) {
+    /// Applies a report of this process; true when its state changed.
+    pub fn apply(&mut self, r: &pb::ShardReport) -> bool {
         let state = pb::ProcessState::try_from(r.state).unwrap_or(pb::ProcessState::Unspecified);
         // States only move forward within a generation (a late RUNNING never hides an exit).
         let rank = |s: pb::ProcessState| match s {
@@ -97,6 +99,7 @@ impl Proc {
             pb::ProcessState::Stopped => 4,
             pb::ProcessState::Exited => 5,
         };
+        let before = self.state;
         if rank(state) >= rank(self.state) {
             self.state = state;
         }
@@ -110,38 +113,64 @@ impl Proc {
         if r.rtt_us.is_some() {
             self.rtt_us = r.rtt_us;
         }
-        self.generation_seen = r.generation;
+        self.state != before
+    }
+
+    pub fn exited(&self) -> bool {
+        self.state == pb::ProcessState::Exited
     }
 }
 
+/// The group is failing: the first failure seen so far, while later reports may still name an
+/// earlier one (see `Machine::settle`).
+#[derive(Debug, Clone)]
+pub struct Failing {
+    /// When the failure was first noticed; the restart is counted from here.
+    pub noticed: Instant,
+    /// When the event is emitted and the next generation scheduled.
+    pub settle_at: Instant,
+    /// Unix ms of the blamed failure (a process's exit time; a node's death counts as 0: it
+    /// explains every exit on and off that node).
+    pub at_unix_ms: u64,
+    pub reason: String,
+    /// An operator's restart is not counted against max_restarts and has no backoff.
+    pub counted: bool,
+}
+
 pub struct Dep {
+    pub uid: DeploymentUid,
     pub spec: DeploymentSpec,
     /// `None` when the model could not be read again after a head restart.
     pub model: Option<LoadedModel>,
     pub state: DState,
     pub message: String,
     pub since: Instant,
-    pub generation: u64,
+    pub generation: Generation,
     pub restarts: u32,
     pub restart_times: VecDeque<Instant>,
     pub launch: Option<Launch>,
     /// Processes of the current generation by key.
-    pub procs: BTreeMap<String, Proc>,
+    pub procs: BTreeMap<ProcKey, Proc>,
     pub next_attempt: Option<Instant>,
     pub delete_deadline: Option<Instant>,
     /// After a head restart: by then every process of the generation must have reported.
     pub recover_deadline: Option<Instant>,
+    /// Set between the first failure of a generation and the group restart it causes.
+    pub failing: Option<Failing>,
+    /// A durable write for this deployment is in flight; nothing is sent until it lands.
+    pub parked: bool,
 }
 
 impl Dep {
-    pub fn new(spec: DeploymentSpec, model: Option<LoadedModel>) -> Self {
+    pub fn new(uid: DeploymentUid, spec: DeploymentSpec, model: Option<LoadedModel>, now: Instant) -> Self {
         Dep {
+            uid,
             spec,
             model,
             state: DState::Pending,
             message: "planning".into(),
-            since: Instant::now(),
-            generation: 0,
+            since: now,
+            generation: Generation(0),
             restarts: 0,
             restart_times: VecDeque::new(),
             launch: None,
@@ -149,82 +178,33 @@ impl Dep {
             next_attempt: None,
             delete_deadline: None,
             recover_deadline: None,
+            failing: None,
+            parked: false,
         }
     }
 
-    /// The durable record of this deployment.
-    pub fn to_stored(&self) -> crate::store::StoredDeployment {
-        let s = &self.spec;
-        let now = Instant::now();
-        let unix_now = crate::membership::unix_ms();
-        crate::store::StoredDeployment {
-            name: s.name.clone(),
-            model_path: s.model_path.clone(),
-            tp: s.tp,
-            pp: s.pp,
-            engine: match s.engine {
-                Engine::Vllm => "vllm",
-                Engine::Command => "command",
-                Engine::Probe => "probe",
-            }
-            .into(),
-            engine_args: s.engine_args.clone(),
-            env: s.env.clone(),
-            max_restarts: s.max_restarts,
-            command: s.command.clone(),
-            per_node: s.per_node,
-            gpu_memory_utilization: s.gpu_memory_utilization,
-            max_model_len: s.max_model_len,
-            generation: self.generation,
-            restarts: self.restarts,
-            restart_times_unix_ms: self
-                .restart_times
-                .iter()
-                .map(|t| unix_now.saturating_sub(now.duration_since(*t).as_millis() as u64))
-                .collect(),
-            failed: (self.state == DState::Failed).then(|| self.message.clone()),
-            launch: self.launch.as_ref().filter(|l| !l.gpus.is_empty()).map(|l| crate::store::StoredLaunch {
-                gpus: l.gpus.clone(),
-                placement: l.placement.clone(),
-                stages: l.stages.clone(),
-                processes: self
-                    .procs
-                    .iter()
-                    .map(|(k, p)| crate::store::StoredProcess {
-                        key: k.clone(),
-                        node_id: p.node_id.to_string(),
-                        node: p.node.clone(),
-                        ranks: p.ranks.clone(),
-                    })
-                    .collect(),
-                master_addr: l.master_addr.to_string(),
-                master_port: l.master_port,
-                health_port: l.health_port,
-            }),
-        }
-    }
-
-    pub fn set_state(&mut self, state: DState, message: String) {
+    pub fn set_state(&mut self, state: DState, message: String, now: Instant) {
         if state != self.state {
-            self.since = Instant::now();
+            self.since = now;
         }
         self.state = state;
         self.message = message;
     }
 
-    /// A process of another generation reported during a delete.
-    pub fn forget_proc(&mut self, key: &str, generation: u64) {
-        if let Some(p) = self.procs.get_mut(key) {
-            if p.generation_seen == generation {
-                p.gone = true;
-            }
-        }
+    /// GPUs this deployment holds.
+    pub fn gpus(&self) -> &[String] {
+        self.launch.as_ref().map(|l| l.gpus.as_slice()).unwrap_or_default()
     }
 
-    pub fn to_pb(&self) -> pb::Deployment {
+    /// The node of the process that runs `rank` now.
+    pub fn locate(&self, rank: u32) -> Option<(&ProcKey, &Proc)> {
+        self.procs.iter().find(|(_, p)| p.ranks.contains(&rank))
+    }
+
+    pub fn to_pb(&self, now: Instant) -> pb::Deployment {
         let (placement, stages, master_addr, master_port) = match &self.launch {
-            Some(l) => (l.placement.clone(), l.stages.clone(), l.master_addr.to_string(), l.master_port),
-            None => (Vec::new(), Vec::new(), String::new(), 0),
+            Some(l) => (l.placement.as_slice(), l.stages.as_slice(), l.master_addr.to_string(), l.master_port),
+            None => (&[][..], &[][..], String::new(), 0),
         };
         let nnodes = placement.iter().map(|r| r.node_rank).max().map(|m| m as u32 + 1).unwrap_or(0);
         let ranks = placement
@@ -232,15 +212,10 @@ impl Dep {
             .map(|r| {
                 let proc = self.procs.values().find(|p| p.ranks.contains(&(r.rank as u32)));
                 let (ls, le) = stages.get(r.pp_rank as usize).map(|s| (s.layer_start, s.layer_end)).unwrap_or((0, 0));
-                let node_gpus: Vec<u32> = match self.spec.engine {
-                    // One vLLM process per node holds all of that node's GPUs.
-                    Engine::Vllm => {
-                        placement.iter().filter(|o| o.node_rank == r.node_rank).map(|o| o.gpu_index).collect()
-                    }
-                    _ if self.spec.per_node => {
-                        placement.iter().filter(|o| o.node_rank == r.node_rank).map(|o| o.gpu_index).collect()
-                    }
-                    _ => vec![r.gpu_index],
+                let node_gpus: Vec<u32> = if super::engine::one_process_per_node(&self.spec) {
+                    placement.iter().filter(|o| o.node_rank == r.node_rank).map(|o| o.gpu_index).collect()
+                } else {
+                    vec![r.gpu_index]
                 };
                 pb::Rank {
                     rank: r.rank,
@@ -260,20 +235,12 @@ impl Dep {
                 }
             })
             .collect();
-        let health_url = match (self.spec.engine, &self.launch) {
-            (Engine::Probe, Some(l)) if l.health_port > 0 => {
-                format!("http://{}:{}/health", l.master_addr, l.health_port)
-            }
-            (Engine::Vllm, Some(l)) => {
-                format!("http://{}:{}/health", l.master_addr, super::spec::vllm_port(&self.spec.engine_args))
-            }
-            _ => String::new(),
-        };
+        let health_url = self.launch.as_ref().map(|l| super::engine::health_url(&self.spec, l)).unwrap_or_default();
         pb::Deployment {
             name: self.spec.name.clone(),
             state: self.state.to_pb() as i32,
             message: self.message.clone(),
-            generation: self.generation,
+            generation: self.generation.0,
             restarts: self.restarts,
             tp: self.spec.tp as u32,
             pp: self.spec.pp as u32,
@@ -289,7 +256,18 @@ impl Dep {
             env: self.spec.env.clone().into_iter().collect(),
             command: self.spec.command.clone(),
             per_node: self.spec.per_node,
-            state_since_ms_ago: self.since.elapsed().as_millis() as u64,
+            state_since_ms_ago: now.saturating_duration_since(self.since).as_millis() as u64,
+            uid: self.uid.to_wire(),
+        }
+    }
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Vllm => "vllm",
+            Engine::Command => "command",
+            Engine::Probe => "probe",
         }
     }
 }

@@ -1,0 +1,192 @@
+//! The planner's view of the cluster, kept up to date from membership events (never rebuilt from a
+//! full list per `Create`): which nodes are schedulable, their GPUs, and which GPUs deployments
+//! hold.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use tessera_common::ids::NodeId;
+use tessera_common::node::NodeState;
+use tessera_common::plan::placement::{Cluster, ClusterGpu, ClusterNode, peer_mask};
+
+use crate::membership::NodeView;
+
+/// What the deployments need of a node besides its GPUs.
+#[derive(Debug, Clone)]
+pub struct NodeMeta {
+    pub id: NodeId,
+    pub name: String,
+    pub address: IpAddr,
+    pub state: NodeState,
+}
+
+#[derive(Default)]
+pub struct Inventory {
+    cluster: Cluster,
+    meta: Vec<NodeMeta>,
+    index: HashMap<NodeId, usize>,
+    /// GPU uuid -> (node position, GPU position).
+    gpus: HashMap<String, (usize, usize)>,
+}
+
+/// The planner's view of a membership table: alive, undrained nodes are schedulable.
+pub fn cluster_of(nodes: &[NodeView]) -> Cluster {
+    Cluster { nodes: nodes.iter().map(cluster_node).collect() }
+}
+
+fn cluster_node(n: &NodeView) -> ClusterNode {
+    ClusterNode {
+        id: n.id.to_string(),
+        name: n.info.name.clone(),
+        is_head: n.info.is_head,
+        schedulable: n.state == NodeState::Alive,
+        gpus: n
+            .info
+            .inventory
+            .gpus
+            .iter()
+            .map(|g| ClusterGpu {
+                index: g.index,
+                uuid: g.uuid.clone(),
+                memory_total_bytes: g.memory_total_bytes,
+                nvlink_peers: peer_mask(g.nvlink_peers.iter().copied()),
+                reserved: false,
+            })
+            .collect(),
+    }
+}
+
+impl Inventory {
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    pub fn node(&self, id: NodeId) -> Option<&NodeMeta> {
+        self.index.get(&id).map(|&i| &self.meta[i])
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeMeta> {
+        self.meta.iter()
+    }
+
+    /// Adds or updates a node; `reserved` says which of its GPUs deployments hold. Returns its
+    /// previous state.
+    pub fn upsert(&mut self, v: &NodeView, reserved: impl Fn(&str) -> bool) -> Option<NodeState> {
+        let id = NodeId(v.id);
+        let meta = NodeMeta { id, name: v.info.name.clone(), address: v.address, state: v.state };
+        let existed = self.index.contains_key(&id);
+        let pos = match self.index.get(&id) {
+            Some(&i) => i,
+            None => {
+                self.cluster.nodes.push(ClusterNode {
+                    id: String::new(),
+                    name: String::new(),
+                    is_head: false,
+                    schedulable: false,
+                    gpus: Vec::new(),
+                });
+                self.meta.push(meta.clone());
+                self.index.insert(id, self.meta.len() - 1);
+                self.meta.len() - 1
+            }
+        };
+        let previous = std::mem::replace(&mut self.meta[pos], meta).state;
+        let same_gpus = self.cluster.nodes[pos].gpus.len() == v.info.inventory.gpus.len()
+            && self.cluster.nodes[pos].gpus.iter().zip(&v.info.inventory.gpus).all(|(a, b)| a.uuid == b.uuid);
+        if same_gpus {
+            let n = &mut self.cluster.nodes[pos];
+            n.schedulable = v.state == NodeState::Alive;
+            n.name.clone_from(&v.info.name);
+        } else {
+            for g in &self.cluster.nodes[pos].gpus {
+                self.gpus.remove(&g.uuid);
+            }
+            let mut node = cluster_node(v);
+            for (gi, g) in node.gpus.iter_mut().enumerate() {
+                g.reserved = reserved(&g.uuid);
+                self.gpus.insert(g.uuid.clone(), (pos, gi));
+            }
+            self.cluster.nodes[pos] = node;
+        }
+        existed.then_some(previous)
+    }
+
+    /// Forgets a node (its GPUs with it).
+    pub fn remove(&mut self, id: NodeId) {
+        let Some(pos) = self.index.remove(&id) else { return };
+        for g in &self.cluster.nodes[pos].gpus {
+            self.gpus.remove(&g.uuid);
+        }
+        self.cluster.nodes.swap_remove(pos);
+        self.meta.swap_remove(pos);
+        if pos < self.meta.len() {
+            // The last node moved into `pos`.
+            let moved = self.meta[pos].id;
+            self.index.insert(moved, pos);
+            for (gi, g) in self.cluster.nodes[pos].gpus.iter().enumerate() {
+                self.gpus.insert(g.uuid.clone(), (pos, gi));
+            }
+        }
+    }
+
+    pub fn set_reserved(&mut self, uuid: &str, reserved: bool) {
+        if let Some(&(n, g)) = self.gpus.get(uuid) {
+            self.cluster.nodes[n].gpus[g].reserved = reserved;
+        }
+    }
+
+    /// Runs `f` on the cluster with `gpus` shown free (a deployment planning again over its own
+    /// reservation), then puts the flags back.
+    pub fn with_free<R>(&mut self, gpus: &[String], f: impl FnOnce(&Cluster) -> R) -> R {
+        let changed: Vec<(usize, usize)> = gpus
+            .iter()
+            .filter_map(|u| self.gpus.get(u).copied())
+            .filter(|&(n, g)| self.cluster.nodes[n].gpus[g].reserved)
+            .collect();
+        for &(n, g) in &changed {
+            self.cluster.nodes[n].gpus[g].reserved = false;
+        }
+        let r = f(&self.cluster);
+        for &(n, g) in &changed {
+            self.cluster.nodes[n].gpus[g].reserved = true;
+        }
+        r
+    }
+
+    /// Runs `f` on the cluster as if nothing were reserved: can this ever fit?
+    pub fn with_all_free<R>(&mut self, f: impl FnOnce(&Cluster) -> R) -> R {
+        let all: Vec<String> = self.gpus.keys().cloned().collect();
+        self.with_free(&all, f)
+    }
+
+    /// A cluster of only `gpus` (free) on their nodes, when every one of them is on a schedulable
+    /// node: planning on it keeps a restarting group where it was.
+    pub fn only(&self, gpus: &[String]) -> Option<Cluster> {
+        let mut nodes: Vec<ClusterNode> = Vec::new();
+        let mut pos_of: HashMap<usize, usize> = HashMap::new();
+        for u in gpus {
+            let &(n, g) = self.gpus.get(u)?;
+            let src = &self.cluster.nodes[n];
+            if !src.schedulable {
+                return None;
+            }
+            let at = *pos_of.entry(n).or_insert_with(|| {
+                nodes.push(ClusterNode {
+                    id: src.id.clone(),
+                    name: src.name.clone(),
+                    is_head: src.is_head,
+                    schedulable: true,
+                    gpus: Vec::new(),
+                });
+                nodes.len() - 1
+            });
+            let mut gpu = src.gpus[g].clone();
+            gpu.reserved = false;
+            nodes[at].gpus.push(gpu);
+        }
+        for n in &mut nodes {
+            n.gpus.sort_by_key(|g| g.index);
+        }
+        Some(Cluster { nodes })
+    }
+}

@@ -1,0 +1,1084 @@
+//! The deployments' state machine: every deployment, every GPU reservation and the planner's view
+//! of the cluster, owned by one synchronous value. Inputs (RPCs, worker reports, membership
+//! changes, store results, ticks) and the time go in; effects (durable writes, messages to nodes,
+//! events, replies) come out. No I/O, no tokio task, no clock of its own: the async shell in
+//! `mod.rs` runs the effects, and the tests drive it with plain values.
+//!
+//! Rules it keeps:
+//! - **Persist before act.** A transition that needs a new generation (or removes a record) emits
+//!   `Persist` and parks; its sends and its reply leave only once `Persisted` comes back.
+//!   `PersistFailed` undoes the transition and answers the RPC that caused it with the error.
+//! - **Incarnations.** `Create` mints a [`DeploymentUid`]; launches, stops and reports carry it, so
+//!   nothing of a deleted deployment is mistaken for a new one of the same name.
+//! - **Reservations** belong to the group across its restarts: a restarting group is planned on
+//!   its own GPUs first, then on its own plus free ones; pending deployments see only free GPUs.
+//! - **One event per transition.** A failing group is stopped at once; its event is emitted after
+//!   a short settle time and names the process that failed first (by exit time; a dead node
+//!   explains every exit).
+//! - **Node-scoped reports.** A report counts only for a process the head placed on that node.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use prost::Message;
+use tessera_common::ids::{DeploymentUid, Generation, NodeId, ProcKey};
+use tessera_common::node::NodeState;
+use tessera_common::plan::{self, PlanReport, PlanRequest, Size};
+use tessera_proto::v1 as pb;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::dep::{DState, Dep, Failing, Launch, Proc};
+use super::engine::{self, LaunchContext, NodeShare};
+use super::inventory::Inventory;
+use super::record::{self, At};
+use super::spec::{DeploymentSpec, LoadedModel, RESTART_WINDOW, STOP_GRACE_S};
+use crate::membership::NodeView;
+use crate::store::StoredDeployment;
+
+/// Longest a delete waits for processes to confirm they stopped before forgetting them.
+pub const DELETE_TIMEOUT: Duration = Duration::from_secs(30);
+/// First restart delay; doubles per restart in the window, up to [`MAX_BACKOFF`].
+pub const BASE_BACKOFF: Duration = Duration::from_millis(500);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a failing group waits for reports naming an earlier failure before its event.
+pub const SETTLE: Duration = Duration::from_millis(250);
+/// How often pending deployments try again even when nothing seems to have changed.
+pub const PENDING_RETRY: Duration = Duration::from_secs(2);
+/// The largest launch message sent to a worker; workers accept 4 MiB messages.
+pub const MAX_LAUNCH_BYTES: usize = 3 * 1024 * 1024;
+
+pub type ReplyId = u64;
+pub type PersistId = u64;
+
+/// What the machine is told.
+#[derive(Debug)]
+pub enum Input {
+    Create {
+        spec: Box<DeploymentSpec>,
+        model: Box<LoadedModel>,
+        reply: ReplyId,
+    },
+    Delete {
+        name: String,
+        reply: ReplyId,
+    },
+    Restart {
+        name: String,
+        reply: ReplyId,
+    },
+    /// A process report from a node's session.
+    Report {
+        node: NodeId,
+        report: pb::ShardReport,
+    },
+    /// A node (re)joined and listed what it runs.
+    NodeJoined {
+        node: NodeId,
+        running: Vec<pb::ShardReport>,
+    },
+    /// A membership change of one node.
+    NodeChanged(Box<NodeView>),
+    /// The whole membership table (at start, and after the event stream lagged).
+    NodesListed(Vec<NodeView>),
+    /// A node was forgotten by membership.
+    NodeForgotten(NodeId),
+    Persisted(PersistId),
+    PersistFailed(PersistId, String),
+    /// A launch could not be handed to its node's session.
+    Undeliverable {
+        node: NodeId,
+        deployment: String,
+        generation: Generation,
+    },
+    Tick,
+}
+
+/// A durable write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    Put(Box<StoredDeployment>),
+    Remove(String),
+}
+
+/// What the shell must do.
+#[derive(Debug)]
+pub enum Effect {
+    /// Write durably, then feed back `Persisted` or `PersistFailed`.
+    Persist(PersistId, Write),
+    /// A message to a node; losing it is harmless (stops, fencing).
+    Send(NodeId, pb::head_message::Msg),
+    /// A launch; if it cannot be handed over, feed back `Undeliverable`.
+    Launch(NodeId, pb::LaunchShards),
+    /// A deployment changed state: one event.
+    Emit(Box<pb::Deployment>),
+    Reply(ReplyId, Result<Box<pb::Deployment>, DeployError>),
+}
+
+/// Why a deployment call failed; mapped to gRPC codes in `server/`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DeployError {
+    #[error("no deployment named {0:?}; `tessera deployments` lists them")]
+    NotFound(String),
+    #[error("a deployment named {0:?} exists; delete it first or choose another name")]
+    AlreadyExists(String),
+    #[error("deployment {0:?} is being deleted; wait until `tessera get {0}` says it is gone")]
+    BeingDeleted(String),
+    #[error("invalid plan: {0}")]
+    InvalidPlan(String),
+    #[error("deployment {name:?} has no rank {rank} running now")]
+    NoSuchRank { name: String, rank: u64 },
+    #[error("cannot record {what}: {message}; nothing was changed, try again once the disk is healthy")]
+    Store { what: String, message: String },
+}
+
+/// What a parked write releases or undoes.
+#[derive(Debug)]
+enum Park {
+    /// A new deployment's record (with its first generation when it could be placed at once).
+    Create { name: String, reply: ReplyId },
+    /// Generation `generation` of `name`: on success its node rank 0 is told to launch.
+    Launch { name: String, generation: Generation },
+    /// Node rank 0's ports for `generation`: on success the other nodes are told.
+    Ports { name: String, generation: Generation },
+    /// A delete: nothing changes until the record is gone.
+    Delete { name: String, reply: ReplyId },
+    /// A state record (restart counters, failed); nothing waits on it.
+    Record { name: String },
+}
+
+pub struct Machine {
+    deps: BTreeMap<String, Dep>,
+    /// GPU uuid -> deployment name holding it.
+    reserved: HashMap<String, String>,
+    inventory: Inventory,
+    parked: HashMap<PersistId, Park>,
+    next_persist: PersistId,
+    recovery_window: Duration,
+    last_pending_retry: Option<Instant>,
+    out: Vec<Effect>,
+}
+
+impl Machine {
+    pub fn new(recovery_window: Duration) -> Machine {
+        Machine {
+            deps: BTreeMap::new(),
+            reserved: HashMap::new(),
+            inventory: Inventory::default(),
+            parked: HashMap::new(),
+            next_persist: 1,
+            recovery_window,
+            last_pending_retry: None,
+            out: Vec::new(),
+        }
+    }
+
+    /// Rebuilds the deployments recorded in the store (after a head restart). `load` reads a
+    /// model again (it may be gone: such a deployment cannot be planned again, but what runs of it
+    /// is adopted).
+    pub fn recover(
+        &mut self,
+        records: Vec<StoredDeployment>,
+        load: impl Fn(&std::path::Path) -> Option<LoadedModel>,
+        at: At,
+    ) {
+        for r in records {
+            let name = r.name.clone();
+            let model = load(&r.model_path);
+            match record::recover(r, model, at, self.recovery_window) {
+                Ok(dep) => {
+                    for g in dep.gpus().to_vec() {
+                        self.reserve(&g, &name);
+                    }
+                    info!(deployment = %name, generation = %dep.generation, state = ?dep.state, "deployment recovered from the store");
+                    self.deps.insert(name, dep);
+                }
+                Err(e) => warn!(deployment = %name, error = %e, "cannot rebuild the deployment; forgetting it"),
+            }
+        }
+    }
+
+    // ---- queries ----
+
+    pub fn get(&self, name: &str, now: Instant) -> Result<pb::Deployment, DeployError> {
+        self.deps.get(name).map(|d| d.to_pb(now)).ok_or_else(|| DeployError::NotFound(name.into()))
+    }
+
+    pub fn list(&self, now: Instant) -> Vec<pb::Deployment> {
+        self.deps.values().map(|d| d.to_pb(now)).collect()
+    }
+
+    /// (GPUs reserved, GPUs held by deployments' launches): always equal.
+    pub fn reservation_counts(&self) -> (usize, usize) {
+        (self.reserved.len(), self.deps.values().map(|d| d.gpus().len()).sum())
+    }
+
+    /// Which node runs `rank` of `name` now, and the process's key there.
+    pub fn locate(&self, name: &str, rank: u64) -> Result<(NodeId, ProcKey), DeployError> {
+        let dep = self.deps.get(name).ok_or_else(|| DeployError::NotFound(name.into()))?;
+        let no_rank = || DeployError::NoSuchRank { name: name.into(), rank };
+        let rank32 = u32::try_from(rank).map_err(|_| no_rank())?;
+        dep.locate(rank32).map(|(k, p)| (p.node_id, k.clone())).ok_or_else(no_rank)
+    }
+
+    /// The earliest instant at which a `Tick` has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut at = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        for d in self.deps.values() {
+            at(d.failing.as_ref().map(|f| f.settle_at));
+            if d.state == DState::Restarting {
+                at(d.next_attempt);
+            }
+            at(d.recover_deadline);
+            at(d.delete_deadline);
+        }
+        if self.deps.values().any(|d| d.state == DState::Pending) {
+            at(self.last_pending_retry.map(|t| t + PENDING_RETRY));
+        }
+        t
+    }
+
+    // ---- inputs ----
+
+    pub fn handle(&mut self, input: Input, at: At) -> Vec<Effect> {
+        match input {
+            Input::Create { spec, model, reply } => self.create(*spec, *model, reply, at),
+            Input::Delete { name, reply } => self.delete(name, reply, at),
+            Input::Restart { name, reply } => self.restart(&name, reply, at),
+            Input::Report { node, report } => self.report(node, report, at),
+            Input::NodeJoined { node, running } => self.node_joined(node, running, at),
+            Input::NodeChanged(v) => self.node_changed(&v, at),
+            Input::NodesListed(all) => {
+                let seen: HashSet<NodeId> = all.iter().map(|v| NodeId(v.id)).collect();
+                let missing: Vec<NodeId> =
+                    self.inventory.nodes().map(|n| n.id).filter(|id| !seen.contains(id)).collect();
+                for v in &all {
+                    self.node_changed(v, at);
+                }
+                for id in missing {
+                    self.node_gone(id, "is no longer a member".into(), at);
+                    self.inventory.remove(id);
+                }
+            }
+            Input::NodeForgotten(id) => {
+                self.node_gone(id, "was forgotten".into(), at);
+                self.inventory.remove(id);
+            }
+            Input::Persisted(id) => self.persisted(id, at),
+            Input::PersistFailed(id, message) => self.persist_failed(id, message, at),
+            Input::Undeliverable { node, deployment, generation } => {
+                let current = self.deps.get(&deployment).is_some_and(|d| d.generation == generation);
+                if current {
+                    let name = self.inventory.node(node).map(|n| n.name.clone()).unwrap_or_else(|| node.to_string());
+                    let why = format!("the launch could not be handed to node {name} (not connected, or not reading)");
+                    self.fail(&deployment, why, 0, true, at);
+                }
+            }
+            Input::Tick => self.tick(at),
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    fn create(&mut self, spec: DeploymentSpec, model: LoadedModel, reply: ReplyId, at: At) {
+        if let Some(d) = self.deps.get(&spec.name) {
+            let e = if d.state == DState::Stopping {
+                DeployError::BeingDeleted(spec.name.clone())
+            } else {
+                DeployError::AlreadyExists(spec.name.clone())
+            };
+            self.out.push(Effect::Reply(reply, Err(e)));
+            return;
+        }
+        let req = plan_request(&spec);
+        let report = plan::plan(&model.desc, &model.weights, self.inventory.cluster(), &req);
+        if !report.valid {
+            // Would it ever fit? Plan against the cluster as if no GPU were reserved: a shape or size
+            // that can never work is refused outright and reserves nothing.
+            let empty = self.inventory.with_all_free(|c| plan::plan(&model.desc, &model.weights, c, &req));
+            let fatal: Vec<String> = empty
+                .errors
+                .iter()
+                .filter(|e| e.rule != "placement")
+                .map(|e| format!("[{}] {}", e.rule, e.message))
+                .collect();
+            if !fatal.is_empty() {
+                self.out.push(Effect::Reply(reply, Err(DeployError::InvalidPlan(fatal.join("; ")))));
+                return;
+            }
+        }
+        let name = spec.name.clone();
+        info!(deployment = %name, tp = spec.tp, pp = spec.pp, engine = ?spec.engine, "deployment created");
+        let dep = Dep::new(DeploymentUid::new_random(), spec, Some(model), at.now);
+        self.deps.insert(name.clone(), dep);
+        // One write: the record, with its first generation when it can be placed now.
+        self.place(&name, Some(report), at);
+        let rec = self.record(&name, at);
+        self.park(Park::Create { name, reply }, rec);
+    }
+
+    fn delete(&mut self, name: String, reply: ReplyId, at: At) {
+        match self.deps.get(&name).map(|d| d.state) {
+            None => self.out.push(Effect::Reply(reply, Err(DeployError::NotFound(name)))),
+            Some(DState::Stopping) => {
+                let snapshot = self.deps[&name].to_pb(at.now);
+                self.out.push(Effect::Reply(reply, Ok(Box::new(snapshot))));
+            }
+            Some(_) => self.park(Park::Delete { name: name.clone(), reply }, Write::Remove(name)),
+        }
+    }
+
+    fn restart(&mut self, name: &str, reply: ReplyId, at: At) {
+        let r = match self.deps.get(name).map(|d| d.state) {
+            None => Err(DeployError::NotFound(name.into())),
+            Some(DState::Stopping | DState::Stopped) => Err(DeployError::BeingDeleted(name.into())),
+            Some(_) => {
+                self.fail(name, "restarted by an operator".into(), 0, false, at);
+                self.settle(name, at);
+                Ok(Box::new(self.deps[name].to_pb(at.now)))
+            }
+        };
+        self.out.push(Effect::Reply(reply, r));
+    }
+
+    fn report(&mut self, node: NodeId, r: pb::ShardReport, at: At) {
+        let exited = r.state == pb::ProcessState::Exited as i32;
+        let Ok(uid) = DeploymentUid::from_wire(&r.deployment_uid) else {
+            warn!(node_id = %node, deployment = %r.deployment, "report with a malformed deployment uid ignored");
+            return;
+        };
+        let stop = |below: u64, keep: DeploymentUid, reason: &str| {
+            pb::head_message::Msg::Stop(pb::StopShards {
+                deployment: r.deployment.clone(),
+                below_generation: below,
+                reason: reason.into(),
+                deployment_uid: keep.to_wire(),
+            })
+        };
+        let Some(dep) = self.deps.get_mut(&r.deployment) else {
+            // Not ours (deleted while the node was away, or from before a head restart): nothing of
+            // it may keep running.
+            if !exited {
+                warn!(deployment = %r.deployment, node_id = %node, "stopping processes of an unknown deployment");
+                self.out.push(Effect::Send(node, stop(0, DeploymentUid::default(), "unknown deployment")));
+            }
+            return;
+        };
+        let deleting = dep.state == DState::Stopping;
+        let other_incarnation = !uid.is_nil() && uid != dep.uid;
+        if other_incarnation || r.generation != dep.generation.0 {
+            // Fencing: reports of other incarnations and generations change nothing, but what
+            // still runs of them is stopped.
+            if deleting && !other_incarnation {
+                if let Some(p) = dep.procs.get_mut(&ProcKey(r.key.clone())).filter(|p| p.node_id == node) {
+                    if r.generation == dep.generation.0 {
+                        p.gone = true;
+                    }
+                }
+            }
+            if !exited {
+                let below = if deleting || r.generation > dep.generation.0 { 0 } else { dep.generation.0 };
+                let keep = if deleting { DeploymentUid::default() } else { dep.uid };
+                self.out.push(Effect::Send(node, stop(below, keep, "stale generation")));
+            }
+            if deleting {
+                self.finish_delete_if_done(&r.deployment.clone(), at);
+            }
+            return;
+        }
+        let key = ProcKey(r.key.clone());
+        let Some(p) = dep.procs.get_mut(&key) else {
+            warn!(deployment = %r.deployment, key = %r.key, node_id = %node, "report of a process that is not part of the generation ignored");
+            return;
+        };
+        if p.node_id != node {
+            warn!(
+                deployment = %r.deployment, key = %r.key, node_id = %node, placed_on = %p.node_id,
+                "report from a node for a process placed on another node refused"
+            );
+            return;
+        }
+        let node_name = p.node.clone();
+        p.apply(&r);
+        let name = r.deployment.clone();
+        if deleting {
+            self.finish_delete_if_done(&name, at);
+            return;
+        }
+        // Node rank 0 picked the rendezvous ports: record them, then tell the other nodes.
+        let first_node = dep.launch.as_ref().and_then(|l| l.per_node.first().map(|(n, _)| *n));
+        if let Some(l) = dep.launch.as_mut() {
+            if l.master_port == 0 && r.master_port > 0 && first_node == Some(node) {
+                l.master_port = r.master_port;
+                l.health_port = r.health_port;
+                let generation = dep.generation;
+                let rec = self.record(&name, at);
+                self.park(Park::Ports { name: name.clone(), generation }, rec);
+            }
+        }
+        let Some(dep) = self.deps.get_mut(&name) else { return };
+        if exited {
+            let failing_or_live = dep.failing.is_some() || matches!(dep.state, DState::Starting | DState::Running);
+            if failing_or_live {
+                let reason = describe_exit(&r, &node_name);
+                let when = if r.exited_unix_ms > 0 { r.exited_unix_ms } else { at.unix_ms };
+                self.fail(&name, reason, when, true, at);
+            }
+            return;
+        }
+        if dep.state == DState::Starting
+            && dep.failing.is_none()
+            && dep.procs.values().all(|p| p.state == pb::ProcessState::Ready)
+        {
+            let g = dep.generation;
+            dep.recover_deadline = None;
+            dep.set_state(
+                DState::Running,
+                format!("generation {g}: all {} process(es) ready", dep.procs.len()),
+                at.now,
+            );
+            info!(deployment = %name, generation = %g, "running");
+            self.emit(&name, at);
+        }
+    }
+
+    /// A node (re)joined: its reports count as usual, and every process the head expects on it
+    /// that it did not list is gone (its state dir was lost, or the launch never arrived).
+    fn node_joined(&mut self, node: NodeId, running: Vec<pb::ShardReport>, at: At) {
+        let listed: HashSet<(String, u64, String)> =
+            running.iter().map(|r| (r.deployment.clone(), r.generation, r.key.clone())).collect();
+        for r in running {
+            self.report(node, r, at);
+        }
+        let names: Vec<String> = self.deps.keys().cloned().collect();
+        for name in names {
+            let Some(dep) = self.deps.get_mut(&name) else { continue };
+            let missing: Vec<ProcKey> = dep
+                .procs
+                .iter()
+                .filter(|(k, p)| {
+                    p.node_id == node
+                        && p.launched
+                        && !p.exited()
+                        && !p.gone
+                        && !listed.contains(&(name.clone(), dep.generation.0, k.0.clone()))
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            for k in &missing {
+                if let Some(p) = dep.procs.get_mut(k) {
+                    p.state = pb::ProcessState::Exited;
+                    p.gone = true;
+                }
+            }
+            match dep.state {
+                DState::Stopping => self.finish_delete_if_done(&name, at),
+                DState::Starting | DState::Running if dep.failing.is_none() => {
+                    let node_name = dep.procs[&missing[0]].node.clone();
+                    let keys: Vec<&str> = missing.iter().map(ProcKey::as_str).collect();
+                    let why = format!(
+                        "{} on {node_name} not running: the node rejoined without it (its state dir was lost, or the launch never arrived)",
+                        keys.join(", ")
+                    );
+                    self.fail(&name, why, at.unix_ms, true, at);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn node_changed(&mut self, v: &NodeView, at: At) {
+        let reserved = &self.reserved;
+        let previous = self.inventory.upsert(v, |u| reserved.contains_key(u));
+        let id = NodeId(v.id);
+        match v.state {
+            NodeState::Dead | NodeState::Left => {
+                let why = if v.state_reason.is_empty() {
+                    v.state.to_string()
+                } else {
+                    format!("{}: {}", v.state, v.state_reason)
+                };
+                self.node_gone(id, why, at);
+            }
+            NodeState::Alive if previous != Some(NodeState::Alive) => self.retry_pending(at),
+            _ => {}
+        }
+    }
+
+    /// A node is dead, left or forgotten: every group with a process there restarts (a dead node
+    /// explains every other failure of the group, so it is blamed first).
+    fn node_gone(&mut self, id: NodeId, why: String, at: At) {
+        let node_name = self.inventory.node(id).map(|n| n.name.clone()).unwrap_or_else(|| id.to_string());
+        let affected: Vec<String> = self
+            .deps
+            .iter()
+            .filter(|(_, d)| d.procs.values().any(|p| p.node_id == id && !p.gone))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in affected {
+            let Some(dep) = self.deps.get_mut(&name) else { continue };
+            for p in dep.procs.values_mut().filter(|p| p.node_id == id) {
+                p.gone = true;
+            }
+            match dep.state {
+                DState::Stopping => self.finish_delete_if_done(&name, at),
+                DState::Starting | DState::Running => {
+                    self.fail(&name, format!("node {node_name} is {why}"), 0, true, at);
+                }
+                _ if dep.failing.is_some() => self.fail(&name, format!("node {node_name} is {why}"), 0, true, at),
+                _ => {}
+            }
+        }
+    }
+
+    fn tick(&mut self, at: At) {
+        let now = at.now;
+        let settle: Vec<String> = self
+            .deps
+            .iter()
+            .filter(|(_, d)| d.failing.as_ref().is_some_and(|f| f.settle_at <= now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in settle {
+            self.settle(&name, at);
+        }
+        let due: Vec<String> = self
+            .deps
+            .iter()
+            .filter(|(_, d)| d.state == DState::Restarting && !d.parked && d.next_attempt.is_some_and(|t| t <= now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            self.relaunch(&name, at);
+        }
+        // After a head restart: a generation whose processes did not all report in time restarts.
+        let unrecovered: Vec<(String, Vec<String>)> = self
+            .deps
+            .iter()
+            .filter(|(_, d)| d.state == DState::Starting && d.recover_deadline.is_some_and(|t| t <= now))
+            .map(|(n, d)| {
+                let missing = d
+                    .procs
+                    .iter()
+                    .filter(|(_, p)| p.pid == 0 && !p.exited())
+                    .map(|(k, p)| format!("{k} on {}", p.node));
+                (n.clone(), missing.collect())
+            })
+            .collect();
+        for (name, missing) in unrecovered {
+            if let Some(d) = self.deps.get_mut(&name) {
+                d.recover_deadline = None;
+            }
+            if !missing.is_empty() {
+                let why =
+                    format!("after the head restart, {} did not report within the recovery window", missing.join(", "));
+                self.fail(&name, why, at.unix_ms, true, at);
+            }
+        }
+        let stopping: Vec<String> =
+            self.deps.iter().filter(|(_, d)| d.state == DState::Stopping).map(|(n, _)| n.clone()).collect();
+        for name in stopping {
+            self.finish_delete_if_done(&name, at);
+        }
+        if self.last_pending_retry.is_none_or(|t| now.saturating_duration_since(t) >= PENDING_RETRY) {
+            self.last_pending_retry = Some(now);
+            self.retry_pending(at);
+        }
+    }
+
+    // ---- transitions ----
+
+    /// The group of `name` failed (`at_unix_ms`: when; 0 for a dead node). The first failure stops
+    /// the generation everywhere at once; the event and the next generation wait for [`SETTLE`],
+    /// in case a report names an earlier failure.
+    fn fail(&mut self, name: &str, reason: String, at_unix_ms: u64, counted: bool, at: At) {
+        let Some(dep) = self.deps.get_mut(name) else { return };
+        if let Some(f) = dep.failing.as_mut() {
+            if at_unix_ms < f.at_unix_ms {
+                f.reason = reason;
+                f.at_unix_ms = at_unix_ms;
+            }
+            return;
+        }
+        warn!(deployment = %name, generation = %dep.generation, %reason, "group failing: stopping every process");
+        dep.failing = Some(Failing { noticed: at.now, settle_at: at.now + SETTLE, at_unix_ms, reason, counted });
+        dep.recover_deadline = None;
+        let nodes: HashSet<NodeId> = dep.procs.values().filter(|p| p.launched && !p.gone).map(|p| p.node_id).collect();
+        let stop = pb::StopShards {
+            deployment: name.to_string(),
+            below_generation: dep.generation.0 + 1,
+            reason: "the group is restarting".into(),
+            deployment_uid: dep.uid.to_wire(),
+        };
+        let mut nodes: Vec<NodeId> = nodes.into_iter().collect();
+        nodes.sort();
+        for n in nodes {
+            self.out.push(Effect::Send(n, pb::head_message::Msg::Stop(stop.clone())));
+        }
+    }
+
+    /// The failure is settled: one event, then backoff (or `failed` after max_restarts).
+    fn settle(&mut self, name: &str, at: At) {
+        let Some(dep) = self.deps.get_mut(name) else { return };
+        let Some(f) = dep.failing.take() else { return };
+        let now = at.now;
+        if f.counted {
+            dep.restart_times.push_back(f.noticed);
+            while dep.restart_times.front().is_some_and(|t| now.saturating_duration_since(*t) > RESTART_WINDOW) {
+                dep.restart_times.pop_front();
+            }
+        }
+        let recent = dep.restart_times.len() as u32;
+        let next = dep.generation.next();
+        if f.counted && recent > dep.spec.max_restarts {
+            dep.set_state(
+                DState::Failed,
+                format!(
+                    "{}; gave up after {} restart(s) within 10 minutes (--max-restarts {})",
+                    f.reason,
+                    recent - 1,
+                    dep.spec.max_restarts
+                ),
+                now,
+            );
+            dep.next_attempt = None;
+            self.release(name);
+        } else {
+            dep.restarts += 1;
+            let backoff = if f.counted {
+                (BASE_BACKOFF * 2u32.saturating_pow(recent.saturating_sub(1))).min(MAX_BACKOFF)
+            } else {
+                Duration::ZERO
+            };
+            dep.set_state(
+                DState::Restarting,
+                format!(
+                    "{}; restarting the group at generation {next} in {}",
+                    f.reason,
+                    tessera_common::duration::format_duration(backoff)
+                ),
+                now,
+            );
+            dep.next_attempt = Some(f.noticed + backoff);
+        }
+        self.emit(name, at);
+        let rec = self.record(name, at);
+        self.park(Park::Record { name: name.to_string() }, rec);
+        if self.deps.get(name).is_some_and(|d| d.state == DState::Failed) {
+            self.retry_pending(at);
+        }
+    }
+
+    fn relaunch(&mut self, name: &str, at: At) {
+        if self.place(name, None, at) {
+            let rec = self.record(name, at);
+            let generation = self.deps[name].generation;
+            self.park(Park::Launch { name: name.to_string(), generation }, rec);
+        }
+    }
+
+    /// Plans the next generation of `name` (with `report` when the caller planned already) and
+    /// takes its GPUs; true when it was placed. Sends nothing: the caller persists first.
+    fn place(&mut self, name: &str, report: Option<PlanReport>, at: At) -> bool {
+        let Some(dep) = self.deps.get(name) else { return false };
+        let Some(model) = dep.model.clone() else {
+            let why = format!("cannot read the model at {} to plan it", dep.spec.model_path.display());
+            self.set_state_and_emit(name, DState::Failed, why, at);
+            self.release(name);
+            return false;
+        };
+        let req = plan_request(&dep.spec);
+        let own = dep.gpus().to_vec();
+        let report = match report {
+            Some(r) => r,
+            None => {
+                // The same GPUs when they are all on schedulable nodes; else its own plus free ones.
+                let same = self
+                    .inventory
+                    .only(&own)
+                    .filter(|_| !own.is_empty())
+                    .map(|c| plan::plan(&model.desc, &model.weights, &c, &req))
+                    .filter(|r| r.valid);
+                match same {
+                    Some(r) => r,
+                    None => self.inventory.with_free(&own, |c| plan::plan(&model.desc, &model.weights, c, &req)),
+                }
+            }
+        };
+        if !report.valid {
+            let msg = report.errors.iter().map(|e| e.message.clone()).collect::<Vec<_>>().join("; ");
+            let only_placement = report.errors.iter().all(|e| e.rule == "placement");
+            // A deployment that cannot run holds nothing.
+            self.release(name);
+            if only_placement {
+                let message = format!("waiting for GPUs: {msg}");
+                let dep = self.deps.get_mut(name).expect("checked above");
+                dep.next_attempt = None;
+                if dep.state != DState::Pending || dep.message != message {
+                    self.set_state_and_emit(name, DState::Pending, message, at);
+                }
+            } else {
+                self.set_state_and_emit(name, DState::Failed, format!("cannot plan: {msg}"), at);
+            }
+            return false;
+        }
+        let mut shares: Vec<NodeShare> = Vec::new();
+        for r in &report.placement {
+            if shares.last().map(|s| s.node_rank) != Some(r.node_rank) {
+                let Some(meta) = r.node_id.parse::<NodeId>().ok().and_then(|id| self.inventory.node(id)) else {
+                    continue;
+                };
+                shares.push(NodeShare {
+                    node_id: meta.id,
+                    node: r.node.clone(),
+                    address: meta.address,
+                    node_rank: r.node_rank,
+                    ranks: Vec::new(),
+                });
+            }
+            if let Some(s) = shares.last_mut() {
+                s.ranks.push(r.clone());
+            }
+        }
+        let Some(master_addr) = shares.first().map(|s| s.address) else { return false };
+        // Take the new GPUs, give back those of the old placement it no longer uses.
+        let gpus: Vec<String> = report.placement.iter().map(|r| r.gpu_uuid.clone()).collect();
+        let keep: HashSet<&String> = gpus.iter().collect();
+        for g in own.iter().filter(|g| !keep.contains(g)) {
+            self.unreserve(g, name);
+        }
+        for g in &gpus {
+            self.reserve(g, name);
+        }
+        let dep = self.deps.get_mut(name).expect("checked above");
+        dep.generation = dep.generation.next();
+        let generation = dep.generation;
+        let ctx = LaunchContext { spec: &dep.spec, generation, nodes: &shares, stages: &report.stages, master_addr };
+        let mut per_node: Vec<(NodeId, Vec<pb::ShardProcess>)> = Vec::new();
+        let mut procs = BTreeMap::new();
+        for s in &shares {
+            let ps = engine::processes(&ctx, s);
+            for p in &ps {
+                procs.insert(ProcKey(p.key.clone()), Proc::new(s.node_id, &s.node, p.ranks.clone()));
+            }
+            per_node.push((s.node_id, ps));
+        }
+        dep.launch = Some(Launch {
+            gpus,
+            placement: report.placement.clone(),
+            stages: report.stages.clone(),
+            per_node,
+            master_addr,
+            master_port: 0,
+            health_port: 0,
+            rest_sent: false,
+        });
+        dep.procs = procs;
+        dep.next_attempt = None;
+        let message =
+            format!("generation {generation}: launching {} process(es) on {} node(s)", dep.procs.len(), shares.len());
+        info!(deployment = %name, %generation, nodes = shares.len(), "launching");
+        self.set_state_and_emit(name, DState::Starting, message, at);
+        true
+    }
+
+    /// Node rank 0 of the current generation is told to launch; it picks the ports.
+    fn send_first(&mut self, name: &str, at: At) {
+        let Some(dep) = self.deps.get_mut(name) else { return };
+        let Some(l) = dep.launch.as_ref() else { return };
+        let Some((node, procs)) = l.per_node.first().cloned() else { return };
+        for p in dep.procs.values_mut().filter(|p| p.node_id == node) {
+            p.launched = true;
+        }
+        let msg = launch_msg(dep, procs, true, 0, 0);
+        self.launch(name, node, msg, at);
+    }
+
+    /// The other nodes, once node rank 0's ports are known (and recorded).
+    fn send_rest(&mut self, name: &str, at: At) {
+        let Some(dep) = self.deps.get_mut(name) else { return };
+        let Some(l) = dep.launch.as_mut() else { return };
+        if l.rest_sent || l.master_port == 0 {
+            return;
+        }
+        l.rest_sent = true;
+        let (mp, hp) = (l.master_port, l.health_port);
+        let rest: Vec<(NodeId, Vec<pb::ShardProcess>)> = l.per_node.iter().skip(1).cloned().collect();
+        let first = l.per_node.first().map(|(n, _)| *n);
+        for p in dep.procs.values_mut().filter(|p| Some(p.node_id) != first) {
+            p.launched = true;
+        }
+        let msgs: Vec<(NodeId, pb::LaunchShards)> =
+            rest.into_iter().map(|(n, ps)| (n, launch_msg(dep, ps, false, mp, hp))).collect();
+        for (node, msg) in msgs {
+            self.launch(name, node, msg, at);
+        }
+    }
+
+    fn launch(&mut self, name: &str, node: NodeId, msg: pb::LaunchShards, at: At) {
+        let size = pb::HeadMessage { msg: Some(pb::head_message::Msg::Launch(msg.clone())) }.encoded_len();
+        if size > MAX_LAUNCH_BYTES {
+            let why = format!(
+                "the launch for node {} is {size} bytes, more than the {MAX_LAUNCH_BYTES} a worker accepts; \
+                 make env and engine args smaller (each process of a node gets its own copy)",
+                self.inventory.node(node).map(|n| n.name.as_str()).unwrap_or("?")
+            );
+            // This will not get smaller on a retry.
+            self.set_state_and_emit(name, DState::Failed, why, at);
+            self.release(name);
+            let rec = self.record(name, at);
+            self.park(Park::Record { name: name.to_string() }, rec);
+            return;
+        }
+        self.out.push(Effect::Launch(node, msg));
+    }
+
+    fn persisted(&mut self, id: PersistId, at: At) {
+        let Some(park) = self.parked.remove(&id) else { return };
+        match park {
+            Park::Create { name, reply } => {
+                self.unpark(&name);
+                let Some(dep) = self.deps.get(&name) else { return };
+                self.out.push(Effect::Reply(reply, Ok(Box::new(dep.to_pb(at.now)))));
+                if dep.state == DState::Starting {
+                    self.send_first(&name, at);
+                }
+            }
+            Park::Launch { name, generation } => {
+                self.unpark(&name);
+                if self.deps.get(&name).is_some_and(|d| d.generation == generation && d.state == DState::Starting) {
+                    self.send_first(&name, at);
+                }
+            }
+            Park::Ports { name, generation } => {
+                self.unpark(&name);
+                if self.deps.get(&name).is_some_and(|d| d.generation == generation && d.failing.is_none()) {
+                    self.send_rest(&name, at);
+                }
+            }
+            Park::Delete { name, reply } => {
+                self.unpark(&name);
+                self.do_delete(&name, reply, at);
+            }
+            Park::Record { name } => self.unpark(&name),
+        }
+    }
+
+    fn persist_failed(&mut self, id: PersistId, message: String, at: At) {
+        let Some(park) = self.parked.remove(&id) else { return };
+        match park {
+            Park::Create { name, reply } => {
+                warn!(deployment = %name, error = %message, "cannot record a new deployment; refused");
+                self.release(&name);
+                self.deps.remove(&name);
+                let what = format!("deployment {name:?}");
+                self.out.push(Effect::Reply(reply, Err(DeployError::Store { what, message })));
+            }
+            Park::Launch { name, generation } | Park::Ports { name, generation } => {
+                self.unpark(&name);
+                let Some(dep) = self.deps.get_mut(&name) else { return };
+                if dep.generation != generation {
+                    return;
+                }
+                warn!(deployment = %name, %generation, error = %message, "cannot record the generation; it is not launched");
+                let why = format!("cannot record generation {generation}: {message}");
+                // Nothing of it may run: fail it like any other generation (backoff, then again).
+                self.fail(&name, why, 0, true, at);
+            }
+            Park::Delete { name, reply } => {
+                self.unpark(&name);
+                warn!(deployment = %name, error = %message, "cannot remove the deployment's record; delete refused");
+                let what = format!("the delete of {name:?}");
+                self.out.push(Effect::Reply(reply, Err(DeployError::Store { what, message })));
+            }
+            Park::Record { name } => {
+                self.unpark(&name);
+                warn!(deployment = %name, error = %message, "cannot record the deployment's state");
+            }
+        }
+    }
+
+    fn do_delete(&mut self, name: &str, reply: ReplyId, at: At) {
+        let Some(dep) = self.deps.get_mut(name) else {
+            self.out.push(Effect::Reply(reply, Err(DeployError::NotFound(name.into()))));
+            return;
+        };
+        // Processes whose node was never told to launch them will never report: nothing to wait for.
+        for p in dep.procs.values_mut().filter(|p| !p.launched) {
+            p.gone = true;
+        }
+        let mut nodes: Vec<NodeId> =
+            dep.procs.values().filter(|p| p.launched && !p.exited() && !p.gone).map(|p| p.node_id).collect();
+        nodes.sort();
+        nodes.dedup();
+        dep.failing = None;
+        dep.delete_deadline = Some(at.now + DELETE_TIMEOUT);
+        let stop = pb::StopShards {
+            deployment: name.to_string(),
+            below_generation: 0,
+            reason: "deleted".into(),
+            deployment_uid: dep.uid.to_wire(),
+        };
+        self.set_state_and_emit(name, DState::Stopping, "deleting: stopping every process".into(), at);
+        let snapshot = self.deps[name].to_pb(at.now);
+        self.out.push(Effect::Reply(reply, Ok(Box::new(snapshot))));
+        for node in nodes {
+            self.out.push(Effect::Send(node, pb::head_message::Msg::Stop(stop.clone())));
+        }
+        self.finish_delete_if_done(name, at);
+    }
+
+    fn finish_delete_if_done(&mut self, name: &str, at: At) {
+        let Some(dep) = self.deps.get(name) else { return };
+        if dep.state != DState::Stopping {
+            return;
+        }
+        let timed_out = dep.delete_deadline.is_some_and(|d| at.now >= d);
+        if dep.procs.values().all(|p| p.exited() || p.gone) || timed_out {
+            if timed_out {
+                warn!(deployment = %name, "some processes did not confirm their stop in time; forgetting them");
+            }
+            // The GPUs are free once nothing of the deployment runs on them any more.
+            self.release(name);
+            let mut dep = self.deps.remove(name).expect("present");
+            dep.set_state(DState::Stopped, "deleted".into(), at.now);
+            info!(deployment = %name, "deployment deleted");
+            self.out.push(Effect::Emit(Box::new(dep.to_pb(at.now))));
+            self.retry_pending(at);
+        }
+    }
+
+    fn retry_pending(&mut self, at: At) {
+        let pending: Vec<String> =
+            self.deps.iter().filter(|(_, d)| d.state == DState::Pending && !d.parked).map(|(n, _)| n.clone()).collect();
+        for name in pending {
+            self.relaunch(&name, at);
+        }
+    }
+
+    // ---- helpers ----
+
+    fn record(&self, name: &str, at: At) -> Write {
+        Write::Put(Box::new(record::to_stored(&self.deps[name], at)))
+    }
+
+    fn park(&mut self, park: Park, write: Write) {
+        let id = self.next_persist;
+        self.next_persist += 1;
+        let name = match &park {
+            Park::Create { name, .. }
+            | Park::Launch { name, .. }
+            | Park::Ports { name, .. }
+            | Park::Delete { name, .. }
+            | Park::Record { name } => name.clone(),
+        };
+        if let Some(d) = self.deps.get_mut(&name) {
+            d.parked = true;
+        }
+        self.parked.insert(id, park);
+        self.out.push(Effect::Persist(id, write));
+    }
+
+    fn unpark(&mut self, name: &str) {
+        let still = self.parked.values().any(|p| match p {
+            Park::Create { name: n, .. }
+            | Park::Launch { name: n, .. }
+            | Park::Ports { name: n, .. }
+            | Park::Delete { name: n, .. }
+            | Park::Record { name: n } => n == name,
+        });
+        if let Some(d) = self.deps.get_mut(name) {
+            d.parked = still;
+        }
+    }
+
+    fn reserve(&mut self, gpu: &str, name: &str) {
+        let prev = self.reserved.insert(gpu.to_string(), name.to_string());
+        debug_assert!(prev.as_deref().is_none_or(|p| p == name), "GPU {gpu} reserved twice");
+        self.inventory.set_reserved(gpu, true);
+    }
+
+    fn unreserve(&mut self, gpu: &str, name: &str) {
+        if self.reserved.get(gpu).is_some_and(|n| n == name) {
+            self.reserved.remove(gpu);
+            self.inventory.set_reserved(gpu, false);
+        }
+    }
+
+    /// Gives back every GPU of `name`. Draining the launch's list makes a second release a no-op.
+    fn release(&mut self, name: &str) {
+        let gpus = match self.deps.get_mut(name).and_then(|d| d.launch.as_mut()) {
+            Some(l) => std::mem::take(&mut l.gpus),
+            None => return,
+        };
+        for g in &gpus {
+            self.unreserve(g, name);
+        }
+    }
+
+    fn set_state_and_emit(&mut self, name: &str, state: DState, message: String, at: At) {
+        if let Some(d) = self.deps.get_mut(name) {
+            d.set_state(state, message, at.now);
+        }
+        self.emit(name, at);
+    }
+
+    fn emit(&mut self, name: &str, at: At) {
+        if let Some(d) = self.deps.get(name) {
+            self.out.push(Effect::Emit(Box::new(d.to_pb(at.now))));
+        }
+    }
+}
+
+fn launch_msg(dep: &Dep, processes: Vec<pb::ShardProcess>, pick_ports: bool, mp: u32, hp: u32) -> pb::LaunchShards {
+    pb::LaunchShards {
+        deployment: dep.spec.name.clone(),
+        generation: dep.generation.0,
+        processes,
+        pick_ports,
+        master_port: mp,
+        health_port: hp,
+        stop_grace_s: STOP_GRACE_S,
+        deployment_uid: dep.uid.to_wire(),
+    }
+}
+
+fn plan_request(s: &DeploymentSpec) -> PlanRequest {
+    PlanRequest {
+        tp: Size::Fixed(s.tp),
+        pp: Size::Fixed(s.pp),
+        gpu_memory_utilization: s.gpu_memory_utilization,
+        max_model_len: s.max_model_len,
+        layer_partition: None,
+        strict: false,
+    }
+}
+
+fn describe_exit(r: &pb::ShardReport, node: &str) -> String {
+    let how = match (r.exit_code, r.signal) {
+        (_, Some(sig)) => format!("was killed by signal {sig}"),
+        (Some(code), None) => format!("exited with code {code}"),
+        _ => "exited".to_string(),
+    };
+    let ranks: Vec<String> = r.ranks.iter().map(u32::to_string).collect();
+    let mut s = format!("rank {} ({} on {node}) {how}", ranks.join(","), r.key);
+    if !r.error.is_empty() {
+        s.push_str(&format!(": {}", r.error));
+    }
+    let tail: Vec<&str> = r.log_tail.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+    if !tail.is_empty() {
+        s.push_str(&format!("; last log lines: {}", tail.join(" | ")));
+    }
+    s
+}
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;

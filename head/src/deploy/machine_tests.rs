@@ -1,0 +1,503 @@
+//! The deployments' state machine driven with plain values: every bug of the redesign issue has a
+//! test here, written against the effects the machine returns.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tessera_common::fake::FakeGpuSpec;
+use tessera_common::node::JoinInfo;
+
+use super::*;
+use crate::deploy::spec::Engine;
+
+const GIB: u64 = 1 << 30;
+
+fn llama() -> LoadedModel {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/model-configs/Llama-3.1-8B-Instruct.json");
+    LoadedModel::of(&tessera_common::model::load_model(&path).expect("model config"))
+}
+
+fn spec(name: &str, tp: u64, pp: u64) -> DeploymentSpec {
+    let mut s = DeploymentSpec::from_request(&pb::CreateDeploymentRequest {
+        name: name.into(),
+        model_path: "/models/llama".into(),
+        tp: tp as u32,
+        pp: pp as u32,
+        engine: pb::Engine::Probe as i32,
+        max_restarts: 3,
+        ..Default::default()
+    })
+    .expect("valid spec");
+    s.engine = Engine::Probe;
+    s
+}
+
+fn node(i: u128, name: &str, gpus: u32, is_head: bool) -> NodeView {
+    let info = JoinInfo {
+        node_id: Some(uuid::Uuid::from_u128(i)),
+        name: name.into(),
+        labels: Default::default(),
+        advertise_address: None,
+        inventory: FakeGpuSpec { count: gpus, memory_bytes: 80 * GIB }.inventory(name),
+        version: "test".into(),
+        is_head,
+        machine_fingerprint: name.into(),
+        hostname: name.into(),
+    };
+    NodeView {
+        id: uuid::Uuid::from_u128(i),
+        info: Arc::new(info),
+        state: NodeState::Alive,
+        draining: false,
+        address: IpAddr::from([10, 0, 0, i as u8]),
+        last_heartbeat_ago: Duration::ZERO,
+        state_reason: "joined".into(),
+        state_since_ago: Duration::ZERO,
+        joined_ago: Duration::ZERO,
+        gpu_memory_used: vec![0; gpus as usize],
+    }
+}
+
+fn nid(i: u128) -> NodeId {
+    NodeId(uuid::Uuid::from_u128(i))
+}
+
+/// A machine, a clock, and helpers that play the shell: persists succeed unless told otherwise.
+struct H {
+    m: Machine,
+    now: Instant,
+    unix: u64,
+    nodes: Vec<NodeView>,
+    next_reply: ReplyId,
+}
+
+impl H {
+    fn new(nodes: Vec<NodeView>) -> H {
+        let mut h =
+            H { m: Machine::new(Duration::from_secs(10)), now: Instant::now(), unix: 1_000_000, nodes, next_reply: 1 };
+        let all = h.nodes.clone();
+        h.feed(Input::NodesListed(all));
+        h
+    }
+
+    fn at(&self) -> At {
+        At { now: self.now, unix_ms: self.unix }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.unix += d.as_millis() as u64;
+    }
+
+    /// Feeds one input; every write it asks for succeeds. Returns the other effects, in order.
+    fn feed(&mut self, input: Input) -> Vec<Effect> {
+        let first = self.m.handle(input, self.at());
+        self.complete(first)
+    }
+
+    fn complete(&mut self, effects: Vec<Effect>) -> Vec<Effect> {
+        let mut out = Vec::new();
+        let mut queue: std::collections::VecDeque<Effect> = effects.into();
+        while let Some(e) = queue.pop_front() {
+            match e {
+                Effect::Persist(id, _) => queue.extend(self.m.handle(Input::Persisted(id), self.at())),
+                other => out.push(other),
+            }
+        }
+        out
+    }
+
+    fn reply(&mut self) -> ReplyId {
+        self.next_reply += 1;
+        self.next_reply
+    }
+
+    fn create(&mut self, s: DeploymentSpec) -> Vec<Effect> {
+        let reply = self.reply();
+        self.feed(Input::Create { spec: Box::new(s), model: Box::new(llama()), reply })
+    }
+
+    fn tick_after(&mut self, d: Duration) -> Vec<Effect> {
+        self.advance(d);
+        self.feed(Input::Tick)
+    }
+
+    fn dep(&self, name: &str) -> pb::Deployment {
+        self.m.get(name, self.now).expect("deployment exists")
+    }
+
+    /// Plays every worker: reports each launched process RUNNING (ports from node rank 0), then
+    /// READY, until nothing more is launched. Returns the effects seen.
+    fn run_launches(&mut self, mut effects: Vec<Effect>) -> Vec<Effect> {
+        let mut seen = Vec::new();
+        loop {
+            let launches: Vec<(NodeId, pb::LaunchShards)> = effects
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::Launch(n, l) => Some((*n, l.clone())),
+                    _ => None,
+                })
+                .collect();
+            seen.append(&mut effects);
+            if launches.is_empty() {
+                return seen;
+            }
+            for (n, l) in launches {
+                for p in &l.processes {
+                    let r = report(&l, p, pb::ProcessState::Running, if l.pick_ports { 29500 } else { 0 });
+                    effects.extend(self.feed(Input::Report { node: n, report: r }));
+                }
+            }
+        }
+    }
+
+    /// Reports every process of the current generation READY from its own node.
+    fn all_ready(&mut self, launches: &[(NodeId, pb::LaunchShards)]) -> Vec<Effect> {
+        let mut out = Vec::new();
+        for (n, l) in launches {
+            for p in &l.processes {
+                out.extend(self.feed(Input::Report { node: *n, report: report(l, p, pb::ProcessState::Ready, 0) }));
+            }
+        }
+        out
+    }
+}
+
+fn report(l: &pb::LaunchShards, p: &pb::ShardProcess, state: pb::ProcessState, port: u32) -> pb::ShardReport {
+    pb::ShardReport {
+        deployment: l.deployment.clone(),
+        deployment_uid: l.deployment_uid.clone(),
+        generation: l.generation,
+        key: p.key.clone(),
+        ranks: p.ranks.clone(),
+        pid: 100,
+        state: state as i32,
+        master_port: port,
+        health_port: if port > 0 { port + 1 } else { 0 },
+        ..Default::default()
+    }
+}
+
+fn exited(l: &pb::LaunchShards, key: &str, code: Option<i32>, signal: Option<i32>, at_ms: u64) -> pb::ShardReport {
+    let p = l.processes.iter().find(|p| p.key == key).expect("key in launch");
+    pb::ShardReport { exit_code: code, signal, exited_unix_ms: at_ms, ..report(l, p, pb::ProcessState::Exited, 0) }
+}
+
+fn launches(effects: &[Effect]) -> Vec<(NodeId, pb::LaunchShards)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Launch(n, l) => Some((*n, l.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn emits(effects: &[Effect]) -> Vec<(pb::DeploymentState, String)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Emit(d) => Some((pb::DeploymentState::try_from(d.state).expect("state"), d.message.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn stops(effects: &[Effect]) -> Vec<(NodeId, pb::StopShards)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send(n, pb::head_message::Msg::Stop(s)) => Some((*n, s.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn replies(effects: &[Effect]) -> Vec<Result<pb::Deployment, DeployError>> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Reply(_, r) => Some(r.clone().map(|d| *d)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A TP 4 x PP 2 probe group on a head and a worker with 4 GPUs each, running.
+fn running_pair() -> (H, Vec<(NodeId, pb::LaunchShards)>) {
+    let mut h = H::new(vec![node(1, "head", 4, true), node(2, "w1", 4, false)]);
+    let created = h.create(spec("p1", 4, 2));
+    let effects = h.run_launches(created);
+    let ls = launches(&effects);
+    assert_eq!(ls.len(), 2, "one launch per node");
+    h.all_ready(&ls);
+    assert_eq!(h.dep("p1").state, pb::DeploymentState::Running as i32);
+    (h, ls)
+}
+
+#[test]
+fn nothing_is_launched_before_its_generation_is_durable() {
+    let mut h = H::new(vec![node(1, "head", 4, true), node(2, "w1", 4, false)]);
+    let reply = h.reply();
+    let first = h.m.handle(Input::Create { spec: Box::new(spec("p1", 4, 2)), model: Box::new(llama()), reply }, h.at());
+    let persist: Vec<&Effect> = first.iter().filter(|e| matches!(e, Effect::Persist(..))).collect();
+    assert_eq!(persist.len(), 1, "one write for the record and its first generation: {first:?}");
+    assert!(launches(&first).is_empty() && replies(&first).is_empty(), "nothing leaves before the write: {first:?}");
+    let Effect::Persist(id, Write::Put(rec)) = persist[0] else { panic!("a put") };
+    assert_eq!(rec.generation, 1);
+    assert_eq!(rec.launch.as_ref().map(|l| l.gpus.len()), Some(8));
+    let after = h.m.handle(Input::Persisted(*id), h.at());
+    assert!(matches!(replies(&after).as_slice(), [Ok(_)]), "{after:?}");
+    let ls = launches(&after);
+    assert_eq!(ls.len(), 1, "node rank 0 first: {after:?}");
+    assert_eq!((ls[0].0, ls[0].1.pick_ports, ls[0].1.generation), (nid(1), true, 1));
+    assert!(!ls[0].1.deployment_uid.is_empty());
+}
+
+#[test]
+fn a_failed_write_refuses_the_create_and_holds_nothing() {
+    let mut h = H::new(vec![node(1, "head", 4, true), node(2, "w1", 4, false)]);
+    let reply = h.reply();
+    let first = h.m.handle(Input::Create { spec: Box::new(spec("p1", 4, 2)), model: Box::new(llama()), reply }, h.at());
+    let Some(Effect::Persist(id, _)) = first.iter().find(|e| matches!(e, Effect::Persist(..))) else { panic!() };
+    let after = h.m.handle(Input::PersistFailed(*id, "No space left on device".into()), h.at());
+    let r = replies(&after);
+    assert!(matches!(&r[..], [Err(DeployError::Store { message, .. })] if message.contains("No space")), "{after:?}");
+    assert!(launches(&after).is_empty());
+    assert_eq!(h.m.reservation_counts(), (0, 0));
+    assert!(matches!(h.m.get("p1", h.now), Err(DeployError::NotFound(_))));
+}
+
+#[test]
+fn ranks_wait_for_node_0_ports_then_running_is_one_event() {
+    let mut h = H::new(vec![node(1, "head", 4, true), node(2, "w1", 4, false)]);
+    let created = h.create(spec("p1", 4, 2));
+    assert_eq!(
+        emits(&created),
+        vec![(pb::DeploymentState::Starting, "generation 1: launching 8 process(es) on 2 node(s)".into())]
+    );
+    let effects = h.run_launches(created);
+    let ls = launches(&effects);
+    assert_eq!(ls[1].1.master_port, 29500, "the others get node rank 0's port");
+    // Process progress is not an event; the deployment's transition to running is one.
+    let ready = h.all_ready(&ls);
+    assert_eq!(emits(&ready).len(), 1, "{ready:?}");
+    assert_eq!(emits(&ready)[0].0, pb::DeploymentState::Running);
+}
+
+#[test]
+fn the_first_failure_is_blamed_once_and_counted_once() {
+    let (mut h, ls) = running_pair();
+    let w1 = &ls[1].1;
+    // rank 7 is killed at t=1000; rank 3 (other node) loses its peer and exits at 1005, and its
+    // report arrives first.
+    let mut effects =
+        h.feed(Input::Report { node: nid(1), report: exited(&ls[0].1, "rank-3", Some(1), None, h.unix + 5) });
+    assert_eq!(stops(&effects).len(), 2, "the whole generation is stopped at once: {effects:?}");
+    assert!(emits(&effects).is_empty(), "the event waits for the settle time");
+    effects.extend(h.feed(Input::Report { node: nid(2), report: exited(w1, "rank-7", None, Some(9), h.unix) }));
+    // The rest exit because they were told to.
+    for k in ["rank-4", "rank-5", "rank-6"] {
+        effects.extend(h.feed(Input::Report { node: nid(2), report: exited(w1, k, None, Some(15), h.unix + 50) }));
+    }
+    effects.extend(h.tick_after(SETTLE));
+    let events = emits(&effects);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, pb::DeploymentState::Restarting);
+    assert!(events[0].1.starts_with("rank 7 (rank-7 on w1) was killed by signal 9"), "{}", events[0].1);
+    assert_eq!(stops(&effects).len(), 2, "no stop repeated");
+    // More exits of the old generation change nothing.
+    let late = h.feed(Input::Report { node: nid(1), report: exited(&ls[0].1, "rank-0", None, Some(15), h.unix) });
+    assert!(emits(&late).is_empty() && stops(&late).is_empty(), "{late:?}");
+    // After the backoff: generation 2, written before it is launched, on the same GPUs.
+    let before: Vec<String> = h.dep("p1").ranks.iter().map(|r| format!("{}/{:?}", r.node, r.gpu_indices)).collect();
+    let relaunch = h.tick_after(BASE_BACKOFF);
+    let ls2 = launches(&relaunch);
+    assert_eq!((ls2.len(), ls2[0].1.generation), (1, 2), "{relaunch:?}");
+    assert_eq!(emits(&relaunch).len(), 1, "{relaunch:?}");
+    let after: Vec<String> = h.dep("p1").ranks.iter().map(|r| format!("{}/{:?}", r.node, r.gpu_indices)).collect();
+    assert_eq!(before, after);
+    assert_eq!(h.dep("p1").restarts, 1);
+}
+
+#[test]
+fn a_restarting_group_keeps_its_gpus_from_pending_deployments() {
+    let mut h = H::new(vec![node(1, "head", 4, true)]);
+    let c1 = h.create(spec("p1", 4, 1));
+    let ls = launches(&h.run_launches(c1));
+    h.all_ready(&ls);
+    h.create(spec("p2", 4, 1));
+    assert_eq!(h.dep("p2").state, pb::DeploymentState::Pending as i32);
+    h.feed(Input::Report { node: nid(1), report: exited(&ls[0].1, "rank-2", None, Some(9), h.unix) });
+    // Settling, backing off, and every pending retry in between: p2 never gets p1's GPUs.
+    for _ in 0..4 {
+        h.tick_after(Duration::from_millis(200));
+        assert_eq!(h.dep("p2").state, pb::DeploymentState::Pending as i32);
+    }
+    h.tick_after(PENDING_RETRY);
+    assert_eq!(h.dep("p1").state, pb::DeploymentState::Starting as i32);
+    assert_eq!(h.dep("p1").generation, 2);
+    assert_eq!(h.dep("p2").state, pb::DeploymentState::Pending as i32);
+    assert_eq!(h.m.reservation_counts(), (4, 4));
+}
+
+#[test]
+fn a_new_deployment_with_an_old_name_is_a_new_incarnation() {
+    let (mut h, ls) = running_pair();
+    let old_uid = ls[0].1.deployment_uid.clone();
+    let reply = h.reply();
+    let del = h.feed(Input::Delete { name: "p1".into(), reply });
+    assert!(stops(&del).iter().all(|(_, s)| s.below_generation == 0 && s.deployment_uid == old_uid));
+    for (n, l) in &ls {
+        for p in &l.processes {
+            h.feed(Input::Report { node: *n, report: exited(l, &p.key, None, Some(15), h.unix) });
+        }
+    }
+    assert!(h.m.get("p1", h.now).is_err(), "gone once every process confirmed");
+    let created = h.create(spec("p1", 4, 2));
+    let ls2 = launches(&created);
+    assert_eq!(ls2[0].1.generation, 1);
+    assert_ne!(ls2[0].1.deployment_uid, old_uid);
+    // A late report of the old incarnation, same name and generation, is fenced, not counted.
+    let late = h.feed(Input::Report {
+        node: nid(1),
+        report: report(&ls[0].1, &ls[0].1.processes[0], pb::ProcessState::Ready, 0),
+    });
+    let s = stops(&late);
+    assert_eq!(s.len(), 1, "{late:?}");
+    assert_eq!(s[0].1.deployment_uid, ls2[0].1.deployment_uid, "keep the new incarnation, stop the rest");
+    assert_eq!(h.dep("p1").ranks[0].state, pb::ProcessState::Starting as i32);
+}
+
+#[test]
+fn a_delete_whose_write_fails_is_refused_and_changes_nothing() {
+    let (mut h, _) = running_pair();
+    let reply = h.reply();
+    let first = h.m.handle(Input::Delete { name: "p1".into(), reply }, h.at());
+    assert!(stops(&first).is_empty(), "nothing is stopped before the record is gone");
+    let Some(Effect::Persist(id, Write::Remove(name))) = first.first() else { panic!("{first:?}") };
+    assert_eq!(name, "p1");
+    let after = h.m.handle(Input::PersistFailed(*id, "I/O error".into()), h.at());
+    assert!(matches!(&replies(&after)[..], [Err(DeployError::Store { .. })]), "{after:?}");
+    assert!(stops(&after).is_empty());
+    assert_eq!(h.dep("p1").state, pb::DeploymentState::Running as i32);
+}
+
+#[test]
+fn a_launch_too_big_to_deliver_fails_the_deployment_and_frees_its_gpus() {
+    let mut h = H::new(vec![node(1, "head", 8, true)]);
+    let mut s = spec("big", 8, 1);
+    // Past Create's limits (as a record from an older head could be): 8 ranks x 1 MiB of env.
+    s.env.insert("BIG".into(), "x".repeat(1 << 20));
+    let effects = h.create(s);
+    assert!(launches(&effects).is_empty(), "never handed to a worker");
+    let d = h.dep("big");
+    assert_eq!(d.state, pb::DeploymentState::Failed as i32);
+    assert!(d.message.contains("more than the 3145728 a worker accepts"), "{}", d.message);
+    assert_eq!(h.m.reservation_counts(), (0, 0));
+}
+
+#[test]
+fn a_node_that_rejoins_without_its_processes_restarts_the_group() {
+    let (mut h, _) = running_pair();
+    let mut effects = h.feed(Input::NodeJoined { node: nid(2), running: Vec::new() });
+    effects.extend(h.tick_after(SETTLE));
+    let events = emits(&effects);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0].1.contains("rank-4, rank-5, rank-6, rank-7 on w1 not running"), "{}", events[0].1);
+}
+
+#[test]
+fn ranks_past_u32_are_not_found_not_rank_0() {
+    let (h, _) = running_pair();
+    assert!(matches!(h.m.locate("p1", 1 << 32), Err(DeployError::NoSuchRank { rank: 4294967296, .. })));
+    assert_eq!(h.m.locate("p1", 0).map(|(n, k)| (n, k.0)), Ok((nid(1), "rank-0".to_string())));
+}
+
+#[test]
+fn reports_count_only_from_the_node_the_process_was_placed_on() {
+    let (mut h, ls) = running_pair();
+    // Node 1 claims rank 7 (placed on node 2) exited.
+    let forged = h.feed(Input::Report { node: nid(1), report: exited(&ls[1].1, "rank-7", Some(1), None, h.unix) });
+    assert!(forged.is_empty(), "{forged:?}");
+    h.tick_after(Duration::from_secs(1));
+    assert_eq!(h.dep("p1").state, pb::DeploymentState::Running as i32);
+}
+
+#[test]
+fn a_dead_node_is_blamed_over_the_exits_it_causes() {
+    let (mut h, ls) = running_pair();
+    let mut effects =
+        h.feed(Input::Report { node: nid(1), report: exited(&ls[0].1, "rank-0", Some(1), None, h.unix - 500) });
+    let mut dead = node(2, "w1", 4, false);
+    dead.state = NodeState::Dead;
+    dead.state_reason = "no heartbeat for 3s".into();
+    effects.extend(h.feed(Input::NodeChanged(Box::new(dead))));
+    effects.extend(h.tick_after(SETTLE));
+    let events = emits(&effects);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0].1.starts_with("node w1 is dead: no heartbeat for 3s"), "{}", events[0].1);
+    // No spare node: it waits for GPUs and holds none meanwhile.
+    h.tick_after(Duration::from_secs(1));
+    assert_eq!(h.dep("p1").state, pb::DeploymentState::Pending as i32);
+    assert_eq!(h.m.reservation_counts(), (0, 0));
+}
+
+#[test]
+fn a_generation_whose_write_fails_is_not_launched() {
+    let (mut h, ls) = running_pair();
+    h.feed(Input::Report { node: nid(1), report: exited(&ls[0].1, "rank-0", Some(1), None, h.unix) });
+    h.tick_after(SETTLE);
+    h.advance(BASE_BACKOFF);
+    let first = h.m.handle(Input::Tick, h.at());
+    let Some(Effect::Persist(id, Write::Put(rec))) = first.iter().find(|e| matches!(e, Effect::Persist(..))) else {
+        panic!("{first:?}")
+    };
+    assert_eq!(rec.generation, 2);
+    assert!(launches(&first).is_empty());
+    let after = h.m.handle(Input::PersistFailed(*id, "disk full".into()), h.at());
+    assert!(launches(&after).is_empty(), "{after:?}");
+    let settled = h.tick_after(SETTLE);
+    let events = emits(&settled);
+    assert!(
+        events
+            .iter()
+            .any(|(s, m)| *s == pb::DeploymentState::Restarting && m.contains("cannot record generation 2: disk full")),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn after_a_head_restart_running_processes_are_adopted_without_a_launch() {
+    let (h, ls) = running_pair();
+    let rec = record::to_stored(&h.m.deps["p1"], h.at());
+    let mut h2 = H::new(h.nodes.clone());
+    h2.m.recover(vec![rec], |_| Some(llama()), h2.at());
+    assert_eq!(h2.dep("p1").state, pb::DeploymentState::Starting as i32);
+    assert_eq!(h2.m.reservation_counts(), (8, 8));
+    let mut effects = Vec::new();
+    for (n, l) in &ls {
+        let running: Vec<pb::ShardReport> =
+            l.processes.iter().map(|p| report(l, p, pb::ProcessState::Ready, 0)).collect();
+        effects.extend(h2.feed(Input::NodeJoined { node: *n, running }));
+    }
+    assert!(launches(&effects).is_empty() && stops(&effects).is_empty(), "{effects:?}");
+    assert_eq!(h2.dep("p1").state, pb::DeploymentState::Running as i32);
+    assert_eq!(h2.dep("p1").generation, 1);
+}
+
+#[test]
+fn a_deleted_deployment_frees_its_gpus_for_a_pending_one() {
+    let mut h = H::new(vec![node(1, "head", 4, true)]);
+    let c1 = h.create(spec("p1", 4, 1));
+    let ls = launches(&h.run_launches(c1));
+    h.create(spec("p2", 4, 1));
+    let reply = h.reply();
+    h.feed(Input::Delete { name: "p1".into(), reply });
+    for p in &ls[0].1.processes {
+        h.feed(Input::Report { node: nid(1), report: exited(&ls[0].1, &p.key, None, Some(15), h.unix) });
+    }
+    assert_eq!(h.dep("p2").state, pb::DeploymentState::Starting as i32);
+    assert_eq!(h.m.reservation_counts(), (4, 4));
+}
