@@ -273,10 +273,10 @@ async fn delete_all(url: &str) {
 async fn wait_for_addr(path: &Path, head: &mut Proc) -> anyhow::Result<String> {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        if let Ok(s) = fs::read_to_string(path) {
-            if s.ends_with('\n') {
-                return Ok(s.trim().to_string());
-            }
+        if let Ok(s) = fs::read_to_string(path)
+            && s.ends_with('\n')
+        {
+            return Ok(s.trim().to_string());
         }
         if let Some(status) = head.child.try_wait()? {
             bail!("the head exited during start-up ({status}):\n{}", tail(&head.log, 15));

@@ -136,10 +136,10 @@ pub fn start_head(dir: &Path, name: &str, listen: &str, extra: &[&str]) -> HeadP
     let addr_file = data_dir.join("head.addr");
     let deadline = Instant::now() + crate::HANG;
     let addr = loop {
-        if let Ok(s) = std::fs::read_to_string(&addr_file) {
-            if s.ends_with('\n') {
-                break s.trim().to_string();
-            }
+        if let Ok(s) = std::fs::read_to_string(&addr_file)
+            && s.ends_with('\n')
+        {
+            break s.trim().to_string();
         }
         if let Some(status) = daemon.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
             panic!("head exited early ({status}):\n{}", daemon.log_text());

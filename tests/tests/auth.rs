@@ -26,10 +26,10 @@ fn bare_head(dir: &std::path::Path, extra: &[&str]) -> (Daemon, String) {
     let d = Daemon::spawn("head", "tessera-head", &args, dir);
     let deadline = Instant::now() + tessera_tests::HANG;
     loop {
-        if let Ok(s) = std::fs::read_to_string(data.join("head.addr")) {
-            if s.ends_with('\n') {
-                return (d, format!("http://{}", s.trim()));
-            }
+        if let Ok(s) = std::fs::read_to_string(data.join("head.addr"))
+            && s.ends_with('\n')
+        {
+            return (d, format!("http://{}", s.trim()));
         }
         assert!(Instant::now() < deadline, "head did not start:\n{}", d.log_text());
         std::thread::sleep(Duration::from_millis(10));

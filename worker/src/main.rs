@@ -257,8 +257,8 @@ fn print_inventory(inv: &tessera_common::node::Inventory) {
         println!("FAKE GPUs ({})", inv.note);
     }
     println!(
-        "{:<5} {:<28} {:>10} {:>10} {:<4} {:<16} {:<4} {:<4} {}",
-        "GPU", "NAME", "MEMORY", "USED", "CC", "PCI", "NUMA", "MIG", "NVLINK PEERS"
+        "{:<5} {:<28} {:>10} {:>10} {:<4} {:<16} {:<4} {:<4} NVLINK PEERS",
+        "GPU", "NAME", "MEMORY", "USED", "CC", "PCI", "NUMA", "MIG"
     );
     for g in &inv.gpus {
         let name = if g.fake { format!("{} (fake)", g.name) } else { g.name.clone() };

@@ -35,10 +35,10 @@ impl Notifier {
     }
 
     fn send(&self, msg: &str) {
-        if let Some((s, a)) = &self.socket {
-            if let Err(e) = s.send_to_addr(msg.as_bytes(), a) {
-                tracing::debug!(error = %e, "notify message not delivered");
-            }
+        if let Some((s, a)) = &self.socket
+            && let Err(e) = s.send_to_addr(msg.as_bytes(), a)
+        {
+            tracing::debug!(error = %e, "notify message not delivered");
         }
     }
 
@@ -60,10 +60,10 @@ impl Notifier {
 
     /// Half of `WATCHDOG_USEC`, when systemd asked this process (`WATCHDOG_PID`, if set) for pings.
     pub fn watchdog_interval() -> Option<Duration> {
-        if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-            if pid.trim() != std::process::id().to_string() {
-                return None;
-            }
+        if let Ok(pid) = std::env::var("WATCHDOG_PID")
+            && pid.trim() != std::process::id().to_string()
+        {
+            return None;
         }
         let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
         (usec > 0).then(|| Duration::from_micros(usec / 2))

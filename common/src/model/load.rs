@@ -107,6 +107,16 @@ fn read_weights(dir: &Path, layers: u64) -> Result<Option<WeightBytes>, ModelErr
     Ok(Some(w))
 }
 
+impl Model {
+    /// `safetensors` or `estimated`, as reports show it.
+    pub fn weights_source_name(&self) -> &'static str {
+        match self.weights_source() {
+            WeightsSource::Safetensors => "safetensors",
+            WeightsSource::Estimated => "estimated",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,15 +164,5 @@ mod tests {
         std::fs::write(dir.path().join("model.safetensors"), [0u8; 3]).expect("write");
         let e = load_model(dir.path()).expect_err("corrupt weights");
         assert!(e.to_string().contains("model.safetensors: not a valid safetensors file"), "{e}");
-    }
-}
-
-impl Model {
-    /// `safetensors` or `estimated`, as reports show it.
-    pub fn weights_source_name(&self) -> &'static str {
-        match self.weights_source() {
-            WeightsSource::Safetensors => "safetensors",
-            WeightsSource::Estimated => "estimated",
-        }
     }
 }

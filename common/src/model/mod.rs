@@ -113,7 +113,7 @@ pub struct Moe {
 impl Moe {
     pub fn is_moe_layer(&self, layer: u64) -> bool {
         let step = self.step.max(1);
-        let on_step = if self.step_one_based { (layer + 1) % step == 0 } else { layer % step == 0 };
+        let on_step = if self.step_one_based { (layer + 1).is_multiple_of(step) } else { layer.is_multiple_of(step) };
         layer >= self.first_dense_layers && on_step
     }
 }

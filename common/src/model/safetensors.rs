@@ -44,10 +44,10 @@ pub fn parse_header(json: &[u8], data_len: Option<u64>) -> Result<Vec<TensorInfo
                 return Err(format!("tensor {name:?}: data_offsets {offsets:?} are not a range"));
             }
         };
-        if let Some(len) = data_len {
-            if end > len {
-                return Err(format!("tensor {name:?}: data_offsets end {end} is past the file's {len} data bytes"));
-            }
+        if let Some(len) = data_len
+            && end > len
+        {
+            return Err(format!("tensor {name:?}: data_offsets end {end} is past the file's {len} data bytes"));
         }
         let shape =
             t.get("shape").and_then(Value::as_array).ok_or_else(|| format!("tensor {name:?}: shape missing"))?;
@@ -115,14 +115,14 @@ pub enum Part {
 pub fn classify(name: &str) -> Part {
     let segs: Vec<&str> = name.split('.').collect();
     for w in segs.windows(2) {
-        if matches!(w[0], "layers" | "h" | "blocks" | "layer") {
-            if let Ok(n) = w[1].parse::<u64>() {
-                // Vision encoders have layers too; they are not decoder layers.
-                if name.contains("vision") || name.contains("visual") {
-                    return Part::First;
-                }
-                return Part::Layer(n);
+        if matches!(w[0], "layers" | "h" | "blocks" | "layer")
+            && let Ok(n) = w[1].parse::<u64>()
+        {
+            // Vision encoders have layers too; they are not decoder layers.
+            if name.contains("vision") || name.contains("visual") {
+                return Part::First;
             }
+            return Part::Layer(n);
         }
     }
     let lower = name.to_ascii_lowercase();

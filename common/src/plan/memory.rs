@@ -154,6 +154,8 @@ pub struct MemoryReport {
 }
 
 /// Computes the memory picture for `tp` x `counts.len()` on GPUs of `gpu_memory` bytes.
+// Each argument is one plain input of the formula; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn memory(
     m: &ModelDesc,
     w: &Weights,
@@ -177,8 +179,8 @@ pub fn memory(
             shortfall = shortfall.max(need - budget);
         }
         kv_min = kv_min.min(kv);
-        if kv_per_token[s] > 0 {
-            tokens = tokens.min(kv / kv_per_token[s]);
+        if let Some(t) = kv.checked_div(kv_per_token[s]) {
+            tokens = tokens.min(t);
         }
     }
     if tokens == u64::MAX {

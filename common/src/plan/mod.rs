@@ -232,12 +232,9 @@ pub fn plan(model: &ModelDesc, weights: &Weights, cluster: &Cluster, req: &PlanR
                 | "fp8_block"
                 | "quant_group_size"
         )
-    }) {
-        if let Some(first) = errors.first_mut() {
-            first
-                .message
-                .push_str(&format!(" Valid tensor parallel sizes for this model: {}.", rules::list(&valid_tp)));
-        }
+    }) && let Some(first) = errors.first_mut()
+    {
+        first.message.push_str(&format!(" Valid tensor parallel sizes for this model: {}.", rules::list(&valid_tp)));
     }
     let counts = match &req.layer_partition {
         Some(given) => partition::check_override(given, model.num_hidden_layers, pp),
@@ -286,51 +283,51 @@ pub fn plan(model: &ModelDesc, weights: &Weights, cluster: &Cluster, req: &PlanR
         _ => None,
     };
     let mut alternatives = ranked.clone();
-    if let Some(m) = &memory {
-        if !m.fits {
-            let mut msg = if m.shortfall_bytes_per_gpu > 0 {
-                format!(
-                    "does not fit: the weights need {} per GPU plus a {} runtime reserve, {} more than {} of a {} GPU",
-                    HumanBytes(m.weight_bytes_per_gpu),
-                    HumanBytes(m.runtime_reserve_bytes),
-                    HumanBytes(m.shortfall_bytes_per_gpu),
-                    req.gpu_memory_utilization,
-                    HumanBytes(m.gpu_memory_bytes)
-                )
-            } else {
-                let len = max_model_len.unwrap_or(0);
-                format!(
-                    "does not fit: the KV cache holds {} tokens, fewer than one sequence of max-model-len {len} ({} short); lower --max-model-len to at most {}, or use more GPUs",
-                    m.kv_cache_tokens,
-                    len.saturating_sub(m.kv_cache_tokens),
-                    m.kv_cache_tokens
-                )
-            };
-            if alternatives.is_empty() {
-                let all = PlanRequest { tp: Size::Auto, pp: Size::Auto, ..req.clone() };
-                alternatives = auto_candidates(model, weights, cluster, &all, &valid_tp, max_model_len);
-            }
-            match alternatives.first() {
-                Some(_) => msg.push_str(&format!(
-                    ". Would fit: {}",
-                    alternatives
-                        .iter()
-                        .take(3)
-                        .map(|a| format!(
-                            "--tp {} --pp {} ({} GPUs on {} node{})",
-                            a.tp,
-                            a.pp,
-                            a.world_size,
-                            a.nnodes,
-                            if a.nnodes == 1 { "" } else { "s" }
-                        ))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )),
-                None => msg.push_str(". No TP x PP fits on the free GPUs of this cluster"),
-            }
-            errors.push(Violation { rule: "memory".into(), message: msg });
+    if let Some(m) = &memory
+        && !m.fits
+    {
+        let mut msg = if m.shortfall_bytes_per_gpu > 0 {
+            format!(
+                "does not fit: the weights need {} per GPU plus a {} runtime reserve, {} more than {} of a {} GPU",
+                HumanBytes(m.weight_bytes_per_gpu),
+                HumanBytes(m.runtime_reserve_bytes),
+                HumanBytes(m.shortfall_bytes_per_gpu),
+                req.gpu_memory_utilization,
+                HumanBytes(m.gpu_memory_bytes)
+            )
+        } else {
+            let len = max_model_len.unwrap_or(0);
+            format!(
+                "does not fit: the KV cache holds {} tokens, fewer than one sequence of max-model-len {len} ({} short); lower --max-model-len to at most {}, or use more GPUs",
+                m.kv_cache_tokens,
+                len.saturating_sub(m.kv_cache_tokens),
+                m.kv_cache_tokens
+            )
+        };
+        if alternatives.is_empty() {
+            let all = PlanRequest { tp: Size::Auto, pp: Size::Auto, ..req.clone() };
+            alternatives = auto_candidates(model, weights, cluster, &all, &valid_tp, max_model_len);
         }
+        match alternatives.first() {
+            Some(_) => msg.push_str(&format!(
+                ". Would fit: {}",
+                alternatives
+                    .iter()
+                    .take(3)
+                    .map(|a| format!(
+                        "--tp {} --pp {} ({} GPUs on {} node{})",
+                        a.tp,
+                        a.pp,
+                        a.world_size,
+                        a.nnodes,
+                        if a.nnodes == 1 { "" } else { "s" }
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            None => msg.push_str(". No TP x PP fits on the free GPUs of this cluster"),
+        }
+        errors.push(Violation { rule: "memory".into(), message: msg });
     }
 
     let placed = placement.as_ref();

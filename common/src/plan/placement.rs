@@ -157,7 +157,7 @@ pub fn place(cluster: &Cluster, tp: u64, pp: u64, strict: bool) -> Result<Placem
         return Err(PlacementError::Insufficient("tensor and pipeline parallel sizes must be at least 1".into()));
     }
     let free: Vec<usize> = cluster.nodes.iter().map(ClusterNode::free).collect();
-    let divisors: Vec<u64> = (1..=world).filter(|k| world % k == 0).collect();
+    let divisors: Vec<u64> = (1..=world).filter(|k| world.is_multiple_of(*k)).collect();
     // First TP-inside-a-node layouts, fewest nodes first; then (unless strict) layouts where a TP
     // group spans nodes.
     for spanning in [false, true] {
@@ -166,7 +166,7 @@ pub fn place(cluster: &Cluster, tp: u64, pp: u64, strict: bool) -> Result<Placem
         }
         for &k in &divisors {
             let g = world / k;
-            if (g % tp == 0) == spanning {
+            if g.is_multiple_of(tp) == spanning {
                 continue;
             }
             if let Some(nodes) = pick_nodes(cluster, &free, k as usize, g as usize) {
@@ -289,10 +289,10 @@ fn clique(gpus: &[&ClusterGpu], want: usize) -> Option<Vec<usize>> {
 /// "need 16 GPUs as 2 nodes x 8; free: node-a 8, node-b 4, node-c 4"
 fn shortfall(cluster: &Cluster, free: &[usize], tp: u64, world: u64, strict: bool) -> String {
     let largest = cluster.nodes.iter().filter(|n| n.schedulable).map(|n| n.gpus.len() as u64).max().unwrap_or(0);
-    let layouts: Vec<u64> = (1..=world).filter(|k| world % k == 0).collect();
+    let layouts: Vec<u64> = (1..=world).filter(|k| world.is_multiple_of(*k)).collect();
     let need = layouts
         .iter()
-        .find(|&&k| (world / k) % tp == 0 && world / k <= largest.max(1))
+        .find(|&&k| (world / k).is_multiple_of(tp) && world / k <= largest.max(1))
         .or_else(|| if strict { None } else { layouts.iter().find(|&&k| world / k <= largest.max(1)) })
         .map(|&k| {
             let g = world / k;

@@ -23,7 +23,7 @@ pub fn check_tp(m: &ModelDesc, tp: u64) -> Vec<Violation> {
         return out;
     }
     let h = m.num_attention_heads;
-    if h % tp != 0 {
+    if !h.is_multiple_of(tp) {
         out.push(v(
             "attention_heads",
             format!("Total number of attention heads ({h}) must be divisible by tensor parallel size ({tp})."),
@@ -31,14 +31,14 @@ pub fn check_tp(m: &ModelDesc, tp: u64) -> Vec<Violation> {
     }
     if m.mla.is_none() {
         let kv = m.num_key_value_heads;
-        if tp >= kv && tp % kv != 0 {
+        if tp >= kv && !tp.is_multiple_of(kv) {
             out.push(v(
                 "kv_heads",
                 format!(
                     "tensor parallel size ({tp}) is at least the number of KV heads ({kv}), so it must be a multiple of it (each rank then holds one replicated KV head)."
                 ),
             ));
-        } else if tp < kv && kv % tp != 0 {
+        } else if tp < kv && !kv.is_multiple_of(tp) {
             out.push(v(
                 "kv_heads",
                 format!("Total number of KV heads ({kv}) must be divisible by tensor parallel size ({tp})."),
@@ -46,13 +46,13 @@ pub fn check_tp(m: &ModelDesc, tp: u64) -> Vec<Violation> {
         }
     }
     // Expert parallelism is not planned yet: expert FFNs are split by TP like dense ones.
-    if let Some(i) = m.intermediate_size {
-        if i % tp != 0 {
-            out.push(v(
-                "intermediate_size",
-                format!("intermediate_size ({i}) must be divisible by tensor parallel size ({tp})."),
-            ));
-        }
+    if let Some(i) = m.intermediate_size
+        && i % tp != 0
+    {
+        out.push(v(
+            "intermediate_size",
+            format!("intermediate_size ({i}) must be divisible by tensor parallel size ({tp})."),
+        ));
     }
     if let Some(moe) = &m.moe {
         let i = moe.expert_intermediate_size;
@@ -71,10 +71,10 @@ pub fn check_tp(m: &ModelDesc, tp: u64) -> Vec<Violation> {
     if let Some(i) = m.intermediate_size {
         ffn_widths.push(("intermediate_size", i));
     }
-    if let Some(moe) = &m.moe {
-        if m.intermediate_size != Some(moe.expert_intermediate_size) {
-            ffn_widths.push((expert_width_name(m), moe.expert_intermediate_size));
-        }
+    if let Some(moe) = &m.moe
+        && m.intermediate_size != Some(moe.expert_intermediate_size)
+    {
+        ffn_widths.push((expert_width_name(m), moe.expert_intermediate_size));
     }
     match &m.quantization {
         Some(Quantization::Fp8 { block: Some((bn, bk)) }) => {
@@ -83,7 +83,7 @@ pub fn check_tp(m: &ModelDesc, tp: u64) -> Vec<Violation> {
                     continue; // reported above
                 }
                 let per_rank = width / tp;
-                if per_rank % bn != 0 || per_rank % bk != 0 {
+                if !per_rank.is_multiple_of(*bn) || !per_rank.is_multiple_of(*bk) {
                     out.push(v(
                         "fp8_block",
                         format!(
@@ -102,7 +102,7 @@ pub fn check_tp(m: &ModelDesc, tp: u64) -> Vec<Violation> {
                         continue;
                     }
                     let per_rank = width / tp;
-                    if per_rank % g != 0 {
+                    if !per_rank.is_multiple_of(g) {
                         out.push(v(
                             "quant_group_size",
                             format!(
@@ -128,7 +128,9 @@ fn expert_width_name(m: &ModelDesc) -> &'static str {
 /// The TP sizes that pass every rule: divisors of the attention head count that also pass the
 /// KV, FFN and quantization rules.
 pub fn valid_tp_sizes(m: &ModelDesc) -> Vec<u64> {
-    (1..=m.num_attention_heads).filter(|&t| m.num_attention_heads % t == 0 && check_tp(m, t).is_empty()).collect()
+    (1..=m.num_attention_heads)
+        .filter(|&t| m.num_attention_heads.is_multiple_of(t) && check_tp(m, t).is_empty())
+        .collect()
 }
 
 /// KV heads each rank holds, and how many ranks hold a copy of each (replication).

@@ -27,7 +27,8 @@ const ALL: [&str; 8] = [
 #[test]
 fn every_config_parses_to_the_published_shape() {
     // (name, heads, kv heads, layers, head_dim, moe experts, mla)
-    let want: [(&str, u64, u64, u64, u64, Option<u64>, bool); 8] = [
+    type Shape = (&'static str, u64, u64, u64, u64, Option<u64>, bool);
+    let want: [Shape; 8] = [
         ("Llama-3.1-8B-Instruct", 32, 8, 32, 128, None, false),
         ("Llama-3.1-70B-Instruct", 64, 8, 80, 128, None, false),
         ("granite-3.3-8b-instruct", 32, 8, 40, 128, None, false),

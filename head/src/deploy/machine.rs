@@ -373,12 +373,12 @@ impl Machine {
         if other_incarnation || r.generation != dep.generation.0 {
             // Fencing: reports of other incarnations and generations change nothing, but what
             // still runs of them is stopped.
-            if deleting && !other_incarnation {
-                if let Some(p) = dep.procs.get_mut(&ProcKey(r.key.clone())).filter(|p| p.node_id == node) {
-                    if r.generation == dep.generation.0 {
-                        p.gone = true;
-                    }
-                }
+            if deleting
+                && !other_incarnation
+                && let Some(p) = dep.procs.get_mut(&ProcKey(r.key.clone())).filter(|p| p.node_id == node)
+                && r.generation == dep.generation.0
+            {
+                p.gone = true;
             }
             if !exited {
                 let below = if deleting || r.generation > dep.generation.0 { 0 } else { dep.generation.0 };
@@ -411,14 +411,16 @@ impl Machine {
         }
         // Node rank 0 picked the rendezvous ports: record them, then tell the other nodes.
         let first_node = dep.launch.as_ref().and_then(|l| l.per_node.first().map(|(n, _)| *n));
-        if let Some(l) = dep.launch.as_mut() {
-            if l.master_port == 0 && r.master_port > 0 && first_node == Some(node) {
-                l.master_port = r.master_port;
-                l.health_port = r.health_port;
-                let generation = dep.generation;
-                let rec = self.record(&name, at);
-                self.park(Park::Ports { name: name.clone(), generation }, rec);
-            }
+        if let Some(l) = dep.launch.as_mut()
+            && l.master_port == 0
+            && r.master_port > 0
+            && first_node == Some(node)
+        {
+            l.master_port = r.master_port;
+            l.health_port = r.health_port;
+            let generation = dep.generation;
+            let rec = self.record(&name, at);
+            self.park(Park::Ports { name: name.clone(), generation }, rec);
         }
         let Some(dep) = self.deps.get_mut(&name) else { return };
         if exited {

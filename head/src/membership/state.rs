@@ -211,10 +211,10 @@ impl Table {
             Some(a) => (a, false),
             None => (conn.peer, true),
         };
-        if !conn.peer.is_loopback() {
-            if let Some(local) = conn.local {
-                self.learn_head_address(local, now);
-            }
+        if !conn.peer.is_loopback()
+            && let Some(local) = conn.local
+        {
+            self.learn_head_address(local, now);
         }
         let session_id = self.next_session;
         self.next_session += 1;
@@ -408,10 +408,10 @@ impl Table {
         let id = self.resolve(node)?;
         let e = self.nodes.get_mut(&id).expect("resolved id exists");
         if e.draining != draining {
-            if let Some(store) = &self.store {
-                if let Err(err) = store.set_drained(&id.to_string(), draining) {
-                    warn!(node_id = %id, error = %err, "cannot record the drain mark");
-                }
+            if let Some(store) = &self.store
+                && let Err(err) = store.set_drained(&id.to_string(), draining)
+            {
+                warn!(node_id = %id, error = %err, "cannot record the drain mark");
             }
             let previous = shown_state(e.health, e.draining);
             e.draining = draining;
@@ -426,10 +426,10 @@ impl Table {
     }
 
     fn resolve(&self, node: &str) -> Result<Uuid, NodeError> {
-        if let Ok(id) = Uuid::parse_str(node) {
-            if self.nodes.contains_key(&id) {
-                return Ok(id);
-            }
+        if let Ok(id) = Uuid::parse_str(node)
+            && self.nodes.contains_key(&id)
+        {
+            return Ok(id);
         }
         let matches: Vec<Uuid> = self
             .nodes

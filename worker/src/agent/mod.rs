@@ -159,7 +159,7 @@ impl Agent {
                     }
                     failures += 1;
                     // Log the first failure and then every tenth, so a long head outage does not flood.
-                    if failures == 1 || failures % 10 == 0 {
+                    if failures == 1 || failures.is_multiple_of(10) {
                         warn!(reason = %why, up_to = ?backoff.ceiling(), attempts = failures, "lost the head; reconnecting");
                     } else {
                         debug!(reason = %why, up_to = ?backoff.ceiling(), "reconnecting");
@@ -235,10 +235,10 @@ impl Agent {
                 return SessionEnd::Lost(format!("the head sent an invalid node id {:?}", joined.node_id));
             }
         };
-        if join.node_id != Some(node_id) {
-            if let Err(e) = self.state.save_node_id(node_id) {
-                return SessionEnd::Refused(format!("cannot persist the node id: {e}"));
-            }
+        if join.node_id != Some(node_id)
+            && let Err(e) = self.state.save_node_id(node_id)
+        {
+            return SessionEnd::Refused(format!("cannot persist the node id: {e}"));
         }
         backoff.reset();
         let interval = Duration::from_millis(joined.heartbeat_interval_ms.max(10));
@@ -277,7 +277,7 @@ impl Agent {
                     seq += 1;
                     last_sent = Some((seq, Instant::now()));
                     let mut gpu_usage = Vec::new();
-                    if seq % usage_every == 0 {
+                    if seq.is_multiple_of(usage_every) {
                         let now = self.config.inventory.memory_used();
                         if now != last_usage {
                             gpu_usage = now.iter().map(|&(index, used)| pb::GpuUsage { index, memory_used_bytes: used }).collect();
@@ -299,11 +299,10 @@ impl Agent {
                         last_heard = Instant::now();
                         match msg.msg {
                             Some(pb::head_message::Msg::HeartbeatAck(ack)) => {
-                                if let (Some(m), Some((sent_seq, at))) = (&self.config.metrics, last_sent) {
-                                    if ack.seq == sent_seq {
+                                if let (Some(m), Some((sent_seq, at))) = (&self.config.metrics, last_sent)
+                                    && ack.seq == sent_seq {
                                         m.heartbeat_rtt.observe(at.elapsed().as_secs_f64());
                                     }
-                                }
                             }
                             Some(pb::head_message::Msg::Shutdown(s)) => {
                                 return SessionEnd::Lost(format!("head shutting down: {}", s.reason));

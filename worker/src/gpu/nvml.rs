@@ -59,10 +59,10 @@ impl NvmlInventory {
             let pci_bus_id = dev.pci_info().map(|p| p.bus_id).unwrap_or_default();
             for link in 0..MAX_NVLINKS {
                 let l = dev.link_wrapper_for(link);
-                if l.is_active().unwrap_or(false) {
-                    if let Ok(remote) = l.remote_pci_info() {
-                        links.push((index, normalize_bus_id(&remote.bus_id)));
-                    }
+                if l.is_active().unwrap_or(false)
+                    && let Ok(remote) = l.remote_pci_info()
+                {
+                    links.push((index, normalize_bus_id(&remote.bus_id)));
                 }
             }
             gpus.push(Gpu {

@@ -492,14 +492,14 @@ impl ShardHost {
                 if len < pos {
                     pos = 0; // rotated
                 }
-                if len > pos {
-                    if let Ok(mut f) = tokio::fs::File::open(&path).await {
-                        let _ = f.seek(std::io::SeekFrom::Start(pos)).await;
-                        let mut buf = Vec::new();
-                        let _ = (&mut f).take(1 << 20).read_to_end(&mut buf).await;
-                        pos += buf.len() as u64;
-                        send(buf, false, String::new());
-                    }
+                if len > pos
+                    && let Ok(mut f) = tokio::fs::File::open(&path).await
+                {
+                    let _ = f.seek(std::io::SeekFrom::Start(pos)).await;
+                    let mut buf = Vec::new();
+                    let _ = (&mut f).take(1 << 20).read_to_end(&mut buf).await;
+                    pos += buf.len() as u64;
+                    send(buf, false, String::new());
                 }
             }
         });
@@ -551,11 +551,11 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
 /// The last `n` lines of a log (looking into the rotated file when the current one is short).
 pub fn tail_lines(path: &Path, n: usize) -> String {
     let mut data = std::fs::read(path).unwrap_or_default();
-    if data.iter().filter(|&&b| b == b'\n').count() < n {
-        if let Ok(mut older) = std::fs::read(super::shim::rotated(path, 1)) {
-            older.extend_from_slice(&data);
-            data = older;
-        }
+    if data.iter().filter(|&&b| b == b'\n').count() < n
+        && let Ok(mut older) = std::fs::read(super::shim::rotated(path, 1))
+    {
+        older.extend_from_slice(&data);
+        data = older;
     }
     let text = String::from_utf8_lossy(&data);
     let lines: Vec<&str> = text.lines().collect();

@@ -303,10 +303,11 @@ pub fn children_of(parent: Pid) -> Vec<Pid> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return out };
     for e in entries.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        if let Some((ppid, state)) = ppid_and_state(pid) {
-            if ppid == parent.as_raw() && state != 'Z' {
-                out.push(Pid::from_raw(pid));
-            }
+        if let Some((ppid, state)) = ppid_and_state(pid)
+            && ppid == parent.as_raw()
+            && state != 'Z'
+        {
+            out.push(Pid::from_raw(pid));
         }
     }
     out
@@ -342,10 +343,10 @@ impl RotatingLog {
         if self.size + data.len() as u64 > self.max {
             self.rotate();
         }
-        if let Some(f) = &mut self.file {
-            if f.write_all(data).is_ok() {
-                self.size += data.len() as u64;
-            }
+        if let Some(f) = &mut self.file
+            && f.write_all(data).is_ok()
+        {
+            self.size += data.len() as u64;
         }
     }
 
