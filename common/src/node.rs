@@ -68,7 +68,7 @@ impl Inventory {
     }
 
     pub fn memory_total_bytes(&self) -> u64 {
-        self.gpus.iter().map(|g| g.memory_total_bytes).sum()
+        self.gpus.iter().fold(0u64, |a, g| a.saturating_add(g.memory_total_bytes))
     }
 }
 
@@ -127,12 +127,19 @@ impl TryFrom<pb::Inventory> for Inventory {
         let count = p.gpus.len() as u32;
         let mut gpus = Vec::with_capacity(p.gpus.len());
         let mut seen = std::collections::HashSet::new();
+        let mut uuids = std::collections::HashSet::new();
         for (i, g) in p.gpus.into_iter().enumerate() {
             let field = |f: &str| format!("inventory.gpus[{i}].{f}");
             if !seen.insert(g.index) {
                 return Err(FieldError::new(field("index"), format!("index {} appears twice", g.index)));
             }
             validate::max_len(&field("uuid"), &g.uuid, 128)?;
+            if g.uuid.is_empty() {
+                return Err(FieldError::new(field("uuid"), "is empty; every GPU needs its UUID"));
+            }
+            if !uuids.insert(g.uuid.clone()) {
+                return Err(FieldError::new(field("uuid"), format!("{} appears twice on this node", g.uuid)));
+            }
             validate::max_len(&field("name"), &g.name, 256)?;
             validate::max_len(&field("pci_bus_id"), &g.pci_bus_id, 64)?;
             if g.memory_used_bytes > g.memory_total_bytes {
@@ -348,6 +355,37 @@ mod tests {
 
         let many = pb::Inventory { gpus: (0..65).map(gpu).collect(), ..Default::default() };
         assert_eq!(Inventory::try_from(many).expect_err("too many").field, "inventory.gpus");
+
+        let mut twin = gpu(1);
+        twin.uuid = "GPU-0".into();
+        let e =
+            Inventory::try_from(pb::Inventory { gpus: vec![gpu(0), twin], ..Default::default() }).expect_err("uuid");
+        assert_eq!(e.field, "inventory.gpus[1].uuid");
+        let mut nameless = gpu(0);
+        nameless.uuid.clear();
+        let e = Inventory::try_from(pb::Inventory { gpus: vec![nameless], ..Default::default() }).expect_err("empty");
+        assert_eq!(e.field, "inventory.gpus[0].uuid");
+    }
+
+    #[test]
+    fn memory_totals_saturate() {
+        let mut inv = Inventory::empty("");
+        for i in 0..3 {
+            inv.gpus.push(Gpu {
+                index: i,
+                uuid: format!("GPU-{i}"),
+                name: String::new(),
+                memory_total_bytes: u64::MAX,
+                memory_used_bytes: 0,
+                compute_capability: (0, 0),
+                pci_bus_id: String::new(),
+                numa_node: None,
+                nvlink_peers: vec![],
+                mig_enabled: false,
+                fake: true,
+            });
+        }
+        assert_eq!(inv.memory_total_bytes(), u64::MAX);
     }
 
     #[test]

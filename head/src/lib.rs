@@ -4,12 +4,14 @@
 //! joins over loopback like any other worker and registers the head's own GPUs (`is_head`).
 //!
 //! # Layout
+//! - [`datadir`]: one head per data dir (a lock taken before anything in it is touched).
 //! - [`deploy`]: deployments: plan, reserve, launch, supervise, group restart.
 //! - [`membership`]: the node table, the failure detector and membership events (one owner task).
 //! - [`store`]: the durable state (redb): deployments, generations, placements.
 //! - [`server`]: the gRPC services (`Membership` for workers; `Cluster` and `Planner` for clients).
 //! - [`Head`]: wiring and ordered shutdown.
 
+pub mod datadir;
 pub mod deploy;
 pub mod membership;
 pub mod metrics;
@@ -59,6 +61,9 @@ pub struct HeadConfig {
     pub tls: Option<HeadTls>,
     /// Where to serve /metrics, /healthz and /readyz (`--metrics-listen`); `None`: nowhere.
     pub metrics_listener: Option<TcpListener>,
+    /// The data dir's lock, when the caller took it already (before writing tokens into it);
+    /// `None`: `Head::start` takes it.
+    pub data_dir_lock: Option<datadir::DataDirLock>,
 }
 
 /// The head's TLS settings.
@@ -73,8 +78,6 @@ pub struct HeadTls {
 pub enum HeadError {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("cannot use data dir {path}: {source}; pass --data-dir DIR with a directory this user can write")]
-    DataDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Worker(#[from] tessera_worker::agent::AgentError),
     #[error(transparent)]
@@ -85,6 +88,8 @@ pub enum HeadError {
     Listener(std::io::Error),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    DataDirInUse(#[from] datadir::DataDirError),
 }
 
 /// A running head. Dropping it does not stop it; cancel the token given to [`Head::start`].
@@ -106,8 +111,10 @@ impl Head {
         shutdown: CancellationToken,
     ) -> Result<Head, HeadError> {
         config.membership.validate().map_err(HeadError::Config)?;
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|source| HeadError::DataDir { path: config.data_dir.clone(), source })?;
+        let data_dir_lock = match config.data_dir_lock {
+            Some(l) => l,
+            None => datadir::lock(&config.data_dir)?,
+        };
         let addr = listener.local_addr().map_err(HeadError::Listener)?;
         let instance_id = uuid::Uuid::new_v4().to_string();
 
@@ -238,6 +245,8 @@ impl Head {
         info!(%addr, instance_id = %instance_id, data_dir = %config.data_dir.display(), "head serving");
 
         let task = tokio::spawn(async move {
+            // The data dir stays this head's until it has stopped.
+            let _data_dir_lock = data_dir_lock;
             shutdown.cancelled().await;
             info!("head stopping: local worker leaves, sessions close, server drains");
             // 1. The head's own node leaves the cluster properly (left, not dead).

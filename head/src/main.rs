@@ -131,6 +131,14 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Before anything in the data dir is read or written (tokens, addresses, the store).
+    let data_dir_lock = match tessera_head::datadir::lock(&cli.data_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(1);
+        }
+    };
     runtime.block_on(async move {
         let listener = match tokio::net::TcpListener::bind(cli.listen).await {
             Ok(l) => l,
@@ -213,6 +221,7 @@ fn main() -> ExitCode {
             auth,
             tls,
             metrics_listener,
+            data_dir_lock: Some(data_dir_lock),
         };
         let stop = root.clone();
         let head = match Head::start(listener, config, root).await {

@@ -121,6 +121,7 @@ async fn start_head(
     let head = Head::start(
         listener,
         HeadConfig {
+            data_dir_lock: None,
             tls: None,
             metrics_listener: None,
             auth: Some(tessera_common::auth::TokenSet {

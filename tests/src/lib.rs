@@ -3,9 +3,11 @@
 //! # Layout
 //! - [`TestCluster`]: head + N worker agents in this process, real gRPC on ephemeral loopback ports.
 //! - [`Daemon`]: a real `tessera-head` / `tessera-worker` process, killed (and reaped) on drop.
+//! - [`deploy`]: a head and two workers as processes, probe deployments and waits on their states.
 //! - [`wait_until`]: poll a predicate with a generous deadline (catches hangs, asserts no timing).
 
 pub mod cluster;
+pub mod deploy;
 pub mod process;
 
 pub use cluster::TestCluster;

@@ -5,94 +5,9 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use tessera_proto::v1 as pb;
-use tessera_tests::process::{HeadProc, start_head};
-use tessera_tests::{Daemon, alive, environ_has, pids_with, start_worker_with, wait_until};
-
-type Client = pb::deployments_client::DeploymentsClient<tessera_tests::Conn>;
-
-fn model() -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/model-configs/Llama-3.1-8B-Instruct.json")
-        .canonicalize()
-        .expect("model config")
-        .display()
-        .to_string()
-}
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    head: HeadProc,
-    workers: Vec<Daemon>,
-}
-
-impl Cluster {
-    /// A head and two workers, with a short orphan timeout so leftovers die quickly.
-    async fn start(extra: &[&str]) -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut head_args = vec!["--orphan-timeout", "3s"];
-        head_args.extend_from_slice(extra);
-        let head = start_head(dir.path(), "head", "127.0.0.1:0", &head_args);
-        let mut worker_args = vec!["--orphan-timeout", "3s"];
-        worker_args.extend_from_slice(extra);
-        let workers = ["w1", "w2"]
-            .iter()
-            .map(|n| start_worker_with(dir.path(), n, &head.url, &dir.path().join(format!("{n}-state")), &worker_args))
-            .collect();
-        let c = Cluster { dir, head, workers };
-        let mut cl = tessera_tests::cluster_client(&c.head.url).await;
-        wait_until("three nodes alive", || {
-            let mut cl = cl.clone();
-            async move {
-                let n = tessera_tests::list_nodes(&mut cl).await;
-                (n.len() == 3 && n.iter().all(|x| tessera_tests::state(x) == pb::NodeState::Alive)).then_some(())
-            }
-        })
-        .await;
-        let _ = &mut cl;
-        c
-    }
-
-    async fn client(&self) -> Client {
-        tessera_tests::deployments_client(&self.head.url).await
-    }
-
-    fn tag(&self) -> String {
-        self.dir.path().display().to_string()
-    }
-
-    /// Shim and engine processes of this cluster's deployments.
-    fn shard_pids(&self) -> Vec<u32> {
-        let tag = self.tag();
-        let mut v = pids_with(&["shim --dir", &tag]);
-        v.extend(pids_with(&[" probe --rank"]).into_iter().filter(|p| environ_has(*p, &tag)));
-        v
-    }
-}
-
-fn probe(name: &str, tp: u32, pp: u32) -> pb::CreateDeploymentRequest {
-    pb::CreateDeploymentRequest {
-        name: name.into(),
-        model_path: model(),
-        tp,
-        pp,
-        engine: pb::Engine::Probe as i32,
-        ..Default::default()
-    }
-}
-
-async fn wait_for(c: &Client, name: &str, what: &str, pred: impl Fn(&pb::Deployment) -> bool) -> pb::Deployment {
-    wait_until(&format!("{name}: {what}"), || {
-        let mut c = c.clone();
-        let d = async move { c.get(pb::GetDeploymentRequest { name: name.into() }).await.ok().map(|r| r.into_inner()) };
-        let pred = &pred;
-        async move { d.await.filter(|d| pred(d)) }
-    })
-    .await
-}
-
-fn running_at(generation: u64) -> impl Fn(&pb::Deployment) -> bool {
-    move |d| d.state == pb::DeploymentState::Running as i32 && d.generation == generation
-}
+use tessera_tests::deploy::{Cluster, model, probe, running_at, wait_for};
+use tessera_tests::process::start_head;
+use tessera_tests::{alive, environ_has, pids_with, start_worker_with, wait_until};
 
 #[tokio::test]
 async fn a_tp4_pp2_probe_runs_with_stage_0_on_the_head_and_a_killed_rank_restarts_the_group() {

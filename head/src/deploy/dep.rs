@@ -125,13 +125,14 @@ impl Proc {
 /// earlier one (see `Machine::settle`).
 #[derive(Debug, Clone)]
 pub struct Failing {
-    /// When the failure was first noticed; the restart is counted from here.
+    /// When the failure was first noticed (and the group told to stop); the restart is counted
+    /// from here.
     pub noticed: Instant,
+    pub noticed_unix_ms: u64,
     /// When the event is emitted and the next generation scheduled.
     pub settle_at: Instant,
-    /// Unix ms of the blamed failure (a process's exit time; a node's death counts as 0: it
-    /// explains every exit on and off that node).
-    pub at_unix_ms: u64,
+    /// Why the blamed failure is the likeliest cause so far.
+    pub blame: super::machine::Blame,
     pub reason: String,
     /// An operator's restart is not counted against max_restarts and has no backoff.
     pub counted: bool,

@@ -41,8 +41,9 @@ pub const DELETE_TIMEOUT: Duration = Duration::from_secs(30);
 /// First restart delay; doubles per restart in the window, up to [`MAX_BACKOFF`].
 pub const BASE_BACKOFF: Duration = Duration::from_millis(500);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How long a failing group waits for reports naming an earlier failure before its event.
-pub const SETTLE: Duration = Duration::from_millis(250);
+/// How long a failing group waits for reports naming an earlier failure before its event. It
+/// overlaps the first backoff (500 ms), so a first restart is no later for it.
+pub const SETTLE: Duration = Duration::from_millis(400);
 /// How often pending deployments try again even when nothing seems to have changed.
 pub const PENDING_RETRY: Duration = Duration::from_secs(2);
 /// The largest launch message sent to a worker; workers accept 4 MiB messages.
@@ -276,7 +277,7 @@ impl Machine {
                 if current {
                     let name = self.inventory.node(node).map(|n| n.name.clone()).unwrap_or_else(|| node.to_string());
                     let why = format!("the launch could not be handed to node {name} (not connected, or not reading)");
-                    self.fail(&deployment, why, 0, true, at);
+                    self.fail(&deployment, why, Blame::other(at.unix_ms), true, at);
                 }
             }
             Input::Tick => self.tick(at),
@@ -337,7 +338,7 @@ impl Machine {
             None => Err(DeployError::NotFound(name.into())),
             Some(DState::Stopping | DState::Stopped) => Err(DeployError::BeingDeleted(name.into())),
             Some(_) => {
-                self.fail(name, "restarted by an operator".into(), 0, false, at);
+                self.fail(name, "restarted by an operator".into(), Blame::head(), false, at);
                 self.settle(name, at);
                 Ok(Box::new(self.deps[name].to_pb(at.now)))
             }
@@ -427,8 +428,7 @@ impl Machine {
             let failing_or_live = dep.failing.is_some() || matches!(dep.state, DState::Starting | DState::Running);
             if failing_or_live {
                 let reason = describe_exit(&r, &node_name);
-                let when = if r.exited_unix_ms > 0 { r.exited_unix_ms } else { at.unix_ms };
-                self.fail(&name, reason, when, true, at);
+                self.fail(&name, reason, Blame::exit(&r, at), true, at);
             }
             return;
         }
@@ -489,7 +489,7 @@ impl Machine {
                         "{} on {node_name} not running: the node rejoined without it (its state dir was lost, or the launch never arrived)",
                         keys.join(", ")
                     );
-                    self.fail(&name, why, at.unix_ms, true, at);
+                    self.fail(&name, why, Blame::other(at.unix_ms), true, at);
                 }
                 _ => {}
             }
@@ -532,9 +532,11 @@ impl Machine {
             match dep.state {
                 DState::Stopping => self.finish_delete_if_done(&name, at),
                 DState::Starting | DState::Running => {
-                    self.fail(&name, format!("node {node_name} is {why}"), 0, true, at);
+                    self.fail(&name, format!("node {node_name} is {why}"), Blame::head(), true, at);
                 }
-                _ if dep.failing.is_some() => self.fail(&name, format!("node {node_name} is {why}"), 0, true, at),
+                _ if dep.failing.is_some() => {
+                    self.fail(&name, format!("node {node_name} is {why}"), Blame::head(), true, at)
+                }
                 _ => {}
             }
         }
@@ -581,7 +583,7 @@ impl Machine {
             if !missing.is_empty() {
                 let why =
                     format!("after the head restart, {} did not report within the recovery window", missing.join(", "));
-                self.fail(&name, why, at.unix_ms, true, at);
+                self.fail(&name, why, Blame::other(at.unix_ms), true, at);
             }
         }
         let stopping: Vec<String> =
@@ -597,20 +599,32 @@ impl Machine {
 
     // ---- transitions ----
 
-    /// The group of `name` failed (`at_unix_ms`: when; 0 for a dead node). The first failure stops
-    /// the generation everywhere at once; the event and the next generation wait for [`SETTLE`],
-    /// in case a report names an earlier failure.
-    fn fail(&mut self, name: &str, reason: String, at_unix_ms: u64, counted: bool, at: At) {
+    /// The group of `name` failed. The first failure stops the generation everywhere at once; the
+    /// event and the next generation wait for [`SETTLE`], in case a report names an earlier or a
+    /// likelier cause (see [`Blame`]).
+    fn fail(&mut self, name: &str, reason: String, blame: Blame, counted: bool, at: At) {
         let Some(dep) = self.deps.get_mut(name) else { return };
         if let Some(f) = dep.failing.as_mut() {
-            if at_unix_ms < f.at_unix_ms {
+            // What failed after the group was told to stop may be a consequence of the stop, unless
+            // it died of a signal the stop does not send (SIGTERM first, SIGKILL only after the
+            // grace, long past the settle time): a shim reads the exit time a little after the
+            // exit, and a `kill -9` can look later than the peers it took down.
+            let not_ours = blame.class == 0 || blame.at_unix_ms <= f.noticed_unix_ms || blame.foreign_signal;
+            if not_ours && (blame.class, blame.at_unix_ms) < (f.blame.class, f.blame.at_unix_ms) {
                 f.reason = reason;
-                f.at_unix_ms = at_unix_ms;
+                f.blame = blame;
             }
             return;
         }
         warn!(deployment = %name, generation = %dep.generation, %reason, "group failing: stopping every process");
-        dep.failing = Some(Failing { noticed: at.now, settle_at: at.now + SETTLE, at_unix_ms, reason, counted });
+        dep.failing = Some(Failing {
+            noticed: at.now,
+            noticed_unix_ms: at.unix_ms,
+            settle_at: at.now + SETTLE,
+            blame,
+            reason,
+            counted,
+        });
         dep.recover_deadline = None;
         let nodes: HashSet<NodeId> = dep.procs.values().filter(|p| p.launched && !p.gone).map(|p| p.node_id).collect();
         let stop = pb::StopShards {
@@ -892,7 +906,7 @@ impl Machine {
                 warn!(deployment = %name, %generation, error = %message, "cannot record the generation; it is not launched");
                 let why = format!("cannot record generation {generation}: {message}");
                 // Nothing of it may run: fail it like any other generation (backoff, then again).
-                self.fail(&name, why, 0, true, at);
+                self.fail(&name, why, Blame::head(), true, at);
             }
             Park::Delete { name, reply } => {
                 self.unpark(&name);
@@ -1035,6 +1049,43 @@ impl Machine {
     fn emit(&mut self, name: &str, at: At) {
         if let Some(d) = self.deps.get(name) {
             self.out.push(Effect::Emit(Box::new(d.to_pb(at.now))));
+        }
+    }
+}
+
+/// How likely a failure is the cause of a group's other failures: the lowest class wins, then
+/// the earliest time. A node that died or the head's own verdict explains everything (0); a
+/// process killed by a signal (an OOM kill, a segfault, a `kill -9`) is a likelier cause than its
+/// peers exiting with an error because it went away (1); an error exit (2); a clean exit (3).
+/// Exit times come from the shims (each node's clock), to the millisecond.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blame {
+    pub class: u8,
+    pub at_unix_ms: u64,
+    /// Killed by a signal other than SIGTERM: not by a stop of ours.
+    pub foreign_signal: bool,
+}
+
+/// SIGTERM, the signal a stop sends first.
+const SIGTERM: i32 = 15;
+
+impl Blame {
+    fn head() -> Blame {
+        Blame { class: 0, at_unix_ms: 0, foreign_signal: false }
+    }
+    fn other(at_unix_ms: u64) -> Blame {
+        Blame { class: 2, at_unix_ms, foreign_signal: false }
+    }
+    fn exit(r: &pb::ShardReport, at: At) -> Blame {
+        let class = match (r.signal, r.exit_code) {
+            (Some(_), _) => 1,
+            (None, Some(0)) => 3,
+            _ => 2,
+        };
+        Blame {
+            class,
+            at_unix_ms: if r.exited_unix_ms > 0 { r.exited_unix_ms } else { at.unix_ms },
+            foreign_signal: r.signal.is_some_and(|s| s != SIGTERM),
         }
     }
 }

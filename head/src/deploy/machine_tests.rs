@@ -296,7 +296,7 @@ fn the_first_failure_is_blamed_once_and_counted_once() {
         h.feed(Input::Report { node: nid(1), report: exited(&ls[0].1, "rank-3", Some(1), None, h.unix + 5) });
     assert_eq!(stops(&effects).len(), 2, "the whole generation is stopped at once: {effects:?}");
     assert!(emits(&effects).is_empty(), "the event waits for the settle time");
-    effects.extend(h.feed(Input::Report { node: nid(2), report: exited(w1, "rank-7", None, Some(9), h.unix) }));
+    effects.extend(h.feed(Input::Report { node: nid(2), report: exited(w1, "rank-7", None, Some(9), h.unix + 2) }));
     // The rest exit because they were told to.
     for k in ["rank-4", "rank-5", "rank-6"] {
         effects.extend(h.feed(Input::Report { node: nid(2), report: exited(w1, k, None, Some(15), h.unix + 50) }));

@@ -57,6 +57,12 @@ impl MembershipConfig {
         (shortest / 10).clamp(Duration::from_millis(5), Duration::from_millis(50))
     }
 
+    /// A gap this long between two detector passes means the head itself did not run (a frozen
+    /// VM, a stalled disk, SIGSTOP): nodes are not judged on that time.
+    pub fn stall_after(&self) -> Duration {
+        (self.tick() * 10).max(self.heartbeat_interval)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.heartbeat_interval.is_zero() || self.node_timeout.is_zero() {
             return Err("heartbeat interval and node timeout must be more than 0".into());
@@ -87,8 +93,13 @@ impl Liveness {
 
     /// Records a heartbeat now.
     pub fn touch(&self) {
-        let ms = Instant::now().saturating_duration_since(self.epoch).as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.touch_at(Instant::now());
+    }
+
+    /// Records a heartbeat at `t` (never moving the stamp back).
+    pub fn touch_at(&self, t: Instant) {
+        let ms = t.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
     }
 
     fn last(&self) -> Instant {
@@ -112,16 +123,19 @@ pub struct Admitted {
 /// Why a join was refused.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum JoinError {
+    // Nothing about the other node (its address, fingerprint or id) is told to the claimant.
     #[error(
-        "node id {node_id} is held by another machine (node {name:?} at {address}, fingerprint {held_by:?}); \
-         this worker ({claimant:?}) has a copy of its state dir: delete the node-id file in this worker's \
-         --state-dir so that it joins as a new node"
+        "node id {node_id} is held by another machine; this worker has a copy of that machine's state dir: \
+         delete the node-id file in this worker's --state-dir so that it joins as a new node"
     )]
-    NodeIdConflict { node_id: Uuid, name: String, address: IpAddr, held_by: String, claimant: String },
+    NodeIdConflict { node_id: Uuid },
+    #[error("node name {name:?} is already used by a live node; give this worker another --node-name")]
+    NameConflict { name: String },
     #[error(
-        "node name {name:?} is already used by live node {node_id} at {address}; give this worker another --node-name"
+        "inventory: GPU {uuid} is already reported by another live node; two nodes cannot have one GPU \
+         (a copied inventory, or two workers on one machine)"
     )]
-    NameConflict { name: String, node_id: Uuid, address: IpAddr },
+    GpuConflict { uuid: String },
     #[error("the head is shutting down")]
     ShuttingDown,
 }
@@ -132,6 +146,7 @@ impl From<JoinError> for tonic::Status {
             JoinError::NodeIdConflict { .. } | JoinError::NameConflict { .. } => {
                 tonic::Status::already_exists(e.to_string())
             }
+            JoinError::GpuConflict { .. } => tonic::Status::invalid_argument(e.to_string()),
             JoinError::ShuttingDown => tonic::Status::unavailable(e.to_string()),
         }
     }

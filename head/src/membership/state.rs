@@ -129,6 +129,10 @@ pub struct Table {
     /// Where drain marks are kept, and the recorded marks of nodes that have not rejoined yet.
     store: Option<Arc<crate::store::Store>>,
     drained_unjoined: std::collections::HashSet<Uuid>,
+    /// When the detector last ran: a long gap is the head's own stall, not the nodes' silence.
+    last_detect: Option<Instant>,
+    /// GPU uuid -> the node that reports it.
+    gpu_owner: HashMap<String, Uuid>,
 }
 
 impl Table {
@@ -143,6 +147,8 @@ impl Table {
             events,
             store: None,
             drained_unjoined: Default::default(),
+            last_detect: None,
+            gpu_owner: HashMap::new(),
         }
     }
 
@@ -184,27 +190,38 @@ impl Table {
         if let Some(id) = existing {
             let e = &self.nodes[&id];
             if live(e) && e.info.machine_fingerprint != info.machine_fingerprint {
-                return Err(JoinError::NodeIdConflict {
-                    node_id: id,
-                    name: e.info.name.clone(),
-                    address: e.address,
-                    held_by: e.info.machine_fingerprint.clone(),
-                    claimant: info.machine_fingerprint.clone(),
-                });
+                warn!(node_id = %id, claimant = %info.machine_fingerprint, "join with a node id held by another machine refused");
+                return Err(JoinError::NodeIdConflict { node_id: id });
             }
         }
         // Names identify nodes for people; two live nodes must not share one.
         if let Some(other) = self.nodes.values().find(|e| e.info.name == info.name && Some(e.id) != existing) {
             if live(other) {
-                return Err(JoinError::NameConflict {
-                    name: info.name.clone(),
-                    node_id: other.id,
-                    address: other.address,
-                });
+                return Err(JoinError::NameConflict { name: info.name.clone() });
             }
             let stale = other.id;
             info!(node_id = %stale, name = %info.name, "forgetting a departed node whose name a new node takes");
-            self.nodes.remove(&stale);
+            self.forget(stale);
+        }
+        // A GPU belongs to one node: a live other node with one of these GPUs refuses the join; a
+        // departed one is forgotten (the same machine back under another id).
+        let mut departed = Vec::new();
+        for g in &info.inventory.gpus {
+            let Some(&owner) = self.gpu_owner.get(&g.uuid) else { continue };
+            if Some(owner) == existing {
+                continue;
+            }
+            match self.nodes.get(&owner) {
+                Some(o) if live(o) => {
+                    warn!(gpu = %g.uuid, owner = %owner, name = %info.name, "join with a GPU another live node reports refused");
+                    return Err(JoinError::GpuConflict { uuid: g.uuid.clone() });
+                }
+                _ => departed.push(owner),
+            }
+        }
+        for stale in departed {
+            info!(node_id = %stale, name = %info.name, "forgetting a departed node whose GPUs a new node reports");
+            self.forget(stale);
         }
 
         let (address, address_auto) = match info.advertise_address {
@@ -222,6 +239,16 @@ impl Table {
         let session = Session { id: session_id, tx };
         let gpu_memory_used = info.inventory.gpus.iter().map(|g| g.memory_used_bytes).collect();
         let info = Arc::new(info);
+        if let Some(id) = existing {
+            let old: Vec<String> = self.nodes[&id].info.inventory.gpus.iter().map(|g| g.uuid.clone()).collect();
+            for u in old {
+                self.gpu_owner.remove(&u);
+            }
+        }
+        let new_id = existing.or(info.node_id).unwrap_or_else(Uuid::new_v4);
+        for g in &info.inventory.gpus {
+            self.gpu_owner.insert(g.uuid.clone(), new_id);
+        }
 
         let (node_id, rejoined, previous) = match existing {
             Some(id) => {
@@ -244,7 +271,7 @@ impl Table {
                 (id, true, Some(previous))
             }
             None => {
-                let id = info.node_id.unwrap_or_else(Uuid::new_v4);
+                let id = new_id;
                 // An operator's drain mark outlives a head restart.
                 let draining = self.drained_unjoined.remove(&id);
                 self.nodes.insert(
@@ -276,6 +303,17 @@ impl Table {
         let reason = if rejoined { "rejoined" } else { "joined" };
         self.emit(node_id, EventKind::Joined { rejoined }, previous, reason.to_string(), now);
         Ok(Admitted { node_id, session_id, address, rejoined, liveness })
+    }
+
+    /// Removes a node from the table, with its GPUs.
+    fn forget(&mut self, id: Uuid) {
+        if let Some(e) = self.nodes.remove(&id) {
+            for g in &e.info.inventory.gpus {
+                if self.gpu_owner.get(&g.uuid) == Some(&id) {
+                    self.gpu_owner.remove(&g.uuid);
+                }
+            }
+        }
     }
 
     /// The head's own node was registered with the loopback address it connected from; once a
@@ -351,6 +389,12 @@ impl Table {
     /// The failure detector: one pass over the table.
     pub fn detect(&mut self, now: Instant) {
         let cfg = self.config;
+        if let Some(gap) = self.last_detect.map(|t| now.saturating_duration_since(t))
+            && gap >= cfg.stall_after()
+        {
+            self.resume_after_stall(gap, now);
+        }
+        self.last_detect = Some(now);
         let mut changes = Vec::new();
         for e in self.nodes.values_mut() {
             if !matches!(e.health, NodeState::Alive | NodeState::Suspect) {
@@ -402,6 +446,25 @@ impl Table {
             }
             self.emit(id, EventKind::StateChanged, Some(previous), reason, now);
         }
+    }
+
+    /// The head did not run for `gap`: what the workers sent meanwhile is still waiting to be
+    /// read, so every node's clock starts again from now instead of counting the head's own
+    /// stall as their silence (a crash and restart of the head restarts nothing either).
+    fn resume_after_stall(&mut self, gap: Duration, now: Instant) {
+        let mut n = 0;
+        for e in self.nodes.values_mut().filter(|e| matches!(e.health, NodeState::Alive | NodeState::Suspect)) {
+            e.liveness.touch_at(now);
+            if e.closed_at.is_some() {
+                e.closed_at = Some(now);
+            }
+            n += 1;
+        }
+        warn!(
+            stalled = %format_duration(round_ms(gap)),
+            nodes = n,
+            "the head did not run for a while (frozen, stopped or starved); every node's heartbeat clock restarts now"
+        );
     }
 
     pub fn set_draining(&mut self, node: &str, draining: bool, now: Instant) -> Result<NodeView, NodeError> {

@@ -225,3 +225,58 @@ fn config_rules() {
     let bad = MembershipConfig { node_timeout: Duration::from_millis(600), ..c };
     assert!(bad.validate().expect_err("too short").contains("twice"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_head_does_not_judge_nodes_on_time_it_did_not_run() {
+    let m = start();
+    let (a, _rx) = join(&m, info("a", "fp-a")).await;
+    let mut events = m.subscribe().await.expect("subscribed").1;
+    // The whole head stops for 10 s (SIGSTOP, a frozen VM): time jumps at once, no tick in between.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    tokio::task::yield_now().await;
+    advance(Duration::from_millis(100)).await;
+    assert_eq!(
+        state_of(&m, a.node_id).await,
+        NodeState::Alive,
+        "10 s of the head's own stall is not the node's silence"
+    );
+    assert!(events.try_recv().is_err(), "no state change at all");
+    // From the resume on, the clock runs as usual: a node that stays silent still dies.
+    advance(Duration::from_millis(3000)).await;
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Dead);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gpu_reported_by_two_live_nodes_is_refused_and_the_error_names_only_the_gpu() {
+    let m = start();
+    let (a, _rx) = join(&m, info("a", "fp-a")).await;
+    let mut twin = info("b", "fp-b");
+    twin.inventory = info("a", "fp-a").inventory;
+    let uuid = twin.inventory.gpus[0].uuid.clone();
+    let (tx, _rx2) = mpsc::channel(16);
+    let e = m.join(twin.clone(), conn(3), tx).await.expect_err("same GPU on two nodes");
+    let status = tonic::Status::from(e);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains(&uuid), "{}", status.message());
+    assert!(!status.message().contains(&a.node_id.to_string()), "no other node's id: {}", status.message());
+    // Once `a` has left, its GPUs may show up under another node (the same machine, a new id).
+    m.leave(a.node_id, a.session_id, "bye".into()).await;
+    let (tx, _rx3) = mpsc::channel(16);
+    m.join(twin, conn(3), tx).await.expect("accepted after a left");
+    assert_eq!(m.list().await.len(), 1, "the departed twin is forgotten");
+}
+
+#[tokio::test(start_paused = true)]
+async fn refusals_never_reveal_another_nodes_id_address_or_fingerprint() {
+    let m = start();
+    let (a, _rx) = join(&m, info("a", "fp-secret")).await;
+    let (tx, _r) = mpsc::channel(16);
+    let e = m.join(info("a", "fp-other"), conn(3), tx).await.expect_err("name taken");
+    let text = e.to_string();
+    assert!(!text.contains(&a.node_id.to_string()) && !text.contains("127.0.0.2"), "{text}");
+    let mut copy = info("c", "fp-other");
+    copy.node_id = Some(a.node_id);
+    let (tx, _r) = mpsc::channel(16);
+    let e = m.join(copy, conn(3), tx).await.expect_err("id held by another machine");
+    assert!(!e.to_string().contains("fp-secret"), "{e}");
+}

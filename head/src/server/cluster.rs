@@ -133,7 +133,7 @@ pub fn status_of(
         nodes_draining: count(NodeState::Draining),
         gpus_total: gpus.len() as u32,
         gpus_fake: gpus.iter().filter(|g| g.fake).count() as u32,
-        gpu_memory_total_bytes: gpus.iter().map(|g| g.memory_total_bytes).sum(),
+        gpu_memory_total_bytes: gpus.iter().fold(0u64, |a, g| a.saturating_add(g.memory_total_bytes)),
         heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
         node_timeout_ms: cfg.node_timeout.as_millis() as u64,
         reconnect_grace_ms: cfg.reconnect_grace.as_millis() as u64,

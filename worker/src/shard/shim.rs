@@ -16,13 +16,13 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill, killpg};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
 
 use super::spec::{self, ShimCommand, ShimSpec, ShimState};
@@ -39,6 +39,9 @@ struct Shared {
     last_agent: Mutex<Instant>,
     delivered_exit: AtomicBool,
     dir: PathBuf,
+    /// When the engine exited (Unix ms), seen by a thread blocked on it: the supervision loop
+    /// only polls, and which rank of a group failed first is judged by these times.
+    engine_exit_ms: AtomicU64,
 }
 
 impl Shared {
@@ -83,6 +86,7 @@ pub fn run(dir: &Path) -> ExitCode {
         stop: AtomicBool::new(false),
         last_agent: Mutex::new(Instant::now()),
         delivered_exit: AtomicBool::new(false),
+        engine_exit_ms: AtomicU64::new(0),
         dir: dir.to_path_buf(),
     });
     let sock = spec::socket_path(dir);
@@ -179,6 +183,17 @@ fn pump(mut from: Box<dyn Read + Send>, log: Arc<Mutex<RotatingLog>>) {
 /// Reaps children, applies stop requests and the orphan timeout, until the engine and every
 /// descendant are gone and the exit has been told (or nobody is listening).
 fn supervise(engine: Option<Pid>, spec: &ShimSpec, shared: &Arc<Shared>) -> ExitCode {
+    let (woke, wake) = std::sync::mpsc::channel::<()>();
+    if let Some(pid) = engine {
+        let shared = shared.clone();
+        // WNOWAIT: notice the exit at once without reaping it (the loop below reaps).
+        std::thread::spawn(move || {
+            if waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT).is_ok() {
+                shared.engine_exit_ms.store(spec::unix_ms(), Ordering::SeqCst);
+                let _ = woke.send(());
+            }
+        });
+    }
     let grace = Duration::from_secs(spec.stop_grace_s);
     let orphan = Duration::from_secs(spec.orphan_timeout_s.max(1));
     let me = Pid::from_raw(std::process::id() as i32);
@@ -252,7 +267,7 @@ fn supervise(engine: Option<Pid>, spec: &ShimSpec, shared: &Arc<Shared>) -> Exit
                 return ExitCode::SUCCESS;
             }
         }
-        std::thread::sleep(Duration::from_millis(if stopping { 20 } else { 100 }));
+        let _ = wake.recv_timeout(Duration::from_millis(if stopping { 20 } else { 100 }));
     }
 }
 
@@ -262,7 +277,8 @@ fn record_exit(shared: &Shared, code: Option<i32>, signal: Option<i32>) {
         let mut s = shared.state.lock().expect("lock");
         s.exit_code = code;
         s.signal = signal;
-        s.exited_unix_ms = Some(super::spec::unix_ms());
+        let seen = shared.engine_exit_ms.load(Ordering::SeqCst);
+        s.exited_unix_ms = Some(if seen > 0 { seen } else { super::spec::unix_ms() });
     }
     shared.log(&format!("engine exited: code {code:?} signal {signal:?}"));
     shared.publish();

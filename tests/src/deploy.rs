@@ -1,0 +1,95 @@
+//! Deployments end to end with the real binaries: a head (4 fake GPUs) and two workers (4 each),
+//! and helpers to create probe deployments and wait for their states.
+
+use std::path::PathBuf;
+
+use tessera_proto::v1 as pb;
+
+use crate::process::{HeadProc, start_head};
+use crate::{Daemon, environ_has, pids_with, start_worker_with, wait_until};
+
+pub type Client = pb::deployments_client::DeploymentsClient<crate::Conn>;
+
+pub fn model() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/model-configs/Llama-3.1-8B-Instruct.json")
+        .canonicalize()
+        .expect("model config")
+        .display()
+        .to_string()
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub head: HeadProc,
+    pub workers: Vec<Daemon>,
+}
+
+impl Cluster {
+    /// A head and two workers, with a short orphan timeout so leftovers die quickly.
+    pub async fn start(extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut head_args = vec!["--orphan-timeout", "3s"];
+        head_args.extend_from_slice(extra);
+        let head = start_head(dir.path(), "head", "127.0.0.1:0", &head_args);
+        let mut worker_args = vec!["--orphan-timeout", "3s"];
+        worker_args.extend_from_slice(extra);
+        let workers = ["w1", "w2"]
+            .iter()
+            .map(|n| start_worker_with(dir.path(), n, &head.url, &dir.path().join(format!("{n}-state")), &worker_args))
+            .collect();
+        let c = Cluster { dir, head, workers };
+        let mut cl = crate::cluster_client(&c.head.url).await;
+        wait_until("three nodes alive", || {
+            let mut cl = cl.clone();
+            async move {
+                let n = crate::list_nodes(&mut cl).await;
+                (n.len() == 3 && n.iter().all(|x| crate::state(x) == pb::NodeState::Alive)).then_some(())
+            }
+        })
+        .await;
+        let _ = &mut cl;
+        c
+    }
+
+    pub async fn client(&self) -> Client {
+        crate::deployments_client(&self.head.url).await
+    }
+
+    pub fn tag(&self) -> String {
+        self.dir.path().display().to_string()
+    }
+
+    /// Shim and engine processes of this cluster's deployments.
+    pub fn shard_pids(&self) -> Vec<u32> {
+        let tag = self.tag();
+        let mut v = pids_with(&["shim --dir", &tag]);
+        v.extend(pids_with(&[" probe --rank"]).into_iter().filter(|p| environ_has(*p, &tag)));
+        v
+    }
+}
+
+pub fn probe(name: &str, tp: u32, pp: u32) -> pb::CreateDeploymentRequest {
+    pb::CreateDeploymentRequest {
+        name: name.into(),
+        model_path: model(),
+        tp,
+        pp,
+        engine: pb::Engine::Probe as i32,
+        ..Default::default()
+    }
+}
+
+pub async fn wait_for(c: &Client, name: &str, what: &str, pred: impl Fn(&pb::Deployment) -> bool) -> pb::Deployment {
+    wait_until(&format!("{name}: {what}"), || {
+        let mut c = c.clone();
+        let d = async move { c.get(pb::GetDeploymentRequest { name: name.into() }).await.ok().map(|r| r.into_inner()) };
+        let pred = &pred;
+        async move { d.await.filter(|d| pred(d)) }
+    })
+    .await
+}
+
+pub fn running_at(generation: u64) -> impl Fn(&pb::Deployment) -> bool {
+    move |d| d.state == pb::DeploymentState::Running as i32 && d.generation == generation
+}
