@@ -9,10 +9,11 @@ $B idle-rss
 $B plan --runs 20
 $B deploy --runs 10
 $B head-restart --runs 5
+$B head-pause --runs 2
 $B bring-up --runs 5
 $B metrics-scrape --runs 1000
 for n in 100 1000 5000 10000; do
-  target/release/tessera-sim --nodes "$n" --steady 10 --json "bench/sim-$n.json"
+  target/release/tessera-sim --nodes "$n" --steady 10 --creates 100 --json "bench/sim-$n.json"
 done
 if python3 -c "import matplotlib" 2>/dev/null; then
   python3 bench/plot.py bench/sim-100.json bench/sim-1000.json bench/sim-5000.json bench/sim-10000.json

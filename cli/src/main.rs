@@ -75,9 +75,22 @@ enum Per {
 }
 
 #[derive(Debug, Subcommand)]
+enum NodesCmd {
+    /// Forget a dead or departed node now (the head forgets them by itself after --forget-after,
+    /// 1 h by default). Refused while the node is alive or a deployment holds its GPUs
+    Remove {
+        /// Node name or id
+        node: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Cmd {
-    /// List the cluster's nodes: state, address, GPUs, last heartbeat
+    /// List the cluster's nodes: state, address, GPUs, last heartbeat (`nodes remove` forgets one)
+    #[command(args_conflicts_with_subcommands = true)]
     Nodes {
+        #[command(subcommand)]
+        cmd: Option<NodesCmd>,
         #[arg(short, long, env = env::OUTPUT, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -336,7 +349,8 @@ fn main() -> ExitCode {
             Cmd::Delete { name, no_wait } => deploy::delete(&head, name, !no_wait).await,
             Cmd::Restart { name } => deploy::restart(&head, name).await,
             Cmd::Logs { name, rank, tail, follow } => deploy::logs(&head, name, rank, tail, follow).await,
-            Cmd::Nodes { output } => nodes::nodes(&head, output).await.map(|()| 0),
+            Cmd::Nodes { cmd: None, output } => nodes::nodes(&head, output).await.map(|()| 0),
+            Cmd::Nodes { cmd: Some(NodesCmd::Remove { node }), .. } => nodes::remove(&head, node).await.map(|()| 0),
             Cmd::Status { output } => nodes::status(&head, output).await.map(|()| 0),
             Cmd::Events { follow, output } => nodes::events(&head, follow, output).await.map(|()| 0),
             Cmd::Drain { node } => nodes::drain(&head, node, true).await.map(|()| 0),

@@ -121,7 +121,7 @@ pub fn nodes_table(nodes: &[pb::Node]) -> String {
 
 pub async fn nodes(head: &str, output: Output) -> anyhow::Result<()> {
     let mut c = client::cluster(head).await?;
-    let nodes = c.list_nodes(pb::ListNodesRequest {}).await.or_status()?.nodes;
+    let nodes = list_all(&mut c).await?;
     match output {
         Output::Json => {
             println!("{}", serde_json::to_string_pretty(&Value::Array(nodes.iter().map(node_json).collect()))?)
@@ -193,6 +193,7 @@ pub fn event_json(e: &pb::Event) -> Value {
         pb::EventKind::NodeJoined => "node_joined",
         pb::EventKind::NodeStateChanged => "node_state_changed",
         pb::EventKind::NodeLeft => "node_left",
+        pb::EventKind::NodeRemoved => "node_removed",
         pb::EventKind::DeploymentChanged => "deployment_changed",
         pb::EventKind::Unspecified => "unknown",
     };
@@ -256,6 +257,27 @@ pub async fn events(head: &str, follow: bool, output: Output) -> anyhow::Result<
         }
         out.flush()?;
     }
+}
+
+/// Every node, a page at a time (a cluster of 10,000 nodes is more than one message holds).
+pub async fn list_all(c: &mut pb::cluster_client::ClusterClient<client::Conn>) -> anyhow::Result<Vec<pb::Node>> {
+    let mut nodes = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = c.list_nodes(pb::ListNodesRequest { page_size: 1000, page_token }).await.or_status()?;
+        nodes.extend(page.nodes);
+        if page.next_page_token.is_empty() {
+            return Ok(nodes);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+pub async fn remove(head: &str, node: String) -> anyhow::Result<()> {
+    let mut c = client::cluster(head).await?;
+    let n = c.remove_node(pb::RemoveNodeRequest { node }).await.or_status()?;
+    println!("{} ({}) was {} and is forgotten", n.name, n.id, state_name(n.state));
+    Ok(())
 }
 
 pub async fn drain(head: &str, node: String, draining: bool) -> anyhow::Result<()> {

@@ -292,7 +292,7 @@ async fn wait_for_nodes(url: &str, want: usize, procs: &mut [Proc]) -> anyhow::R
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut c = client::cluster(url).await?;
     loop {
-        let nodes = c.list_nodes(pb::ListNodesRequest {}).await.or_status()?.nodes;
+        let nodes = c.list_nodes(pb::ListNodesRequest::default()).await.or_status()?.nodes;
         let alive = nodes.iter().filter(|n| n.state == pb::NodeState::Alive as i32).count();
         if alive >= want {
             return Ok(nodes);

@@ -52,6 +52,12 @@ struct Cli {
     #[arg(long, env = "TESSERA_RECOVERY_WINDOW", value_parser = parse_positive_duration, default_value = "10s")]
     recovery_window: Duration,
 
+    /// Forget nodes that have been dead or left this long (unless a deployment holds their GPUs),
+    /// so that a churning cluster does not grow the node table for ever; `tessera nodes remove`
+    /// forgets one at once. A forgotten node that comes back joins as new
+    #[arg(long, env = "TESSERA_FORGET_AFTER", value_parser = parse_positive_duration, default_value = "1h")]
+    forget_after: Duration,
+
     /// File with the join token (workers present it to join). Default: DATA_DIR/join.token,
     /// generated (0600) on first start
     #[arg(long, env = "TESSERA_JOIN_TOKEN_FILE", value_name = "PATH")]
@@ -117,6 +123,7 @@ fn main() -> ExitCode {
         heartbeat_interval: cli.heartbeat_interval,
         node_timeout: cli.node_timeout,
         reconnect_grace: cli.reconnect_grace,
+        forget_after: cli.forget_after,
     };
     if let Err(e) = membership.validate() {
         return usage(&e);

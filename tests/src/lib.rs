@@ -89,7 +89,7 @@ pub fn write_tokens(data_dir: &std::path::Path) {
 }
 
 pub async fn list_nodes(client: &mut pb::cluster_client::ClusterClient<Conn>) -> Vec<pb::Node> {
-    client.list_nodes(pb::ListNodesRequest {}).await.expect("ListNodes").into_inner().nodes
+    client.list_nodes(pb::ListNodesRequest::default()).await.expect("ListNodes").into_inner().nodes
 }
 
 /// The node named `name`, if listed.

@@ -55,7 +55,7 @@ async fn a_head_without_tokens_generates_them_and_enforces_roles() {
         let url = url.clone();
         async move {
             let mut c = pb::cluster_client::ClusterClient::new(conn_with(&url, token.as_deref()).await);
-            c.list_nodes(pb::ListNodesRequest {}).await
+            c.list_nodes(pb::ListNodesRequest::default()).await
         }
     };
     let e = list(None).await.expect_err("no token");
@@ -112,7 +112,7 @@ async fn a_head_without_tokens_generates_them_and_enforces_roles() {
         let (url, admin) = (url2.clone(), admin2.clone());
         async move {
             let mut c = pb::cluster_client::ClusterClient::new(conn_with(&url, Some(&admin)).await);
-            let nodes = c.list_nodes(pb::ListNodesRequest {}).await.ok()?.into_inner().nodes;
+            let nodes = c.list_nodes(pb::ListNodesRequest::default()).await.ok()?.into_inner().nodes;
             nodes.iter().any(|n| n.name == "w1" && n.state == pb::NodeState::Alive as i32).then_some(())
         }
     })
@@ -125,7 +125,7 @@ async fn insecure_turns_authentication_off_with_a_warning() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (head, url) = bare_head(dir.path(), &["--insecure"]);
     let mut c = pb::cluster_client::ClusterClient::new(conn_with(&url, None).await);
-    let nodes = c.list_nodes(pb::ListNodesRequest {}).await.expect("no token needed").into_inner().nodes;
+    let nodes = c.list_nodes(pb::ListNodesRequest::default()).await.expect("no token needed").into_inner().nodes;
     assert!(nodes.len() <= 1);
     assert!(head.log_text().contains("authentication is OFF"), "{}", head.log_text());
 }

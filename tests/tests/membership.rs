@@ -143,3 +143,31 @@ async fn a_session_that_does_not_start_with_join_is_refused() {
     assert_eq!(list_nodes(&mut c).await.len(), 1, "nothing was added");
     cluster.stop().await;
 }
+
+#[tokio::test]
+async fn list_nodes_pages_in_order_and_refuses_a_forged_token() {
+    let cluster = TestCluster::start(3).await;
+    let all = all_alive(&cluster.url, 4).await;
+    let mut c = cluster_client(&cluster.url).await;
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    let mut pages = 0;
+    loop {
+        let p = c.list_nodes(pb::ListNodesRequest { page_size: 3, page_token }).await.expect("page").into_inner();
+        assert!(p.nodes.len() <= 3);
+        seen.extend(p.nodes.into_iter().map(|n| n.name));
+        pages += 1;
+        if p.next_page_token.is_empty() {
+            break;
+        }
+        page_token = p.next_page_token;
+    }
+    assert_eq!(pages, 2);
+    assert_eq!(seen, all.iter().map(|n| n.name.clone()).collect::<Vec<_>>(), "every node once, head first");
+    let e = c
+        .list_nodes(pb::ListNodesRequest { page_size: 1, page_token: "not-a-token".into() })
+        .await
+        .expect_err("forged token");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("page_token"), "{}", e.message());
+}

@@ -62,7 +62,7 @@ async fn head_and_worker_serve_metrics_health_and_readiness() {
 
     // A refused call is counted.
     let mut anon = pb::cluster_client::ClusterClient::new(tessera_tests::conn_with(&head.url, None).await);
-    assert!(anon.list_nodes(pb::ListNodesRequest {}).await.is_err());
+    assert!(anon.list_nodes(pb::ListNodesRequest::default()).await.is_err());
     let (_, text) = get(&head_ops, "/metrics");
     assert!(text.contains("tessera_head_auth_refusals_total 1"), "{text}");
 

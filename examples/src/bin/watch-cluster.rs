@@ -28,7 +28,7 @@ async fn main() -> anyhow::Result<()> {
         Ok(req)
     });
 
-    let nodes = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+    let nodes = client.list_nodes(pb::ListNodesRequest::default()).await?.into_inner().nodes;
     println!("{} node(s) at {head}:", nodes.len());
     for n in &nodes {
         let gpus = n.inventory.as_ref().map_or(0, |i| i.gpus.len());

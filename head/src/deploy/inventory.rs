@@ -129,6 +129,11 @@ impl Inventory {
         }
     }
 
+    /// The node that has GPU `uuid`.
+    pub fn node_of_gpu(&self, uuid: &str) -> Option<NodeId> {
+        self.gpus.get(uuid).map(|&(n, _)| self.meta[n].id)
+    }
+
     pub fn set_reserved(&mut self, uuid: &str, reserved: bool) {
         if let Some(&(n, g)) = self.gpus.get(uuid) {
             self.cluster.nodes[n].gpus[g].reserved = reserved;

@@ -125,6 +125,8 @@ pub enum DeployError {
     AlreadyExists(String),
     #[error("deployment {0:?} is being deleted; wait until `tessera get {0}` says it is gone")]
     BeingDeleted(String),
+    #[error("a deployment named {0:?} is still being deleted; create it again once `tessera get {0}` says it is gone")]
+    NameBeingDeleted(String),
     #[error("invalid plan: {0}")]
     InvalidPlan(String),
     #[error("deployment {name:?} has no rank {rank} running now")]
@@ -157,6 +159,9 @@ pub struct Machine {
     next_persist: PersistId,
     recovery_window: Duration,
     last_pending_retry: Option<Instant>,
+    /// GPUs reserved per node: membership never forgets these nodes.
+    pins: HashMap<NodeId, usize>,
+    pins_changed: bool,
     out: Vec<Effect>,
 }
 
@@ -170,6 +175,8 @@ impl Machine {
             next_persist: 1,
             recovery_window,
             last_pending_retry: None,
+            pins: HashMap::new(),
+            pins_changed: false,
             out: Vec::new(),
         }
     }
@@ -220,6 +227,14 @@ impl Machine {
         let no_rank = || DeployError::NoSuchRank { name: name.into(), rank };
         let rank32 = u32::try_from(rank).map_err(|_| no_rank())?;
         dep.locate(rank32).map(|(k, p)| (p.node_id, k.clone())).ok_or_else(no_rank)
+    }
+
+    /// The nodes whose GPUs deployments hold, when that set changed since the last call.
+    pub fn take_pinned(&mut self) -> Option<HashSet<NodeId>> {
+        if !std::mem::take(&mut self.pins_changed) {
+            return None;
+        }
+        Some(self.pins.keys().copied().collect())
     }
 
     /// The earliest instant at which a `Tick` has something to do.
@@ -288,7 +303,7 @@ impl Machine {
     fn create(&mut self, spec: DeploymentSpec, model: LoadedModel, reply: ReplyId, at: At) {
         if let Some(d) = self.deps.get(&spec.name) {
             let e = if d.state == DState::Stopping {
-                DeployError::BeingDeleted(spec.name.clone())
+                DeployError::NameBeingDeleted(spec.name.clone())
             } else {
                 DeployError::AlreadyExists(spec.name.clone())
             };
@@ -499,6 +514,10 @@ impl Machine {
     fn node_changed(&mut self, v: &NodeView, at: At) {
         let reserved = &self.reserved;
         let previous = self.inventory.upsert(v, |u| reserved.contains_key(u));
+        if previous.is_none() && v.info.inventory.gpus.iter().any(|g| self.reserved.contains_key(&g.uuid)) {
+            // Reservations taken before this node was known (recovered from the store).
+            self.recount_pins();
+        }
         let id = NodeId(v.id);
         match v.state {
             NodeState::Dead | NodeState::Left => {
@@ -1015,16 +1034,43 @@ impl Machine {
         }
     }
 
+    fn recount_pins(&mut self) {
+        let mut pins: HashMap<NodeId, usize> = HashMap::new();
+        for g in self.reserved.keys() {
+            if let Some(n) = self.inventory.node_of_gpu(g) {
+                *pins.entry(n).or_insert(0) += 1;
+            }
+        }
+        self.pins_changed |= pins.keys().collect::<HashSet<_>>() != self.pins.keys().collect::<HashSet<_>>();
+        self.pins = pins;
+    }
+
     fn reserve(&mut self, gpu: &str, name: &str) {
         let prev = self.reserved.insert(gpu.to_string(), name.to_string());
         debug_assert!(prev.as_deref().is_none_or(|p| p == name), "GPU {gpu} reserved twice");
         self.inventory.set_reserved(gpu, true);
+        if prev.is_none()
+            && let Some(node) = self.inventory.node_of_gpu(gpu)
+        {
+            let n = self.pins.entry(node).or_insert(0);
+            self.pins_changed |= *n == 0;
+            *n += 1;
+        }
     }
 
     fn unreserve(&mut self, gpu: &str, name: &str) {
         if self.reserved.get(gpu).is_some_and(|n| n == name) {
             self.reserved.remove(gpu);
             self.inventory.set_reserved(gpu, false);
+            if let Some(node) = self.inventory.node_of_gpu(gpu)
+                && let Some(n) = self.pins.get_mut(&node)
+            {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.pins.remove(&node);
+                    self.pins_changed = true;
+                }
+            }
         }
     }
 

@@ -186,6 +186,9 @@ impl Shell {
                     None => return,
                 },
                 ev = recv_member(&mut members) => match ev {
+                    Member::Event(e) if e.kind == crate::membership::EventKind::Removed => {
+                        self.feed(Input::NodeForgotten(NodeId(e.node.id))).await;
+                    }
                     Member::Event(e) => self.feed(Input::NodeChanged(Box::new(e.node))).await,
                     // Events were dropped: read the whole table again, so that no `dead` is missed.
                     Member::Lagged => {
@@ -339,6 +342,9 @@ impl Shell {
                     }
                 }
             }
+        }
+        if let Some(pinned) = self.machine.take_pinned() {
+            self.membership.set_pinned(pinned.into_iter().map(|n| n.0).collect()).await;
         }
     }
 }

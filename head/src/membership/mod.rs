@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub use state::{Event, EventKind, NodeView};
+pub use state::{Event, EventKind, NodeView, page_key};
 
 /// Timing of the failure detector.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +31,8 @@ pub struct MembershipConfig {
     pub node_timeout: Duration,
     /// Time a node whose session closed has to open a new one before it is dead.
     pub reconnect_grace: Duration,
+    /// A node dead or left this long is forgotten, unless deployments hold its GPUs.
+    pub forget_after: Duration,
 }
 
 impl Default for MembershipConfig {
@@ -39,6 +41,7 @@ impl Default for MembershipConfig {
             heartbeat_interval: Duration::from_millis(500),
             node_timeout: Duration::from_secs(3),
             reconnect_grace: Duration::from_secs(1),
+            forget_after: Duration::from_secs(3600),
         }
     }
 }
@@ -159,6 +162,10 @@ pub enum NodeError {
     NotFound(String),
     #[error("node name {0:?} matches several nodes; use the node id")]
     Ambiguous(String),
+    #[error("node {0:?} is {1}; only dead or departed nodes can be removed: stop its worker (or drain it) first")]
+    Live(String, NodeState),
+    #[error("node {0:?} still holds GPUs of a deployment; delete or move the deployment first")]
+    Pinned(String),
     #[error("the head is shutting down")]
     ShuttingDown,
 }
@@ -168,6 +175,7 @@ impl From<NodeError> for tonic::Status {
         match e {
             NodeError::NotFound(_) => tonic::Status::not_found(e.to_string()),
             NodeError::Ambiguous(_) => tonic::Status::invalid_argument(e.to_string()),
+            NodeError::Live(..) | NodeError::Pinned(_) => tonic::Status::failed_precondition(e.to_string()),
             NodeError::ShuttingDown => tonic::Status::unavailable(e.to_string()),
         }
     }
@@ -190,6 +198,8 @@ enum Command {
     Subscribe { reply: oneshot::Sender<(Vec<NodeView>, broadcast::Receiver<Event>)> },
     Drain { node: String, draining: bool, reply: oneshot::Sender<Result<NodeView, NodeError>> },
     Send { node_id: Uuid, msg: pb::HeadMessage, reply: oneshot::Sender<bool> },
+    Remove { node: String, reply: oneshot::Sender<Result<NodeView, NodeError>> },
+    Pinned { nodes: std::collections::HashSet<Uuid> },
 }
 
 /// Handle to the membership task. Cheap to clone.
@@ -290,6 +300,18 @@ impl Membership {
         rx.await.unwrap_or(false)
     }
 
+    /// Forgets a dead or departed node (an operator's `tessera nodes remove`).
+    pub async fn remove(&self, node: String) -> Result<NodeView, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Remove { node, reply }).await.map_err(|_| NodeError::ShuttingDown)?;
+        rx.await.map_err(|_| NodeError::ShuttingDown)?
+    }
+
+    /// The nodes whose GPUs deployments hold: they are never forgotten.
+    pub async fn set_pinned(&self, nodes: std::collections::HashSet<Uuid>) {
+        let _ = self.tx.send(Command::Pinned { nodes }).await;
+    }
+
     pub async fn set_draining(&self, node: String, draining: bool) -> Result<NodeView, NodeError> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command::Drain { node, draining, reply }).await.map_err(|_| NodeError::ShuttingDown)?;
@@ -338,6 +360,10 @@ fn handle(table: &mut state::Table, cmd: Command) {
         Command::Send { node_id, msg, reply } => {
             let _ = reply.send(table.send(node_id, msg));
         }
+        Command::Remove { node, reply } => {
+            let _ = reply.send(table.remove(&node, now));
+        }
+        Command::Pinned { nodes } => table.set_pinned(nodes),
     }
 }
 

@@ -58,9 +58,13 @@ impl From<&NodeView> for pb::Node {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
-    Joined { rejoined: bool },
+    Joined {
+        rejoined: bool,
+    },
     StateChanged,
     Left,
+    /// Forgotten: removed by an operator, or dead/left for `--forget-after`.
+    Removed,
 }
 
 /// A membership event.
@@ -80,6 +84,7 @@ impl From<&Event> for pb::Event {
             EventKind::Joined { rejoined } => (pb::EventKind::NodeJoined, rejoined),
             EventKind::StateChanged => (pb::EventKind::NodeStateChanged, false),
             EventKind::Left => (pb::EventKind::NodeLeft, false),
+            EventKind::Removed => (pb::EventKind::NodeRemoved, false),
         };
         pb::Event {
             seq: e.seq,
@@ -133,6 +138,9 @@ pub struct Table {
     last_detect: Option<Instant>,
     /// GPU uuid -> the node that reports it.
     gpu_owner: HashMap<String, Uuid>,
+    /// Nodes whose GPUs deployments hold (never forgotten).
+    pinned: std::collections::HashSet<Uuid>,
+    last_forget: Option<Instant>,
 }
 
 impl Table {
@@ -149,6 +157,8 @@ impl Table {
             drained_unjoined: Default::default(),
             last_detect: None,
             gpu_owner: HashMap::new(),
+            pinned: Default::default(),
+            last_forget: None,
         }
     }
 
@@ -305,6 +315,52 @@ impl Table {
         Ok(Admitted { node_id, session_id, address, rejoined, liveness })
     }
 
+    pub fn set_pinned(&mut self, nodes: std::collections::HashSet<Uuid>) {
+        self.pinned = nodes;
+    }
+
+    /// An operator forgets a dead or departed node.
+    pub fn remove(&mut self, node: &str, now: Instant) -> Result<NodeView, NodeError> {
+        let id = self.resolve(node)?;
+        let e = &self.nodes[&id];
+        if matches!(e.health, NodeState::Alive | NodeState::Suspect) {
+            return Err(NodeError::Live(node.to_string(), shown_state(e.health, e.draining)));
+        }
+        if self.pinned.contains(&id) {
+            return Err(NodeError::Pinned(node.to_string()));
+        }
+        let view = self.view(e, now);
+        info!(node_id = %id, name = %e.info.name, "node removed by an operator");
+        self.emit(id, EventKind::Removed, Some(view.state), "removed by an operator".into(), now);
+        self.forget(id);
+        Ok(view)
+    }
+
+    /// Forgets nodes dead or left for `forget_after` that hold no GPUs of a deployment, so that a
+    /// churning cluster does not grow the table (and `ListNodes`) for ever.
+    fn forget_departed(&mut self, now: Instant) {
+        // Once a second is plenty for an hour-long rule, and keeps the detector's tick cheap.
+        if self.last_forget.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(1)) {
+            return;
+        }
+        self.last_forget = Some(now);
+        let after = self.config.forget_after;
+        let old: Vec<Uuid> = self
+            .nodes
+            .values()
+            .filter(|e| matches!(e.health, NodeState::Dead | NodeState::Left))
+            .filter(|e| now.saturating_duration_since(e.since) >= after && !self.pinned.contains(&e.id))
+            .map(|e| e.id)
+            .collect();
+        for id in old {
+            let reason = format!("{} for {}", self.nodes[&id].health, format_duration(after));
+            info!(node_id = %id, %reason, "forgetting a departed node");
+            let state = self.nodes[&id].health;
+            self.emit(id, EventKind::Removed, Some(state), format!("forgotten: {reason}"), now);
+            self.forget(id);
+        }
+    }
+
     /// Removes a node from the table, with its GPUs.
     fn forget(&mut self, id: Uuid) {
         if let Some(e) = self.nodes.remove(&id) {
@@ -395,6 +451,7 @@ impl Table {
             self.resume_after_stall(gap, now);
         }
         self.last_detect = Some(now);
+        self.forget_departed(now);
         let mut changes = Vec::new();
         for e in self.nodes.values_mut() {
             if !matches!(e.health, NodeState::Alive | NodeState::Suspect) {
@@ -510,7 +567,7 @@ impl Table {
     /// Every node, the head first, then by name.
     pub fn views(&self, now: Instant) -> Vec<NodeView> {
         let mut v: Vec<NodeView> = self.nodes.values().map(|e| self.view(e, now)).collect();
-        v.sort_by(|a, b| b.info.is_head.cmp(&a.info.is_head).then_with(|| a.info.name.cmp(&b.info.name)));
+        v.sort_by(|a, b| (!a.info.is_head, &a.info.name, a.id).cmp(&(!b.info.is_head, &b.info.name, b.id)));
         v
     }
 
@@ -546,6 +603,12 @@ impl Table {
             }
         }
     }
+}
+
+/// The order of `views` (the head first, then by name, then by id), and the key a `ListNodes`
+/// page token holds.
+pub fn page_key(v: &NodeView) -> (bool, String, Uuid) {
+    (!v.info.is_head, v.info.name.clone(), v.id)
 }
 
 fn round_ms(d: Duration) -> Duration {

@@ -280,3 +280,50 @@ async fn refusals_never_reveal_another_nodes_id_address_or_fingerprint() {
     let e = m.join(copy, conn(3), tx).await.expect_err("id held by another machine");
     assert!(!e.to_string().contains("fp-secret"), "{e}");
 }
+
+fn start_with(config: MembershipConfig) -> Membership {
+    Membership::spawn(config, CancellationToken::new()).0
+}
+
+#[tokio::test(start_paused = true)]
+async fn departed_nodes_are_forgotten_after_forget_after_unless_pinned() {
+    let cfg = MembershipConfig { forget_after: Duration::from_secs(60), ..MembershipConfig::default() };
+    let m = start_with(cfg);
+    let mut churn = Vec::new();
+    for i in 0..20 {
+        let (a, _rx) = join(&m, info(&format!("churn-{i}"), &format!("fp-{i}"))).await;
+        m.leave(a.node_id, a.session_id, "bye".into()).await;
+        churn.push(a.node_id);
+    }
+    let (pinned, _rx) = join(&m, info("pinned", "fp-p")).await;
+    m.leave(pinned.node_id, pinned.session_id, "bye".into()).await;
+    m.set_pinned([pinned.node_id].into()).await;
+    let mut events = m.subscribe().await.expect("subscribed").1;
+    advance(Duration::from_secs(59)).await;
+    assert_eq!(m.list().await.len(), 21, "not before forget_after");
+    advance(Duration::from_secs(2)).await;
+    let left: Vec<Uuid> = m.list().await.iter().map(|n| n.id).collect();
+    assert_eq!(left, vec![pinned.node_id], "only the node a deployment holds is kept");
+    let mut removed = 0;
+    while let Ok(e) = events.try_recv() {
+        removed += usize::from(e.kind == EventKind::Removed);
+    }
+    assert_eq!(removed, 20, "one event per forgotten node");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_operator_removes_only_departed_unpinned_nodes() {
+    let m = start();
+    let (a, _rx) = join(&m, info("a", "fp-a")).await;
+    let e = m.remove("a".into()).await.expect_err("alive");
+    assert!(matches!(e, NodeError::Live(..)), "{e}");
+    assert_eq!(tonic::Status::from(e).code(), tonic::Code::FailedPrecondition);
+    m.leave(a.node_id, a.session_id, "bye".into()).await;
+    m.set_pinned([a.node_id].into()).await;
+    assert!(matches!(m.remove("a".into()).await, Err(NodeError::Pinned(_))));
+    m.set_pinned(Default::default()).await;
+    let v = m.remove(a.node_id.to_string()).await.expect("removed");
+    assert_eq!(v.state, NodeState::Left);
+    assert!(m.list().await.is_empty());
+    assert!(matches!(m.remove("a".into()).await, Err(NodeError::NotFound(_))));
+}

@@ -9,7 +9,31 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use crate::membership::{Membership, NodeView};
+use crate::membership::{Membership, NodeView, page_key};
+
+/// The most nodes one `ListNodes` page holds (a page of 10,000 is ~4 MiB).
+const MAX_PAGE: u32 = 5000;
+
+/// `h:NAME:ID`: where the previous page ended (the head sorts first).
+fn page_token((not_head, name, id): &(bool, String, uuid::Uuid)) -> String {
+    format!("{}:{name}:{id}", u8::from(*not_head))
+}
+
+fn parse_page_token(t: &str) -> Result<Option<(bool, String, uuid::Uuid)>, Status> {
+    if t.is_empty() {
+        return Ok(None);
+    }
+    let bad = || Status::invalid_argument("page_token: not a token this head gave; start again with an empty one");
+    let mut parts = t.splitn(3, ':');
+    let (Some(h), Some(name), Some(id)) = (parts.next(), parts.next(), parts.next()) else { return Err(bad()) };
+    let not_head = match h {
+        "0" => false,
+        "1" => true,
+        _ => return Err(bad()),
+    };
+    let id = uuid::Uuid::parse_str(id).map_err(|_| bad())?;
+    Ok(Some((not_head, name.to_string(), id)))
+}
 
 pub struct ClusterService {
     pub membership: Membership,
@@ -22,9 +46,34 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>
 
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
-    async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let nodes = self.membership.list().await.iter().map(pb::Node::from).collect();
-        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let r = request.into_inner();
+        let after = parse_page_token(&r.page_token)?;
+        let all = self.membership.list().await;
+        let start = match &after {
+            Some(key) => all.partition_point(|v| page_key(v) <= *key),
+            None => 0,
+        };
+        let size = if r.page_size == 0 { usize::MAX } else { r.page_size.min(MAX_PAGE) as usize };
+        let page = &all[start.min(all.len())..];
+        let page = &page[..size.min(page.len())];
+        let next_page_token = match page.last() {
+            Some(last) if start + page.len() < all.len() => page_token(&page_key(last)),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListNodesResponse { nodes: page.iter().map(pb::Node::from).collect(), next_page_token }))
+    }
+
+    async fn remove_node(&self, request: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::Node>, Status> {
+        let node = request.into_inner().node;
+        if node.is_empty() || node.len() > 256 {
+            return Err(Status::invalid_argument("node: give a node id or name (at most 256 bytes)"));
+        }
+        let v = self.membership.remove(node).await?;
+        Ok(Response::new(pb::Node::from(&v)))
     }
 
     async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {

@@ -16,7 +16,7 @@ pub fn status_of(e: DeployError) -> Status {
     let msg = e.to_string();
     match e {
         DeployError::NotFound(_) | DeployError::NoSuchRank { .. } => Status::not_found(msg),
-        DeployError::AlreadyExists(_) => Status::already_exists(msg),
+        DeployError::AlreadyExists(_) | DeployError::NameBeingDeleted(_) => Status::already_exists(msg),
         DeployError::BeingDeleted(_) | DeployError::InvalidPlan(_) => Status::failed_precondition(msg),
         DeployError::Store { .. } => Status::unavailable(msg),
     }

@@ -7,6 +7,7 @@
 //! cargo run --release -p tessera-tests --bin tessera-bench -- plan --runs 20
 //! cargo run --release -p tessera-tests --bin tessera-bench -- deploy --runs 10
 //! cargo run --release -p tessera-tests --bin tessera-bench -- head-restart --runs 5
+//! cargo run --release -p tessera-tests --bin tessera-bench -- head-pause --runs 3
 //! cargo run --release -p tessera-tests --bin tessera-bench -- metrics-scrape --runs 1000
 //! cargo run --release -p tessera-tests --bin tessera-bench -- bring-up --runs 5
 //! ```
@@ -34,11 +35,12 @@ async fn main() -> anyhow::Result<()> {
         Some("plan") => plan_bench(runs),
         Some("deploy") => deploy_bench(runs).await,
         Some("head-restart") => head_restart_bench(runs).await,
+        Some("head-pause") => head_pause_bench(runs).await,
         Some("metrics-scrape") => metrics_scrape_bench(runs.max(1000)).await,
         Some("bring-up") => bring_up_bench(runs).await,
         _ => {
             eprintln!(
-                "usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N] | deploy [--runs N] | head-restart [--runs N]"
+                "usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N] | deploy [--runs N] | head-restart [--runs N] | head-pause [--runs N] | metrics-scrape | bring-up"
             );
             std::process::exit(2);
         }
@@ -247,6 +249,44 @@ async fn head_restart_bench(runs: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SIGSTOP of the head for 10 s with a TP=4 PP=2 probe deployment running (stage 0 on the head),
+/// then SIGCONT: nodes declared dead and processes restarted in the 5 s after (0 and 0 expected).
+async fn head_pause_bench(runs: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
+    let _w1 = start_worker(dir.path(), "w1", &head.url);
+    let _w2 = start_worker(dir.path(), "w2", &head.url);
+    let mut client = cluster_client(&head.url).await;
+    wait_state(&mut client, "w1", pb::NodeState::Alive).await;
+    wait_state(&mut client, "w2", pb::NodeState::Alive).await;
+    let mut deps = tessera_tests::deployments_client(&head.url).await;
+    deps.create(probe_request("steady")?).await?;
+    let mut events = client.watch_events(pb::WatchEventsRequest { include_current: true }).await?.into_inner();
+    let first = wait_running(&mut events, "steady", 1).await?;
+    let pids: Vec<u32> = first.ranks.iter().map(|r| r.pid).collect();
+    for i in 0..runs {
+        let mut events = client.watch_events(pb::WatchEventsRequest { include_current: false }).await?.into_inner();
+        head.daemon.signal(Signal::SIGSTOP);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        head.daemon.signal(Signal::SIGCONT);
+        let t0 = Instant::now();
+        let mut dead = 0;
+        while let Ok(Some(Ok(e))) =
+            tokio::time::timeout(Duration::from_secs(5).saturating_sub(t0.elapsed()), events.next()).await
+        {
+            dead += usize::from(e.node.is_some_and(|n| n.state == pb::NodeState::Dead as i32));
+        }
+        let d = deps.get(pb::GetDeploymentRequest { name: "steady".into() }).await?.into_inner();
+        let same = d.ranks.iter().map(|r| r.pid).collect::<Vec<_>>() == pids;
+        println!(
+            "run {i}: head paused 10 s: {dead} node(s) declared dead, {} restart(s), generation {}, same pids {same}",
+            d.restarts, d.generation
+        );
+        anyhow::ensure!(dead == 0 && d.restarts == 0 && same, "the pause cost something");
+    }
+    Ok(())
+}
+
 /// `/metrics` of a head with `nodes` simulated workers (each a real agent with its own gRPC
 /// session, 8 fake GPUs): scrape time (median of 20) and size.
 async fn metrics_scrape_bench(nodes: usize) -> anyhow::Result<()> {
@@ -280,7 +320,7 @@ async fn metrics_scrape_bench(nodes: usize) -> anyhow::Result<()> {
     let mut client = cluster_client(&head.url).await;
     let t0 = Instant::now();
     loop {
-        let n = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+        let n = client.list_nodes(pb::ListNodesRequest::default()).await?.into_inner().nodes;
         if n.iter().filter(|x| x.state == pb::NodeState::Alive as i32).count() == nodes + 1 {
             break;
         }

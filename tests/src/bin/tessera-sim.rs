@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo build --release --workspace --bins
-//! target/release/tessera-sim --nodes 10000 --steady 30 --fail-fraction 0.01 --json sim.json
+//! target/release/tessera-sim --nodes 10000 --steady 30 --fail-fraction 0.01 --creates 100 --json sim.json
 //! ```
 //!
 //! Scenarios, in order: join storm (time until every node is alive), steady state (head CPU and
@@ -29,6 +29,7 @@ struct Args {
     steady: u64,
     fail_fraction: f64,
     per_connection: usize,
+    creates: usize,
     json: Option<String>,
 }
 
@@ -40,6 +41,7 @@ fn args() -> Args {
         steady: get("--steady").and_then(|v| v.parse().ok()).unwrap_or(20),
         fail_fraction: get("--fail-fraction").and_then(|v| v.parse().ok()).unwrap_or(0.01),
         per_connection: get("--per-connection").and_then(|v| v.parse().ok()).unwrap_or(100),
+        creates: get("--creates").and_then(|v| v.parse().ok()).unwrap_or(100),
         json: get("--json"),
     }
 }
@@ -180,12 +182,14 @@ async fn main() -> anyhow::Result<()> {
     report.push(("steady state: head RSS (MiB)".into(), format!("{:.1}", rss as f64 / 1024.0)));
     let _ = cpu0;
 
-    // Deploy: plan and reserve a 64-GPU deployment (TP 8 x PP 8) against the whole inventory.
+    // Deploy: plan and reserve 64-GPU deployments (TP 8 x PP 8) against the whole inventory, one
+    // after the other (each sees the reservations of the ones before).
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/model-configs/Llama-3.1-70B-Instruct.json");
     let model = std::fs::canonicalize(model)?.display().to_string();
     let mut deps = tessera_tests::deployments_client(&head.url).await;
     let mut create_ms = Vec::new();
-    for i in 0..5 {
+    let creates = a.creates.clamp(1, a.nodes * 8 / 64);
+    for i in 0..creates {
         let t = Instant::now();
         let d = deps
             .create(pb::CreateDeploymentRequest {
@@ -202,9 +206,10 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(d.ranks.len() == 64, "placed {} ranks: {}", d.ranks.len(), d.message);
     }
     create_ms.sort_by(f64::total_cmp);
+    let pct = |p: f64| create_ms[((create_ms.len() as f64 * p).ceil() as usize).clamp(1, create_ms.len()) - 1];
     report.push((
         "create (plan + reserve) TP 8 x PP 8, 64 GPUs (ms)".into(),
-        format!("median {:.1}, max {:.1} over 5", create_ms[2], create_ms[4]),
+        format!("median {:.1}, p99 {:.1}, max {:.1} over {creates}", pct(0.5), pct(0.99), pct(1.0)),
     ));
 
     // Failures: a fraction drop their session, another fraction go silent.
@@ -259,7 +264,7 @@ async fn main() -> anyhow::Result<()> {
     let head2 = start_head(dir.path(), "head", &listen, &["--no-worker"]);
     let mut admin = cluster_client(&head2.url).await;
     loop {
-        let n = admin.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+        let n = admin.list_nodes(pb::ListNodesRequest::default()).await?.into_inner().nodes;
         if n.iter().filter(|x| x.state == pb::NodeState::Alive as i32).count() >= live {
             break;
         }
