@@ -133,6 +133,10 @@ pub enum DeployError {
     NoSuchRank { name: String, rank: u64 },
     #[error("cannot record {what}: {message}; nothing was changed, try again once the disk is healthy")]
     Store { what: String, message: String },
+    #[error("the node running rank {rank} of {name:?} is not connected; try again once it is")]
+    NodeUnreachable { name: String, rank: u64 },
+    #[error("the head is shutting down")]
+    ShuttingDown,
 }
 
 /// What a parked write releases or undoes.

@@ -30,7 +30,6 @@ use tessera_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 use tracing::warn;
 
 use crate::membership::{Event as MemberEvent, Membership};
@@ -41,7 +40,9 @@ use machine::{Effect, Input, Machine, ReplyId, Write};
 use record::At;
 use spec::{DeploymentSpec, LoadedModel};
 
-pub type LogStream = mpsc::Receiver<Result<pb::LogChunk, Status>>;
+/// A rank's log as its node sends it: bytes, or the node's error (the stream then ends).
+pub type LogStream = mpsc::Receiver<LogItem>;
+pub type LogItem = Result<Vec<u8>, String>;
 type DepReply = oneshot::Sender<Result<pb::Deployment, DeployError>>;
 
 /// The longest the shell sleeps between ticks when the machine has no deadline.
@@ -58,7 +59,7 @@ enum Cmd {
     Reserved { reply: oneshot::Sender<(usize, usize)> },
     Report { node: NodeId, report: pb::ShardReport },
     NodeJoined { node: NodeId, running: Vec<pb::ShardReport> },
-    Logs { req: pb::LogsRequest, reply: oneshot::Sender<Result<(u64, LogStream), Status>> },
+    Logs { req: pb::LogsRequest, reply: oneshot::Sender<Result<(u64, LogStream), DeployError>> },
     LogData { node: NodeId, data: pb::LogData },
     LogCancel { id: u64 },
 }
@@ -103,39 +104,35 @@ impl Deployments {
         self.events.subscribe()
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Status> {
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, DeployError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| Status::unavailable("the head is shutting down"))?;
-        rx.await.map_err(|_| Status::unavailable("the head is shutting down"))
+        self.tx.send(make(reply)).await.map_err(|_| DeployError::ShuttingDown)?;
+        rx.await.map_err(|_| DeployError::ShuttingDown)
     }
 
-    async fn ask_dep(&self, make: impl FnOnce(DepReply) -> Cmd) -> Result<pb::Deployment, Status> {
-        self.ask(make).await?.map_err(crate::server::deployments::status_of)
+    pub async fn create(&self, spec: DeploymentSpec, model: LoadedModel) -> Result<pb::Deployment, DeployError> {
+        self.ask(|reply| Cmd::Create { spec: Box::new(spec), model: Box::new(model), reply }).await?
     }
-
-    pub async fn create(&self, spec: DeploymentSpec, model: LoadedModel) -> Result<pb::Deployment, Status> {
-        self.ask_dep(|reply| Cmd::Create { spec: Box::new(spec), model: Box::new(model), reply }).await
+    pub async fn get(&self, name: String) -> Result<pb::Deployment, DeployError> {
+        self.ask(|reply| Cmd::Get { name, reply }).await?
     }
-    pub async fn get(&self, name: String) -> Result<pb::Deployment, Status> {
-        self.ask_dep(|reply| Cmd::Get { name, reply }).await
-    }
-    pub async fn list(&self) -> Result<Vec<pb::Deployment>, Status> {
+    pub async fn list(&self) -> Result<Vec<pb::Deployment>, DeployError> {
         self.ask(|reply| Cmd::List { reply }).await
     }
-    pub async fn delete(&self, name: String) -> Result<pb::Deployment, Status> {
-        self.ask_dep(|reply| Cmd::Delete { name, reply }).await
+    pub async fn delete(&self, name: String) -> Result<pb::Deployment, DeployError> {
+        self.ask(|reply| Cmd::Delete { name, reply }).await?
     }
-    pub async fn restart(&self, name: String) -> Result<pb::Deployment, Status> {
-        self.ask_dep(|reply| Cmd::Restart { name, reply }).await
+    pub async fn restart(&self, name: String) -> Result<pb::Deployment, DeployError> {
+        self.ask(|reply| Cmd::Restart { name, reply }).await?
     }
-    pub async fn logs(&self, req: pb::LogsRequest) -> Result<(u64, LogStream), Status> {
+    pub async fn logs(&self, req: pb::LogsRequest) -> Result<(u64, LogStream), DeployError> {
         self.ask(|reply| Cmd::Logs { req, reply }).await?
     }
     pub async fn log_cancel(&self, id: u64) {
         let _ = self.tx.send(Cmd::LogCancel { id }).await;
     }
     /// (GPUs reserved, GPUs held by live deployments' assignments): always equal.
-    pub async fn reservation_counts(&self) -> Result<(usize, usize), Status> {
+    pub async fn reservation_counts(&self) -> Result<(usize, usize), DeployError> {
         self.ask(|reply| Cmd::Reserved { reply }).await
     }
 
@@ -164,7 +161,7 @@ struct Shell {
     replies: HashMap<ReplyId, DepReply>,
     next_reply: ReplyId,
     /// Log request id (random) -> the node it was sent to, and the client's stream.
-    log_routes: HashMap<u64, (NodeId, mpsc::Sender<Result<pb::LogChunk, Status>>)>,
+    log_routes: HashMap<u64, (NodeId, mpsc::Sender<LogItem>)>,
 }
 
 impl Shell {
@@ -239,11 +236,7 @@ impl Shell {
                     warn!(node_id = %node, "log data for a request sent to another node refused");
                     return;
                 }
-                let item = if data.error.is_empty() {
-                    Ok(pb::LogChunk { data: data.data })
-                } else {
-                    Err(Status::unavailable(data.error))
-                };
+                let item = if data.error.is_empty() { Ok(data.data) } else { Err(data.error) };
                 let failed = tx.try_send(item).is_err();
                 if data.done || failed {
                     self.log_routes.remove(&data.request_id);
@@ -265,8 +258,8 @@ impl Shell {
         id
     }
 
-    async fn open_logs(&mut self, req: pb::LogsRequest) -> Result<(u64, LogStream), Status> {
-        let (node, key) = self.machine.locate(&req.name, req.rank).map_err(crate::server::deployments::status_of)?;
+    async fn open_logs(&mut self, req: pb::LogsRequest) -> Result<(u64, LogStream), DeployError> {
+        let (node, key) = self.machine.locate(&req.name, req.rank)?;
         // Unguessable, so that no other session can write into (or end) this stream.
         let mut id = rand::random::<u64>();
         while id == 0 || self.log_routes.contains_key(&id) {
@@ -283,7 +276,7 @@ impl Shell {
         };
         if !self.membership.send(node.0, pb::HeadMessage { msg: Some(pb::head_message::Msg::LogRequest(msg)) }).await {
             self.log_routes.remove(&id);
-            return Err(Status::unavailable("the node running that rank is not connected"));
+            return Err(DeployError::NodeUnreachable { name: req.name, rank: req.rank });
         }
         Ok((id, rx))
     }

@@ -143,18 +143,6 @@ pub enum JoinError {
     ShuttingDown,
 }
 
-impl From<JoinError> for tonic::Status {
-    fn from(e: JoinError) -> Self {
-        match e {
-            JoinError::NodeIdConflict { .. } | JoinError::NameConflict { .. } => {
-                tonic::Status::already_exists(e.to_string())
-            }
-            JoinError::GpuConflict { .. } => tonic::Status::invalid_argument(e.to_string()),
-            JoinError::ShuttingDown => tonic::Status::unavailable(e.to_string()),
-        }
-    }
-}
-
 /// Lookup failures for admin calls.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum NodeError {
@@ -168,17 +156,6 @@ pub enum NodeError {
     Pinned(String),
     #[error("the head is shutting down")]
     ShuttingDown,
-}
-
-impl From<NodeError> for tonic::Status {
-    fn from(e: NodeError) -> Self {
-        match e {
-            NodeError::NotFound(_) => tonic::Status::not_found(e.to_string()),
-            NodeError::Ambiguous(_) => tonic::Status::invalid_argument(e.to_string()),
-            NodeError::Live(..) | NodeError::Pinned(_) => tonic::Status::failed_precondition(e.to_string()),
-            NodeError::ShuttingDown => tonic::Status::unavailable(e.to_string()),
-        }
-    }
 }
 
 /// Where a session connection came from and arrived at.

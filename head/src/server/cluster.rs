@@ -9,7 +9,19 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use crate::membership::{Membership, NodeView, page_key};
+use crate::membership::{Membership, NodeError, NodeView, page_key};
+
+/// Node lookups as gRPC codes.
+impl From<NodeError> for Status {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::NotFound(_) => Status::not_found(e.to_string()),
+            NodeError::Ambiguous(_) => Status::invalid_argument(e.to_string()),
+            NodeError::Live(..) | NodeError::Pinned(_) => Status::failed_precondition(e.to_string()),
+            NodeError::ShuttingDown => Status::unavailable(e.to_string()),
+        }
+    }
+}
 
 /// The most nodes one `ListNodes` page holds (a page of 10,000 is ~4 MiB).
 const MAX_PAGE: u32 = 5000;

@@ -12,13 +12,17 @@ use crate::deploy::{DeployError, Deployments};
 use crate::server::planner::model_status;
 
 /// The one place where deployment errors become gRPC codes.
-pub fn status_of(e: DeployError) -> Status {
-    let msg = e.to_string();
-    match e {
-        DeployError::NotFound(_) | DeployError::NoSuchRank { .. } => Status::not_found(msg),
-        DeployError::AlreadyExists(_) | DeployError::NameBeingDeleted(_) => Status::already_exists(msg),
-        DeployError::BeingDeleted(_) | DeployError::InvalidPlan(_) => Status::failed_precondition(msg),
-        DeployError::Store { .. } => Status::unavailable(msg),
+impl From<DeployError> for Status {
+    fn from(e: DeployError) -> Status {
+        let msg = e.to_string();
+        match e {
+            DeployError::NotFound(_) | DeployError::NoSuchRank { .. } => Status::not_found(msg),
+            DeployError::AlreadyExists(_) | DeployError::NameBeingDeleted(_) => Status::already_exists(msg),
+            DeployError::BeingDeleted(_) | DeployError::InvalidPlan(_) => Status::failed_precondition(msg),
+            DeployError::Store { .. } | DeployError::NodeUnreachable { .. } | DeployError::ShuttingDown => {
+                Status::unavailable(msg)
+            }
+        }
     }
 }
 
@@ -82,6 +86,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
                 tokio::select! {
                     item = rx.recv() => match item {
                         Some(i) => {
+                            let i = i.map(|data| pb::LogChunk { data }).map_err(Status::unavailable);
                             if tx.send(i).await.is_err() {
                                 break;
                             }

@@ -14,7 +14,18 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::deploy::Deployments;
-use crate::membership::{Admitted, ConnInfo, Membership};
+use crate::membership::{Admitted, ConnInfo, JoinError, Membership};
+
+/// Join refusals as gRPC codes.
+impl From<JoinError> for Status {
+    fn from(e: JoinError) -> Self {
+        match e {
+            JoinError::NodeIdConflict { .. } | JoinError::NameConflict { .. } => Status::already_exists(e.to_string()),
+            JoinError::GpuConflict { .. } => Status::invalid_argument(e.to_string()),
+            JoinError::ShuttingDown => Status::unavailable(e.to_string()),
+        }
+    }
+}
 
 /// How long a new session may take to send its join.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);

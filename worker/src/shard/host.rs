@@ -222,6 +222,42 @@ impl ShardHost {
                 }
             }
         }
+        self.prune(&l.deployment, &l.deployment_uid);
+    }
+
+    /// Generations of a deployment whose processes (and logs) are kept: the two newest.
+    pub const KEEP_GENERATIONS: usize = 2;
+
+    /// Forgets the exited processes of `deployment` older than its [`Self::KEEP_GENERATIONS`]
+    /// newest generations (the current incarnation's first), with their directories: a deployment
+    /// that restarts for a week does not fill the disk or the metrics with dead generations.
+    fn prune(&self, deployment: &str, current_uid: &str) {
+        let mut procs = self.procs.lock().expect("lock");
+        let mut gens: Vec<(bool, u64, String)> = procs
+            .keys()
+            .filter(|k| k.deployment == deployment)
+            .map(|k| (k.uid == current_uid, k.generation, k.uid.clone()))
+            .collect();
+        gens.sort();
+        gens.dedup();
+        gens.reverse();
+        let keep: std::collections::HashSet<(String, u64)> =
+            gens.into_iter().take(Self::KEEP_GENERATIONS).map(|(_, g, u)| (u, g)).collect();
+        let old: Vec<Key> = procs
+            .iter()
+            .filter(|(k, p)| k.deployment == deployment && p.exited && !keep.contains(&(k.uid.clone(), k.generation)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in old {
+            if let Some(p) = procs.remove(&k) {
+                let _ = std::fs::remove_dir_all(&p.dir);
+                if let Some(generation_dir) = p.dir.parent() {
+                    // Only once every process of that generation is gone from it.
+                    let _ = std::fs::remove_dir(generation_dir);
+                }
+                info!(deployment = %k.deployment, generation = k.generation, key = %k.key, "old generation forgotten");
+            }
+        }
     }
 
     fn program(&self, p: &pb::ShardProcess) -> Result<Vec<String>, String> {
@@ -617,7 +653,46 @@ mod tests {
 
 #[cfg(test)]
 mod fencing_tests {
-    use super::Key;
+    use super::*;
+
+    #[test]
+    fn only_the_two_newest_generations_are_kept_with_their_dirs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = HostConfig {
+            state_dir: dir.path().to_path_buf(),
+            exe: "/bin/false".into(),
+            vllm_bin: None,
+            allow_command: false,
+            orphan_timeout: Duration::from_secs(1),
+            log_max_bytes: 1 << 20,
+        };
+        let (host, _rx) = ShardHost::new(cfg);
+        let add = |uid: &str, generation: u64, exited: bool| {
+            let p = spec::process_dir(dir.path(), "llama", uid, generation, "rank-0");
+            std::fs::create_dir_all(&p).expect("mkdir");
+            let key = Key { deployment: "llama".into(), uid: uid.into(), generation, key: "rank-0".into() };
+            host.procs
+                .lock()
+                .expect("lock")
+                .insert(key, Proc { dir: p, last: pb::ShardReport::default(), cmd: None, exited });
+        };
+        add("old", 9, true);
+        for g in 1..=4 {
+            add("new", g, g < 4);
+        }
+        host.prune("llama", "new");
+        let mut kept: Vec<(String, u64)> =
+            host.procs.lock().expect("lock").keys().map(|k| (k.uid.clone(), k.generation)).collect();
+        kept.sort();
+        assert_eq!(kept, vec![("new".to_string(), 3), ("new".to_string(), 4)]);
+        let dep_dir = dir.path().join("shards/llama");
+        let mut left: Vec<String> = std::fs::read_dir(&dep_dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["new-g3", "new-g4"]);
+    }
 
     fn k(uid: &str, generation: u64) -> Key {
         Key { deployment: "llama".into(), uid: uid.into(), generation, key: "rank-0".into() }
