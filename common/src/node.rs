@@ -241,7 +241,7 @@ impl TryFrom<pb::NodeState> for NodeState {
 /// What a worker says about itself when it joins, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinInfo {
-    pub node_id: Option<uuid::Uuid>,
+    pub node_id: Option<crate::ids::NodeId>,
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub advertise_address: Option<std::net::IpAddr>,
@@ -261,6 +261,7 @@ impl TryFrom<pb::JoinRequest> for JoinInfo {
         } else {
             Some(
                 uuid::Uuid::parse_str(&p.node_id)
+                    .map(crate::ids::NodeId)
                     .map_err(|e| FieldError::new("join.node_id", format!("{:?} is not a UUID: {e}", p.node_id)))?,
             )
         };

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
-use uuid::Uuid;
+use tessera_common::ids::NodeId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -55,10 +55,12 @@ impl StateDir {
     }
 
     /// The node id from an earlier join, if any.
-    pub fn node_id(&self) -> Result<Option<Uuid>, StateError> {
+    pub fn node_id(&self) -> Result<Option<NodeId>, StateError> {
         let p = self.node_id_path();
         match fs::read_to_string(&p) {
-            Ok(s) => Uuid::parse_str(s.trim())
+            Ok(s) => s
+                .trim()
+                .parse::<NodeId>()
                 .map(Some)
                 .map_err(|_| StateError::BadNodeId { path: p, content: s.chars().take(64).collect() }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -67,7 +69,7 @@ impl StateDir {
     }
 
     /// Persists the node id: write a temp file, fsync, rename, so a crash never leaves half a file.
-    pub fn save_node_id(&self, id: Uuid) -> Result<(), StateError> {
+    pub fn save_node_id(&self, id: NodeId) -> Result<(), StateError> {
         let p = self.node_id_path();
         let tmp = self.path.join("node-id.tmp");
         let io = |source| StateError::Io { path: tmp.clone(), source };
@@ -126,7 +128,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = StateDir::open(dir.path()).expect("open");
         assert_eq!(s.node_id().expect("read"), None);
-        let id = Uuid::new_v4();
+        let id = NodeId::new_random();
         s.save_node_id(id).expect("save");
         assert_eq!(s.node_id().expect("read"), Some(id));
 

@@ -72,7 +72,7 @@ impl Inventory {
     /// Adds or updates a node; `reserved` says which of its GPUs deployments hold. Returns its
     /// previous state.
     pub fn upsert(&mut self, v: &NodeView, reserved: impl Fn(&str) -> bool) -> Option<NodeState> {
-        let id = NodeId(v.id);
+        let id = v.id;
         let meta = NodeMeta { id, name: v.info.name.clone(), address: v.address, state: v.state };
         let existed = self.index.contains_key(&id);
         let pos = match self.index.get(&id) {

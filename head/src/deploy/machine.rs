@@ -274,7 +274,7 @@ impl Machine {
             Input::NodeJoined { node, running } => self.node_joined(node, running, at),
             Input::NodeChanged(v) => self.node_changed(&v, at),
             Input::NodesListed(all) => {
-                let seen: HashSet<NodeId> = all.iter().map(|v| NodeId(v.id)).collect();
+                let seen: HashSet<NodeId> = all.iter().map(|v| v.id).collect();
                 let missing: Vec<NodeId> =
                     self.inventory.nodes().map(|n| n.id).filter(|id| !seen.contains(id)).collect();
                 for v in &all {
@@ -522,7 +522,7 @@ impl Machine {
             // Reservations taken before this node was known (recovered from the store).
             self.recount_pins();
         }
-        let id = NodeId(v.id);
+        let id = v.id;
         match v.state {
             NodeState::Dead | NodeState::Left => {
                 let why = if v.state_reason.is_empty() {

@@ -35,7 +35,7 @@ fn spec(name: &str, tp: u64, pp: u64) -> DeploymentSpec {
 
 fn node(i: u128, name: &str, gpus: u32, is_head: bool) -> NodeView {
     let info = JoinInfo {
-        node_id: Some(uuid::Uuid::from_u128(i)),
+        node_id: Some(nid(i)),
         name: name.into(),
         labels: Default::default(),
         advertise_address: None,
@@ -46,7 +46,7 @@ fn node(i: u128, name: &str, gpus: u32, is_head: bool) -> NodeView {
         hostname: name.into(),
     };
     NodeView {
-        id: uuid::Uuid::from_u128(i),
+        id: nid(i),
         info: Arc::new(info),
         state: NodeState::Alive,
         draining: false,

@@ -136,15 +136,15 @@ impl Deployments {
         self.ask(|reply| Cmd::Reserved { reply }).await
     }
 
-    pub async fn report(&self, node: uuid::Uuid, report: pb::ShardReport) {
-        let _ = self.tx.send(Cmd::Report { node: NodeId(node), report }).await;
+    pub async fn report(&self, node: NodeId, report: pb::ShardReport) {
+        let _ = self.tx.send(Cmd::Report { node, report }).await;
     }
-    pub async fn node_joined(&self, node: uuid::Uuid, running: Vec<pb::ShardReport>) {
-        let _ = self.tx.send(Cmd::NodeJoined { node: NodeId(node), running }).await;
+    pub async fn node_joined(&self, node: NodeId, running: Vec<pb::ShardReport>) {
+        let _ = self.tx.send(Cmd::NodeJoined { node, running }).await;
     }
     /// Log data from `node`'s session: it counts only for a request sent to that node.
-    pub async fn log_data(&self, node: uuid::Uuid, data: pb::LogData) {
-        let _ = self.tx.send(Cmd::LogData { node: NodeId(node), data }).await;
+    pub async fn log_data(&self, node: NodeId, data: pb::LogData) {
+        let _ = self.tx.send(Cmd::LogData { node, data }).await;
     }
 }
 
@@ -184,7 +184,7 @@ impl Shell {
                 },
                 ev = recv_member(&mut members) => match ev {
                     Member::Event(e) if e.kind == crate::membership::EventKind::Removed => {
-                        self.feed(Input::NodeForgotten(NodeId(e.node.id))).await;
+                        self.feed(Input::NodeForgotten(e.node.id)).await;
                     }
                     Member::Event(e) => self.feed(Input::NodeChanged(Box::new(e.node))).await,
                     // Events were dropped: read the whole table again, so that no `dead` is missed.
@@ -245,7 +245,7 @@ impl Shell {
             Cmd::LogCancel { id } => {
                 if let Some((node, _)) = self.log_routes.remove(&id) {
                     let msg = pb::head_message::Msg::LogCancel(pb::LogCancel { request_id: id });
-                    self.membership.send(node.0, pb::HeadMessage { msg: Some(msg) }).await;
+                    self.membership.send(node, pb::HeadMessage { msg: Some(msg) }).await;
                 }
             }
         }
@@ -274,7 +274,7 @@ impl Shell {
             tail_lines: if req.tail == 0 { 100 } else { req.tail.min(100_000) },
             follow: req.follow,
         };
-        if !self.membership.send(node.0, pb::HeadMessage { msg: Some(pb::head_message::Msg::LogRequest(msg)) }).await {
+        if !self.membership.send(node, pb::HeadMessage { msg: Some(pb::head_message::Msg::LogRequest(msg)) }).await {
             self.log_routes.remove(&id);
             return Err(DeployError::NodeUnreachable { name: req.name, rank: req.rank });
         }
@@ -302,12 +302,12 @@ impl Shell {
                     queue.extend(self.machine.handle(result, at_now()));
                 }
                 Effect::Send(node, msg) => {
-                    self.membership.send(node.0, pb::HeadMessage { msg: Some(msg) }).await;
+                    self.membership.send(node, pb::HeadMessage { msg: Some(msg) }).await;
                 }
                 Effect::Launch(node, msg) => {
                     let (deployment, generation) = (msg.deployment.clone(), msg.generation);
                     let msg = pb::HeadMessage { msg: Some(pb::head_message::Msg::Launch(msg)) };
-                    if !self.membership.send(node.0, msg).await {
+                    if !self.membership.send(node, msg).await {
                         let input = Input::Undeliverable {
                             node,
                             deployment,
@@ -337,7 +337,7 @@ impl Shell {
             }
         }
         if let Some(pinned) = self.machine.take_pinned() {
-            self.membership.set_pinned(pinned.into_iter().map(|n| n.0).collect()).await;
+            self.membership.set_pinned(pinned).await;
         }
     }
 }

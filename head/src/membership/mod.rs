@@ -13,12 +13,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tessera_common::ids::NodeId;
 use tessera_common::node::{JoinInfo, NodeState};
 use tessera_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 pub use state::{Event, EventKind, NodeView, page_key};
 
@@ -116,7 +116,7 @@ pub type SessionTx = mpsc::Sender<Result<pb::HeadMessage, tonic::Status>>;
 /// What a session needs after its join was accepted.
 #[derive(Debug, Clone)]
 pub struct Admitted {
-    pub node_id: Uuid,
+    pub node_id: NodeId,
     pub session_id: u64,
     pub address: IpAddr,
     pub rejoined: bool,
@@ -131,7 +131,7 @@ pub enum JoinError {
         "node id {node_id} is held by another machine; this worker has a copy of that machine's state dir: \
          delete the node-id file in this worker's --state-dir so that it joins as a new node"
     )]
-    NodeIdConflict { node_id: Uuid },
+    NodeIdConflict { node_id: NodeId },
     #[error("node name {name:?} is already used by a live node; give this worker another --node-name")]
     NameConflict { name: String },
     #[error(
@@ -168,15 +168,15 @@ pub struct ConnInfo {
 
 enum Command {
     Join { info: Box<JoinInfo>, conn: ConnInfo, tx: SessionTx, reply: oneshot::Sender<Result<Admitted, JoinError>> },
-    Usage { node_id: Uuid, usage: Vec<(u32, u64)> },
-    Leave { node_id: Uuid, session_id: u64, reason: String, reply: oneshot::Sender<()> },
-    Closed { node_id: Uuid, session_id: u64, why: String },
+    Usage { node_id: NodeId, usage: Vec<(u32, u64)> },
+    Leave { node_id: NodeId, session_id: u64, reason: String, reply: oneshot::Sender<()> },
+    Closed { node_id: NodeId, session_id: u64, why: String },
     List { reply: oneshot::Sender<Vec<NodeView>> },
     Subscribe { reply: oneshot::Sender<(Vec<NodeView>, broadcast::Receiver<Event>)> },
     Drain { node: String, draining: bool, reply: oneshot::Sender<Result<NodeView, NodeError>> },
-    Send { node_id: Uuid, msg: pb::HeadMessage, reply: oneshot::Sender<bool> },
+    Send { node_id: NodeId, msg: pb::HeadMessage, reply: oneshot::Sender<bool> },
     Remove { node: String, reply: oneshot::Sender<Result<NodeView, NodeError>> },
-    Pinned { nodes: std::collections::HashSet<Uuid> },
+    Pinned { nodes: std::collections::HashSet<NodeId> },
 }
 
 /// Handle to the membership task. Cheap to clone.
@@ -215,7 +215,7 @@ impl Membership {
         let mut table = state::Table::new(config, Instant::now(), seq);
         if let Some(store) = store {
             match store.drained() {
-                Ok(ids) => table.set_store(store, ids.iter().filter_map(|i| Uuid::parse_str(i).ok()).collect()),
+                Ok(ids) => table.set_store(store, ids.iter().filter_map(|i| i.parse::<NodeId>().ok()).collect()),
                 Err(e) => tracing::warn!(error = %e, "cannot read the drained nodes; none are drained"),
             }
         }
@@ -236,12 +236,12 @@ impl Membership {
         rx.await.map_err(|_| JoinError::ShuttingDown)?
     }
 
-    pub async fn report_usage(&self, node_id: Uuid, usage: Vec<(u32, u64)>) {
+    pub async fn report_usage(&self, node_id: NodeId, usage: Vec<(u32, u64)>) {
         let _ = self.tx.send(Command::Usage { node_id, usage }).await;
     }
 
     /// Graceful leave: the node becomes `left`. Returns once recorded.
-    pub async fn leave(&self, node_id: Uuid, session_id: u64, reason: String) {
+    pub async fn leave(&self, node_id: NodeId, session_id: u64, reason: String) {
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Command::Leave { node_id, session_id, reason, reply }).await.is_ok() {
             let _ = rx.await;
@@ -249,7 +249,7 @@ impl Membership {
     }
 
     /// The session's stream ended without a leave.
-    pub async fn session_closed(&self, node_id: Uuid, session_id: u64, why: String) {
+    pub async fn session_closed(&self, node_id: NodeId, session_id: u64, why: String) {
         let _ = self.tx.send(Command::Closed { node_id, session_id, why }).await;
     }
 
@@ -269,7 +269,7 @@ impl Membership {
     }
 
     /// Sends a message down a node's session; false if the node has no open session.
-    pub async fn send(&self, node_id: Uuid, msg: pb::HeadMessage) -> bool {
+    pub async fn send(&self, node_id: NodeId, msg: pb::HeadMessage) -> bool {
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Command::Send { node_id, msg, reply }).await.is_err() {
             return false;
@@ -285,7 +285,7 @@ impl Membership {
     }
 
     /// The nodes whose GPUs deployments hold: they are never forgotten.
-    pub async fn set_pinned(&self, nodes: std::collections::HashSet<Uuid>) {
+    pub async fn set_pinned(&self, nodes: std::collections::HashSet<NodeId>) {
         let _ = self.tx.send(Command::Pinned { nodes }).await;
     }
 

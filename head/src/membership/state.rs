@@ -6,19 +6,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_common::duration::format_duration;
+use tessera_common::ids::NodeId;
 use tessera_common::node::{JoinInfo, NodeState};
 use tessera_proto::v1 as pb;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tracing::{info, warn};
-use uuid::Uuid;
 
 use super::{Admitted, ConnInfo, JoinError, Liveness, MembershipConfig, NodeError, SessionTx, shown_state};
 
 /// A node as seen at one instant, for listing and events.
 #[derive(Debug, Clone)]
 pub struct NodeView {
-    pub id: Uuid,
+    pub id: NodeId,
     pub info: Arc<JoinInfo>,
     pub state: NodeState,
     pub draining: bool,
@@ -105,7 +105,7 @@ struct Session {
 }
 
 struct Entry {
-    id: Uuid,
+    id: NodeId,
     info: Arc<JoinInfo>,
     /// `alive`, `suspect`, `dead` or `left`; draining is kept apart in `draining`.
     health: NodeState,
@@ -127,19 +127,19 @@ struct Entry {
 pub struct Table {
     config: MembershipConfig,
     epoch: Instant,
-    nodes: HashMap<Uuid, Entry>,
+    nodes: HashMap<NodeId, Entry>,
     next_session: u64,
     seq: Arc<std::sync::atomic::AtomicU64>,
     events: broadcast::Sender<Event>,
     /// Where drain marks are kept, and the recorded marks of nodes that have not rejoined yet.
     store: Option<Arc<crate::store::Store>>,
-    drained_unjoined: std::collections::HashSet<Uuid>,
+    drained_unjoined: std::collections::HashSet<NodeId>,
     /// When the detector last ran: a long gap is the head's own stall, not the nodes' silence.
     last_detect: Option<Instant>,
     /// GPU uuid -> the node that reports it.
-    gpu_owner: HashMap<String, Uuid>,
+    gpu_owner: HashMap<String, NodeId>,
     /// Nodes whose GPUs deployments hold (never forgotten).
-    pinned: std::collections::HashSet<Uuid>,
+    pinned: std::collections::HashSet<NodeId>,
     last_forget: Option<Instant>,
 }
 
@@ -162,13 +162,13 @@ impl Table {
         }
     }
 
-    pub fn set_store(&mut self, store: Arc<crate::store::Store>, drained: std::collections::HashSet<Uuid>) {
+    pub fn set_store(&mut self, store: Arc<crate::store::Store>, drained: std::collections::HashSet<NodeId>) {
         self.store = Some(store);
         self.drained_unjoined = drained;
     }
 
     /// Queues a message on a node's open session.
-    pub fn send(&self, node_id: Uuid, msg: pb::HeadMessage) -> bool {
+    pub fn send(&self, node_id: NodeId, msg: pb::HeadMessage) -> bool {
         match self.nodes.get(&node_id).and_then(|e| e.session.as_ref()) {
             Some(s) => s.tx.try_send(Ok(msg)).is_ok(),
             None => false,
@@ -255,7 +255,7 @@ impl Table {
                 self.gpu_owner.remove(&u);
             }
         }
-        let new_id = existing.or(info.node_id).unwrap_or_else(Uuid::new_v4);
+        let new_id = existing.or(info.node_id).unwrap_or_else(NodeId::new_random);
         for g in &info.inventory.gpus {
             self.gpu_owner.insert(g.uuid.clone(), new_id);
         }
@@ -315,7 +315,7 @@ impl Table {
         Ok(Admitted { node_id, session_id, address, rejoined, liveness })
     }
 
-    pub fn set_pinned(&mut self, nodes: std::collections::HashSet<Uuid>) {
+    pub fn set_pinned(&mut self, nodes: std::collections::HashSet<NodeId>) {
         self.pinned = nodes;
     }
 
@@ -345,7 +345,7 @@ impl Table {
         }
         self.last_forget = Some(now);
         let after = self.config.forget_after;
-        let old: Vec<Uuid> = self
+        let old: Vec<NodeId> = self
             .nodes
             .values()
             .filter(|e| matches!(e.health, NodeState::Dead | NodeState::Left))
@@ -362,7 +362,7 @@ impl Table {
     }
 
     /// Removes a node from the table, with its GPUs.
-    fn forget(&mut self, id: Uuid) {
+    fn forget(&mut self, id: NodeId) {
         if let Some(e) = self.nodes.remove(&id) {
             for g in &e.info.inventory.gpus {
                 if self.gpu_owner.get(&g.uuid) == Some(&id) {
@@ -390,7 +390,7 @@ impl Table {
         self.emit(id, EventKind::StateChanged, Some(state), format!("address is now {local}"), now);
     }
 
-    pub fn usage(&mut self, node_id: Uuid, usage: &[(u32, u64)]) {
+    pub fn usage(&mut self, node_id: NodeId, usage: &[(u32, u64)]) {
         if let Some(e) = self.nodes.get_mut(&node_id) {
             for &(index, used) in usage {
                 if let Some(pos) = e.info.inventory.gpus.iter().position(|g| g.index == index) {
@@ -400,7 +400,7 @@ impl Table {
         }
     }
 
-    pub fn leave(&mut self, node_id: Uuid, session_id: u64, reason: &str, now: Instant) {
+    pub fn leave(&mut self, node_id: NodeId, session_id: u64, reason: &str, now: Instant) {
         let Some(e) = self.nodes.get_mut(&node_id) else {
             return;
         };
@@ -418,7 +418,7 @@ impl Table {
         self.emit(node_id, EventKind::Left, Some(previous), reason, now);
     }
 
-    pub fn closed(&mut self, node_id: Uuid, session_id: u64, why: &str, now: Instant) {
+    pub fn closed(&mut self, node_id: NodeId, session_id: u64, why: &str, now: Instant) {
         let Some(e) = self.nodes.get_mut(&node_id) else {
             return;
         };
@@ -545,13 +545,13 @@ impl Table {
         Ok(self.view(&self.nodes[&id], now))
     }
 
-    fn resolve(&self, node: &str) -> Result<Uuid, NodeError> {
-        if let Ok(id) = Uuid::parse_str(node)
+    fn resolve(&self, node: &str) -> Result<NodeId, NodeError> {
+        if let Ok(id) = node.parse::<NodeId>()
             && self.nodes.contains_key(&id)
         {
             return Ok(id);
         }
-        let matches: Vec<Uuid> = self
+        let matches: Vec<NodeId> = self
             .nodes
             .values()
             .filter(|e| e.info.name == node || (node.len() >= 8 && e.id.to_string().starts_with(node)))
@@ -586,7 +586,7 @@ impl Table {
         }
     }
 
-    fn emit(&mut self, id: Uuid, kind: EventKind, previous: Option<NodeState>, reason: String, now: Instant) {
+    fn emit(&mut self, id: NodeId, kind: EventKind, previous: Option<NodeState>, reason: String, now: Instant) {
         let Some(e) = self.nodes.get(&id) else { return };
         let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let event = Event { seq, unix_ms: super::unix_ms(), kind, node: self.view(e, now), previous, reason };
@@ -607,7 +607,7 @@ impl Table {
 
 /// The order of `views` (the head first, then by name, then by id), and the key a `ListNodes`
 /// page token holds.
-pub fn page_key(v: &NodeView) -> (bool, String, Uuid) {
+pub fn page_key(v: &NodeView) -> (bool, String, NodeId) {
     (!v.info.is_head, v.info.name.clone(), v.id)
 }
 

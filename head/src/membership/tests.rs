@@ -4,6 +4,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use tessera_common::fake::FakeGpuSpec;
+use tessera_common::ids::NodeId;
 use tessera_common::node::{JoinInfo, NodeState};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +37,7 @@ async fn join(m: &Membership, i: JoinInfo) -> (Admitted, Rx) {
     (m.join(i, conn(2), tx).await.expect("join accepted"), rx)
 }
 
-async fn state_of(m: &Membership, id: Uuid) -> NodeState {
+async fn state_of(m: &Membership, id: NodeId) -> NodeState {
     m.list().await.into_iter().find(|n| n.id == id).expect("node listed").state
 }
 
@@ -302,7 +303,7 @@ async fn departed_nodes_are_forgotten_after_forget_after_unless_pinned() {
     advance(Duration::from_secs(59)).await;
     assert_eq!(m.list().await.len(), 21, "not before forget_after");
     advance(Duration::from_secs(2)).await;
-    let left: Vec<Uuid> = m.list().await.iter().map(|n| n.id).collect();
+    let left: Vec<NodeId> = m.list().await.iter().map(|n| n.id).collect();
     assert_eq!(left, vec![pinned.node_id], "only the node a deployment holds is kept");
     let mut removed = 0;
     while let Ok(e) = events.try_recv() {

@@ -9,6 +9,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use tessera_common::ids::NodeId;
+
 use crate::membership::{Membership, NodeError, NodeView, page_key};
 
 /// Node lookups as gRPC codes.
@@ -27,11 +29,11 @@ impl From<NodeError> for Status {
 const MAX_PAGE: u32 = 5000;
 
 /// `h:NAME:ID`: where the previous page ended (the head sorts first).
-fn page_token((not_head, name, id): &(bool, String, uuid::Uuid)) -> String {
+fn page_token((not_head, name, id): &(bool, String, NodeId)) -> String {
     format!("{}:{name}:{id}", u8::from(*not_head))
 }
 
-fn parse_page_token(t: &str) -> Result<Option<(bool, String, uuid::Uuid)>, Status> {
+fn parse_page_token(t: &str) -> Result<Option<(bool, String, NodeId)>, Status> {
     if t.is_empty() {
         return Ok(None);
     }
@@ -43,7 +45,7 @@ fn parse_page_token(t: &str) -> Result<Option<(bool, String, uuid::Uuid)>, Statu
         "1" => true,
         _ => return Err(bad()),
     };
-    let id = uuid::Uuid::parse_str(id).map_err(|_| bad())?;
+    let id: NodeId = id.parse().map_err(|_| bad())?;
     Ok(Some((not_head, name.to_string(), id)))
 }
 

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use rand::SeedableRng;
+use tessera_common::ids::NodeId;
 use tessera_common::node::JoinInfo;
 use tessera_proto::v1 as pb;
 use tokio::sync::{mpsc, watch};
@@ -17,7 +18,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, error, info, warn};
-use uuid::Uuid;
 
 use crate::gpu::GpuInventory;
 use crate::state::{StateDir, StateError};
@@ -49,7 +49,7 @@ pub struct AgentConfig {
 /// What the agent knows about its membership, for whoever embeds it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentStatus {
-    pub node_id: Option<Uuid>,
+    pub node_id: Option<NodeId>,
     /// The node's authoritative address, as the head told it.
     pub address: Option<String>,
     pub joined: bool,
@@ -229,7 +229,7 @@ impl Agent {
             }
             Err(status) => return classify(status),
         };
-        let node_id = match Uuid::parse_str(&joined.node_id) {
+        let node_id = match joined.node_id.parse::<tessera_common::ids::NodeId>() {
             Ok(id) => id,
             Err(_) => {
                 return SessionEnd::Lost(format!("the head sent an invalid node id {:?}", joined.node_id));
