@@ -501,3 +501,31 @@ fn a_deleted_deployment_frees_its_gpus_for_a_pending_one() {
     assert_eq!(h.dep("p2").state, pb::DeploymentState::Starting as i32);
     assert_eq!(h.m.reservation_counts(), (4, 4));
 }
+
+#[test]
+fn a_delete_while_starting_waits_only_for_what_was_launched() {
+    let mut h = H::new(vec![node(1, "head", 4, true), node(2, "w1", 4, false)]);
+    let created = h.create(spec("p1", 4, 2));
+    let ls = launches(&created);
+    assert_eq!(ls.len(), 1, "only node rank 0 was told so far");
+    let reply = h.reply();
+    let del = h.feed(Input::Delete { name: "p1".into(), reply });
+    let s = stops(&del);
+    assert_eq!(s.iter().map(|(n, _)| *n).collect::<Vec<_>>(), vec![nid(1)], "node 1 was never told to launch");
+    assert_eq!(h.dep("p1").state, pb::DeploymentState::Stopping as i32);
+    // Node rank 0's processes confirm they are gone: the deployment is, and so are its GPUs.
+    let mut effects = Vec::new();
+    for p in &ls[0].1.processes {
+        effects
+            .extend(h.feed(Input::Report { node: nid(1), report: exited(&ls[0].1, &p.key, None, Some(15), h.unix) }));
+    }
+    assert!(h.m.get("p1", h.now).is_err());
+    assert_eq!(emits(&effects).last().map(|e| e.0), Some(pb::DeploymentState::Stopped));
+    assert_eq!(h.m.reservation_counts(), (0, 0));
+    // A late ports report of the deleted generation launches nothing.
+    let late = h.feed(Input::Report {
+        node: nid(1),
+        report: report(&ls[0].1, &ls[0].1.processes[0], pb::ProcessState::Running, 29500),
+    });
+    assert!(launches(&late).is_empty(), "{late:?}");
+}
