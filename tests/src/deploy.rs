@@ -93,3 +93,17 @@ pub async fn wait_for(c: &Client, name: &str, what: &str, pred: impl Fn(&pb::Dep
 pub fn running_at(generation: u64) -> impl Fn(&pb::Deployment) -> bool {
     move |d| d.state == pb::DeploymentState::Running as i32 && d.generation == generation
 }
+
+/// Deletes `name` and waits until the head no longer knows it (every process confirmed gone).
+pub async fn delete_and_wait(c: &Client, name: &str) {
+    let mut cl = c.clone();
+    cl.delete(pb::DeleteDeploymentRequest { name: name.into() }).await.expect("delete");
+    wait_until(&format!("{name} gone"), || {
+        let mut c = c.clone();
+        async move {
+            matches!(c.get(pb::GetDeploymentRequest { name: name.into() }).await, Err(s) if s.code() == tonic::Code::NotFound)
+                .then_some(())
+        }
+    })
+    .await;
+}

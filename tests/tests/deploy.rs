@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use tessera_proto::v1 as pb;
-use tessera_tests::deploy::{Cluster, model, probe, running_at, wait_for};
+use tessera_tests::deploy::{Cluster, delete_and_wait, model, probe, running_at, wait_for};
 use tessera_tests::process::start_head;
 use tessera_tests::{alive, environ_has, pids_with, start_worker_with, wait_until};
 
@@ -59,15 +59,7 @@ async fn a_tp4_pp2_probe_runs_with_stage_0_on_the_head_and_a_killed_rank_restart
     assert_eq!(e.code(), tonic::Code::NotFound);
 
     // Delete: nothing of it is left in the process table.
-    c.delete(pb::DeleteDeploymentRequest { name: "demo".into() }).await.expect("delete");
-    wait_until("demo gone", || {
-        let mut c = c.clone();
-        async move {
-            matches!(c.get(pb::GetDeploymentRequest { name: "demo".into() }).await, Err(s) if s.code() == tonic::Code::NotFound)
-                .then_some(())
-        }
-    })
-    .await;
+    delete_and_wait(&c, "demo").await;
     let left = cluster.shard_pids();
     assert!(left.is_empty(), "processes left after delete: {left:?}");
     assert!(gen2.iter().all(|&p| !alive(p)));

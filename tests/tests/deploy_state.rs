@@ -7,8 +7,8 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tessera_proto::v1 as pb;
-use tessera_tests::deploy::{Cluster, probe, running_at, wait_for};
-use tessera_tests::{alive, start_head, start_worker_with, wait_until};
+use tessera_tests::deploy::{Cluster, delete_and_wait, probe, running_at, wait_for};
+use tessera_tests::{alive, start_head, start_worker_with};
 
 fn signal(pid: u32, s: Signal) {
     kill(Pid::from_raw(pid as i32), s).expect("signal");
@@ -83,15 +83,7 @@ async fn a_deployment_deleted_and_created_again_under_its_name_runs() {
     let mut c = cluster.client().await;
     c.create(probe("again", 4, 2)).await.expect("create");
     let first = wait_for(&c, "again", "running", running_at(1)).await;
-    c.delete(pb::DeleteDeploymentRequest { name: "again".into() }).await.expect("delete");
-    wait_until("again gone", || {
-        let mut c = c.clone();
-        async move {
-            matches!(c.get(pb::GetDeploymentRequest { name: "again".into() }).await, Err(s) if s.code() == tonic::Code::NotFound)
-                .then_some(())
-        }
-    })
-    .await;
+    delete_and_wait(&c, "again").await;
     c.create(probe("again", 4, 2)).await.expect("create again");
     let second = wait_for(&c, "again", "running again, generation 1 of a new incarnation", running_at(1)).await;
     assert_ne!(first.uid, second.uid);

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use tessera_proto::v1 as pb;
-use tessera_tests::process::{start_head, start_worker};
+use tessera_tests::process::{Daemon, HeadProc, start_head, start_worker};
 use tessera_tests::{cluster_client, wait_state};
 use tokio_stream::StreamExt;
 
@@ -202,14 +202,12 @@ async fn wait_running(
     }
 }
 
-/// kill -9 of the head with a TP=4 PP=2 probe deployment running (stage 0 on the head), restart:
-/// time from the restart to `running` again, and how many processes were restarted (0 expected).
-async fn head_restart_bench(runs: usize) -> anyhow::Result<()> {
+/// A head and two workers with a TP=4 PP=2 probe deployment `steady` running (stage 0 on the
+/// head), and its rank pids.
+async fn steady_cluster() -> anyhow::Result<(tempfile::TempDir, HeadProc, [Daemon; 2], Vec<u32>)> {
     let dir = tempfile::tempdir()?;
-    let mut head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
-    let listen = head.url.trim_start_matches("http://").to_string();
-    let _w1 = start_worker(dir.path(), "w1", &head.url);
-    let _w2 = start_worker(dir.path(), "w2", &head.url);
+    let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
+    let workers = [start_worker(dir.path(), "w1", &head.url), start_worker(dir.path(), "w2", &head.url)];
     let mut client = cluster_client(&head.url).await;
     wait_state(&mut client, "w1", pb::NodeState::Alive).await;
     wait_state(&mut client, "w2", pb::NodeState::Alive).await;
@@ -217,7 +215,15 @@ async fn head_restart_bench(runs: usize) -> anyhow::Result<()> {
     deps.create(probe_request("steady")?).await?;
     let mut events = client.watch_events(pb::WatchEventsRequest { include_current: true }).await?.into_inner();
     let first = wait_running(&mut events, "steady", 1).await?;
-    let pids: Vec<u32> = first.ranks.iter().map(|r| r.pid).collect();
+    let pids = first.ranks.iter().map(|r| r.pid).collect();
+    Ok((dir, head, workers, pids))
+}
+
+/// kill -9 of the head with a TP=4 PP=2 probe deployment running (stage 0 on the head), restart:
+/// time from the restart to `running` again, and how many processes were restarted (0 expected).
+async fn head_restart_bench(runs: usize) -> anyhow::Result<()> {
+    let (dir, mut head, _workers, pids) = steady_cluster().await?;
+    let listen = head.url.trim_start_matches("http://").to_string();
     let mut times = Vec::new();
     for i in 0..runs {
         head.daemon.signal(Signal::SIGKILL);
@@ -252,18 +258,9 @@ async fn head_restart_bench(runs: usize) -> anyhow::Result<()> {
 /// SIGSTOP of the head for 10 s with a TP=4 PP=2 probe deployment running (stage 0 on the head),
 /// then SIGCONT: nodes declared dead and processes restarted in the 5 s after (0 and 0 expected).
 async fn head_pause_bench(runs: usize) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
-    let _w1 = start_worker(dir.path(), "w1", &head.url);
-    let _w2 = start_worker(dir.path(), "w2", &head.url);
+    let (_dir, head, _workers, pids) = steady_cluster().await?;
     let mut client = cluster_client(&head.url).await;
-    wait_state(&mut client, "w1", pb::NodeState::Alive).await;
-    wait_state(&mut client, "w2", pb::NodeState::Alive).await;
     let mut deps = tessera_tests::deployments_client(&head.url).await;
-    deps.create(probe_request("steady")?).await?;
-    let mut events = client.watch_events(pb::WatchEventsRequest { include_current: true }).await?.into_inner();
-    let first = wait_running(&mut events, "steady", 1).await?;
-    let pids: Vec<u32> = first.ranks.iter().map(|r| r.pid).collect();
     for i in 0..runs {
         let mut events = client.watch_events(pb::WatchEventsRequest { include_current: false }).await?.into_inner();
         head.daemon.signal(Signal::SIGSTOP);
