@@ -58,7 +58,12 @@ impl TokenSet {
         if role == Role::Public {
             return Ok(());
         }
-        let Some(token) = authorization.and_then(|h| h.strip_prefix(b"Bearer ")) else {
+        // RFC 6750: the scheme is case-insensitive (`Bearer`, `bearer`, `BEARER`).
+        let token = authorization.and_then(|h| {
+            let (scheme, rest) = h.split_at(h.iter().position(|&b| b == b' ')?);
+            scheme.eq_ignore_ascii_case(b"bearer").then(|| rest.trim_ascii_start())
+        });
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(Denied::Unauthenticated { missing: true });
         };
         let admin = constant_time_eq(token, self.admin.as_bytes());
@@ -121,6 +126,9 @@ pub fn read_token_file(path: &Path) -> std::io::Result<String> {
     }
     check_token_syntax(&t)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?;
+    if let Some(w) = crate::files::shared_secret_warning(path) {
+        tracing::warn!("{w}");
+    }
     Ok(t)
 }
 
@@ -189,6 +197,9 @@ mod tests {
         assert_eq!(t.check(Role::Admin, Some(&h(&t.join))), Err(Denied::WrongRole), "a worker token cannot deploy");
         assert_eq!(t.check(Role::Admin, None), Err(Denied::Unauthenticated { missing: true }));
         assert_eq!(t.check(Role::Admin, Some(b"Basic abc")), Err(Denied::Unauthenticated { missing: true }));
+        let lower = format!("bearer {}", t.admin).into_bytes();
+        assert_eq!(t.check(Role::Admin, Some(&lower)), Ok(()), "the scheme is case-insensitive");
+        assert_eq!(t.check(Role::Admin, Some(b"Bearer ")), Err(Denied::Unauthenticated { missing: true }));
         assert_eq!(
             t.check(Role::Join, Some(&h("tsa_wrong0000000000000"))),
             Err(Denied::Unauthenticated { missing: false })

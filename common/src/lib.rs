@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - [`auth`]: bearer tokens (join and admin), their files, the check and the client interceptor.
+//! - [`files`]: private files and dirs for secrets (umask 077, 0700 dirs, warnings).
 //! - [`ids`]: typed ids (node, deployment incarnation, generation, process key).
 //! - [`node`]: GPUs, inventories, node states, join info, and their proto conversions.
 //! - [`validate`]: field rules (names, labels, lengths) with errors that name the field.
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod duration;
 pub mod env;
 pub mod fake;
+pub mod files;
 mod hostile;
 pub mod ids;
 pub mod model;

@@ -27,7 +27,7 @@ pub struct DataDirLock {
 /// Creates the data dir (0700) if needed and locks it for this process.
 pub fn lock(dir: &Path) -> Result<DataDirLock, DataDirError> {
     let io = |source| DataDirError::Io { path: dir.to_path_buf(), source };
-    std::fs::create_dir_all(dir).map_err(io)?;
+    tessera_common::files::private_dir(dir).map_err(io)?;
     let lock_path = dir.join("lock");
     let file = OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&lock_path).map_err(io)?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {

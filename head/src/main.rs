@@ -107,6 +107,8 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // Everything the daemon writes (tokens, state, specs with their env, logs) is its user's alone.
+    tessera_common::files::private_umask();
     // The in-process worker's shims and probes run this binary in those modes.
     if let Some(code) = tessera_worker::shard::run_hidden_mode() {
         return code;
@@ -160,7 +162,7 @@ fn main() -> ExitCode {
         let shards = match cli.shards.host_config(&cli.data_dir.join("worker")) {
             Ok(h) => h,
             Err(e) => {
-                tracing::error!("cannot find this executable for the shims: {e}");
+                tracing::error!("{e}");
                 return ExitCode::from(1);
             }
         };

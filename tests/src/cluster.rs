@@ -156,5 +156,6 @@ pub fn host_config(state_dir: &std::path::Path) -> tessera_worker::shard::HostCo
         allow_command: true,
         orphan_timeout: Duration::from_secs(5),
         log_max_bytes: 1 << 20,
+        engine_user: None,
     }
 }

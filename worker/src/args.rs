@@ -90,18 +90,31 @@ pub struct ShardArgs {
     /// A shim that has lost its agent this long stops its engine and exits (no orphans)
     #[arg(long, env = "TESSERA_ORPHAN_TIMEOUT", value_parser = tessera_common::duration::parse_positive_duration, default_value = "30s")]
     pub orphan_timeout: std::time::Duration,
+
+    /// Run engines as this user (not as the daemon's): they cannot read the daemon's tokens or
+    /// state. Needs the worker to run as root. Default: the daemon's own user
+    #[arg(long, env = "TESSERA_ENGINE_USER", value_name = "USER")]
+    pub engine_user: Option<String>,
 }
 
 impl ShardArgs {
     /// The shard host's settings, with shard state under `state_dir`.
-    pub fn host_config(&self, state_dir: &std::path::Path) -> std::io::Result<crate::shard::HostConfig> {
+    pub fn host_config(&self, state_dir: &std::path::Path) -> Result<crate::shard::HostConfig, String> {
+        let engine_user = match &self.engine_user {
+            None => None,
+            Some(_) if !nix::unistd::geteuid().is_root() => {
+                return Err("--engine-user needs the worker to run as root (it starts engines as another user)".into());
+            }
+            Some(name) => Some(crate::shard::spec::EngineUser::lookup(name)?),
+        };
         Ok(crate::shard::HostConfig {
             state_dir: state_dir.to_path_buf(),
-            exe: std::env::current_exe()?,
+            exe: std::env::current_exe().map_err(|e| format!("cannot find this executable for the shims: {e}"))?,
             vllm_bin: self.vllm_bin.clone(),
             allow_command: self.allow_command,
             orphan_timeout: self.orphan_timeout,
             log_max_bytes: 16 << 20,
+            engine_user,
         })
     }
 }

@@ -73,6 +73,8 @@ enum Output {
 }
 
 fn main() -> ExitCode {
+    // Everything the daemon writes (tokens, state, specs with their env, logs) is its user's alone.
+    tessera_common::files::private_umask();
     // `shim --dir DIR` and `probe ...`: the modes this binary runs in under a deployment.
     if let Some(code) = tessera_worker::shard::run_hidden_mode() {
         return code;
@@ -136,7 +138,7 @@ fn main() -> ExitCode {
         let shards = match cli.shards.host_config(state.path()) {
             Ok(h) => h,
             Err(e) => {
-                tracing::error!("cannot find this executable for the shims: {e}");
+                tracing::error!("{e}");
                 return ExitCode::from(1);
             }
         };

@@ -32,7 +32,8 @@ pub struct StateDir {
 
 impl StateDir {
     pub fn open(path: &Path) -> Result<Self, StateError> {
-        fs::create_dir_all(path).map_err(|source| StateError::Create { path: path.to_path_buf(), source })?;
+        tessera_common::files::private_dir(path)
+            .map_err(|source| StateError::Create { path: path.to_path_buf(), source })?;
         let path = fs::canonicalize(path).map_err(|source| StateError::Io { path: path.to_path_buf(), source })?;
         let lock_path = path.join("lock");
         let file = OpenOptions::new()

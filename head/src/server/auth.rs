@@ -39,13 +39,77 @@ pub struct Auth<S> {
     metrics: Option<Arc<crate::metrics::HeadMetrics>>,
 }
 
+/// Every method the head serves (`/package.Service/Method`), from the descriptors it was built
+/// with plus the standard health and reflection services.
+fn known_methods() -> &'static std::collections::HashSet<String> {
+    static KNOWN: std::sync::OnceLock<std::collections::HashSet<String>> = std::sync::OnceLock::new();
+    KNOWN.get_or_init(|| {
+        use prost::Message;
+        let mut known: std::collections::HashSet<String> = [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        let set = prost_types::FileDescriptorSet::decode(tessera_proto::FILE_DESCRIPTOR_SET)
+            .expect("the descriptor set compiled into this binary decodes");
+        for f in &set.file {
+            for svc in &f.service {
+                for m in &svc.method {
+                    known.insert(format!("/{}.{}/{}", f.package(), svc.name(), m.name()));
+                }
+            }
+        }
+        known
+    })
+}
+
+/// The metric label for a path: the method, or `unknown` (a client making up paths must not be
+/// able to make up metric series).
+pub fn method_label(path: &str) -> &str {
+    if known_methods().contains(path) { path } else { "unknown" }
+}
+
 /// Counts one RPC by method and code.
 fn count(metrics: &Option<Arc<crate::metrics::HeadMetrics>>, method: &str, code: tonic::Code) {
     if let Some(m) = metrics {
         let code = format!("{code:?}");
-        m.rpcs.get_or_create(&crate::metrics::RpcLabels { method: method.to_string(), code }).inc();
+        m.rpcs.get_or_create(&crate::metrics::RpcLabels { method: method_label(method).to_string(), code }).inc();
     }
 }
+
+/// Refusals logged per second at most; the rest are counted and summed up in the next line.
+const REFUSAL_LOGS_PER_SECOND: u32 = 10;
+
+/// A once-a-second budget for refusal log lines.
+#[derive(Default)]
+struct LogBudget {
+    window: Option<std::time::Instant>,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    /// Whether to log now, and how many were suppressed before (to say so in the line).
+    fn take(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self.window.is_none_or(|w| now.duration_since(w) >= std::time::Duration::from_secs(1)) {
+            self.window = Some(now);
+            self.used = 0;
+        }
+        if self.used >= REFUSAL_LOGS_PER_SECOND {
+            self.suppressed += 1;
+            return None;
+        }
+        self.used += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+static REFUSAL_LOGS: std::sync::Mutex<LogBudget> =
+    std::sync::Mutex::new(LogBudget { window: None, used: 0, suppressed: 0 });
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
@@ -81,7 +145,11 @@ where
                 };
                 // Counted in tessera_head_auth_refusals_total; logged without the token.
                 let refusals = self.metrics.as_ref().map(|m| m.auth_refusals.inc() + 1);
-                warn!(method = %path, code = ?status.code(), refusals, "request refused");
+                let budget = REFUSAL_LOGS.lock().map(|mut b| b.take(std::time::Instant::now())).unwrap_or(None);
+                if let Some(suppressed) = budget {
+                    let method = method_label(&path);
+                    warn!(%method, code = ?status.code(), refusals, suppressed, "request refused");
+                }
                 count(&self.metrics, &path, status.code());
                 return Box::pin(async move { Ok(status.into_http()) });
             }
@@ -102,5 +170,32 @@ where
             count(&metrics, &path, code);
             Ok(resp)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn made_up_paths_share_one_label() {
+        assert_eq!(method_label("/tessera.v1.Deployments/Create"), "/tessera.v1.Deployments/Create");
+        assert_eq!(method_label("/tessera.v1.Membership/Session"), "/tessera.v1.Membership/Session");
+        assert_eq!(method_label("/grpc.health.v1.Health/Check"), "/grpc.health.v1.Health/Check");
+        assert_eq!(method_label("/tessera.v1.Deployments/Create2"), "unknown");
+        assert_eq!(method_label("/x/y"), "unknown");
+    }
+
+    #[test]
+    fn refusal_logs_have_a_budget_per_second() {
+        let mut b = LogBudget::default();
+        let t = std::time::Instant::now();
+        let logged = (0..100).filter(|_| b.take(t).is_some()).count();
+        assert_eq!(logged, REFUSAL_LOGS_PER_SECOND as usize);
+        assert_eq!(
+            b.take(t + std::time::Duration::from_secs(1)),
+            Some(90),
+            "the next line says how many were not logged"
+        );
     }
 }

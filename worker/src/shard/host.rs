@@ -33,6 +33,8 @@ pub struct HostConfig {
     pub orphan_timeout: Duration,
     /// Largest `output.log` before rotation.
     pub log_max_bytes: u64,
+    /// `--engine-user`: engines run as this user.
+    pub engine_user: Option<spec::EngineUser>,
 }
 
 /// A process: deployment name, incarnation, generation, process key.
@@ -130,7 +132,7 @@ impl ShardHost {
                 health_port: health_port as u32,
                 ..Default::default()
             };
-            let argv = match self.program(&p) {
+            let argv = match self.program(&p).and_then(|prog| self.check_env(&p).map(|()| prog)) {
                 Ok(prog) => {
                     let mut v = prog;
                     v.extend(p.args.iter().map(|a| subst(a, master_port, health_port)));
@@ -173,9 +175,11 @@ impl ShardHost {
                 log_max_bytes: self.cfg.log_max_bytes,
                 health_port: health,
                 master_port: Some(master_port),
+                run_as: self.cfg.engine_user.clone(),
             };
-            if let Err(e) =
-                std::fs::create_dir_all(&dir).and_then(|_| spec::write_json(&spec::spec_path(&dir), &shim_spec))
+            if let Err(e) = std::fs::create_dir_all(&dir)
+                .and_then(|_| spec::write_json(&spec::spec_path(&dir), &shim_spec))
+                .and_then(|_| self.give_dir_to_engine(&dir))
             {
                 report.state = pb::ProcessState::Exited as i32;
                 report.exit_code = Some(127);
@@ -257,6 +261,37 @@ impl ShardHost {
                 }
                 info!(deployment = %k.deployment, generation = k.generation, key = %k.key, "old generation forgotten");
             }
+        }
+    }
+
+    /// With `--engine-user`, the engine may write into its own process dir (the probe's round trip,
+    /// its own files); nothing above it.
+    fn give_dir_to_engine(&self, dir: &Path) -> std::io::Result<()> {
+        match &self.cfg.engine_user {
+            Some(u) => std::os::unix::fs::chown(dir, Some(u.uid), Some(u.gid)),
+            None => Ok(()),
+        }
+    }
+
+    /// A deployment's env may not hook loaders or interpreters (`LD_PRELOAD`, `PYTHONSTARTUP`,
+    /// `BROWSER` ...) unless this worker runs arbitrary commands anyway (`--allow-command`).
+    fn check_env(&self, p: &pb::ShardProcess) -> Result<(), String> {
+        if self.cfg.allow_command {
+            return Ok(());
+        }
+        let mut hooks: Vec<&str> = p
+            .env
+            .keys()
+            .map(String::as_str)
+            .filter(|k| tessera_common::env::matches(tessera_common::env::ENGINE_ENV_HOOKS, k))
+            .collect();
+        hooks.sort();
+        match hooks.as_slice() {
+            [] => Ok(()),
+            _ => Err(format!(
+                "env {} can make the engine run other code and is refused on this worker; drop it, or start the worker with --allow-command",
+                hooks.join(", ")
+            )),
         }
     }
 
@@ -395,7 +430,7 @@ impl ShardHost {
                     return;
                 }
                 if wait_rtt && rtt.is_none() {
-                    rtt = std::fs::read_to_string(dir.join("probe-rtt-us")).ok().and_then(|s| s.trim().parse().ok());
+                    rtt = probe_rtt(&dir);
                 }
                 if let (false, Some(port)) = (ready, health) {
                     ready = http_ok(port).await;
@@ -563,6 +598,21 @@ impl ShardHost {
     }
 }
 
+/// A probe rank's round trip to its master: from the file it writes in its process dir, else
+/// (an engine running as `--engine-user` cannot reach that dir) from the line it prints.
+fn probe_rtt(dir: &Path) -> Option<u64> {
+    if let Some(us) = std::fs::read_to_string(dir.join("probe-rtt-us")).ok().and_then(|s| s.trim().parse().ok()) {
+        return Some(us);
+    }
+    let tail = tail_lines(&spec::log_path(dir), 20);
+    tail.lines()
+        .rev()
+        .find(|l| l.contains("joined the world: round trip to the master"))
+        .and_then(|l| l.trim().strip_suffix(" us"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+}
+
 /// A probe rank other than 0: ready once it has joined the world.
 fn is_probe_member(s: &ShimSpec) -> bool {
     s.argv.get(1).is_some_and(|a| a == "probe") && !s.ranks.contains(&0)
@@ -635,6 +685,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_probe_rtt_comes_from_its_file_or_its_output() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(probe_rtt(dir.path()), None);
+        std::fs::write(
+            spec::log_path(dir.path()),
+            "probe rank 1/4 starting\nrank 1 joined the world: round trip to the master 127.0.0.1:4000 17 us\n",
+        )
+        .expect("write");
+        assert_eq!(probe_rtt(dir.path()), Some(17));
+        std::fs::write(dir.path().join("probe-rtt-us"), "9").expect("write");
+        assert_eq!(probe_rtt(dir.path()), Some(9));
+    }
+
+    #[test]
     fn placeholders_are_replaced() {
         assert_eq!(subst("--master-port {master_port} --h {health_port}", 29500, 8000), "--master-port 29500 --h 8000");
     }
@@ -665,6 +729,7 @@ mod fencing_tests {
             allow_command: false,
             orphan_timeout: Duration::from_secs(1),
             log_max_bytes: 1 << 20,
+            engine_user: None,
         };
         let (host, _rx) = ShardHost::new(cfg);
         let add = |uid: &str, generation: u64, exited: bool| {

@@ -12,6 +12,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -46,7 +47,7 @@ struct Shared {
 
 impl Shared {
     fn log(&self, msg: &str) {
-        if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(self.dir.join("shim.log")) {
+        if let Ok(mut f) = OpenOptions::new().create(true).append(true).mode(0o600).open(self.dir.join("shim.log")) {
             let _ = writeln!(f, "{msg}");
         }
     }
@@ -116,6 +117,20 @@ fn start_engine(spec: &ShimSpec, dir: &Path, log: &Arc<Mutex<RotatingLog>>, shar
         return None;
     };
     let mut cmd = Command::new(program);
+    // A clean environment: the daemon's allowlisted variables, then the deployment's.
+    cmd.env_clear();
+    for (k, v) in std::env::vars_os() {
+        if k.to_str().is_some_and(|k| tessera_common::env::matches(tessera_common::env::ENGINE_ENV_ALLOW, k)) {
+            cmd.env(k, v);
+        }
+    }
+    if let Some(user) = &spec.run_as {
+        cmd.uid(user.uid).gid(user.gid).env("HOME", &user.home).env("USER", &user.name).env("LOGNAME", &user.name);
+    }
+    // Not the daemon's directory (nor anything relative to it).
+    cmd.current_dir(spec.run_as.as_ref().map(|u| u.home.as_path()).filter(|h| h.is_dir()).unwrap_or(Path::new("/")));
+    // What the engine writes is its own business; the shim's own files are 0600 by their modes.
+    tessera_common::files::engine_umask();
     cmd.args(args)
         .envs(&spec.env)
         .env("TESSERA_PROCESS_DIR", dir)
@@ -350,7 +365,7 @@ pub struct RotatingLog {
 
 impl RotatingLog {
     pub fn open(path: &Path, max: u64) -> Self {
-        let file = OpenOptions::new().create(true).append(true).open(path).ok();
+        let file = OpenOptions::new().create(true).append(true).mode(0o600).open(path).ok();
         let size = file.as_ref().and_then(|f| f.metadata().ok()).map(|m| m.len()).unwrap_or(0);
         RotatingLog { path: path.to_path_buf(), file, size, max: max.max(4096) }
     }
@@ -372,7 +387,7 @@ impl RotatingLog {
             let _ = std::fs::rename(rotated(&self.path, i), rotated(&self.path, i + 1));
         }
         let _ = std::fs::rename(&self.path, rotated(&self.path, 1));
-        self.file = OpenOptions::new().create(true).append(true).open(&self.path).ok();
+        self.file = OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path).ok();
         self.size = 0;
     }
 }

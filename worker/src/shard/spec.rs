@@ -31,6 +31,31 @@ pub struct ShimSpec {
     /// Health endpoint to poll for readiness (agent side), if any.
     pub health_port: Option<u16>,
     pub master_port: Option<u16>,
+    /// `--engine-user`: the engine runs as this user, not as the daemon's.
+    #[serde(default)]
+    pub run_as: Option<EngineUser>,
+}
+
+/// A user engines run as (`--engine-user`), resolved when the worker starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+impl EngineUser {
+    /// Looks `name` up in the user database.
+    pub fn lookup(name: &str) -> Result<EngineUser, String> {
+        match nix::unistd::User::from_name(name) {
+            Ok(Some(u)) => Ok(EngineUser { name: u.name, uid: u.uid.as_raw(), gid: u.gid.as_raw(), home: u.dir }),
+            Ok(None) => Err(format!(
+                "--engine-user {name:?}: no such user; create it (useradd --system {name}) or name another"
+            )),
+            Err(e) => Err(format!("--engine-user {name:?}: cannot read the user database: {e}")),
+        }
+    }
 }
 
 /// `state.json`: what the shim knows about its engine, for an agent that connects later.
@@ -88,7 +113,12 @@ pub fn unix_ms() -> u64 {
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let data = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, data)?;
+    // A spec holds the deployment's env (tokens): its user's alone, whatever the umask.
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+    f.write_all(&data)?;
+    drop(f);
     std::fs::rename(&tmp, path)
 }
 

@@ -1,0 +1,110 @@
+//! What an engine and a local user can reach, with the real binaries: engines get a clean
+//! environment (no token of the daemon), hook variables are refused, engines can run as another
+//! user, and the daemons' secrets are their user's alone.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use tessera_proto::v1 as pb;
+use tessera_tests::deploy::{Cluster, probe, running_at, wait_for};
+use tessera_tests::process::{Daemon, start_head};
+use tessera_tests::{JOIN_TOKEN, cluster_client, wait_state};
+
+fn environ(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    raw.split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).to_string()).collect()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn engines_get_a_clean_environment_without_the_workers_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
+    let args: Vec<String> = ["--head", &head.url, "--node-name", "w1", "--fake-gpus", "4x80GiB", "--state-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([dir.path().join("w1-state").display().to_string()])
+        .collect();
+    let env = [
+        ("TESSERA_TOKEN", JOIN_TOKEN.to_string()),
+        ("SOME_DAEMON_SECRET", "do-not-leak".to_string()),
+        ("CUDA_CACHE_PATH", "/tmp/cuda-cache".to_string()),
+    ];
+    let _w1 = Daemon::spawn_env("w1", "tessera-worker", &args, &env, dir.path());
+    let mut c = cluster_client(&head.url).await;
+    wait_state(&mut c, "w1", pb::NodeState::Alive).await;
+    let mut deps = tessera_tests::deployments_client(&head.url).await;
+    deps.create(probe("clean", 4, 2)).await.expect("create");
+    let d = wait_for(&deps, "clean", "running", running_at(1)).await;
+    let rank = d.ranks.iter().find(|r| r.node == "w1").expect("a rank on w1");
+    let env = environ(rank.pid);
+    assert!(!env.iter().any(|v| v.starts_with("TESSERA_TOKEN=")), "the join token reached the engine: {env:?}");
+    assert!(!env.iter().any(|v| v.starts_with("SOME_DAEMON_SECRET=")), "{env:?}");
+    assert!(env.iter().any(|v| v == "CUDA_CACHE_PATH=/tmp/cuda-cache"), "allowlisted variables pass: {env:?}");
+    assert!(env.iter().any(|v| v == "TESSERA_DEPLOYMENT=clean"), "Tessera's own variables are set: {env:?}");
+    let cwd = std::fs::read_link(format!("/proc/{}/cwd", rank.pid)).expect("cwd");
+    assert!(!cwd.starts_with(dir.path()), "the engine does not start in a daemon dir: {}", cwd.display());
+
+    // Secrets on disk are the daemon user's alone.
+    assert_eq!(mode(&head.data_dir), 0o700);
+    assert_eq!(mode(&head.data_dir.join("state.redb")), 0o600);
+    assert_eq!(mode(&dir.path().join("w1-state")), 0o700);
+    let shards = dir.path().join("w1-state/shards/clean");
+    let generation = std::fs::read_dir(&shards).expect("generation dirs").next().expect("one").expect("entry").path();
+    let proc_dir = std::fs::read_dir(&generation).expect("process dirs").next().expect("one").expect("entry").path();
+    for f in ["spec.json", "output.log", "state.json"] {
+        assert_eq!(mode(&proc_dir.join(f)), 0o600, "{f}");
+    }
+}
+
+#[tokio::test]
+async fn env_that_hooks_an_interpreter_is_refused_without_allow_command() {
+    let cluster = Cluster::start(&[]).await;
+    let c = cluster.client().await;
+    let mut req = probe("hooked", 1, 1);
+    req.env.insert("PYTHONWARNINGS".into(), "ignore::antigravity.x".into());
+    req.env.insert("BROWSER".into(), "/bin/sh -c 'id > /tmp/pwned' #%s".into());
+    req.max_restarts = -1;
+    let mut cl = c.clone();
+    cl.create(req).await.expect("create");
+    let d = wait_for(&c, "hooked", "failed", |d| d.state == pb::DeploymentState::Failed as i32).await;
+    assert!(
+        d.message.contains("env BROWSER, PYTHONWARNINGS can make the engine run other code")
+            && d.message.contains("--allow-command"),
+        "{}",
+        d.message
+    );
+}
+
+#[tokio::test]
+async fn engines_run_as_the_engine_user() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: --engine-user needs root (CI runs as root)");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").expect("passwd").expect("a nobody user");
+    let cluster = Cluster::start(&["--engine-user", "nobody"]).await;
+    let mut c = cluster.client().await;
+    c.create(probe("unprivileged", 4, 2)).await.expect("create");
+    let d = wait_for(&c, "unprivileged", "running as nobody", |d| {
+        assert_ne!(d.state, pb::DeploymentState::Failed as i32, "{}", d.message);
+        running_at(1)(d)
+    })
+    .await;
+    for r in &d.ranks {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", r.pid)).expect("status");
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid line");
+        assert!(uid.split_whitespace().nth(1) == Some(&nobody.uid.to_string()), "rank {}: {uid}", r.rank);
+    }
+    // What a compromised engine could try: the head's admin token is not readable as nobody.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", &nobody.uid.to_string(), "--regid", &nobody.gid.to_string(), "--clear-groups", "cat"])
+        .arg(cluster.head.data_dir.join("admin.token"))
+        .output();
+    if let Ok(out) = out {
+        assert!(!out.status.success(), "nobody read the admin token: {}", String::from_utf8_lossy(&out.stdout));
+    }
+}
