@@ -306,6 +306,7 @@ impl From<&JoinInfo> for pb::JoinRequest {
             machine_fingerprint: j.machine_fingerprint.clone(),
             hostname: j.hostname.clone(),
             shards: Vec::new(),
+            node_secret: String::new(),
         }
     }
 }

@@ -20,6 +20,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
 /// Node id -> 1 when an operator drained it (admin state survives head restarts).
 const DRAINED: TableDefinition<&str, u64> = TableDefinition::new("drained_nodes");
+/// Node id -> SHA-256 of its credential (the secret itself is only on the node).
+const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("node_credentials");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -166,6 +168,35 @@ impl Store {
         txn.commit().map_err(|e| self.io(e))
     }
 
+    /// Records (or, with `None`, forgets) the hash of a node's credential.
+    pub fn set_credential(&self, node_id: &str, hash: Option<&[u8]>) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        {
+            let mut t = txn.open_table(CREDENTIALS).map_err(|e| self.io(e))?;
+            match hash {
+                Some(h) => t.insert(node_id, h).map(|_| ()).map_err(|e| self.io(e))?,
+                None => t.remove(node_id).map(|_| ()).map_err(|e| self.io(e))?,
+            }
+        }
+        txn.commit().map_err(|e| self.io(e))
+    }
+
+    /// Every node credential hash by node id.
+    pub fn credentials(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = match txn.open_table(CREDENTIALS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.io(e)),
+        };
+        let mut out = Vec::new();
+        for item in t.iter().map_err(|e| self.io(e))? {
+            let (k, v) = item.map_err(|e| self.io(e))?;
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Ids of the nodes an operator drained.
     pub fn drained(&self) -> Result<Vec<String>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.io(e))?;
@@ -237,6 +268,19 @@ mod tests {
         }
         let s = Store::open(dir.path()).expect("reopen");
         assert_eq!(s.load().expect("load"), vec![dep("b")]);
+    }
+
+    #[test]
+    fn node_credentials_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = Store::open(dir.path()).expect("open");
+            s.set_credential("n1", Some(b"hash-1")).expect("put");
+            s.set_credential("n2", Some(b"hash-2")).expect("put");
+            s.set_credential("n2", None).expect("forget");
+        }
+        let s = Store::open(dir.path()).expect("reopen");
+        assert_eq!(s.credentials().expect("read"), vec![("n1".to_string(), b"hash-1".to_vec())]);
     }
 
     #[test]

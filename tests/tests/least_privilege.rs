@@ -108,3 +108,72 @@ async fn engines_run_as_the_engine_user() {
         assert!(!out.status.success(), "nobody read the admin token: {}", String::from_utf8_lossy(&out.stdout));
     }
 }
+
+/// Opens a raw membership session with the join token, as any holder of it could.
+async fn raw_session(
+    url: &str,
+    join: pb::JoinRequest,
+) -> Result<(tokio::sync::mpsc::Sender<pb::WorkerMessage>, tonic::Streaming<pb::HeadMessage>, pb::Joined), tonic::Status>
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Join(join)) }).await.expect("queue join");
+    let conn = tessera_tests::conn_with(url, Some(JOIN_TOKEN)).await;
+    let mut c = pb::membership_client::MembershipClient::new(conn);
+    let mut inbound = c.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    match inbound.message().await? {
+        Some(pb::HeadMessage { msg: Some(pb::head_message::Msg::Joined(j)) }) => Ok((tx, inbound, j)),
+        other => panic!("expected joined, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_join_token_holder_can_neither_take_over_a_node_nor_forge_its_reports() {
+    let cluster = Cluster::start(&[]).await;
+    let mut c = cluster.client().await;
+    c.create(probe("target", 4, 2)).await.expect("create");
+    let d = wait_for(&c, "target", "running", running_at(1)).await;
+    let victim = d.ranks[4].node.clone();
+    let victim_id = d.ranks[4].node_id.clone();
+
+    // The victim's name and id, even with a guessed fingerprint: refused, nothing revealed.
+    let takeover = pb::JoinRequest {
+        node_id: victim_id.clone(),
+        name: victim.clone(),
+        machine_fingerprint: "guess".into(),
+        ..Default::default()
+    };
+    let e = raw_session(&cluster.head.url, takeover).await.expect_err("takeover refused");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    assert!(!e.message().contains(&cluster.dir.path().display().to_string()), "no fingerprint in: {}", e.message());
+
+    // A node of its own (it may join): its reports about other nodes' processes count for nothing.
+    let evil = pb::JoinRequest { name: "evil".into(), machine_fingerprint: "evil".into(), ..Default::default() };
+    let (tx, _inbound, joined) = raw_session(&cluster.head.url, evil).await.expect("a new node may join");
+    assert!(!joined.node_secret.is_empty(), "it gets its own credential");
+    for key in ["rank-0", "rank-4"] {
+        let forged = pb::ShardReport {
+            deployment: "target".into(),
+            deployment_uid: d.uid.clone(),
+            generation: 1,
+            key: key.into(),
+            state: pb::ProcessState::Exited as i32,
+            exit_code: Some(1),
+            error: "forged".into(),
+            ..Default::default()
+        };
+        tx.send(pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Shard(forged)) }).await.expect("send");
+    }
+    // The victim's own session was never replaced, and the forged exits changed nothing.
+    let mut nodes = tessera_tests::cluster_client(&cluster.head.url).await;
+    let listed = tessera_tests::list_nodes(&mut nodes).await;
+    let v = tessera_tests::node(&listed, &victim).expect("victim listed");
+    assert_eq!(tessera_tests::state(v), pb::NodeState::Alive);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let after = c.get(pb::GetDeploymentRequest { name: "target".into() }).await.expect("get").into_inner();
+    assert_eq!(
+        (after.state, after.generation, after.restarts),
+        (pb::DeploymentState::Running as i32, 1, 0),
+        "{}",
+        after.message
+    );
+}

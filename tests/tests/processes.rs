@@ -125,6 +125,7 @@ async fn two_machines_claiming_one_node_id_are_refused() {
     let state_b = dir.path().join("b-state");
     std::fs::create_dir_all(&state_b).expect("mkdir");
     std::fs::copy(state_a.join("node-id"), state_b.join("node-id")).expect("copy node-id");
+    std::fs::copy(state_a.join("node.secret"), state_b.join("node.secret")).expect("copy node.secret");
     let mut b = start_worker_in(dir.path(), "node-b", &head.url, &state_b);
     let status = b.wait();
     assert_eq!(status.code(), Some(1), "refused for good, not retried; log:\n{}", b.log_text());

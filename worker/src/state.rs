@@ -71,11 +71,32 @@ impl StateDir {
 
     /// Persists the node id: write a temp file, fsync, rename, so a crash never leaves half a file.
     pub fn save_node_id(&self, id: NodeId) -> Result<(), StateError> {
-        let p = self.node_id_path();
-        let tmp = self.path.join("node-id.tmp");
+        self.save("node-id", &id.to_string())
+    }
+
+    /// The node's credential from the head (`node.secret`), if it has one.
+    pub fn node_secret(&self) -> Result<Option<String>, StateError> {
+        let p = self.path.join("node.secret");
+        match fs::read_to_string(&p) {
+            Ok(s) => Ok(Some(s.trim().to_string()).filter(|s| !s.is_empty())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io { path: p, source }),
+        }
+    }
+
+    /// Keeps the node's credential (0600: only this worker's user may read it).
+    pub fn save_node_secret(&self, secret: &str) -> Result<(), StateError> {
+        self.save("node.secret", secret)
+    }
+
+    /// Writes `name` atomically (temp file 0600, fsync, rename, fsync of the dir).
+    fn save(&self, name: &str, value: &str) -> Result<(), StateError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = self.path.join(name);
+        let tmp = self.path.join(format!("{name}.tmp"));
         let io = |source| StateError::Io { path: tmp.clone(), source };
-        let mut f = File::create(&tmp).map_err(io)?;
-        writeln!(f, "{id}").map_err(io)?;
+        let mut f = OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp).map_err(io)?;
+        writeln!(f, "{value}").map_err(io)?;
         f.sync_all().map_err(io)?;
         fs::rename(&tmp, &p).map_err(|source| StateError::Io { path: p.clone(), source })?;
         if let Ok(dir) = File::open(&self.path) {

@@ -121,6 +121,8 @@ pub struct Admitted {
     pub address: IpAddr,
     pub rejoined: bool,
     pub liveness: Arc<Liveness>,
+    /// A credential issued to the node now (it must keep it); `None` when it presented its own.
+    pub new_secret: Option<String>,
 }
 
 /// Why a join was refused.
@@ -134,6 +136,23 @@ pub enum JoinError {
     NodeIdConflict { node_id: NodeId },
     #[error("node name {name:?} is already used by a live node; give this worker another --node-name")]
     NameConflict { name: String },
+    #[error(
+        "node name {name:?} belongs to a departed node that may come back; if this is that machine with a new \
+         state dir, run `tessera nodes remove {name}` first (or wait for --forget-after), else give this worker another --node-name"
+    )]
+    NameReserved { name: String },
+    #[error(
+        "node {node_id}: missing or wrong node credential; a worker keeps it in its --state-dir (node.secret). \
+         If that file is lost, delete the node-id file too so that the worker joins as a new node"
+    )]
+    BadCredential { node_id: NodeId },
+    #[error(
+        "the previous worker of this machine and state dir is still connected (or within its reconnect grace); \
+         this worker will join as a new node once it is gone"
+    )]
+    PreviousStillConnected,
+    #[error("cannot record the node's credential: {0}")]
+    CannotRecord(String),
     #[error(
         "inventory: GPU {uuid} is already reported by another live node; two nodes cannot have one GPU \
          (a copied inventory, or two workers on one machine)"
@@ -167,16 +186,51 @@ pub struct ConnInfo {
 }
 
 enum Command {
-    Join { info: Box<JoinInfo>, conn: ConnInfo, tx: SessionTx, reply: oneshot::Sender<Result<Admitted, JoinError>> },
-    Usage { node_id: NodeId, usage: Vec<(u32, u64)> },
-    Leave { node_id: NodeId, session_id: u64, reason: String, reply: oneshot::Sender<()> },
-    Closed { node_id: NodeId, session_id: u64, why: String },
-    List { reply: oneshot::Sender<Vec<NodeView>> },
-    Subscribe { reply: oneshot::Sender<(Vec<NodeView>, broadcast::Receiver<Event>)> },
-    Drain { node: String, draining: bool, reply: oneshot::Sender<Result<NodeView, NodeError>> },
-    Send { node_id: NodeId, msg: pb::HeadMessage, reply: oneshot::Sender<bool> },
-    Remove { node: String, reply: oneshot::Sender<Result<NodeView, NodeError>> },
-    Pinned { nodes: std::collections::HashSet<NodeId> },
+    Join {
+        info: Box<JoinInfo>,
+        secret: Option<String>,
+        conn: ConnInfo,
+        tx: SessionTx,
+        reply: oneshot::Sender<Result<Admitted, JoinError>>,
+    },
+    Usage {
+        node_id: NodeId,
+        usage: Vec<(u32, u64)>,
+    },
+    Leave {
+        node_id: NodeId,
+        session_id: u64,
+        reason: String,
+        reply: oneshot::Sender<()>,
+    },
+    Closed {
+        node_id: NodeId,
+        session_id: u64,
+        why: String,
+    },
+    List {
+        reply: oneshot::Sender<Vec<NodeView>>,
+    },
+    Subscribe {
+        reply: oneshot::Sender<(Vec<NodeView>, broadcast::Receiver<Event>)>,
+    },
+    Drain {
+        node: String,
+        draining: bool,
+        reply: oneshot::Sender<Result<NodeView, NodeError>>,
+    },
+    Send {
+        node_id: NodeId,
+        msg: pb::HeadMessage,
+        reply: oneshot::Sender<bool>,
+    },
+    Remove {
+        node: String,
+        reply: oneshot::Sender<Result<NodeView, NodeError>>,
+    },
+    Pinned {
+        nodes: std::collections::HashSet<NodeId>,
+    },
 }
 
 /// Handle to the membership task. Cheap to clone.
@@ -214,10 +268,19 @@ impl Membership {
         let (tx, rx) = mpsc::channel(1024);
         let mut table = state::Table::new(config, Instant::now(), seq);
         if let Some(store) = store {
-            match store.drained() {
-                Ok(ids) => table.set_store(store, ids.iter().filter_map(|i| i.parse::<NodeId>().ok()).collect()),
-                Err(e) => tracing::warn!(error = %e, "cannot read the drained nodes; none are drained"),
-            }
+            let drained = store.drained().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read the drained nodes; none are drained");
+                Vec::new()
+            });
+            let credentials = store.credentials().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read the node credentials; nodes get new ones as they rejoin");
+                Vec::new()
+            });
+            table.set_store(
+                store,
+                drained.iter().filter_map(|i| i.parse::<NodeId>().ok()).collect(),
+                credentials.into_iter().filter_map(|(k, v)| Some((k.parse::<NodeId>().ok()?, v))).collect(),
+            );
         }
         let task = tokio::spawn(run(table, rx, shutdown));
         (Membership { tx, config }, task)
@@ -227,10 +290,17 @@ impl Membership {
         self.config
     }
 
-    pub async fn join(&self, info: JoinInfo, conn: ConnInfo, tx: SessionTx) -> Result<Admitted, JoinError> {
+    /// A worker's join: `secret` is the node credential it presents (if it has one).
+    pub async fn join(
+        &self,
+        info: JoinInfo,
+        secret: Option<String>,
+        conn: ConnInfo,
+        tx: SessionTx,
+    ) -> Result<Admitted, JoinError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Join { info: Box::new(info), conn, tx, reply })
+            .send(Command::Join { info: Box::new(info), secret, conn, tx, reply })
             .await
             .map_err(|_| JoinError::ShuttingDown)?;
         rx.await.map_err(|_| JoinError::ShuttingDown)?
@@ -316,8 +386,8 @@ async fn run(mut table: state::Table, mut rx: mpsc::Receiver<Command>, shutdown:
 fn handle(table: &mut state::Table, cmd: Command) {
     let now = Instant::now();
     match cmd {
-        Command::Join { info, conn, tx, reply } => {
-            let _ = reply.send(table.join(*info, conn, tx, now));
+        Command::Join { info, secret, conn, tx, reply } => {
+            let _ = reply.send(table.join(*info, secret.as_deref(), conn, tx, now));
         }
         Command::Usage { node_id, usage } => table.usage(node_id, &usage),
         Command::Leave { node_id, session_id, reason, reply } => {

@@ -140,6 +140,8 @@ pub struct Table {
     gpu_owner: HashMap<String, NodeId>,
     /// Nodes whose GPUs deployments hold (never forgotten).
     pinned: std::collections::HashSet<NodeId>,
+    /// SHA-256 of each node's credential.
+    credentials: HashMap<NodeId, Vec<u8>>,
     last_forget: Option<Instant>,
 }
 
@@ -158,13 +160,20 @@ impl Table {
             last_detect: None,
             gpu_owner: HashMap::new(),
             pinned: Default::default(),
+            credentials: HashMap::new(),
             last_forget: None,
         }
     }
 
-    pub fn set_store(&mut self, store: Arc<crate::store::Store>, drained: std::collections::HashSet<NodeId>) {
+    pub fn set_store(
+        &mut self,
+        store: Arc<crate::store::Store>,
+        drained: std::collections::HashSet<NodeId>,
+        credentials: HashMap<NodeId, Vec<u8>>,
+    ) {
         self.store = Some(store);
         self.drained_unjoined = drained;
+        self.credentials = credentials;
     }
 
     /// Queues a message on a node's open session.
@@ -183,42 +192,71 @@ impl Table {
         self.events.subscribe()
     }
 
-    pub fn join(&mut self, info: JoinInfo, conn: ConnInfo, tx: SessionTx, now: Instant) -> Result<Admitted, JoinError> {
+    pub fn join(
+        &mut self,
+        info: JoinInfo,
+        secret: Option<&str>,
+        conn: ConnInfo,
+        tx: SessionTx,
+        now: Instant,
+    ) -> Result<Admitted, JoinError> {
         let live = |e: &Entry| matches!(e.health, NodeState::Alive | NodeState::Suspect);
-        // Which entry is this worker? Its persisted id first; else the same machine and state dir
-        // (a worker that lost its id file must not show up twice).
-        let existing = match info.node_id {
-            Some(id) => self.nodes.contains_key(&id).then_some(id),
-            None => self
-                .nodes
-                .values()
-                .find(|e| {
-                    !info.machine_fingerprint.is_empty() && e.info.machine_fingerprint == info.machine_fingerprint
-                })
-                .map(|e| e.id),
-        };
-        if let Some(id) = existing {
-            let e = &self.nodes[&id];
-            if live(e) && e.info.machine_fingerprint != info.machine_fingerprint {
+        // Which entry is this worker? Only its node id says so, and only with the node's credential.
+        let existing = info.node_id.filter(|id| self.nodes.contains_key(id));
+        let mut issue = true;
+        if let Some(id) = info.node_id {
+            // A node the head has no credential for (it joined before credentials existed) gets
+            // one now; one it has a credential for must present it.
+            if let Some(hash) = self.credentials.get(&id) {
+                let ok = secret.is_some_and(|s| tessera_common::auth::constant_time_eq(&credential_hash(s), hash));
+                if !ok {
+                    warn!(node_id = %id, claimant = %info.machine_fingerprint, "join with a node id but not its credential refused");
+                    return Err(JoinError::BadCredential { node_id: id });
+                }
+                issue = false;
+            }
+            // A copy of a live node's state dir on another machine (credential and all) is refused.
+            if let Some(e) = existing.map(|id| &self.nodes[&id])
+                && live(e)
+                && e.info.machine_fingerprint != info.machine_fingerprint
+            {
                 warn!(node_id = %id, claimant = %info.machine_fingerprint, "join with a node id held by another machine refused");
                 return Err(JoinError::NodeIdConflict { node_id: id });
             }
         }
-        // Names identify nodes for people; two live nodes must not share one.
-        if let Some(other) = self.nodes.values().find(|e| e.info.name == info.name && Some(e.id) != existing) {
+        let mut stale: Vec<(NodeId, &'static str)> = Vec::new();
+        // A worker without its id file (a lost or wiped state dir) is a new node; the old entry of
+        // the same machine and state dir goes, once its session is gone (the state dir is locked,
+        // so a live one is the previous worker on its way out).
+        if info.node_id.is_none()
+            && !info.machine_fingerprint.is_empty()
+            && let Some(old) = self.nodes.values().find(|e| e.info.machine_fingerprint == info.machine_fingerprint)
+        {
+            if live(old) {
+                return Err(JoinError::PreviousStillConnected);
+            }
+            stale.push((old.id, "the same machine and state dir joined again as a new node"));
+        }
+        // Names identify nodes for people: a live node's name cannot be taken, nor the name of a
+        // departed node that has a credential (it may come back) until it is removed or forgotten.
+        if let Some(other) = self
+            .nodes
+            .values()
+            .find(|e| e.info.name == info.name && Some(e.id) != existing && !stale.iter().any(|(s, _)| *s == e.id))
+        {
             if live(other) {
                 return Err(JoinError::NameConflict { name: info.name.clone() });
             }
-            let stale = other.id;
-            info!(node_id = %stale, name = %info.name, "forgetting a departed node whose name a new node takes");
-            self.forget(stale);
+            if self.credentials.contains_key(&other.id) {
+                return Err(JoinError::NameReserved { name: info.name.clone() });
+            }
+            stale.push((other.id, "a new node took its name"));
         }
         // A GPU belongs to one node: a live other node with one of these GPUs refuses the join; a
         // departed one is forgotten (the same machine back under another id).
-        let mut departed = Vec::new();
         for g in &info.inventory.gpus {
             let Some(&owner) = self.gpu_owner.get(&g.uuid) else { continue };
-            if Some(owner) == existing {
+            if Some(owner) == existing || stale.iter().any(|(s, _)| *s == owner) {
                 continue;
             }
             match self.nodes.get(&owner) {
@@ -226,12 +264,27 @@ impl Table {
                     warn!(gpu = %g.uuid, owner = %owner, name = %info.name, "join with a GPU another live node reports refused");
                     return Err(JoinError::GpuConflict { uuid: g.uuid.clone() });
                 }
-                _ => departed.push(owner),
+                _ => stale.push((owner, "a new node reports its GPUs")),
             }
         }
-        for stale in departed {
-            info!(node_id = %stale, name = %info.name, "forgetting a departed node whose GPUs a new node reports");
-            self.forget(stale);
+        // Everything is checked: from here on the join happens.
+        let new_id = existing.or(info.node_id).unwrap_or_else(NodeId::new_random);
+        let new_secret = if issue {
+            let secret = tessera_common::auth::generate("tsn");
+            let hash = credential_hash(&secret);
+            if let Some(store) = &self.store {
+                store
+                    .set_credential(&new_id.to_string(), Some(&hash))
+                    .map_err(|e| JoinError::CannotRecord(e.to_string()))?;
+            }
+            self.credentials.insert(new_id, hash);
+            Some(secret)
+        } else {
+            None
+        };
+        for (old, why) in stale {
+            info!(node_id = %old, name = %info.name, why, "forgetting a departed node");
+            self.forget(old, why, now);
         }
 
         let (address, address_auto) = match info.advertise_address {
@@ -255,7 +308,6 @@ impl Table {
                 self.gpu_owner.remove(&u);
             }
         }
-        let new_id = existing.or(info.node_id).unwrap_or_else(NodeId::new_random);
         for g in &info.inventory.gpus {
             self.gpu_owner.insert(g.uuid.clone(), new_id);
         }
@@ -312,7 +364,7 @@ impl Table {
         );
         let reason = if rejoined { "rejoined" } else { "joined" };
         self.emit(node_id, EventKind::Joined { rejoined }, previous, reason.to_string(), now);
-        Ok(Admitted { node_id, session_id, address, rejoined, liveness })
+        Ok(Admitted { node_id, session_id, address, rejoined, liveness, new_secret })
     }
 
     pub fn set_pinned(&mut self, nodes: std::collections::HashSet<NodeId>) {
@@ -331,8 +383,7 @@ impl Table {
         }
         let view = self.view(e, now);
         info!(node_id = %id, name = %e.info.name, "node removed by an operator");
-        self.emit(id, EventKind::Removed, Some(view.state), "removed by an operator".into(), now);
-        self.forget(id);
+        self.forget(id, "removed by an operator", now);
         Ok(view)
     }
 
@@ -355,14 +406,23 @@ impl Table {
         for id in old {
             let reason = format!("{} for {}", self.nodes[&id].health, format_duration(after));
             info!(node_id = %id, %reason, "forgetting a departed node");
-            let state = self.nodes[&id].health;
-            self.emit(id, EventKind::Removed, Some(state), format!("forgotten: {reason}"), now);
-            self.forget(id);
+            self.forget(id, &format!("forgotten: {reason}"), now);
         }
     }
 
-    /// Removes a node from the table, with its GPUs.
-    fn forget(&mut self, id: NodeId) {
+    /// Removes a node from the table, with its GPUs and its credential, and says so (a `Removed`
+    /// event: the deployments forget it too).
+    fn forget(&mut self, id: NodeId, why: &str, now: Instant) {
+        if let Some(e) = self.nodes.get(&id) {
+            let state = shown_state(e.health, e.draining);
+            self.emit(id, EventKind::Removed, Some(state), why.to_string(), now);
+        }
+        if self.credentials.remove(&id).is_some()
+            && let Some(store) = &self.store
+            && let Err(e) = store.set_credential(&id.to_string(), None)
+        {
+            warn!(node_id = %id, error = %e, "cannot forget the node's credential");
+        }
         if let Some(e) = self.nodes.remove(&id) {
             for g in &e.info.inventory.gpus {
                 if self.gpu_owner.get(&g.uuid) == Some(&id) {
@@ -603,6 +663,12 @@ impl Table {
             }
         }
     }
+}
+
+/// What the head keeps of a node credential: its SHA-256.
+pub fn credential_hash(secret: &str) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(secret.as_bytes()).to_vec()
 }
 
 /// The order of `views` (the head first, then by name, then by id), and the key a `ListNodes`

@@ -22,6 +22,9 @@ impl From<JoinError> for Status {
         match e {
             JoinError::NodeIdConflict { .. } | JoinError::NameConflict { .. } => Status::already_exists(e.to_string()),
             JoinError::GpuConflict { .. } => Status::invalid_argument(e.to_string()),
+            JoinError::NameReserved { .. } => Status::already_exists(e.to_string()),
+            JoinError::BadCredential { .. } => Status::permission_denied(e.to_string()),
+            JoinError::PreviousStillConnected | JoinError::CannotRecord(_) => Status::unavailable(e.to_string()),
             JoinError::ShuttingDown => Status::unavailable(e.to_string()),
         }
     }
@@ -63,10 +66,15 @@ impl pb::membership_server::Membership for MembershipService {
             return Err(Status::invalid_argument(format!("join.shards: {} reports; at most 4096", join.shards.len())));
         }
         let shards = std::mem::take(&mut join.shards);
+        let secret = std::mem::take(&mut join.node_secret);
+        if secret.len() > 512 {
+            return Err(Status::invalid_argument("join.node_secret: longer than 512 bytes"));
+        }
+        let secret = (!secret.is_empty()).then_some(secret);
         let info = JoinInfo::try_from(join)?;
 
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        let admitted = self.membership.join(info, ConnInfo { peer, local }, tx.clone()).await?;
+        let admitted = self.membership.join(info, secret, ConnInfo { peer, local }, tx.clone()).await?;
         let cfg = self.membership.config();
         let joined = pb::Joined {
             node_id: admitted.node_id.to_string(),
@@ -76,6 +84,7 @@ impl pb::membership_server::Membership for MembershipService {
             node_timeout_ms: cfg.node_timeout.as_millis() as u64,
             head_instance_id: self.head_instance_id.clone(),
             rejoined: admitted.rejoined,
+            node_secret: admitted.new_secret.clone().unwrap_or_default(),
         };
         // The channel is fresh, so this cannot be full.
         let _ = tx.try_send(Ok(msg(pb::head_message::Msg::Joined(joined))));

@@ -199,6 +199,10 @@ impl Agent {
         };
         let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(64);
         let mut join_msg = pb::JoinRequest::from(&join);
+        join_msg.node_secret = match self.state.node_secret() {
+            Ok(s) => s.unwrap_or_default(),
+            Err(e) => return SessionEnd::Refused(e.to_string()),
+        };
         if let Some(h) = &self.host {
             // What runs here now; reports queued while disconnected are older than this.
             if let Some(rx) = up_rx.as_mut() {
@@ -235,6 +239,12 @@ impl Agent {
                 return SessionEnd::Lost(format!("the head sent an invalid node id {:?}", joined.node_id));
             }
         };
+        // The credential first: a node id without its credential could never join again.
+        if !joined.node_secret.is_empty()
+            && let Err(e) = self.state.save_node_secret(&joined.node_secret)
+        {
+            return SessionEnd::Refused(format!("cannot keep the node credential: {e}"));
+        }
         if join.node_id != Some(node_id)
             && let Err(e) = self.state.save_node_id(node_id)
         {
