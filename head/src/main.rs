@@ -52,6 +52,12 @@ struct Cli {
     #[arg(long, env = "TESSERA_RECOVERY_WINDOW", value_parser = parse_positive_duration, default_value = "10s")]
     recovery_window: Duration,
 
+    /// Move a damaged DATA_DIR/state.redb aside (to state.redb.reset-UNIXMS) and start with an empty
+    /// store: every deployment is forgotten, and engines that still run are stopped as unknown.
+    /// Only for a store that cannot be opened and has no backup
+    #[arg(long, env = "TESSERA_RESET_STATE")]
+    reset_state: bool,
+
     /// Forget nodes that have been dead or left this long (unless a deployment holds their GPUs),
     /// so that a churning cluster does not grow the node table for ever; `tessera nodes remove`
     /// forgets one at once. A forgotten node that comes back joins as new
@@ -148,6 +154,21 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if cli.reset_state {
+        let store = cli.data_dir.join("state.redb");
+        if store.exists() {
+            let aside = cli.data_dir.join(format!("state.redb.reset-{}", tessera_head::membership::unix_ms()));
+            if let Err(e) = std::fs::rename(&store, &aside) {
+                tracing::error!("--reset-state: cannot move {} aside: {e}", store.display());
+                return ExitCode::from(1);
+            }
+            tracing::warn!(
+                "--reset-state: moved {} to {}; starting with an empty store (every deployment is forgotten)",
+                store.display(),
+                aside.display()
+            );
+        }
+    }
     runtime.block_on(async move {
         let listener = match tokio::net::TcpListener::bind(cli.listen).await {
             Ok(l) => l,

@@ -26,7 +26,9 @@ const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("node_cre
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "{path}: cannot open the state store: {message}; if the file is damaged, move it aside (the head will start empty and forget its deployments)"
+        "{path}: cannot open the state store: {message}. Restore it from a backup, or start the head once with \
+         --reset-state to move it aside and start empty (every deployment is forgotten; engines still running \
+         are stopped as unknown)"
     )]
     Open { path: PathBuf, message: String },
     #[error(
@@ -88,41 +90,65 @@ pub struct StoredDeployment {
     pub launch: Option<StoredLaunch>,
 }
 
+type Opener = Box<dyn Fn() -> Result<Database, String> + Send + Sync>;
+
 pub struct Store {
-    db: Database,
+    db: std::sync::RwLock<Database>,
     path: PathBuf,
+    /// Opens the database again (after an I/O error, redb refuses every later call until then).
+    reopen: Opener,
+    /// A write failed: reopen before the next call, so the store recovers once the cause is gone.
+    broken: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
-    /// Opens (or creates) `<dir>/state.redb`.
+    /// Opens (or creates) `<dir>/state.redb`. An empty (0-byte), damaged or newer-format file
+    /// stops here with an error naming it: it is never taken for an empty store.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let path = dir.join("state.redb");
-        let p2 = path.clone();
-        let open_err = move |e: &dyn std::fmt::Display| StoreError::Open { path: p2.clone(), message: e.to_string() };
-        let db = Database::create(&path).map_err(|e| open_err(&e))?;
-        let store = Store { db, path };
-        let found = {
-            let txn = store.db.begin_read().map_err(|e| open_err(&e))?;
-            match txn.open_table(META) {
-                Ok(t) => t.get("format_version").map_err(|e| open_err(&e))?.map(|v| v.value()),
-                Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(open_err(&e)),
-            }
-        };
-        match found {
-            Some(v) if v > FORMAT_VERSION => return Err(StoreError::Newer { path: store.path.clone(), found: v }),
-            Some(_) => {}
-            None => {
-                let txn = store.db.begin_write().map_err(|e| open_err(&e))?;
-                {
-                    let mut t = txn.open_table(META).map_err(|e| open_err(&e))?;
-                    t.insert("format_version", FORMAT_VERSION).map_err(|e| open_err(&e))?;
-                    txn.open_table(DEPLOYMENTS).map_err(|e| open_err(&e))?;
-                    txn.open_table(DRAINED).map_err(|e| open_err(&e))?;
-                }
-                txn.commit().map_err(|e| open_err(&e))?;
-            }
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+            return Err(StoreError::Open {
+                path,
+                message: "the file is empty (0 bytes): it was truncated, not written by a head".into(),
+            });
         }
+        let p = path.clone();
+        let opener: Opener = Box::new(move || Database::create(&p).map_err(|e| e.to_string()));
+        Self::open_with(path, opener)
+    }
+
+    /// Opens a store through `opener` (a file, or a test's storage backend).
+    pub fn open_with(path: PathBuf, opener: Opener) -> Result<Store, StoreError> {
+        let open_err = |message: String| StoreError::Open { path: path.clone(), message };
+        let db = guard_panic(&opener).map_err(open_err)?.map_err(open_err)?;
+        let store =
+            Store { db: std::sync::RwLock::new(db), path: path.clone(), reopen: opener, broken: Default::default() };
+        let found = store
+            .read(|txn| match txn.open_table(META) {
+                Ok(t) => Ok(t.get("format_version").map_err(|e| e.to_string())?.map(|v| v.value())),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+                Err(e) => Err(e.to_string()),
+            })
+            .map_err(|e| open_err(e.to_string()))?;
+        match found {
+            Some(v) if v > FORMAT_VERSION => return Err(StoreError::Newer { path, found: v }),
+            Some(_) => {}
+            None => store
+                .write(|txn| {
+                    let mut t = txn.open_table(META).map_err(|e| e.to_string())?;
+                    t.insert("format_version", FORMAT_VERSION).map_err(|e| e.to_string())?;
+                    drop(t);
+                    txn.open_table(DEPLOYMENTS).map_err(|e| e.to_string())?;
+                    txn.open_table(DRAINED).map_err(|e| e.to_string())?;
+                    txn.open_table(CREDENTIALS).map_err(|e| e.to_string())?;
+                    Ok(())
+                })
+                .map_err(|e| open_err(e.to_string()))?,
+        }
+        // Read everything once: damage shows now, as an error naming the file, not later.
+        store.load().map_err(|e| open_err(e.to_string()))?;
+        store.drained().map_err(|e| open_err(e.to_string()))?;
+        store.credentials().map_err(|e| open_err(e.to_string()))?;
         Ok(store)
     }
 
@@ -134,100 +160,157 @@ impl Store {
         StoreError::Io { path: self.path.clone(), message: e.to_string() }
     }
 
+    /// After a failed write, opens the database again (redb refuses every call after an I/O
+    /// error until it is reopened).
+    fn recover(&self) -> Result<(), StoreError> {
+        if !self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        let fresh = guard_panic(|| (self.reopen)()).map_err(|e| self.io(e))?.map_err(|e| self.io(e))?;
+        *db = fresh;
+        self.broken.store(false, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(path = %self.path.display(), "the state store was reopened after an I/O error");
+        Ok(())
+    }
+
+    /// One write transaction, committed (fsync) before it returns; on any failure nothing of it
+    /// is kept and the store is reopened before the next call.
+    fn write(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), String>) -> Result<(), StoreError> {
+        self.recover()?;
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let r = guard_panic(|| -> Result<(), String> {
+            let txn = db.begin_write().map_err(|e| e.to_string())?;
+            f(&txn)?;
+            txn.commit().map_err(|e| e.to_string())
+        });
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) | Err(e) => {
+                self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+                Err(self.io(e))
+            }
+        }
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&redb::ReadTransaction) -> Result<T, String>) -> Result<T, StoreError> {
+        self.recover()?;
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        match guard_panic(|| -> Result<T, String> {
+            let txn = db.begin_read().map_err(|e| e.to_string())?;
+            f(&txn)
+        }) {
+            Ok(r) => r.map_err(|e| self.io(e)),
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
     /// Writes one deployment durably.
     pub fn put(&self, d: &StoredDeployment) -> Result<(), StoreError> {
         let data = serde_json::to_vec(d).map_err(|e| self.io(e))?;
-        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
-        {
-            let mut t = txn.open_table(DEPLOYMENTS).map_err(|e| self.io(e))?;
-            t.insert(d.name.as_str(), data.as_slice()).map_err(|e| self.io(e))?;
-        }
-        txn.commit().map_err(|e| self.io(e))
+        self.write(|txn| {
+            let mut t = txn.open_table(DEPLOYMENTS).map_err(|e| e.to_string())?;
+            t.insert(d.name.as_str(), data.as_slice()).map(|_| ()).map_err(|e| e.to_string())
+        })
     }
 
     pub fn remove(&self, name: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
-        {
-            let mut t = txn.open_table(DEPLOYMENTS).map_err(|e| self.io(e))?;
-            t.remove(name).map_err(|e| self.io(e))?;
-        }
-        txn.commit().map_err(|e| self.io(e))
+        self.write(|txn| {
+            let mut t = txn.open_table(DEPLOYMENTS).map_err(|e| e.to_string())?;
+            t.remove(name).map(|_| ()).map_err(|e| e.to_string())
+        })
     }
 
     /// Records whether an operator drained a node.
     pub fn set_drained(&self, node_id: &str, drained: bool) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
-        {
-            let mut t = txn.open_table(DRAINED).map_err(|e| self.io(e))?;
+        self.write(|txn| {
+            let mut t = txn.open_table(DRAINED).map_err(|e| e.to_string())?;
             if drained {
-                t.insert(node_id, 1).map_err(|e| self.io(e))?;
+                t.insert(node_id, 1).map(|_| ()).map_err(|e| e.to_string())
             } else {
-                t.remove(node_id).map_err(|e| self.io(e))?;
+                t.remove(node_id).map(|_| ()).map_err(|e| e.to_string())
             }
-        }
-        txn.commit().map_err(|e| self.io(e))
+        })
     }
 
     /// Records (or, with `None`, forgets) the hash of a node's credential.
     pub fn set_credential(&self, node_id: &str, hash: Option<&[u8]>) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
-        {
-            let mut t = txn.open_table(CREDENTIALS).map_err(|e| self.io(e))?;
+        self.write(|txn| {
+            let mut t = txn.open_table(CREDENTIALS).map_err(|e| e.to_string())?;
             match hash {
-                Some(h) => t.insert(node_id, h).map(|_| ()).map_err(|e| self.io(e))?,
-                None => t.remove(node_id).map(|_| ()).map_err(|e| self.io(e))?,
+                Some(h) => t.insert(node_id, h).map(|_| ()).map_err(|e| e.to_string()),
+                None => t.remove(node_id).map(|_| ()).map_err(|e| e.to_string()),
             }
-        }
-        txn.commit().map_err(|e| self.io(e))
+        })
     }
 
     /// Every node credential hash by node id.
     pub fn credentials(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
-        let t = match txn.open_table(CREDENTIALS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.io(e)),
-        };
-        let mut out = Vec::new();
-        for item in t.iter().map_err(|e| self.io(e))? {
-            let (k, v) = item.map_err(|e| self.io(e))?;
-            out.push((k.value().to_string(), v.value().to_vec()));
-        }
-        Ok(out)
+        self.read(|txn| {
+            let t = match txn.open_table(CREDENTIALS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(e.to_string()),
+            };
+            let mut out = Vec::new();
+            for item in t.iter().map_err(|e| e.to_string())? {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                out.push((k.value().to_string(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     /// Ids of the nodes an operator drained.
     pub fn drained(&self) -> Result<Vec<String>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
-        let t = match txn.open_table(DRAINED) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.io(e)),
-        };
-        let mut out = Vec::new();
-        for item in t.iter().map_err(|e| self.io(e))? {
-            let (k, _) = item.map_err(|e| self.io(e))?;
-            out.push(k.value().to_string());
-        }
-        Ok(out)
+        self.read(|txn| {
+            let t = match txn.open_table(DRAINED) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(e.to_string()),
+            };
+            let mut out = Vec::new();
+            for item in t.iter().map_err(|e| e.to_string())? {
+                let (k, _) = item.map_err(|e| e.to_string())?;
+                out.push(k.value().to_string());
+            }
+            Ok(out)
+        })
     }
 
     pub fn load(&self) -> Result<Vec<StoredDeployment>, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
-        let t = txn.open_table(DEPLOYMENTS).map_err(|e| self.io(e))?;
-        let mut out = Vec::new();
-        for item in t.iter().map_err(|e| self.io(e))? {
-            let (k, v) = item.map_err(|e| self.io(e))?;
-            let d: StoredDeployment = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                path: self.path.clone(),
-                name: k.value().to_string(),
-                message: e.to_string(),
-            })?;
-            out.push(d);
-        }
-        Ok(out)
+        let raw: Vec<(String, Vec<u8>)> = self.read(|txn| {
+            let t = txn.open_table(DEPLOYMENTS).map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            for item in t.iter().map_err(|e| e.to_string())? {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                out.push((k.value().to_string(), v.value().to_vec()));
+            }
+            Ok(out)
+        })?;
+        raw.into_iter()
+            .map(|(name, v)| {
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    name,
+                    message: e.to_string(),
+                })
+            })
+            .collect()
     }
+}
+
+/// Runs `f`, turning a panic inside the storage engine (a damaged file can make redb panic) into
+/// an error: the head stops with a message naming the file, never with a panic.
+fn guard_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let what = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown".into());
+        format!("the storage engine failed on damaged data ({what})")
+    })
 }
 
 #[cfg(test)]
@@ -300,7 +383,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let s = Store::open(dir.path()).expect("open");
-            let txn = s.db.begin_write().expect("txn");
+            let db = s.db.read().expect("lock");
+            let txn = db.begin_write().expect("txn");
             txn.open_table(META).expect("meta").insert("format_version", FORMAT_VERSION + 1).expect("insert");
             txn.commit().expect("commit");
         }
@@ -316,5 +400,96 @@ mod tests {
         .expect("write");
         let e = Store::open(dir.path()).err().expect("corrupt refused");
         assert!(e.to_string().contains("state.redb") && e.to_string().contains("cannot open"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_or_truncated_store_is_an_error_never_a_panic_or_an_empty_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("state.redb"), b"").expect("write");
+        let e = Store::open(dir.path()).err().expect("0 bytes refused");
+        assert!(e.to_string().contains("empty (0 bytes)") && e.to_string().contains("--reset-state"), "{e}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let s = Store::open(dir.path()).expect("open");
+            for i in 0..50 {
+                s.put(&dep(&format!("d{i}"))).expect("put");
+            }
+        }
+        let p = dir.path().join("state.redb");
+        let full = std::fs::read(&p).expect("read");
+        for cut in [full.len() / 2, full.len() / 3, 4096.min(full.len() - 1)] {
+            std::fs::write(&p, &full[..cut]).expect("truncate");
+            match Store::open(dir.path()) {
+                Err(e) => assert!(e.to_string().contains("state.redb"), "{e}"),
+                // redb may repair a torn file; then what it kept must read back.
+                Ok(s) => drop(s.load().expect("a repaired store reads")),
+            }
+        }
+        // Flipped bits in the middle of the data.
+        let mut flipped = full.clone();
+        for b in flipped.iter_mut().skip(full.len() / 2).take(256) {
+            *b ^= 0xa5;
+        }
+        std::fs::write(&p, &flipped).expect("write");
+        if let Err(e) = Store::open(dir.path()) {
+            assert!(e.to_string().contains("state.redb"), "{e}");
+        }
+    }
+
+    /// Storage that fails every write while `fail` is set (a full disk), in memory.
+    #[derive(Debug, Clone)]
+    struct Flaky {
+        inner: std::sync::Arc<redb::backends::InMemoryBackend>,
+        fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl redb::StorageBackend for Flaky {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, std::io::Error> {
+            self.inner.read(offset, len)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self, eventual: bool) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.sync_data(eventual)
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+    }
+
+    impl Flaky {
+        fn check(&self) -> Result<(), std::io::Error> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                Err(std::io::Error::from_raw_os_error(28)) // ENOSPC
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[test]
+    fn after_an_io_error_the_store_recovers_once_the_cause_is_gone() {
+        let backend = Flaky { inner: Default::default(), fail: Default::default() };
+        let b = backend.clone();
+        let opener: Opener =
+            Box::new(move || Database::builder().create_with_backend(b.clone()).map_err(|e| e.to_string()));
+        let s = Store::open_with("mem/state.redb".into(), opener).expect("open");
+        s.put(&dep("a")).expect("put a");
+        backend.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = s.put(&dep("b")).expect_err("disk full");
+        assert!(e.to_string().contains("state.redb"), "{e}");
+        assert!(s.remove("a").is_err(), "still full: the delete is refused, not half done");
+        backend.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        s.put(&dep("c")).expect("writes work again once space is back");
+        let names: Vec<String> = s.load().expect("load").into_iter().map(|d| d.name).collect();
+        assert_eq!(names, ["a", "c"], "nothing of the failed writes was kept, and the refused delete changed nothing");
     }
 }

@@ -172,3 +172,46 @@ async fn a_second_head_on_a_data_dir_in_use_is_refused_and_touches_nothing() {
     assert!(!text.contains("move it aside"), "{text}");
     assert_eq!((files("head.addr"), files("metrics.addr"), files("admin.token")), before, "nothing was touched");
 }
+
+#[tokio::test]
+async fn a_damaged_store_stops_the_head_with_the_way_out_and_reset_state_takes_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("head");
+    tessera_tests::write_tokens(&data);
+    std::fs::write(data.join("state.redb"), b"").expect("a 0-byte store");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(tessera_tests::bin("tessera-head"))
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--no-worker", "--data-dir"])
+            .arg(&data)
+            .args(extra)
+            .output()
+            .expect("run the head")
+    };
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(1), "a clear error, not a panic (101)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("state.redb") && text.contains("empty (0 bytes)") && text.contains("--reset-state"),
+        "{text}"
+    );
+    // With --reset-state the file goes aside and the head starts.
+    let mut head = tessera_tests::Daemon::spawn(
+        "head",
+        "tessera-head",
+        &["--listen", "127.0.0.1:0", "--no-worker", "--reset-state", "--data-dir", &data.display().to_string()]
+            .map(String::from),
+        dir.path(),
+    );
+    tessera_tests::wait_until("the head serves", || {
+        let ok = data.join("head.addr").exists();
+        async move { ok.then_some(()) }
+    })
+    .await;
+    let aside = std::fs::read_dir(&data)
+        .expect("data dir")
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().starts_with("state.redb.reset-"));
+    assert!(aside, "the damaged file was kept aside");
+    head.signal(Signal::SIGTERM);
+    head.wait();
+}
