@@ -35,6 +35,9 @@ use tracing::{info, warn};
 use deploy::Deployments;
 use membership::{Membership, MembershipConfig};
 
+/// HTTP/2 streams one connection may have open at once (a worker's session is one).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
 /// The head's in-process worker.
 pub struct LocalWorker {
     pub node_name: String,
@@ -61,6 +64,8 @@ pub struct HeadConfig {
     pub tls: Option<HeadTls>,
     /// Where to serve /metrics, /healthz and /readyz (`--metrics-listen`); `None`: nowhere.
     pub metrics_listener: Option<TcpListener>,
+    /// Connection limits of the gRPC port.
+    pub conn_limits: server::conns::ConnLimits,
     /// The data dir's lock, when the caller took it already (before writing tokens into it);
     /// `None`: `Head::start` takes it.
     pub data_dir_lock: Option<datadir::DataDirLock>,
@@ -164,8 +169,10 @@ impl Head {
             deployments: deployments.clone(),
             head_instance_id: instance_id.clone(),
             started: tokio::time::Instant::now(),
+            event_streams: Arc::new(tokio::sync::Semaphore::new(server::cluster::MAX_EVENT_STREAMS)),
         };
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let conns = Arc::new(server::conns::Tracker::default());
+        let incoming = server::conns::incoming(listener, config.conn_limits, conns.clone());
         let server_stop = CancellationToken::new();
         if config.auth.is_none() {
             warn!(
@@ -189,7 +196,13 @@ impl Head {
         let server = builder
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .layer(server::auth::AuthLayer::new(config.auth.clone(), Some(metrics.clone())))
+            // Bounded per connection: streams, header size, reset floods, receive windows.
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_max_header_list_size(Some(64 * 1024))
+            .http2_max_pending_accept_reset_streams(Some(64))
+            .initial_stream_window_size(Some(1 << 20))
+            .initial_connection_window_size(Some(4 << 20))
+            .layer(server::auth::AuthLayer::new(config.auth.clone(), Some(metrics.clone())).with_conns(conns.clone()))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(pb::membership_server::MembershipServer::new(session))
@@ -199,6 +212,7 @@ impl Head {
             }))
             .add_service(pb::deployments_server::DeploymentsServer::new(server::deployments::DeploymentsService {
                 deployments: deployments.clone(),
+                log_streams: Arc::new(tokio::sync::Semaphore::new(server::deployments::MAX_LOG_STREAMS)),
             }))
             .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned());
         let server_task = tokio::spawn(server);

@@ -52,6 +52,15 @@ struct Cli {
     #[arg(long, env = "TESSERA_RECOVERY_WINDOW", value_parser = parse_positive_duration, default_value = "10s")]
     recovery_window: Duration,
 
+    /// At most this many connections at once (each worker holds one); more are closed at once
+    #[arg(long, env = "TESSERA_MAX_CONNECTIONS", default_value_t = 16_384, value_name = "N")]
+    max_connections: usize,
+
+    /// A connection that has made no authenticated call this long after it opened is closed (idle
+    /// sockets cannot use up the head's file descriptors)
+    #[arg(long, env = "TESSERA_UNAUTHENTICATED_TIMEOUT", value_parser = parse_positive_duration, default_value = "10s")]
+    unauthenticated_timeout: Duration,
+
     /// Move a damaged DATA_DIR/state.redb aside (to state.redb.reset-UNIXMS) and start with an empty
     /// store: every deployment is forgotten, and engines that still run are stopped as unknown.
     /// Only for a store that cannot be opened and has no backup
@@ -115,6 +124,8 @@ struct Cli {
 fn main() -> ExitCode {
     // Everything the daemon writes (tokens, state, specs with their env, logs) is its user's alone.
     tessera_common::files::private_umask();
+    // Thousands of workers are thousands of sockets: the soft limit goes up to the hard one.
+    tessera_common::files::raise_nofile();
     // The in-process worker's shims and probes run this binary in those modes.
     if let Some(code) = tessera_worker::shard::run_hidden_mode() {
         return code;
@@ -169,7 +180,7 @@ fn main() -> ExitCode {
             );
         }
     }
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let listener = match tokio::net::TcpListener::bind(cli.listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -252,6 +263,10 @@ fn main() -> ExitCode {
             tls,
             metrics_listener,
             data_dir_lock: Some(data_dir_lock),
+            conn_limits: tessera_head::server::conns::ConnLimits {
+                max_connections: cli.max_connections,
+                unauthenticated_timeout: cli.unauthenticated_timeout,
+            },
         };
         let stop = root.clone();
         let head = match Head::start(listener, config, root).await {
@@ -294,7 +309,10 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
-    })
+    });
+    // A model read stuck on a hung mount must not keep the process from exiting.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    code
 }
 
 /// The tokens: from the given files, else from (or generated into) the data dir.

@@ -122,6 +122,7 @@ async fn start_head(
         listener,
         HeadConfig {
             data_dir_lock: None,
+            conn_limits: Default::default(),
             tls: None,
             metrics_listener: None,
             auth: Some(tessera_common::auth::TokenSet {

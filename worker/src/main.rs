@@ -75,6 +75,7 @@ enum Output {
 fn main() -> ExitCode {
     // Everything the daemon writes (tokens, state, specs with their env, logs) is its user's alone.
     tessera_common::files::private_umask();
+    tessera_common::files::raise_nofile();
     // `shim --dir DIR` and `probe ...`: the modes this binary runs in under a deployment.
     if let Some(code) = tessera_worker::shard::run_hidden_mode() {
         return code;

@@ -59,6 +59,42 @@ fn io(path: &Path, e: std::io::Error) -> ModelError {
     ModelError::Io { path: path.display().to_string(), message: e.to_string() }
 }
 
+/// The most a `config.json` (or an index) may weigh: real ones are a few KiB.
+pub const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Opens a model file for reading: regular files only (a FIFO, a device such as `/dev/zero`, or a
+/// socket is refused), and the open never waits for a writer.
+pub fn open_regular(path: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file (a FIFO, a device or a socket); give the model's real files".into());
+    }
+    Ok(f)
+}
+
+/// Reads a small text file of the model (config, index), at most [`MAX_CONFIG_BYTES`].
+fn read_small(path: &Path) -> Result<String, ModelError> {
+    use std::io::Read;
+    let err = |message: String| ModelError::Io { path: path.display().to_string(), message };
+    let f = open_regular(path).map_err(err)?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > MAX_CONFIG_BYTES {
+        return Err(err(format!("{len} bytes; a model's config is at most {MAX_CONFIG_BYTES} bytes")));
+    }
+    let mut text = String::new();
+    f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text).map_err(|e| err(e.to_string()))?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(err(format!("more than {MAX_CONFIG_BYTES} bytes")));
+    }
+    Ok(text)
+}
+
 /// Loads `path`: a model directory with `config.json`, or a `config.json` file itself.
 pub fn load_model(path: &Path) -> Result<Model, ModelError> {
     let meta = std::fs::metadata(path).map_err(|e| io(path, e))?;
@@ -67,7 +103,7 @@ pub fn load_model(path: &Path) -> Result<Model, ModelError> {
     } else {
         (path.parent().map(Path::to_path_buf).unwrap_or_default(), path.to_path_buf())
     };
-    let text = std::fs::read_to_string(&config).map_err(|e| io(&config, e))?;
+    let text = read_small(&config)?;
     let desc = super::config::parse_config(&config.display().to_string(), &text)?;
     let weights = if meta.is_dir() { read_weights(&dir, desc.num_hidden_layers)? } else { None };
     Ok(Model { path: path.to_path_buf(), desc, weights })
@@ -76,7 +112,7 @@ pub fn load_model(path: &Path) -> Result<Model, ModelError> {
 fn read_weights(dir: &Path, layers: u64) -> Result<Option<WeightBytes>, ModelError> {
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| io(&index, e))?;
+        let text = read_small(&index)?;
         safetensors::index_files(&text)
             .map_err(|why| ModelError::Invalid { file: index.display().to_string(), field: "weight_map".into(), why })?
             .into_iter()
@@ -120,6 +156,28 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fifos_devices_and_huge_configs_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A FIFO nobody writes to: opening it for reading would wait for ever.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        let e = load_model(&fifo).expect_err("a FIFO");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let d = dir.path().join("fifo-model");
+        std::fs::create_dir(&d).expect("mkdir");
+        nix::unistd::mkfifo(&d.join("config.json"), nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        assert!(load_model(&d).expect_err("a FIFO config").to_string().contains("not a regular file"));
+        let e = load_model(Path::new("/dev/zero")).expect_err("a device");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let big = dir.path().join("big");
+        std::fs::create_dir(&big).expect("mkdir");
+        let f = std::fs::File::create(big.join("config.json")).expect("create");
+        f.set_len(MAX_CONFIG_BYTES + 1).expect("sparse 16 MiB + 1");
+        let e = load_model(&big).expect_err("too big");
+        assert!(e.to_string().contains("at most 16777216 bytes"), "{e}");
+    }
 
     const CONFIG: &str = r#"{"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "hidden_size": 64,
         "num_hidden_layers": 2, "vocab_size": 128, "intermediate_size": 256, "torch_dtype": "bfloat16"}"#;

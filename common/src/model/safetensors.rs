@@ -83,7 +83,7 @@ fn dtype_size(dtype: &str) -> Option<u64> {
 
 /// Reads only the header of a safetensors file.
 pub fn read_header(path: &Path) -> Result<Vec<TensorInfo>, String> {
-    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut f = super::load::open_regular(path)?;
     let file_len = f.metadata().map_err(|e| e.to_string())?.len();
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(|_| "shorter than the 8-byte header length".to_string())?;

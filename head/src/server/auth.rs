@@ -17,18 +17,25 @@ use tracing::warn;
 pub struct AuthLayer {
     tokens: Option<Arc<TokenSet>>,
     metrics: Option<Arc<crate::metrics::HeadMetrics>>,
+    conns: Option<Arc<super::conns::Tracker>>,
 }
 
 impl AuthLayer {
     pub fn new(tokens: Option<TokenSet>, metrics: Option<Arc<crate::metrics::HeadMetrics>>) -> Self {
-        AuthLayer { tokens: tokens.map(Arc::new), metrics }
+        AuthLayer { tokens: tokens.map(Arc::new), metrics, conns: None }
+    }
+
+    /// Marks each connection that makes an authenticated call (it may then stay idle).
+    pub fn with_conns(mut self, conns: Arc<super::conns::Tracker>) -> Self {
+        self.conns = Some(conns);
+        self
     }
 }
 
 impl<S> Layer<S> for AuthLayer {
     type Service = Auth<S>;
     fn layer(&self, inner: S) -> Auth<S> {
-        Auth { inner, tokens: self.tokens.clone(), metrics: self.metrics.clone() }
+        Auth { inner, tokens: self.tokens.clone(), metrics: self.metrics.clone(), conns: self.conns.clone() }
     }
 }
 
@@ -37,6 +44,16 @@ pub struct Auth<S> {
     inner: S,
     tokens: Option<Arc<TokenSet>>,
     metrics: Option<Arc<crate::metrics::HeadMetrics>>,
+    conns: Option<Arc<super::conns::Tracker>>,
+}
+
+/// The peer of a request, plain or over TLS.
+fn peer_of<B>(req: &http::Request<B>) -> Option<std::net::SocketAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    req.extensions()
+        .get::<TcpConnectInfo>()
+        .and_then(|i| i.remote_addr())
+        .or_else(|| req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.get_ref().remote_addr()))
 }
 
 /// Every method the head serves (`/package.Service/Method`), from the descriptors it was built
@@ -127,9 +144,9 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let role = Role::for_path(req.uri().path());
         if let Some(tokens) = &self.tokens {
             let path = req.uri().path().to_string();
-            let role = Role::for_path(&path);
             let header = req.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
             if let Err(denied) = tokens.check(role, header) {
                 let status = match denied {
@@ -153,6 +170,12 @@ where
                 count(&self.metrics, &path, status.code());
                 return Box::pin(async move { Ok(status.into_http()) });
             }
+        }
+        // A connection that made an authenticated call (public health checks do not count) may stay.
+        if role != Role::Public
+            && let (Some(conns), Some(peer)) = (&self.conns, peer_of(&req))
+        {
+            conns.authenticated(peer);
         }
         let path = req.uri().path().to_string();
         let metrics = self.metrics.clone();

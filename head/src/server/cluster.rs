@@ -54,7 +54,12 @@ pub struct ClusterService {
     pub deployments: crate::deploy::Deployments,
     pub head_instance_id: String,
     pub started: Instant,
+    /// Event streams open at once.
+    pub event_streams: std::sync::Arc<tokio::sync::Semaphore>,
 }
+
+/// Event streams a head serves at once.
+pub const MAX_EVENT_STREAMS: usize = 1024;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
@@ -104,7 +109,8 @@ impl pb::cluster_server::Cluster for ClusterService {
         let (current, mut rx) =
             self.membership.subscribe().await.ok_or_else(|| Status::unavailable("the head is shutting down"))?;
         let current_deps = if include_current { self.deployments.list().await? } else { Vec::new() };
-        let stream = async_stream(move |tx| async move {
+        let (tx, stream) = super::streams::bounded(32, &self.event_streams, "event")?;
+        tokio::spawn(async move {
             if include_current {
                 let nodes = current.iter().map(|n| pb::Event {
                     kind: pb::EventKind::NodeJoined as i32,
@@ -119,7 +125,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                     ..Default::default()
                 });
                 for e in nodes.chain(deps) {
-                    if tx.send(Ok(e)).await.is_err() {
+                    if !tx.send(Ok(e)).await {
                         return;
                     }
                 }
@@ -131,6 +137,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             };
             loop {
                 let item = tokio::select! {
+                    _ = tx.closed() => return,
                     r = rx.recv() => match r {
                         Ok(e) => Ok(pb::Event::from(&e)),
                         Err(RecvError::Lagged(n)) => lagged(n),
@@ -143,7 +150,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                     },
                 };
                 let stop = item.is_err();
-                if tx.send(item).await.is_err() || stop {
+                if !tx.send(item).await || stop {
                     return;
                 }
             }
@@ -162,17 +169,6 @@ impl pb::cluster_server::Cluster for ClusterService {
         let v = self.membership.set_draining(node, false).await?;
         Ok(Response::new((&v).into()))
     }
-}
-
-/// Runs `f` as a task feeding a channel-backed stream; the task stops when the client goes away.
-fn async_stream<F, Fut>(f: F) -> EventStream
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::Event, Status>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(256);
-    tokio::spawn(f(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 pub fn status_of(

@@ -3,13 +3,11 @@
 use std::pin::Pin;
 
 use futures_util::Stream;
-use tessera_common::model;
 use tessera_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::deploy::spec::{DeploymentSpec, LoadedModel, check_name};
 use crate::deploy::{DeployError, Deployments};
-use crate::server::planner::model_status;
 
 /// The one place where deployment errors become gRPC codes.
 impl From<DeployError> for Status {
@@ -28,7 +26,12 @@ impl From<DeployError> for Status {
 
 pub struct DeploymentsService {
     pub deployments: Deployments,
+    /// Log streams open at once.
+    pub log_streams: std::sync::Arc<tokio::sync::Semaphore>,
 }
+
+/// Log streams a head serves at once.
+pub const MAX_LOG_STREAMS: usize = 256;
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
 
@@ -37,10 +40,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
     async fn create(&self, request: Request<pb::CreateDeploymentRequest>) -> Result<Response<pb::Deployment>, Status> {
         let spec = DeploymentSpec::from_request(request.get_ref())?;
         let path = spec.model_path.clone();
-        let loaded = tokio::task::spawn_blocking(move || model::load_model(&path))
-            .await
-            .map_err(|e| Status::internal(format!("model loading task failed: {e}")))?
-            .map_err(model_status)?;
+        let loaded = crate::server::planner::load_model_bounded(path).await?;
         let d = self.deployments.create(spec, LoadedModel::of(&loaded)).await?;
         Ok(Response::new(d))
     }
@@ -78,8 +78,8 @@ impl pb::deployments_server::Deployments for DeploymentsService {
     async fn logs(&self, request: Request<pb::LogsRequest>) -> Result<Response<LogStream>, Status> {
         let req = request.into_inner();
         check_name(&req.name)?;
+        let (tx, out) = super::streams::bounded(64, &self.log_streams, "log")?;
         let (id, mut rx) = self.deployments.logs(req).await?;
-        let (tx, out) = tokio::sync::mpsc::channel(64);
         let deployments = self.deployments.clone();
         tokio::spawn(async move {
             loop {
@@ -87,7 +87,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
                     item = rx.recv() => match item {
                         Some(i) => {
                             let i = i.map(|data| pb::LogChunk { data }).map_err(Status::unavailable);
-                            if tx.send(i).await.is_err() {
+                            if !tx.send(i).await {
                                 break;
                             }
                         }
@@ -99,6 +99,6 @@ impl pb::deployments_server::Deployments for DeploymentsService {
             }
             deployments.log_cancel(id).await;
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+        Ok(Response::new(out))
     }
 }

@@ -2,6 +2,8 @@
 
 pub mod auth;
 pub mod cluster;
+pub mod conns;
 pub mod deployments;
 pub mod planner;
 pub mod session;
+pub mod streams;

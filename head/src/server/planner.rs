@@ -23,10 +23,7 @@ impl pb::planner_server::Planner for PlannerService {
         let r = request.into_inner();
         let req = plan_request(&r)?;
         let path = model_path(&r.model_path)?;
-        let model = tokio::task::spawn_blocking(move || model::load_model(&path))
-            .await
-            .map_err(|e| Status::internal(format!("model loading task failed: {e}")))?
-            .map_err(model_status)?;
+        let model = load_model_bounded(path).await?;
         let cluster = cluster_of(&self.membership.list().await);
         let report = tokio::task::spawn_blocking(move || {
             let weights = model.weights.as_ref().map(Weights::exact).unwrap_or_else(|| Weights::estimate(&model.desc));
@@ -35,6 +32,35 @@ impl pb::planner_server::Planner for PlannerService {
         .await
         .map_err(|e| Status::internal(format!("planning task failed: {e}")))?;
         Ok(Response::new(pb::PlanReport::from(&report)))
+    }
+}
+
+/// Model reads at once: a read stuck on a hung mount holds a thread, and only this many can.
+const MODEL_READS: usize = 8;
+/// How long one model read may take (a config and the safetensors headers).
+const MODEL_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads a model on a blocking thread, bounded in time and in how many run at once.
+pub async fn load_model_bounded(path: std::path::PathBuf) -> Result<model::load::Model, Status> {
+    static SLOTS: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    let slots = SLOTS.get_or_init(|| std::sync::Arc::new(tokio::sync::Semaphore::new(MODEL_READS)));
+    let permit = slots.clone().try_acquire_owned().map_err(|_| {
+        Status::unavailable(format!(
+            "{MODEL_READS} model reads are already under way (or stuck on a slow filesystem); retry later"
+        ))
+    })?;
+    let shown = path.display().to_string();
+    let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        model::load_model(&path)
+    });
+    match tokio::time::timeout(MODEL_READ_TIMEOUT, task).await {
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "reading the model at {shown} took more than {}s (a hung mount?); check the path on the head",
+            MODEL_READ_TIMEOUT.as_secs()
+        ))),
+        Ok(Err(e)) => Err(Status::internal(format!("model loading task failed: {e}"))),
+        Ok(Ok(r)) => r.map_err(model_status),
     }
 }
 

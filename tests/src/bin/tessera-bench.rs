@@ -8,6 +8,7 @@
 //! cargo run --release -p tessera-tests --bin tessera-bench -- deploy --runs 10
 //! cargo run --release -p tessera-tests --bin tessera-bench -- head-restart --runs 5
 //! cargo run --release -p tessera-tests --bin tessera-bench -- head-pause --runs 3
+//! cargo run --release -p tessera-tests --bin tessera-bench -- exhaustion
 //! cargo run --release -p tessera-tests --bin tessera-bench -- metrics-scrape --runs 1000
 //! cargo run --release -p tessera-tests --bin tessera-bench -- bring-up --runs 5
 //! ```
@@ -36,6 +37,12 @@ async fn main() -> anyhow::Result<()> {
         Some("deploy") => deploy_bench(runs).await,
         Some("head-restart") => head_restart_bench(runs).await,
         Some("head-pause") => head_pause_bench(runs).await,
+        Some("exhaustion") => {
+            let n = |k: &str, d: usize| {
+                args.iter().position(|a| a == k).and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(d)
+            };
+            exhaustion_bench(n("--idle", 1100), n("--streams", 500)).await
+        }
         Some("metrics-scrape") => metrics_scrape_bench(runs.max(1000)).await,
         Some("bring-up") => bring_up_bench(runs).await,
         _ => {
@@ -281,6 +288,71 @@ async fn head_pause_bench(runs: usize) -> anyhow::Result<()> {
         );
         anyhow::ensure!(dead == 0 && d.restarts == 0 && same, "the pause cost something");
     }
+    Ok(())
+}
+
+/// Head RSS and `ListNodes` latency (median of 50) with a head and two workers, then again with
+/// 1,100 idle TCP connections and 500 event streams that never read (over small HTTP/2 windows)
+/// open, after 400 events were sent to them.
+async fn exhaustion_bench(idle_n: usize, streams_n: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
+    let _w1 = start_worker(dir.path(), "w1", &head.url);
+    let _w2 = start_worker(dir.path(), "w2", &head.url);
+    let mut client = cluster_client(&head.url).await;
+    wait_state(&mut client, "w1", pb::NodeState::Alive).await;
+    wait_state(&mut client, "w2", pb::NodeState::Alive).await;
+    let pid = head.daemon.pid().as_raw();
+    let measure = |client: pb::cluster_client::ClusterClient<tessera_tests::Conn>| async move {
+        let mut c = client;
+        let mut v = Vec::new();
+        for _ in 0..50 {
+            let t = Instant::now();
+            c.list_nodes(pb::ListNodesRequest::default()).await?;
+            v.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let (median, _, max) = summary(&mut v);
+        anyhow::Ok((median, max))
+    };
+    let (m0, x0) = measure(client.clone()).await?;
+    let rss0 = rss_kib(pid)?;
+    let addr = head.url.trim_start_matches("http://").to_string();
+    let idle: Vec<std::net::TcpStream> = (0..idle_n).filter_map(|_| std::net::TcpStream::connect(&addr).ok()).collect();
+    let mut streams = Vec::new();
+    for conn in 0..10 {
+        let ch = tonic::transport::Endpoint::from_shared(head.url.clone())?
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .connect()
+            .await?;
+        let auth = tessera_common::auth::Bearer::new(Some(tessera_tests::ADMIN_TOKEN)).map_err(anyhow::Error::msg)?;
+        let mut c = pb::cluster_client::ClusterClient::with_interceptor(ch, auth);
+        for _ in 0..streams_n / 10 {
+            streams.push(c.watch_events(pb::WatchEventsRequest { include_current: true }).await?.into_inner());
+        }
+        let _ = conn;
+    }
+    for i in 0..400 {
+        let req = pb::DrainNodeRequest { node: "w1".into() };
+        if i % 2 == 0 {
+            client.drain_node(req).await?;
+        } else {
+            client.undrain_node(req).await?;
+        }
+    }
+    let (m1, x1) = measure(client.clone()).await?;
+    let rss1 = rss_kib(pid)?;
+    // Past the slow-reader cut-off (5 s) and the unauthenticated timeout (10 s).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (m2, x2) = measure(client.clone()).await?;
+    let rss2 = rss_kib(pid)?;
+    println!("  12 s later: ListNodes median {m2:.2} ms (max {x2:.2}); head RSS {:.1} MiB", rss2 as f64 / 1024.0);
+    println!("exhaustion: {} idle connections, {} event streams not reading", idle.len(), streams.len());
+    println!(
+        "  ListNodes median {m0:.2} ms (max {x0:.2}) -> {m1:.2} ms (max {x1:.2}); head RSS {:.1} MiB -> {:.1} MiB",
+        rss0 as f64 / 1024.0,
+        rss1 as f64 / 1024.0
+    );
     Ok(())
 }
 
