@@ -379,7 +379,10 @@ impl Machine {
                 deployment_uid: keep.to_wire(),
             })
         };
-        let Some(dep) = self.deps.get_mut(&r.deployment) else {
+        // A node that hosts nothing of the deployment gets the answer an unknown name gets, so that
+        // reports cannot be used to learn which deployments exist or their generation.
+        let hosts_some = self.deps.get(&r.deployment).is_some_and(|d| d.procs.values().any(|p| p.node_id == node));
+        let Some(dep) = self.deps.get_mut(&r.deployment).filter(|_| hosts_some) else {
             // Not ours (deleted while the node was away, or from before a head restart): nothing of
             // it may keep running.
             if !exited {

@@ -529,3 +529,25 @@ fn a_delete_while_starting_waits_only_for_what_was_launched() {
     });
     assert!(launches(&late).is_empty(), "{late:?}");
 }
+
+#[test]
+fn a_node_that_hosts_nothing_of_a_deployment_learns_nothing_from_its_answer() {
+    let mut h = H::new(vec![node(1, "head", 4, true), node(3, "nosy", 4, false)]);
+    let created = h.create(spec("p1", 4, 1));
+    let ls = launches(&h.run_launches(created));
+    h.all_ready(&ls);
+    let probe = |deployment: &str| pb::ShardReport {
+        deployment: deployment.into(),
+        generation: 7,
+        key: "rank-0".into(),
+        state: pb::ProcessState::Running as i32,
+        ..Default::default()
+    };
+    let known = stops(&h.feed(Input::Report { node: nid(3), report: probe("p1") }));
+    let unknown = stops(&h.feed(Input::Report { node: nid(3), report: probe("nope") }));
+    let strip = |s: &[(NodeId, pb::StopShards)]| {
+        s.iter().map(|(n, s)| (*n, s.below_generation, s.deployment_uid.clone(), s.reason.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&known), strip(&unknown), "the same answer for a real and a made-up name");
+    assert_eq!(h.dep("p1").state, pb::DeploymentState::Running as i32);
+}
