@@ -44,11 +44,16 @@ const MODEL_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3
 pub async fn load_model_bounded(path: std::path::PathBuf) -> Result<model::load::Model, Status> {
     static SLOTS: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
     let slots = SLOTS.get_or_init(|| std::sync::Arc::new(tokio::sync::Semaphore::new(MODEL_READS)));
-    let permit = slots.clone().try_acquire_owned().map_err(|_| {
-        Status::unavailable(format!(
-            "{MODEL_READS} model reads are already under way (or stuck on a slow filesystem); retry later"
-        ))
-    })?;
+    // Wait for a slot, but not for ever: when every slot is stuck on a hung mount, say so.
+    let permit = match tokio::time::timeout(MODEL_READ_TIMEOUT, slots.clone().acquire_owned()).await {
+        Ok(Ok(p)) => p,
+        _ => {
+            return Err(Status::unavailable(format!(
+                "{MODEL_READS} model reads have been under way for {}s (stuck on a slow filesystem?); retry later",
+                MODEL_READ_TIMEOUT.as_secs()
+            )));
+        }
+    };
     let shown = path.display().to_string();
     let task = tokio::task::spawn_blocking(move || {
         let _permit = permit;
