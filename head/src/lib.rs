@@ -169,7 +169,10 @@ impl Head {
             deployments: deployments.clone(),
             head_instance_id: instance_id.clone(),
             started: tokio::time::Instant::now(),
-            event_streams: Arc::new(tokio::sync::Semaphore::new(server::cluster::MAX_EVENT_STREAMS)),
+            event_streams: server::streams::StreamLimits::new(
+                server::cluster::MAX_EVENT_STREAMS,
+                server::cluster::MAX_EVENT_STREAMS_PER_PEER,
+            ),
         };
         let conns = Arc::new(server::conns::Tracker::default());
         let incoming = server::conns::incoming(listener, config.conn_limits, conns.clone());
@@ -212,7 +215,10 @@ impl Head {
             }))
             .add_service(pb::deployments_server::DeploymentsServer::new(server::deployments::DeploymentsService {
                 deployments: deployments.clone(),
-                log_streams: Arc::new(tokio::sync::Semaphore::new(server::deployments::MAX_LOG_STREAMS)),
+                log_streams: server::streams::StreamLimits::new(
+                    server::deployments::MAX_LOG_STREAMS,
+                    server::deployments::MAX_LOG_STREAMS_PER_PEER,
+                ),
             }))
             .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned());
         let server_task = tokio::spawn(server);

@@ -246,8 +246,22 @@ impl Store {
 
     /// Every node credential hash by node id.
     pub fn credentials(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.read_all(CREDENTIALS, |k, v| (k.to_string(), v.to_vec()))
+    }
+
+    /// Ids of the nodes an operator drained.
+    pub fn drained(&self) -> Result<Vec<String>, StoreError> {
+        self.read_all(DRAINED, |k, _| k.to_string())
+    }
+
+    /// Every row of a table keyed by name (none when the table does not exist yet).
+    fn read_all<V: redb::Value + 'static, T>(
+        &self,
+        def: TableDefinition<&'static str, V>,
+        row: impl Fn(&str, V::SelfType<'_>) -> T,
+    ) -> Result<Vec<T>, StoreError> {
         self.read(|txn| {
-            let t = match txn.open_table(CREDENTIALS) {
+            let t = match txn.open_table(def) {
                 Ok(t) => t,
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
                 Err(e) => return Err(e.to_string()),
@@ -255,39 +269,14 @@ impl Store {
             let mut out = Vec::new();
             for item in t.iter().map_err(|e| e.to_string())? {
                 let (k, v) = item.map_err(|e| e.to_string())?;
-                out.push((k.value().to_string(), v.value().to_vec()));
-            }
-            Ok(out)
-        })
-    }
-
-    /// Ids of the nodes an operator drained.
-    pub fn drained(&self) -> Result<Vec<String>, StoreError> {
-        self.read(|txn| {
-            let t = match txn.open_table(DRAINED) {
-                Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-                Err(e) => return Err(e.to_string()),
-            };
-            let mut out = Vec::new();
-            for item in t.iter().map_err(|e| e.to_string())? {
-                let (k, _) = item.map_err(|e| e.to_string())?;
-                out.push(k.value().to_string());
+                out.push(row(k.value(), v.value()));
             }
             Ok(out)
         })
     }
 
     pub fn load(&self) -> Result<Vec<StoredDeployment>, StoreError> {
-        let raw: Vec<(String, Vec<u8>)> = self.read(|txn| {
-            let t = txn.open_table(DEPLOYMENTS).map_err(|e| e.to_string())?;
-            let mut out = Vec::new();
-            for item in t.iter().map_err(|e| e.to_string())? {
-                let (k, v) = item.map_err(|e| e.to_string())?;
-                out.push((k.value().to_string(), v.value().to_vec()));
-            }
-            Ok(out)
-        })?;
+        let raw = self.read_all(DEPLOYMENTS, |k, v| (k.to_string(), v.to_vec()))?;
         raw.into_iter()
             .map(|(name, v)| {
                 serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {

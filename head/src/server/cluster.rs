@@ -55,11 +55,12 @@ pub struct ClusterService {
     pub head_instance_id: String,
     pub started: Instant,
     /// Event streams open at once.
-    pub event_streams: std::sync::Arc<tokio::sync::Semaphore>,
+    pub event_streams: super::streams::StreamLimits,
 }
 
-/// Event streams a head serves at once.
+/// Event streams a head serves at once, and from one peer address.
 pub const MAX_EVENT_STREAMS: usize = 1024;
+pub const MAX_EVENT_STREAMS_PER_PEER: usize = 64;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
@@ -104,12 +105,13 @@ impl pb::cluster_server::Cluster for ClusterService {
     type WatchEventsStream = EventStream;
 
     async fn watch_events(&self, request: Request<pb::WatchEventsRequest>) -> Result<Response<EventStream>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
         let include_current = request.into_inner().include_current;
         let mut deps_rx = self.deployments.subscribe();
         let (current, mut rx) =
             self.membership.subscribe().await.ok_or_else(|| Status::unavailable("the head is shutting down"))?;
         let current_deps = if include_current { self.deployments.list().await? } else { Vec::new() };
-        let (tx, stream) = super::streams::bounded(32, &self.event_streams, "event")?;
+        let (tx, stream) = super::streams::bounded(32, &self.event_streams, peer, "event")?;
         tokio::spawn(async move {
             if include_current {
                 let nodes = current.iter().map(|n| pb::Event {

@@ -27,11 +27,12 @@ impl From<DeployError> for Status {
 pub struct DeploymentsService {
     pub deployments: Deployments,
     /// Log streams open at once.
-    pub log_streams: std::sync::Arc<tokio::sync::Semaphore>,
+    pub log_streams: super::streams::StreamLimits,
 }
 
-/// Log streams a head serves at once.
+/// Log streams a head serves at once, and from one peer address.
 pub const MAX_LOG_STREAMS: usize = 256;
+pub const MAX_LOG_STREAMS_PER_PEER: usize = 32;
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
 
@@ -76,9 +77,10 @@ impl pb::deployments_server::Deployments for DeploymentsService {
     type LogsStream = LogStream;
 
     async fn logs(&self, request: Request<pb::LogsRequest>) -> Result<Response<LogStream>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
         let req = request.into_inner();
         check_name(&req.name)?;
-        let (tx, out) = super::streams::bounded(64, &self.log_streams, "log")?;
+        let (tx, out) = super::streams::bounded(64, &self.log_streams, peer, "log")?;
         let (id, mut rx) = self.deployments.logs(req).await?;
         let deployments = self.deployments.clone();
         tokio::spawn(async move {

@@ -154,13 +154,7 @@ fn plan_bench(runs: usize) -> anyhow::Result<()> {
 /// Time from `Create` to `running` for a TP=4 PP=2 probe deployment on a head and two workers (4
 /// fake GPUs each), and from `kill -9` of one rank to `running` again at the next generation.
 async fn deploy_bench(runs: usize) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
-    let _w1 = start_worker(dir.path(), "w1", &head.url);
-    let _w2 = start_worker(dir.path(), "w2", &head.url);
-    let mut client = cluster_client(&head.url).await;
-    wait_state(&mut client, "w1", pb::NodeState::Alive).await;
-    wait_state(&mut client, "w2", pb::NodeState::Alive).await;
+    let (_dir, head, _workers, mut client) = head_and_two_workers().await;
     let mut deps = tessera_tests::deployments_client(&head.url).await;
     let mut up = Vec::new();
     let mut again = Vec::new();
@@ -209,15 +203,22 @@ async fn wait_running(
     }
 }
 
-/// A head and two workers with a TP=4 PP=2 probe deployment `steady` running (stage 0 on the
-/// head), and its rank pids.
-async fn steady_cluster() -> anyhow::Result<(tempfile::TempDir, HeadProc, [Daemon; 2], Vec<u32>)> {
-    let dir = tempfile::tempdir()?;
+/// A head and two workers (4 fake GPUs each), all alive, and a cluster client.
+async fn head_and_two_workers()
+-> (tempfile::TempDir, HeadProc, [Daemon; 2], pb::cluster_client::ClusterClient<tessera_tests::Conn>) {
+    let dir = tempfile::tempdir().expect("tempdir");
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let workers = [start_worker(dir.path(), "w1", &head.url), start_worker(dir.path(), "w2", &head.url)];
     let mut client = cluster_client(&head.url).await;
     wait_state(&mut client, "w1", pb::NodeState::Alive).await;
     wait_state(&mut client, "w2", pb::NodeState::Alive).await;
+    (dir, head, workers, client)
+}
+
+/// A head and two workers with a TP=4 PP=2 probe deployment `steady` running (stage 0 on the
+/// head), and its rank pids.
+async fn steady_cluster() -> anyhow::Result<(tempfile::TempDir, HeadProc, [Daemon; 2], Vec<u32>)> {
+    let (dir, head, workers, mut client) = head_and_two_workers().await;
     let mut deps = tessera_tests::deployments_client(&head.url).await;
     deps.create(probe_request("steady")?).await?;
     let mut events = client.watch_events(pb::WatchEventsRequest { include_current: true }).await?.into_inner();
@@ -295,13 +296,7 @@ async fn head_pause_bench(runs: usize) -> anyhow::Result<()> {
 /// 1,100 idle TCP connections and 500 event streams that never read (over small HTTP/2 windows)
 /// open, after 400 events were sent to them.
 async fn exhaustion_bench(idle_n: usize, streams_n: usize) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
-    let _w1 = start_worker(dir.path(), "w1", &head.url);
-    let _w2 = start_worker(dir.path(), "w2", &head.url);
-    let mut client = cluster_client(&head.url).await;
-    wait_state(&mut client, "w1", pb::NodeState::Alive).await;
-    wait_state(&mut client, "w2", pb::NodeState::Alive).await;
+    let (_dir, head, _workers, mut client) = head_and_two_workers().await;
     let pid = head.daemon.pid().as_raw();
     let measure = |client: pb::cluster_client::ClusterClient<tessera_tests::Conn>| async move {
         let mut c = client;
@@ -319,6 +314,7 @@ async fn exhaustion_bench(idle_n: usize, streams_n: usize) -> anyhow::Result<()>
     let addr = head.url.trim_start_matches("http://").to_string();
     let idle: Vec<std::net::TcpStream> = (0..idle_n).filter_map(|_| std::net::TcpStream::connect(&addr).ok()).collect();
     let mut streams = Vec::new();
+    let mut refused = 0;
     for conn in 0..10 {
         let ch = tonic::transport::Endpoint::from_shared(head.url.clone())?
             .initial_stream_window_size(65_535)
@@ -328,7 +324,11 @@ async fn exhaustion_bench(idle_n: usize, streams_n: usize) -> anyhow::Result<()>
         let auth = tessera_common::auth::Bearer::new(Some(tessera_tests::ADMIN_TOKEN)).map_err(anyhow::Error::msg)?;
         let mut c = pb::cluster_client::ClusterClient::with_interceptor(ch, auth);
         for _ in 0..streams_n / 10 {
-            streams.push(c.watch_events(pb::WatchEventsRequest { include_current: true }).await?.into_inner());
+            match c.watch_events(pb::WatchEventsRequest { include_current: true }).await {
+                Ok(s) => streams.push(s.into_inner()),
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => refused += 1,
+                Err(s) => return Err(s.into()),
+            }
         }
         let _ = conn;
     }
@@ -347,7 +347,11 @@ async fn exhaustion_bench(idle_n: usize, streams_n: usize) -> anyhow::Result<()>
     let (m2, x2) = measure(client.clone()).await?;
     let rss2 = rss_kib(pid)?;
     println!("  12 s later: ListNodes median {m2:.2} ms (max {x2:.2}); head RSS {:.1} MiB", rss2 as f64 / 1024.0);
-    println!("exhaustion: {} idle connections, {} event streams not reading", idle.len(), streams.len());
+    println!(
+        "exhaustion: {} idle connections, {} event streams not reading ({refused} more refused: per-peer limit)",
+        idle.len(),
+        streams.len()
+    );
     println!(
         "  ListNodes median {m0:.2} ms (max {x0:.2}) -> {m1:.2} ms (max {x1:.2}); head RSS {:.1} MiB -> {:.1} MiB",
         rss0 as f64 / 1024.0,
