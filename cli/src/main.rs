@@ -76,6 +76,12 @@ enum Per {
 
 #[derive(Debug, Subcommand)]
 enum NodesCmd {
+    /// Approve a node that joined while the head runs with --node-approval manual: work may be
+    /// placed on it from now on
+    Approve {
+        /// Node name or id
+        node: String,
+    },
     /// Forget a dead or departed node now (the head forgets them by itself after --forget-after,
     /// 1 h by default). Refused while the node is alive or a deployment holds its GPUs
     Remove {
@@ -351,6 +357,7 @@ fn main() -> ExitCode {
             Cmd::Logs { name, rank, tail, follow } => deploy::logs(&head, name, rank, tail, follow).await,
             Cmd::Nodes { cmd: None, output } => nodes::nodes(&head, output).await.map(|()| 0),
             Cmd::Nodes { cmd: Some(NodesCmd::Remove { node }), .. } => nodes::remove(&head, node).await.map(|()| 0),
+            Cmd::Nodes { cmd: Some(NodesCmd::Approve { node }), .. } => nodes::approve(&head, node).await.map(|()| 0),
             Cmd::Status { output } => nodes::status(&head, output).await.map(|()| 0),
             Cmd::Events { follow, output } => nodes::events(&head, follow, output).await.map(|()| 0),
             Cmd::Drain { node } => nodes::drain(&head, node, true).await.map(|()| 0),

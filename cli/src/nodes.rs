@@ -18,6 +18,7 @@ pub fn state_name(s: i32) -> &'static str {
         pb::NodeState::Dead => "dead",
         pb::NodeState::Left => "left",
         pb::NodeState::Draining => "draining",
+        pb::NodeState::PendingApproval => "pending-approval",
         pb::NodeState::Unspecified => "unknown",
     }
 }
@@ -271,6 +272,13 @@ pub async fn list_all(c: &mut pb::cluster_client::ClusterClient<client::Conn>) -
         }
         page_token = page.next_page_token;
     }
+}
+
+pub async fn approve(head: &str, node: String) -> anyhow::Result<()> {
+    let mut c = client::cluster(head).await?;
+    let n = c.approve_node(pb::DrainNodeRequest { node }).await.or_status()?;
+    println!("{} ({}) is approved and {}", n.name, n.id, state_name(n.state));
+    Ok(())
 }
 
 pub async fn remove(head: &str, node: String) -> anyhow::Result<()> {

@@ -190,6 +190,8 @@ pub enum NodeState {
     Dead,
     Left,
     Draining,
+    /// Alive, but not approved by an operator yet (`--node-approval manual`).
+    PendingApproval,
 }
 
 impl NodeState {
@@ -200,6 +202,7 @@ impl NodeState {
             NodeState::Dead => "dead",
             NodeState::Left => "left",
             NodeState::Draining => "draining",
+            NodeState::PendingApproval => "pending-approval",
         }
     }
 }
@@ -218,6 +221,7 @@ impl From<NodeState> for pb::NodeState {
             NodeState::Dead => pb::NodeState::Dead,
             NodeState::Left => pb::NodeState::Left,
             NodeState::Draining => pb::NodeState::Draining,
+            NodeState::PendingApproval => pb::NodeState::PendingApproval,
         }
     }
 }
@@ -231,6 +235,7 @@ impl TryFrom<pb::NodeState> for NodeState {
             pb::NodeState::Dead => NodeState::Dead,
             pb::NodeState::Left => NodeState::Left,
             pb::NodeState::Draining => NodeState::Draining,
+            pb::NodeState::PendingApproval => NodeState::PendingApproval,
             pb::NodeState::Unspecified => {
                 return Err(FieldError::new("state", "unspecified node state"));
             }

@@ -52,6 +52,12 @@ struct Cli {
     #[arg(long, env = "TESSERA_RECOVERY_WINDOW", value_parser = parse_positive_duration, default_value = "10s")]
     recovery_window: Duration,
 
+    /// `manual`: a node joining for the first time waits in `pending-approval` (no work is placed
+    /// on it) until `tessera nodes approve NODE`; the head's own worker is always approved. `auto`:
+    /// every node that joins with the join token may be used
+    #[arg(long, env = "TESSERA_NODE_APPROVAL", value_enum, default_value_t = Approval::Auto)]
+    node_approval: Approval,
+
     /// At most this many connections at once (each worker holds one); more are closed at once
     #[arg(long, env = "TESSERA_MAX_CONNECTIONS", default_value_t = 16_384, value_name = "N")]
     max_connections: usize,
@@ -121,6 +127,13 @@ struct Cli {
     log: LogArgs,
 }
 
+/// `--node-approval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Approval {
+    Auto,
+    Manual,
+}
+
 fn main() -> ExitCode {
     // Everything the daemon writes (tokens, state, specs with their env, logs) is its user's alone.
     tessera_common::files::private_umask();
@@ -143,6 +156,7 @@ fn main() -> ExitCode {
         node_timeout: cli.node_timeout,
         reconnect_grace: cli.reconnect_grace,
         forget_after: cli.forget_after,
+        manual_approval: cli.node_approval == Approval::Manual,
     };
     if let Err(e) = membership.validate() {
         return usage(&e);

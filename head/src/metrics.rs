@@ -126,7 +126,14 @@ impl HeadMetrics {
     pub async fn render(&self, membership: &Membership, deployments: &Deployments) -> String {
         let nodes = membership.list().await;
         self.nodes.clear();
-        for s in [NodeState::Alive, NodeState::Suspect, NodeState::Dead, NodeState::Left, NodeState::Draining] {
+        for s in [
+            NodeState::Alive,
+            NodeState::Suspect,
+            NodeState::Dead,
+            NodeState::Left,
+            NodeState::Draining,
+            NodeState::PendingApproval,
+        ] {
             let n = nodes.iter().filter(|v| v.state == s).count();
             self.nodes.get_or_create(&StateLabel { state: s.to_string() }).set(n as i64);
         }

@@ -20,6 +20,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployments");
 /// Node id -> 1 when an operator drained it (admin state survives head restarts).
 const DRAINED: TableDefinition<&str, u64> = TableDefinition::new("drained_nodes");
+/// Node id -> 1 when an operator approved it (`--node-approval manual`).
+const APPROVED: TableDefinition<&str, u64> = TableDefinition::new("approved_nodes");
 /// Node id -> SHA-256 of its credential (the secret itself is only on the node).
 const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("node_credentials");
 
@@ -223,9 +225,14 @@ impl Store {
 
     /// Records whether an operator drained a node.
     pub fn set_drained(&self, node_id: &str, drained: bool) -> Result<(), StoreError> {
+        self.set_mark(DRAINED, node_id, drained)
+    }
+
+    /// A per-node mark of an operator's (drained, approved): set, or cleared.
+    fn set_mark(&self, def: TableDefinition<&str, u64>, node_id: &str, on: bool) -> Result<(), StoreError> {
         self.write(|txn| {
-            let mut t = txn.open_table(DRAINED).map_err(|e| e.to_string())?;
-            if drained {
+            let mut t = txn.open_table(def).map_err(|e| e.to_string())?;
+            if on {
                 t.insert(node_id, 1).map(|_| ()).map_err(|e| e.to_string())
             } else {
                 t.remove(node_id).map(|_| ()).map_err(|e| e.to_string())
@@ -247,6 +254,16 @@ impl Store {
     /// Every node credential hash by node id.
     pub fn credentials(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.read_all(CREDENTIALS, |k, v| (k.to_string(), v.to_vec()))
+    }
+
+    /// Records (or forgets) an operator's approval of a node.
+    pub fn set_approved(&self, node_id: &str, approved: bool) -> Result<(), StoreError> {
+        self.set_mark(APPROVED, node_id, approved)
+    }
+
+    /// Ids of the nodes an operator approved.
+    pub fn approved(&self) -> Result<Vec<String>, StoreError> {
+        self.read_all(APPROVED, |k, _| k.to_string())
     }
 
     /// Ids of the nodes an operator drained.

@@ -33,6 +33,8 @@ pub struct MembershipConfig {
     pub reconnect_grace: Duration,
     /// A node dead or left this long is forgotten, unless deployments hold its GPUs.
     pub forget_after: Duration,
+    /// `--node-approval manual`: new nodes wait for `tessera nodes approve` before work goes there.
+    pub manual_approval: bool,
 }
 
 impl Default for MembershipConfig {
@@ -42,6 +44,7 @@ impl Default for MembershipConfig {
             node_timeout: Duration::from_secs(3),
             reconnect_grace: Duration::from_secs(1),
             forget_after: Duration::from_secs(3600),
+            manual_approval: false,
         }
     }
 }
@@ -173,6 +176,8 @@ pub enum NodeError {
     Live(String, NodeState),
     #[error("node {0:?} still holds GPUs of a deployment; delete or move the deployment first")]
     Pinned(String),
+    #[error("cannot record the change: {0}")]
+    CannotRecord(String),
     #[error("the head is shutting down")]
     ShuttingDown,
 }
@@ -228,6 +233,10 @@ enum Command {
         node: String,
         reply: oneshot::Sender<Result<NodeView, NodeError>>,
     },
+    Approve {
+        node: String,
+        reply: oneshot::Sender<Result<NodeView, NodeError>>,
+    },
     Pinned {
         nodes: std::collections::HashSet<NodeId>,
     },
@@ -272,6 +281,10 @@ impl Membership {
                 tracing::warn!(error = %e, "cannot read the drained nodes; none are drained");
                 Vec::new()
             });
+            let approved = store.approved().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read the approved nodes; nodes wait for approval again");
+                Vec::new()
+            });
             let credentials = store.credentials().unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "cannot read the node credentials; nodes get new ones as they rejoin");
                 Vec::new()
@@ -280,6 +293,7 @@ impl Membership {
                 store,
                 drained.iter().filter_map(|i| i.parse::<NodeId>().ok()).collect(),
                 credentials.into_iter().filter_map(|(k, v)| Some((k.parse::<NodeId>().ok()?, v))).collect(),
+                approved.iter().filter_map(|i| i.parse::<NodeId>().ok()).collect(),
             );
         }
         let task = tokio::spawn(run(table, rx, shutdown));
@@ -354,6 +368,13 @@ impl Membership {
         rx.await.map_err(|_| NodeError::ShuttingDown)?
     }
 
+    /// Approves a node that joined under `--node-approval manual`.
+    pub async fn approve(&self, node: String) -> Result<NodeView, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Approve { node, reply }).await.map_err(|_| NodeError::ShuttingDown)?;
+        rx.await.map_err(|_| NodeError::ShuttingDown)?
+    }
+
     /// The nodes whose GPUs deployments hold: they are never forgotten.
     pub async fn set_pinned(&self, nodes: std::collections::HashSet<NodeId>) {
         let _ = self.tx.send(Command::Pinned { nodes }).await;
@@ -410,6 +431,9 @@ fn handle(table: &mut state::Table, cmd: Command) {
         Command::Remove { node, reply } => {
             let _ = reply.send(table.remove(&node, now));
         }
+        Command::Approve { node, reply } => {
+            let _ = reply.send(table.approve(&node, now));
+        }
         Command::Pinned { nodes } => table.set_pinned(nodes),
     }
 }
@@ -419,9 +443,14 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Node state for display: the admin `draining` mark shows while the node is alive.
-pub fn shown_state(health: NodeState, draining: bool) -> NodeState {
-    if draining && health == NodeState::Alive { NodeState::Draining } else { health }
+/// Node state for display: an unapproved node shows `pending-approval` and the admin `draining`
+/// mark shows while the node is alive.
+pub fn shown_state(health: NodeState, draining: bool, approved: bool) -> NodeState {
+    match health {
+        NodeState::Alive if !approved => NodeState::PendingApproval,
+        NodeState::Alive if draining => NodeState::Draining,
+        h => h,
+    }
 }
 
 #[cfg(test)]

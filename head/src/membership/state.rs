@@ -106,6 +106,8 @@ struct Session {
 
 struct Entry {
     id: NodeId,
+    /// Work may go here (always, unless the head runs with `--node-approval manual`).
+    approved: bool,
     info: Arc<JoinInfo>,
     /// `alive`, `suspect`, `dead` or `left`; draining is kept apart in `draining`.
     health: NodeState,
@@ -142,6 +144,8 @@ pub struct Table {
     pinned: std::collections::HashSet<NodeId>,
     /// SHA-256 of each node's credential.
     credentials: HashMap<NodeId, Vec<u8>>,
+    /// Nodes an operator approved (`--node-approval manual`).
+    approved: std::collections::HashSet<NodeId>,
     last_forget: Option<Instant>,
 }
 
@@ -161,6 +165,7 @@ impl Table {
             gpu_owner: HashMap::new(),
             pinned: Default::default(),
             credentials: HashMap::new(),
+            approved: Default::default(),
             last_forget: None,
         }
     }
@@ -170,10 +175,12 @@ impl Table {
         store: Arc<crate::store::Store>,
         drained: std::collections::HashSet<NodeId>,
         credentials: HashMap<NodeId, Vec<u8>>,
+        approved: std::collections::HashSet<NodeId>,
     ) {
         self.store = Some(store);
         self.drained_unjoined = drained;
         self.credentials = credentials;
+        self.approved = approved;
     }
 
     /// Queues a message on a node's open session.
@@ -319,7 +326,7 @@ impl Table {
                     let _ =
                         old.tx.try_send(Err(tonic::Status::aborted("replaced by a newer session of the same node")));
                 }
-                let previous = shown_state(e.health, e.draining);
+                let previous = shown_state(e.health, e.draining, e.approved);
                 e.info = info;
                 e.health = NodeState::Alive;
                 e.address = address;
@@ -336,10 +343,17 @@ impl Table {
                 let id = new_id;
                 // An operator's drain mark outlives a head restart.
                 let draining = self.drained_unjoined.remove(&id);
+                // The head's own worker (over loopback) needs no approval; others do when asked for.
+                let own = info.is_head && conn.peer.is_loopback();
+                let approved = !self.config.manual_approval || own || self.approved.contains(&id);
+                if !approved {
+                    info!(node_id = %id, name = %info.name, "new node waits for approval: tessera nodes approve {}", info.name);
+                }
                 self.nodes.insert(
                     id,
                     Entry {
                         id,
+                        approved,
                         info,
                         health: NodeState::Alive,
                         draining,
@@ -371,12 +385,30 @@ impl Table {
         self.pinned = nodes;
     }
 
+    /// An operator approves a node that joined under `--node-approval manual`.
+    pub fn approve(&mut self, node: &str, now: Instant) -> Result<NodeView, NodeError> {
+        let id = self.resolve(node)?;
+        if !self.nodes[&id].approved {
+            if let Some(store) = &self.store {
+                store.set_approved(&id.to_string(), true).map_err(|e| NodeError::CannotRecord(e.to_string()))?;
+            }
+            self.approved.insert(id);
+            let e = self.nodes.get_mut(&id).expect("resolved id exists");
+            let previous = shown_state(e.health, e.draining, e.approved);
+            e.approved = true;
+            e.since = now;
+            info!(node_id = %id, name = %e.info.name, "node approved by an operator");
+            self.emit(id, EventKind::StateChanged, Some(previous), "approved by an operator".into(), now);
+        }
+        Ok(self.view(&self.nodes[&id], now))
+    }
+
     /// An operator forgets a dead or departed node.
     pub fn remove(&mut self, node: &str, now: Instant) -> Result<NodeView, NodeError> {
         let id = self.resolve(node)?;
         let e = &self.nodes[&id];
         if matches!(e.health, NodeState::Alive | NodeState::Suspect) {
-            return Err(NodeError::Live(node.to_string(), shown_state(e.health, e.draining)));
+            return Err(NodeError::Live(node.to_string(), shown_state(e.health, e.draining, e.approved)));
         }
         if self.pinned.contains(&id) {
             return Err(NodeError::Pinned(node.to_string()));
@@ -414,7 +446,7 @@ impl Table {
     /// event: the deployments forget it too).
     fn forget(&mut self, id: NodeId, why: &str, now: Instant) {
         if let Some(e) = self.nodes.get(&id) {
-            let state = shown_state(e.health, e.draining);
+            let state = shown_state(e.health, e.draining, e.approved);
             self.emit(id, EventKind::Removed, Some(state), why.to_string(), now);
         }
         if self.credentials.remove(&id).is_some()
@@ -422,6 +454,12 @@ impl Table {
             && let Err(e) = store.set_credential(&id.to_string(), None)
         {
             warn!(node_id = %id, error = %e, "cannot forget the node's credential");
+        }
+        if self.approved.remove(&id)
+            && let Some(store) = &self.store
+            && let Err(e) = store.set_approved(&id.to_string(), false)
+        {
+            warn!(node_id = %id, error = %e, "cannot forget the node's approval");
         }
         if let Some(e) = self.nodes.remove(&id) {
             for g in &e.info.inventory.gpus {
@@ -446,7 +484,7 @@ impl Table {
         info!(node_id = %head.id, address = %local, "head node address learned from a remote worker's connection");
         head.address = local;
         let id = head.id;
-        let state = shown_state(head.health, head.draining);
+        let state = shown_state(head.health, head.draining, head.approved);
         self.emit(id, EventKind::StateChanged, Some(state), format!("address is now {local}"), now);
     }
 
@@ -469,7 +507,7 @@ impl Table {
         }
         e.session = None;
         e.closed_at = None;
-        let previous = shown_state(e.health, e.draining);
+        let previous = shown_state(e.health, e.draining, e.approved);
         e.health = NodeState::Left;
         e.reason = format!("left: {reason}");
         e.since = now;
@@ -490,7 +528,7 @@ impl Table {
             return;
         }
         e.closed_at = Some(now);
-        let previous = shown_state(e.health, e.draining);
+        let previous = shown_state(e.health, e.draining, e.approved);
         let grace = format_duration(self.config.reconnect_grace);
         e.reason = format!("session closed ({why}); dead unless it reconnects within {grace}");
         if e.health != NodeState::Suspect {
@@ -517,7 +555,7 @@ impl Table {
             if !matches!(e.health, NodeState::Alive | NodeState::Suspect) {
                 continue;
             }
-            let previous = shown_state(e.health, e.draining);
+            let previous = shown_state(e.health, e.draining, e.approved);
             if let Some(closed) = e.closed_at {
                 if now.saturating_duration_since(closed) >= cfg.reconnect_grace {
                     e.health = NodeState::Dead;
@@ -593,10 +631,10 @@ impl Table {
             {
                 warn!(node_id = %id, error = %err, "cannot record the drain mark");
             }
-            let previous = shown_state(e.health, e.draining);
+            let previous = shown_state(e.health, e.draining, e.approved);
             e.draining = draining;
             let reason = if draining { "drained by an operator" } else { "undrained by an operator" };
-            if previous != shown_state(e.health, e.draining) {
+            if previous != shown_state(e.health, e.draining, e.approved) {
                 e.since = now;
             }
             info!(node_id = %id, draining, "node admin state changed");
@@ -635,7 +673,7 @@ impl Table {
         NodeView {
             id: e.id,
             info: e.info.clone(),
-            state: shown_state(e.health, e.draining),
+            state: shown_state(e.health, e.draining, e.approved),
             draining: e.draining,
             address: e.address,
             last_heartbeat_ago: now.saturating_duration_since(e.liveness.last()),

@@ -373,3 +373,33 @@ async fn an_operator_removes_only_departed_unpinned_nodes() {
     assert!(m.list().await.is_empty());
     assert!(matches!(m.remove("a".into()).await, Err(NodeError::NotFound(_))));
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_manual_approval_new_nodes_wait_and_the_heads_own_does_not() {
+    let cfg = MembershipConfig { manual_approval: true, ..MembershipConfig::default() };
+    let m = start_with(cfg);
+    let (a, _rx) = join(&m, info("a", "fp-a")).await;
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::PendingApproval);
+    let mut head = info("head", "fp-head");
+    head.is_head = true;
+    let (tx, _rh) = mpsc::channel(16);
+    let local = ConnInfo { peer: IpAddr::V4(Ipv4Addr::LOCALHOST), local: None };
+    let h = m.join(head, None, local, tx).await.expect("the head's own worker");
+    assert_eq!(state_of(&m, h.node_id).await, NodeState::Alive, "the head's own worker over loopback");
+    // A remote node claiming to be the head is not waved through.
+    let mut fake_head = info("fake", "fp-fake");
+    fake_head.is_head = true;
+    let (tx, _rf) = mpsc::channel(16);
+    let remote = ConnInfo { peer: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)), local: None };
+    let f = m.join(fake_head, None, remote, tx).await.expect("joins");
+    assert_eq!(state_of(&m, f.node_id).await, NodeState::PendingApproval);
+    let v = m.approve("a".into()).await.expect("approve");
+    assert_eq!(v.state, NodeState::Alive);
+    // Its approval stays with it across a reconnect.
+    m.session_closed(a.node_id, a.session_id, "reset".into()).await;
+    let mut again = info("a", "fp-a");
+    again.node_id = Some(a.node_id);
+    let (tx, _r2) = mpsc::channel(16);
+    m.join(again, a.new_secret.clone(), conn(2), tx).await.expect("rejoin");
+    assert_eq!(state_of(&m, a.node_id).await, NodeState::Alive);
+}

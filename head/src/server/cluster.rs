@@ -20,6 +20,7 @@ impl From<NodeError> for Status {
             NodeError::NotFound(_) => Status::not_found(e.to_string()),
             NodeError::Ambiguous(_) => Status::invalid_argument(e.to_string()),
             NodeError::Live(..) | NodeError::Pinned(_) => Status::failed_precondition(e.to_string()),
+            NodeError::CannotRecord(_) => Status::unavailable(e.to_string()),
             NodeError::ShuttingDown => Status::unavailable(e.to_string()),
         }
     }
@@ -85,6 +86,12 @@ impl pb::cluster_server::Cluster for ClusterService {
             _ => String::new(),
         };
         Ok(Response::new(pb::ListNodesResponse { nodes: page.iter().map(pb::Node::from).collect(), next_page_token }))
+    }
+
+    async fn approve_node(&self, request: Request<pb::DrainNodeRequest>) -> Result<Response<pb::Node>, Status> {
+        let node = request.into_inner().node;
+        let v = self.membership.approve(node).await?;
+        Ok(Response::new(pb::Node::from(&v)))
     }
 
     async fn remove_node(&self, request: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::Node>, Status> {
