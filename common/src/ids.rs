@@ -113,12 +113,6 @@ impl fmt::Display for ProcKey {
     }
 }
 
-impl From<&str> for ProcKey {
-    fn from(s: &str) -> Self {
-        ProcKey(s.to_string())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

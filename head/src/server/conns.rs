@@ -46,15 +46,6 @@ impl Tracker {
             flag.store(true, Ordering::Relaxed);
         }
     }
-
-    /// Connections refused because the limit was reached.
-    pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
-    }
-
-    pub fn open(&self) -> usize {
-        self.authenticated.lock().expect("lock").len()
-    }
 }
 
 /// One accepted connection: its slot under the limit, and its authentication deadline.
