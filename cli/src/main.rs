@@ -91,6 +91,13 @@ enum NodesCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum TokensCmd {
+    /// Make a new join token (written to the head's join token file, printed here); the old one
+    /// stops joining nodes at once. Joined nodes keep working: they use their own credentials
+    RotateJoin,
+}
+
+#[derive(Debug, Subcommand)]
 enum Cmd {
     /// List the cluster's nodes: state, address, GPUs, last heartbeat (`nodes remove` forgets one)
     #[command(args_conflicts_with_subcommands = true)]
@@ -224,6 +231,11 @@ enum Cmd {
         /// Keep printing new output
         #[arg(short, long)]
         follow: bool,
+    },
+    /// The head's tokens: `tokens rotate-join`
+    Tokens {
+        #[command(subcommand)]
+        cmd: TokensCmd,
     },
     /// Mark a node draining: no new work is placed on it
     Drain {
@@ -360,6 +372,7 @@ fn main() -> ExitCode {
             Cmd::Nodes { cmd: Some(NodesCmd::Approve { node }), .. } => nodes::approve(&head, node).await.map(|()| 0),
             Cmd::Status { output } => nodes::status(&head, output).await.map(|()| 0),
             Cmd::Events { follow, output } => nodes::events(&head, follow, output).await.map(|()| 0),
+            Cmd::Tokens { cmd: TokensCmd::RotateJoin } => nodes::rotate_join(&head).await.map(|()| 0),
             Cmd::Drain { node } => nodes::drain(&head, node, true).await.map(|()| 0),
             Cmd::Undrain { node } => nodes::drain(&head, node, false).await.map(|()| 0),
             Cmd::Up { workers, fake_gpus, listen, dir, bin_dir, deploy } => {

@@ -274,6 +274,17 @@ pub async fn list_all(c: &mut pb::cluster_client::ClusterClient<client::Conn>) -
     }
 }
 
+pub async fn rotate_join(head: &str) -> anyhow::Result<()> {
+    let mut c = pb::tokens_client::TokensClient::new(client::connect(head).await?);
+    let r = c.rotate_join_token(pb::RotateJoinTokenRequest {}).await.or_status()?;
+    println!("{}", r.join_token);
+    eprintln!(
+        "the new join token is written to {} on the head; the old one no longer joins nodes (joined nodes keep working)",
+        r.written_to
+    );
+    Ok(())
+}
+
 pub async fn approve(head: &str, node: String) -> anyhow::Result<()> {
     let mut c = client::cluster(head).await?;
     let n = c.approve_node(pb::DrainNodeRequest { node }).await.or_status()?;

@@ -52,11 +52,25 @@ pub enum Denied {
     WrongRole,
 }
 
+/// What let a request in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Granted {
+    Public,
+    Admin,
+    Join,
+    /// A node's own credential (`tsn_...`) on a membership session: the join itself checks that
+    /// it belongs to the node id the session claims.
+    NodeCredential(String),
+}
+
+/// The prefix of node credentials (see `generate`).
+pub const NODE_CREDENTIAL_PREFIX: &str = "tsn_";
+
 impl TokenSet {
     /// Checks the `authorization` header value for a call that needs `role`.
-    pub fn check(&self, role: Role, authorization: Option<&[u8]>) -> Result<(), Denied> {
+    pub fn check(&self, role: Role, authorization: Option<&[u8]>) -> Result<Granted, Denied> {
         if role == Role::Public {
-            return Ok(());
+            return Ok(Granted::Public);
         }
         // RFC 6750: the scheme is case-insensitive (`Bearer`, `bearer`, `BEARER`).
         let token = authorization.and_then(|h| {
@@ -69,9 +83,14 @@ impl TokenSet {
         let admin = constant_time_eq(token, self.admin.as_bytes());
         let join = constant_time_eq(token, self.join.as_bytes());
         match (role, admin, join) {
-            (_, true, _) => Ok(()),
-            (Role::Join, false, true) => Ok(()),
+            (_, true, _) => Ok(Granted::Admin),
+            (Role::Join, false, true) => Ok(Granted::Join),
             (Role::Admin, false, true) => Err(Denied::WrongRole),
+            (Role::Join, false, false) if token.starts_with(NODE_CREDENTIAL_PREFIX.as_bytes()) => {
+                let t = std::str::from_utf8(token).map_err(|_| Denied::Unauthenticated { missing: false })?;
+                check_token_syntax(t).map_err(|_| Denied::Unauthenticated { missing: false })?;
+                Ok(Granted::NodeCredential(t.to_string()))
+            }
             _ => Err(Denied::Unauthenticated { missing: false }),
         }
     }
@@ -140,7 +159,8 @@ pub fn check_token_syntax(t: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn write_secret(path: &Path, value: &str) -> std::io::Result<()> {
+/// Writes a secret file atomically, mode 0600.
+pub fn write_secret(path: &Path, value: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
     f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
@@ -191,14 +211,17 @@ mod tests {
     fn roles_and_tokens() {
         let t = TokenSet { join: generate("tsj"), admin: generate("tsa") };
         let h = |s: &str| format!("Bearer {s}").into_bytes();
-        assert_eq!(t.check(Role::Admin, Some(&h(&t.admin))), Ok(()));
-        assert_eq!(t.check(Role::Join, Some(&h(&t.admin))), Ok(()), "admin may do everything");
-        assert_eq!(t.check(Role::Join, Some(&h(&t.join))), Ok(()));
+        assert_eq!(t.check(Role::Admin, Some(&h(&t.admin))), Ok(Granted::Admin));
+        assert_eq!(t.check(Role::Join, Some(&h(&t.admin))), Ok(Granted::Admin), "admin may do everything");
+        assert_eq!(t.check(Role::Join, Some(&h(&t.join))), Ok(Granted::Join));
+        let node = generate("tsn");
+        assert_eq!(t.check(Role::Join, Some(&h(&node))), Ok(Granted::NodeCredential(node.clone())));
+        assert_eq!(t.check(Role::Admin, Some(&h(&node))), Err(Denied::Unauthenticated { missing: false }));
         assert_eq!(t.check(Role::Admin, Some(&h(&t.join))), Err(Denied::WrongRole), "a worker token cannot deploy");
         assert_eq!(t.check(Role::Admin, None), Err(Denied::Unauthenticated { missing: true }));
         assert_eq!(t.check(Role::Admin, Some(b"Basic abc")), Err(Denied::Unauthenticated { missing: true }));
         let lower = format!("bearer {}", t.admin).into_bytes();
-        assert_eq!(t.check(Role::Admin, Some(&lower)), Ok(()), "the scheme is case-insensitive");
+        assert_eq!(t.check(Role::Admin, Some(&lower)), Ok(Granted::Admin), "the scheme is case-insensitive");
         assert_eq!(t.check(Role::Admin, Some(b"Bearer ")), Err(Denied::Unauthenticated { missing: true }));
         assert_eq!(
             t.check(Role::Join, Some(&h("tsa_wrong0000000000000"))),
@@ -207,7 +230,7 @@ mod tests {
         assert_eq!(Role::for_path("/tessera.v1.Membership/Session"), Role::Join);
         assert_eq!(Role::for_path("/tessera.v1.Deployments/Create"), Role::Admin);
         assert_eq!(Role::for_path("/grpc.health.v1.Health/Check"), Role::Public);
-        assert_eq!(t.check(Role::Public, None), Ok(()), "health checks need no token");
+        assert_eq!(t.check(Role::Public, None), Ok(Granted::Public), "health checks need no token");
         assert!(
             constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"ab", b"abc")
         );

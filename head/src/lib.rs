@@ -66,6 +66,8 @@ pub struct HeadConfig {
     pub metrics_listener: Option<TcpListener>,
     /// Connection limits of the gRPC port.
     pub conn_limits: server::conns::ConnLimits,
+    /// Where a rotated join token is written (`--join-token-file`, else `DATA_DIR/join.token`).
+    pub join_token_path: Option<PathBuf>,
     /// The data dir's lock, when the caller took it already (before writing tokens into it);
     /// `None`: `Head::start` takes it.
     pub data_dir_lock: Option<datadir::DataDirLock>,
@@ -183,13 +185,26 @@ impl Head {
             );
         }
         let join_token = config.auth.as_ref().map(|t| t.join.clone());
+        let tokens: Option<server::auth::SharedTokens> =
+            config.auth.clone().map(|t| Arc::new(std::sync::RwLock::new(t)));
+        let join_token_path = config
+            .join_token_path
+            .clone()
+            .unwrap_or_else(|| tessera_common::auth::TokenSet::join_path(&config.data_dir));
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = &config.tls {
             builder = builder.tls_config(tls.server.clone())?;
         }
         // The standard gRPC health service and server reflection (grpcurl works without the .proto).
         let (health, health_service) = tonic_health::server::health_reporter();
-        for svc in ["tessera.v1.Membership", "tessera.v1.Cluster", "tessera.v1.Planner", "tessera.v1.Deployments", ""] {
+        for svc in [
+            "tessera.v1.Membership",
+            "tessera.v1.Cluster",
+            "tessera.v1.Planner",
+            "tessera.v1.Deployments",
+            "tessera.v1.Tokens",
+            "",
+        ] {
             health.set_service_status(svc, tonic_health::ServingStatus::Serving).await;
         }
         let reflection = tonic_reflection::server::Builder::configure()
@@ -205,11 +220,15 @@ impl Head {
             .http2_max_pending_accept_reset_streams(Some(64))
             .initial_stream_window_size(Some(1 << 20))
             .initial_connection_window_size(Some(4 << 20))
-            .layer(server::auth::AuthLayer::new(config.auth.clone(), Some(metrics.clone())).with_conns(conns.clone()))
+            .layer(server::auth::AuthLayer::new(tokens.clone(), Some(metrics.clone())).with_conns(conns.clone()))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(pb::membership_server::MembershipServer::new(session))
             .add_service(pb::cluster_server::ClusterServer::new(cluster))
+            .add_service(pb::tokens_server::TokensServer::new(server::tokens::TokensService {
+                tokens,
+                join_token_path,
+            }))
             .add_service(pb::planner_server::PlannerServer::new(server::planner::PlannerService {
                 membership: membership.clone(),
             }))

@@ -277,6 +277,7 @@ fn main() -> ExitCode {
             tls,
             metrics_listener,
             data_dir_lock: Some(data_dir_lock),
+            join_token_path: cli.join_token_file.clone(),
             conn_limits: tessera_head::server::conns::ConnLimits {
                 max_connections: cli.max_connections,
                 unauthenticated_timeout: cli.unauthenticated_timeout,

@@ -123,6 +123,7 @@ async fn start_head(
         HeadConfig {
             data_dir_lock: None,
             conn_limits: Default::default(),
+            join_token_path: None,
             tls: None,
             metrics_listener: None,
             auth: Some(tessera_common::auth::TokenSet {

@@ -177,3 +177,49 @@ async fn a_join_token_holder_can_neither_take_over_a_node_nor_forge_its_reports(
         after.message
     );
 }
+
+#[tokio::test]
+async fn a_rotated_join_token_stops_joining_new_nodes_and_joined_nodes_keep_working() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
+    let state = dir.path().join("w1-state");
+    let mut w1 = tessera_tests::start_worker_in(dir.path(), "w1", &head.url, &state);
+    let mut c = cluster_client(&head.url).await;
+    wait_state(&mut c, "w1", pb::NodeState::Alive).await;
+    let out = std::process::Command::new(tessera_tests::bin("tessera"))
+        .args(["--head", &head.url, "tokens", "rotate-join"])
+        .env("TESSERA_TOKEN_FILE", head.data_dir.join("admin.token"))
+        .output()
+        .expect("run tessera");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fresh = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(fresh.starts_with("tsj_") && fresh != JOIN_TOKEN);
+    let on_disk = std::fs::read_to_string(head.data_dir.join("join.token")).expect("join.token");
+    assert_eq!(on_disk.trim(), fresh, "written where the head reads it at its next start");
+    // The old token joins nobody new.
+    let newcomer = pb::JoinRequest { name: "late".into(), machine_fingerprint: "late".into(), ..Default::default() };
+    let e = raw_session(&head.url, newcomer).await.expect_err("old join token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}", e.message());
+    // w1 (its token file still holds the old token) restarts and rejoins with its own credential.
+    w1.signal(nix::sys::signal::Signal::SIGKILL);
+    w1.wait();
+    let _w1 = tessera_tests::start_worker_in(dir.path(), "w1", &head.url, &state);
+    tessera_tests::wait_until("w1 back with its credential", || {
+        let mut c = c.clone();
+        async move {
+            let nodes = tessera_tests::list_nodes(&mut c).await;
+            let w = tessera_tests::node(&nodes, "w1")?;
+            (tessera_tests::state(w) == pb::NodeState::Alive && w.state_reason == "rejoined").then_some(())
+        }
+    })
+    .await;
+    // A node credential opens only its own node's session.
+    let secret = std::fs::read_to_string(state.join("node.secret")).expect("node.secret").trim().to_string();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let other = pb::JoinRequest { name: "other".into(), machine_fingerprint: "other".into(), ..Default::default() };
+    tx.send(pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Join(other)) }).await.expect("queue");
+    let conn = tessera_tests::conn_with(&head.url, Some(&secret)).await;
+    let mut m = pb::membership_client::MembershipClient::new(conn);
+    let e = m.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect_err("not its node");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+}

@@ -194,6 +194,7 @@ enum Command {
     Join {
         info: Box<JoinInfo>,
         secret: Option<String>,
+        credential_only: bool,
         conn: ConnInfo,
         tx: SessionTx,
         reply: oneshot::Sender<Result<Admitted, JoinError>>,
@@ -304,17 +305,20 @@ impl Membership {
         self.config
     }
 
-    /// A worker's join: `secret` is the node credential it presents (if it has one).
+    /// A worker's join: `secret` is the node credential it presents (if it has one);
+    /// `credential_only` when the session was opened with it instead of the join token (then the
+    /// head must know that credential).
     pub async fn join(
         &self,
         info: JoinInfo,
         secret: Option<String>,
+        credential_only: bool,
         conn: ConnInfo,
         tx: SessionTx,
     ) -> Result<Admitted, JoinError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Join { info: Box::new(info), secret, conn, tx, reply })
+            .send(Command::Join { info: Box::new(info), secret, credential_only, conn, tx, reply })
             .await
             .map_err(|_| JoinError::ShuttingDown)?;
         rx.await.map_err(|_| JoinError::ShuttingDown)?
@@ -407,8 +411,8 @@ async fn run(mut table: state::Table, mut rx: mpsc::Receiver<Command>, shutdown:
 fn handle(table: &mut state::Table, cmd: Command) {
     let now = Instant::now();
     match cmd {
-        Command::Join { info, secret, conn, tx, reply } => {
-            let _ = reply.send(table.join(*info, secret.as_deref(), conn, tx, now));
+        Command::Join { info, secret, credential_only, conn, tx, reply } => {
+            let _ = reply.send(table.join(*info, secret.as_deref(), credential_only, conn, tx, now));
         }
         Command::Usage { node_id, usage } => table.usage(node_id, &usage),
         Command::Leave { node_id, session_id, reason, reply } => {

@@ -203,6 +203,7 @@ impl Table {
         &mut self,
         info: JoinInfo,
         secret: Option<&str>,
+        credential_only: bool,
         conn: ConnInfo,
         tx: SessionTx,
         now: Instant,
@@ -221,6 +222,10 @@ impl Table {
                     return Err(JoinError::BadCredential { node_id: id });
                 }
                 issue = false;
+            } else if credential_only {
+                // Without the join token, only a credential the head knows opens a session.
+                warn!(node_id = %id, "session with a node credential the head does not know refused");
+                return Err(JoinError::BadCredential { node_id: id });
             }
             // A copy of a live node's state dir on another machine (credential and all) is refused.
             if let Some(e) = existing.map(|id| &self.nodes[&id])

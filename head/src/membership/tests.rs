@@ -34,7 +34,7 @@ type Rx = mpsc::Receiver<Result<pb::HeadMessage, tonic::Status>>;
 
 async fn join(m: &Membership, i: JoinInfo) -> (Admitted, Rx) {
     let (tx, rx) = mpsc::channel(16);
-    (m.join(i, None, conn(2), tx).await.expect("join accepted"), rx)
+    (m.join(i, None, false, conn(2), tx).await.expect("join accepted"), rx)
 }
 
 async fn state_of(m: &Membership, id: NodeId) -> NodeState {
@@ -110,7 +110,7 @@ async fn closed_session_is_dead_after_the_grace_unless_it_reconnects() {
     let mut again = info("b", "fp-b");
     again.node_id = Some(b.node_id);
     let (tx, _rxb2) = mpsc::channel(16);
-    let b2 = m.join(again, b.new_secret.clone(), conn(2), tx).await.expect("rejoin with the credential");
+    let b2 = m.join(again, b.new_secret.clone(), false, conn(2), tx).await.expect("rejoin with the credential");
     assert_eq!(b2.new_secret, None, "a node that presented its credential keeps it");
     assert_eq!(b2.node_id, b.node_id);
     assert!(b2.rejoined);
@@ -146,7 +146,7 @@ async fn another_machine_with_the_same_node_id_is_refused() {
     let mut thief = info("a-copy", "machine-2:/var/lib/tessera");
     thief.node_id = Some(a.node_id);
     let (tx, _rx2) = mpsc::channel(4);
-    let err = m.join(thief, a.new_secret.clone(), conn(3), tx).await.expect_err("refused");
+    let err = m.join(thief, a.new_secret.clone(), false, conn(3), tx).await.expect_err("refused");
     assert!(matches!(err, JoinError::NodeIdConflict { .. }), "{err}");
     assert_eq!(tonic::Status::from(err).code(), tonic::Code::AlreadyExists);
     assert_eq!(m.list().await.len(), 1);
@@ -157,19 +157,19 @@ async fn a_name_is_the_nodes_until_it_is_removed_even_while_it_is_away() {
     let m = start();
     let (a, _rx) = join(&m, info("a", "fp-1")).await;
     let (tx, _r) = mpsc::channel(4);
-    let err = m.join(info("a", "fp-2"), None, conn(3), tx).await.expect_err("name in use");
+    let err = m.join(info("a", "fp-2"), None, false, conn(3), tx).await.expect_err("name in use");
     assert!(matches!(err, JoinError::NameConflict { .. }), "{err}");
 
     // Away (left, dead), the name is still a's: it may come back with its credential.
     m.leave(a.node_id, a.session_id, "bye".into()).await;
     let (tx, _r) = mpsc::channel(4);
-    let err = m.join(info("a", "fp-2"), None, conn(3), tx).await.expect_err("name reserved");
+    let err = m.join(info("a", "fp-2"), None, false, conn(3), tx).await.expect_err("name reserved");
     assert!(matches!(err, JoinError::NameReserved { .. }), "{err}");
     assert_eq!(tonic::Status::from(err).code(), tonic::Code::AlreadyExists);
     let mut back = info("a", "fp-1");
     back.node_id = Some(a.node_id);
     let (tx, _r) = mpsc::channel(4);
-    let again = m.join(back, a.new_secret.clone(), conn(2), tx).await.expect("the real node comes back");
+    let again = m.join(back, a.new_secret.clone(), false, conn(2), tx).await.expect("the real node comes back");
     assert_eq!(again.node_id, a.node_id);
 
     // Once an operator removed it, the name is free.
@@ -190,7 +190,7 @@ async fn a_node_id_is_taken_only_with_its_credential() {
         let mut impostor = info("a", "fp-a");
         impostor.node_id = Some(a.node_id);
         let (tx, _r) = mpsc::channel(4);
-        let err = m.join(impostor, presented, conn(9), tx).await.expect_err("refused");
+        let err = m.join(impostor, presented, false, conn(9), tx).await.expect_err("refused");
         assert!(matches!(err, JoinError::BadCredential { .. }), "{err}");
         assert_eq!(tonic::Status::from(err).code(), tonic::Code::PermissionDenied);
     }
@@ -198,7 +198,7 @@ async fn a_node_id_is_taken_only_with_its_credential() {
     let mut real = info("a", "fp-a");
     real.node_id = Some(a.node_id);
     let (tx, _r) = mpsc::channel(4);
-    m.join(real, Some(secret), conn(2), tx).await.expect("the holder of the credential may replace its session");
+    m.join(real, Some(secret), false, conn(2), tx).await.expect("the holder of the credential may replace its session");
 }
 
 #[tokio::test(start_paused = true)]
@@ -208,7 +208,7 @@ async fn a_worker_that_lost_its_state_dir_joins_as_a_new_node_once_the_old_one_i
     m.session_closed(a.node_id, a.session_id, "crash".into()).await;
     // Within the reconnect grace the old session may still come back: try again later.
     let (tx, _r) = mpsc::channel(4);
-    let err = m.join(info("a", "fp-a"), None, conn(2), tx).await.expect_err("previous still there");
+    let err = m.join(info("a", "fp-a"), None, false, conn(2), tx).await.expect_err("previous still there");
     assert!(matches!(err, JoinError::PreviousStillConnected), "{err}");
     assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
     advance(Duration::from_millis(1100)).await;
@@ -300,7 +300,7 @@ async fn a_gpu_reported_by_two_live_nodes_is_refused_and_the_error_names_only_th
     twin.inventory = info("a", "fp-a").inventory;
     let uuid = twin.inventory.gpus[0].uuid.clone();
     let (tx, _rx2) = mpsc::channel(16);
-    let e = m.join(twin.clone(), None, conn(3), tx).await.expect_err("same GPU on two nodes");
+    let e = m.join(twin.clone(), None, false, conn(3), tx).await.expect_err("same GPU on two nodes");
     let status = tonic::Status::from(e);
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains(&uuid), "{}", status.message());
@@ -308,7 +308,7 @@ async fn a_gpu_reported_by_two_live_nodes_is_refused_and_the_error_names_only_th
     // Once `a` has left, its GPUs may show up under another node (the same machine, a new id).
     m.leave(a.node_id, a.session_id, "bye".into()).await;
     let (tx, _rx3) = mpsc::channel(16);
-    m.join(twin, None, conn(3), tx).await.expect("accepted after a left");
+    m.join(twin, None, false, conn(3), tx).await.expect("accepted after a left");
     assert_eq!(m.list().await.len(), 1, "the departed twin is forgotten");
 }
 
@@ -317,13 +317,13 @@ async fn refusals_never_reveal_another_nodes_id_address_or_fingerprint() {
     let m = start();
     let (a, _rx) = join(&m, info("a", "fp-secret")).await;
     let (tx, _r) = mpsc::channel(16);
-    let e = m.join(info("a", "fp-other"), None, conn(3), tx).await.expect_err("name taken");
+    let e = m.join(info("a", "fp-other"), None, false, conn(3), tx).await.expect_err("name taken");
     let text = e.to_string();
     assert!(!text.contains(&a.node_id.to_string()) && !text.contains("127.0.0.2"), "{text}");
     let mut copy = info("c", "fp-other");
     copy.node_id = Some(a.node_id);
     let (tx, _r) = mpsc::channel(16);
-    let e = m.join(copy, None, conn(3), tx).await.expect_err("id held by another machine");
+    let e = m.join(copy, None, false, conn(3), tx).await.expect_err("id held by another machine");
     assert!(!e.to_string().contains("fp-secret"), "{e}");
 }
 
@@ -384,14 +384,14 @@ async fn with_manual_approval_new_nodes_wait_and_the_heads_own_does_not() {
     head.is_head = true;
     let (tx, _rh) = mpsc::channel(16);
     let local = ConnInfo { peer: IpAddr::V4(Ipv4Addr::LOCALHOST), local: None };
-    let h = m.join(head, None, local, tx).await.expect("the head's own worker");
+    let h = m.join(head, None, false, local, tx).await.expect("the head's own worker");
     assert_eq!(state_of(&m, h.node_id).await, NodeState::Alive, "the head's own worker over loopback");
     // A remote node claiming to be the head is not waved through.
     let mut fake_head = info("fake", "fp-fake");
     fake_head.is_head = true;
     let (tx, _rf) = mpsc::channel(16);
     let remote = ConnInfo { peer: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9)), local: None };
-    let f = m.join(fake_head, None, remote, tx).await.expect("joins");
+    let f = m.join(fake_head, None, false, remote, tx).await.expect("joins");
     assert_eq!(state_of(&m, f.node_id).await, NodeState::PendingApproval);
     let v = m.approve("a".into()).await.expect("approve");
     assert_eq!(v.state, NodeState::Alive);
@@ -400,6 +400,6 @@ async fn with_manual_approval_new_nodes_wait_and_the_heads_own_does_not() {
     let mut again = info("a", "fp-a");
     again.node_id = Some(a.node_id);
     let (tx, _r2) = mpsc::channel(16);
-    m.join(again, a.new_secret.clone(), conn(2), tx).await.expect("rejoin");
+    m.join(again, a.new_secret.clone(), false, conn(2), tx).await.expect("rejoin");
     assert_eq!(state_of(&m, a.node_id).await, NodeState::Alive);
 }

@@ -12,17 +12,20 @@ use tonic::codegen::http;
 use tower::{Layer, Service};
 use tracing::warn;
 
+/// The head's tokens, shared with the `Tokens` service that rotates the join token.
+pub type SharedTokens = Arc<std::sync::RwLock<TokenSet>>;
+
 /// `None` tokens: `--insecure`, every call is let through.
 #[derive(Clone)]
 pub struct AuthLayer {
-    tokens: Option<Arc<TokenSet>>,
+    tokens: Option<SharedTokens>,
     metrics: Option<Arc<crate::metrics::HeadMetrics>>,
     conns: Option<Arc<super::conns::Tracker>>,
 }
 
 impl AuthLayer {
-    pub fn new(tokens: Option<TokenSet>, metrics: Option<Arc<crate::metrics::HeadMetrics>>) -> Self {
-        AuthLayer { tokens: tokens.map(Arc::new), metrics, conns: None }
+    pub fn new(tokens: Option<SharedTokens>, metrics: Option<Arc<crate::metrics::HeadMetrics>>) -> Self {
+        AuthLayer { tokens, metrics, conns: None }
     }
 
     /// Marks each connection that makes an authenticated call (it may then stay idle).
@@ -42,7 +45,7 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Clone)]
 pub struct Auth<S> {
     inner: S,
-    tokens: Option<Arc<TokenSet>>,
+    tokens: Option<SharedTokens>,
     metrics: Option<Arc<crate::metrics::HeadMetrics>>,
     conns: Option<Arc<super::conns::Tracker>>,
 }
@@ -143,12 +146,17 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let role = Role::for_path(req.uri().path());
         if let Some(tokens) = &self.tokens {
             let path = req.uri().path().to_string();
             let header = req.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
-            if let Err(denied) = tokens.check(role, header) {
+            let checked = tokens.read().unwrap_or_else(|p| p.into_inner()).check(role, header);
+            if let Ok(granted) = &checked {
+                // The handler learns what let the call in (a node credential must match its node).
+                req.extensions_mut().insert(granted.clone());
+            }
+            if let Err(denied) = checked {
                 let status = match denied {
                     Denied::Unauthenticated { missing: true } => Status::unauthenticated(
                         "missing bearer token: give the admin token (--token, --token-file or TESSERA_TOKEN); the head writes it to DATA_DIR/admin.token",

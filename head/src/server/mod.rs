@@ -7,3 +7,4 @@ pub mod deployments;
 pub mod planner;
 pub mod session;
 pub mod streams;
+pub mod tokens;

@@ -53,6 +53,7 @@ impl pb::membership_server::Membership for MembershipService {
             .map(|a| canonical(a.ip()))
             .ok_or_else(|| Status::failed_precondition("session over a transport without peer addresses"))?;
         let local = request.local_addr().map(|a| canonical(a.ip()));
+        let granted = request.extensions().get::<tessera_common::auth::Granted>().cloned();
         let mut inbound = request.into_inner();
 
         let first = tokio::time::timeout(JOIN_TIMEOUT, inbound.message())
@@ -70,11 +71,25 @@ impl pb::membership_server::Membership for MembershipService {
         if secret.len() > 512 {
             return Err(Status::invalid_argument("join.node_secret: longer than 512 bytes"));
         }
-        let secret = (!secret.is_empty()).then_some(secret);
+        let mut secret = (!secret.is_empty()).then_some(secret);
+        // A session opened with a node credential (not the join token) can only be that node's.
+        let credential_only = match granted {
+            Some(tessera_common::auth::Granted::NodeCredential(bearer)) => {
+                if join.node_id.is_empty() || secret.as_ref().is_some_and(|s| *s != bearer) {
+                    return Err(Status::permission_denied(
+                        "a node credential opens only its own node's session: send the node id and the same credential, or use the join token",
+                    ));
+                }
+                secret = Some(bearer);
+                true
+            }
+            _ => false,
+        };
         let info = JoinInfo::try_from(join)?;
 
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
-        let admitted = self.membership.join(info, secret, ConnInfo { peer, local }, tx.clone()).await?;
+        let admitted =
+            self.membership.join(info, secret, credential_only, ConnInfo { peer, local }, tx.clone()).await?;
         let cfg = self.membership.config();
         let joined = pb::Joined {
             node_id: admitted.node_id.to_string(),

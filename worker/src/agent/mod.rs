@@ -83,6 +83,8 @@ pub struct Agent {
     status: watch::Sender<AgentStatus>,
     host: Option<crate::shard::ShardHost>,
     up_rx: Option<mpsc::UnboundedReceiver<pb::WorkerMessage>>,
+    /// The head refused this node's credential as the session's bearer: use the join token.
+    credential_refused: std::sync::atomic::AtomicBool,
 }
 
 impl Agent {
@@ -100,7 +102,7 @@ impl Agent {
             }
             None => (None, None),
         };
-        Ok(Agent { config, state, status, host, up_rx })
+        Ok(Agent { config, state, status, host, up_rx, credential_refused: Default::default() })
     }
 
     /// The shard host, when this agent hosts shards.
@@ -210,8 +212,13 @@ impl Agent {
             }
             join_msg.shards = h.snapshot();
         }
+        // A node that has its own credential opens its session with it: the join token only
+        // bootstraps, and may be rotated or expire without cutting joined nodes off.
+        let with_credential =
+            !join_msg.node_secret.is_empty() && !self.credential_refused.load(std::sync::atomic::Ordering::Relaxed);
+        let token = if with_credential { Some(join_msg.node_secret.clone()) } else { self.config.token.clone() };
         let _ = tx.try_send(pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Join(join_msg)) });
-        let bearer = match tessera_common::auth::Bearer::new(self.config.token.as_deref()) {
+        let bearer = match tessera_common::auth::Bearer::new(token.as_deref()) {
             Ok(b) => b,
             Err(e) => return SessionEnd::Refused(format!("invalid join token: {e}")),
         };
@@ -220,7 +227,16 @@ impl Agent {
             tokio::time::timeout(self.config.connect_timeout * 5, client.session(ReceiverStream::new(rx))).await;
         let mut inbound = match opened {
             Err(_) => return SessionEnd::Lost("the head did not answer the join in time".into()),
-            Ok(Err(status)) => return classify(status),
+            Ok(Err(status)) => match classify(status) {
+                // A head that does not know the credential (a new store): try the join token next.
+                SessionEnd::Refused(why) if with_credential && self.config.token.is_some() => {
+                    self.credential_refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return SessionEnd::Lost(format!(
+                        "the head refused this node's credential ({why}); trying the join token"
+                    ));
+                }
+                other => return other,
+            },
             Ok(Ok(r)) => r.into_inner(),
         };
         let joined = match inbound.message().await {
