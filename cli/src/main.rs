@@ -92,6 +92,16 @@ enum NodesCmd {
 
 #[derive(Debug, Subcommand)]
 enum TokensCmd {
+    /// Make a short-lived join token for bootstrapping nodes: it opens at most --uses sessions
+    /// within --ttl, then stops working (joined nodes go on with their own credentials)
+    Create {
+        /// How long it is valid (e.g. 1h, 30m; at most 30 days)
+        #[arg(long, default_value = "1h", value_parser = tessera_common::duration::parse_positive_duration)]
+        ttl: std::time::Duration,
+        /// How many sessions it may open (one per node that joins with it)
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
     /// Make a new join token (written to the head's join token file, printed here); the old one
     /// stops joining nodes at once. Joined nodes keep working: they use their own credentials
     RotateJoin,
@@ -373,6 +383,9 @@ fn main() -> ExitCode {
             Cmd::Status { output } => nodes::status(&head, output).await.map(|()| 0),
             Cmd::Events { follow, output } => nodes::events(&head, follow, output).await.map(|()| 0),
             Cmd::Tokens { cmd: TokensCmd::RotateJoin } => nodes::rotate_join(&head).await.map(|()| 0),
+            Cmd::Tokens { cmd: TokensCmd::Create { ttl, uses } } => {
+                nodes::create_token(&head, ttl, uses).await.map(|()| 0)
+            }
             Cmd::Drain { node } => nodes::drain(&head, node, true).await.map(|()| 0),
             Cmd::Undrain { node } => nodes::drain(&head, node, false).await.map(|()| 0),
             Cmd::Up { workers, fake_gpus, listen, dir, bin_dir, deploy } => {

@@ -274,6 +274,18 @@ pub async fn list_all(c: &mut pb::cluster_client::ClusterClient<client::Conn>) -
     }
 }
 
+pub async fn create_token(head: &str, ttl: std::time::Duration, uses: u32) -> anyhow::Result<()> {
+    let mut c = pb::tokens_client::TokensClient::new(client::connect(head).await?);
+    let r = c.create_join_token(pb::CreateJoinTokenRequest { ttl_s: ttl.as_secs().max(1), uses }).await.or_status()?;
+    println!("{}", r.token);
+    eprintln!(
+        "joins at most {} node(s) within {}; give it to workers as --token or --token-file",
+        r.uses,
+        tessera_common::duration::format_duration(ttl)
+    );
+    Ok(())
+}
+
 pub async fn rotate_join(head: &str) -> anyhow::Result<()> {
     let mut c = pb::tokens_client::TokensClient::new(client::connect(head).await?);
     let r = c.rotate_join_token(pb::RotateJoinTokenRequest {}).await.or_status()?;

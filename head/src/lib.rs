@@ -128,6 +128,7 @@ impl Head {
         let membership_token = CancellationToken::new();
         let seq = Arc::new(AtomicU64::new(1));
         let store = Arc::new(store::Store::open(&config.data_dir)?);
+        let store_for_tokens = store.clone();
         let (membership, membership_task) =
             Membership::spawn_durable(config.membership, membership_token.clone(), seq.clone(), Some(store.clone()));
         let deployments_token = CancellationToken::new();
@@ -187,6 +188,7 @@ impl Head {
         let join_token = config.auth.as_ref().map(|t| t.join.clone());
         let tokens: Option<server::auth::SharedTokens> =
             config.auth.clone().map(|t| Arc::new(std::sync::RwLock::new(t)));
+        let bootstrap = Arc::new(server::tokens::Bootstrap::load(store_for_tokens.clone()));
         let join_token_path = config
             .join_token_path
             .clone()
@@ -220,13 +222,18 @@ impl Head {
             .http2_max_pending_accept_reset_streams(Some(64))
             .initial_stream_window_size(Some(1 << 20))
             .initial_connection_window_size(Some(4 << 20))
-            .layer(server::auth::AuthLayer::new(tokens.clone(), Some(metrics.clone())).with_conns(conns.clone()))
+            .layer(
+                server::auth::AuthLayer::new(tokens.clone(), Some(metrics.clone()))
+                    .with_conns(conns.clone())
+                    .with_bootstrap(bootstrap.clone()),
+            )
             .add_service(health_service)
             .add_service(reflection)
             .add_service(pb::membership_server::MembershipServer::new(session))
             .add_service(pb::cluster_server::ClusterServer::new(cluster))
             .add_service(pb::tokens_server::TokensServer::new(server::tokens::TokensService {
                 tokens,
+                bootstrap,
                 join_token_path,
             }))
             .add_service(pb::planner_server::PlannerServer::new(server::planner::PlannerService {

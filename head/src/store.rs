@@ -22,6 +22,8 @@ const DEPLOYMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("deployme
 const DRAINED: TableDefinition<&str, u64> = TableDefinition::new("drained_nodes");
 /// Node id -> 1 when an operator approved it (`--node-approval manual`).
 const APPROVED: TableDefinition<&str, u64> = TableDefinition::new("approved_nodes");
+/// SHA-256 (hex) of a bootstrap join token -> its record (JSON: expiry, uses left).
+const BOOTSTRAP: TableDefinition<&str, &[u8]> = TableDefinition::new("bootstrap_tokens");
 /// Node id -> SHA-256 of its credential (the secret itself is only on the node).
 const CREDENTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("node_credentials");
 
@@ -62,6 +64,13 @@ pub struct StoredLaunch {
     pub master_addr: String,
     pub master_port: u32,
     pub health_port: u32,
+}
+
+/// A short-lived join token (`tessera tokens create`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BootstrapToken {
+    pub expires_unix_ms: u64,
+    pub uses_left: u32,
 }
 
 /// A deployment as persisted.
@@ -254,6 +263,24 @@ impl Store {
     /// Every node credential hash by node id.
     pub fn credentials(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.read_all(CREDENTIALS, |k, v| (k.to_string(), v.to_vec()))
+    }
+
+    /// Records (or, with `None`, forgets) a bootstrap token by the hex SHA-256 of the token.
+    pub fn set_bootstrap(&self, hash: &str, record: Option<&BootstrapToken>) -> Result<(), StoreError> {
+        let data = record.map(serde_json::to_vec).transpose().map_err(|e| self.io(e))?;
+        self.write(|txn| {
+            let mut t = txn.open_table(BOOTSTRAP).map_err(|e| e.to_string())?;
+            match &data {
+                Some(d) => t.insert(hash, d.as_slice()).map(|_| ()).map_err(|e| e.to_string()),
+                None => t.remove(hash).map(|_| ()).map_err(|e| e.to_string()),
+            }
+        })
+    }
+
+    /// Every bootstrap token record, by hash (damaged records are skipped).
+    pub fn bootstrap_tokens(&self) -> Result<Vec<(String, BootstrapToken)>, StoreError> {
+        let raw = self.read_all(BOOTSTRAP, |k, v| (k.to_string(), v.to_vec()))?;
+        Ok(raw.into_iter().filter_map(|(k, v)| Some((k, serde_json::from_slice(&v).ok()?))).collect())
     }
 
     /// Records (or forgets) an operator's approval of a node.

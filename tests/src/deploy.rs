@@ -80,14 +80,24 @@ pub fn probe(name: &str, tp: u32, pp: u32) -> pb::CreateDeploymentRequest {
     }
 }
 
+/// Polls `name` until `pred` holds; on a hang, the panic says what the deployment last was.
 pub async fn wait_for(c: &Client, name: &str, what: &str, pred: impl Fn(&pb::Deployment) -> bool) -> pb::Deployment {
-    wait_until(&format!("{name}: {what}"), || {
-        let mut c = c.clone();
-        let d = async move { c.get(pb::GetDeploymentRequest { name: name.into() }).await.ok().map(|r| r.into_inner()) };
-        let pred = &pred;
-        async move { d.await.filter(|d| pred(d)) }
-    })
-    .await
+    let deadline = tokio::time::Instant::now() + crate::HANG;
+    let mut last = None;
+    loop {
+        let mut cl = c.clone();
+        if let Ok(d) = cl.get(pb::GetDeploymentRequest { name: name.into() }).await.map(|r| r.into_inner()) {
+            if pred(&d) {
+                return d;
+            }
+            last = Some(d);
+        }
+        if tokio::time::Instant::now() > deadline {
+            let seen = last.map(|d| format!("generation {}, state {}, {:?}", d.generation, d.state, d.message));
+            panic!("timed out after {:?} waiting for: {name}: {what}; last seen: {seen:?}", crate::HANG);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 pub fn running_at(generation: u64) -> impl Fn(&pb::Deployment) -> bool {

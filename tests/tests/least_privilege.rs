@@ -109,15 +109,17 @@ async fn engines_run_as_the_engine_user() {
     }
 }
 
+type RawSession = (tokio::sync::mpsc::Sender<pb::WorkerMessage>, tonic::Streaming<pb::HeadMessage>, pb::Joined);
+
 /// Opens a raw membership session with the join token, as any holder of it could.
-async fn raw_session(
-    url: &str,
-    join: pb::JoinRequest,
-) -> Result<(tokio::sync::mpsc::Sender<pb::WorkerMessage>, tonic::Streaming<pb::HeadMessage>, pb::Joined), tonic::Status>
-{
+async fn raw_session(url: &str, join: pb::JoinRequest) -> Result<RawSession, tonic::Status> {
+    raw_session_with(url, JOIN_TOKEN, join).await
+}
+
+async fn raw_session_with(url: &str, token: &str, join: pb::JoinRequest) -> Result<RawSession, tonic::Status> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(pb::WorkerMessage { msg: Some(pb::worker_message::Msg::Join(join)) }).await.expect("queue join");
-    let conn = tessera_tests::conn_with(url, Some(JOIN_TOKEN)).await;
+    let conn = tessera_tests::conn_with(url, Some(token)).await;
     let mut c = pb::membership_client::MembershipClient::new(conn);
     let mut inbound = c.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
     match inbound.message().await? {
@@ -222,4 +224,35 @@ async fn a_rotated_join_token_stops_joining_new_nodes_and_joined_nodes_keep_work
     let mut m = pb::membership_client::MembershipClient::new(conn);
     let e = m.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect_err("not its node");
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+}
+
+#[tokio::test]
+async fn a_bootstrap_token_joins_as_many_nodes_as_it_may_while_it_is_valid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let head = start_head(dir.path(), "head", "127.0.0.1:0", &["--no-worker"]);
+    let create = |ttl: &str, uses: &str| {
+        let out = std::process::Command::new(tessera_tests::bin("tessera"))
+            .args(["--head", &head.url, "tokens", "create", "--ttl", ttl, "--uses", uses])
+            .env("TESSERA_TOKEN_FILE", head.data_dir.join("admin.token"))
+            .output()
+            .expect("run tessera");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let join =
+        |name: &str| pb::JoinRequest { name: name.into(), machine_fingerprint: name.into(), ..Default::default() };
+    let token = create("1h", "2");
+    assert!(token.starts_with("tsb_"), "{token}");
+    let _a = raw_session_with(&head.url, &token, join("a")).await.expect("first use");
+    let _b = raw_session_with(&head.url, &token, join("b")).await.expect("second use");
+    let e = raw_session_with(&head.url, &token, join("c")).await.expect_err("no uses left");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}", e.message());
+    // It never opens anything but a membership session.
+    let mut admin = pb::cluster_client::ClusterClient::new(tessera_tests::conn_with(&head.url, Some(&token)).await);
+    assert!(admin.list_nodes(pb::ListNodesRequest::default()).await.is_err());
+    // Expired is expired.
+    let short = create("1s", "5");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let e = raw_session_with(&head.url, &short, join("d")).await.expect_err("expired");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}", e.message());
 }

@@ -19,13 +19,20 @@ pub type SharedTokens = Arc<std::sync::RwLock<TokenSet>>;
 #[derive(Clone)]
 pub struct AuthLayer {
     tokens: Option<SharedTokens>,
+    bootstrap: Option<Arc<super::tokens::Bootstrap>>,
     metrics: Option<Arc<crate::metrics::HeadMetrics>>,
     conns: Option<Arc<super::conns::Tracker>>,
 }
 
 impl AuthLayer {
     pub fn new(tokens: Option<SharedTokens>, metrics: Option<Arc<crate::metrics::HeadMetrics>>) -> Self {
-        AuthLayer { tokens, metrics, conns: None }
+        AuthLayer { tokens, metrics, conns: None, bootstrap: None }
+    }
+
+    /// Short-lived join tokens are checked too.
+    pub fn with_bootstrap(mut self, bootstrap: Arc<super::tokens::Bootstrap>) -> Self {
+        self.bootstrap = Some(bootstrap);
+        self
     }
 
     /// Marks each connection that makes an authenticated call (it may then stay idle).
@@ -38,7 +45,13 @@ impl AuthLayer {
 impl<S> Layer<S> for AuthLayer {
     type Service = Auth<S>;
     fn layer(&self, inner: S) -> Auth<S> {
-        Auth { inner, tokens: self.tokens.clone(), metrics: self.metrics.clone(), conns: self.conns.clone() }
+        Auth {
+            inner,
+            tokens: self.tokens.clone(),
+            metrics: self.metrics.clone(),
+            conns: self.conns.clone(),
+            bootstrap: self.bootstrap.clone(),
+        }
     }
 }
 
@@ -46,8 +59,15 @@ impl<S> Layer<S> for AuthLayer {
 pub struct Auth<S> {
     inner: S,
     tokens: Option<SharedTokens>,
+    bootstrap: Option<Arc<super::tokens::Bootstrap>>,
     metrics: Option<Arc<crate::metrics::HeadMetrics>>,
     conns: Option<Arc<super::conns::Tracker>>,
+}
+
+/// The token of an `authorization: Bearer ...` value.
+fn bearer_of(h: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = h.split_at(h.iter().position(|&b| b == b' ')?);
+    scheme.eq_ignore_ascii_case(b"bearer").then(|| rest.trim_ascii_start()).filter(|t| !t.is_empty())
 }
 
 /// The peer of a request, plain or over TLS.
@@ -151,7 +171,15 @@ where
         if let Some(tokens) = &self.tokens {
             let path = req.uri().path().to_string();
             let header = req.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
-            let checked = tokens.read().unwrap_or_else(|p| p.into_inner()).check(role, header);
+            let mut checked = tokens.read().unwrap_or_else(|p| p.into_inner()).check(role, header);
+            // A short-lived bootstrap token opens a membership session (one use each).
+            if role == Role::Join
+                && matches!(checked, Err(Denied::Unauthenticated { missing: false }))
+                && let (Some(b), Some(t)) = (&self.bootstrap, header.and_then(bearer_of))
+                && b.admit(t, crate::membership::unix_ms())
+            {
+                checked = Ok(tessera_common::auth::Granted::Join);
+            }
             if let Ok(granted) = &checked {
                 // The handler learns what let the call in (a node credential must match its node).
                 req.extensions_mut().insert(granted.clone());
