@@ -551,3 +551,25 @@ fn a_node_that_hosts_nothing_of_a_deployment_learns_nothing_from_its_answer() {
     assert_eq!(strip(&known), strip(&unknown), "the same answer for a real and a made-up name");
     assert_eq!(h.dep("p1").state, pb::DeploymentState::Running as i32);
 }
+
+#[test]
+fn a_relisted_table_after_lagged_events_misses_no_death() {
+    let (mut h, _) = running_pair();
+    // Events were dropped; the shell reads the whole table again: w1 is dead there (or gone).
+    let mut dead = node(2, "w1", 4, false);
+    dead.state = NodeState::Dead;
+    dead.state_reason = "no heartbeat for 3s".into();
+    let mut effects = h.feed(Input::NodesListed(vec![node(1, "head", 4, true), dead]));
+    effects.extend(h.tick_after(SETTLE));
+    let events = emits(&effects);
+    assert!(
+        events.iter().any(|(s, m)| *s == pb::DeploymentState::Restarting && m.starts_with("node w1 is dead")),
+        "{events:?}"
+    );
+
+    let (mut h, _) = running_pair();
+    let mut effects = h.feed(Input::NodesListed(vec![node(1, "head", 4, true)]));
+    effects.extend(h.tick_after(SETTLE));
+    let events = emits(&effects);
+    assert!(events.iter().any(|(_, m)| m.contains("is no longer a member")), "{events:?}");
+}
