@@ -212,11 +212,19 @@ fn main() -> ExitCode {
                         n.status(&line);
                     }
                     tokio::select! {
+                        // The stop first: when the agent ends, its status ends with it, and
+                        // STOPPING=1 must still be said.
+                        biased;
                         _ = stop.cancelled() => {
                             n.stopping();
                             return;
                         }
-                        r = st.changed() => if r.is_err() { return },
+                        r = st.changed() => if r.is_err() {
+                            if stop.is_cancelled() {
+                                n.stopping();
+                            }
+                            return;
+                        },
                     }
                 }
             });
