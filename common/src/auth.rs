@@ -52,6 +52,13 @@ pub enum Denied {
     WrongRole,
 }
 
+/// The token of an `authorization` header value: `Bearer TOKEN`, the scheme case-insensitive
+/// (RFC 6750); `None` for another scheme or an empty token.
+pub fn bearer_token(h: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = h.split_at(h.iter().position(|&b| b == b' ')?);
+    scheme.eq_ignore_ascii_case(b"bearer").then(|| rest.trim_ascii_start()).filter(|t| !t.is_empty())
+}
+
 /// What let a request in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Granted {
@@ -72,12 +79,7 @@ impl TokenSet {
         if role == Role::Public {
             return Ok(Granted::Public);
         }
-        // RFC 6750: the scheme is case-insensitive (`Bearer`, `bearer`, `BEARER`).
-        let token = authorization.and_then(|h| {
-            let (scheme, rest) = h.split_at(h.iter().position(|&b| b == b' ')?);
-            scheme.eq_ignore_ascii_case(b"bearer").then(|| rest.trim_ascii_start())
-        });
-        let Some(token) = token.filter(|t| !t.is_empty()) else {
+        let Some(token) = authorization.and_then(bearer_token) else {
             return Err(Denied::Unauthenticated { missing: true });
         };
         let admin = constant_time_eq(token, self.admin.as_bytes());

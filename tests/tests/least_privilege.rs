@@ -103,10 +103,14 @@ async fn engines_run_as_the_engine_user() {
     let out = std::process::Command::new("setpriv")
         .args(["--reuid", &nobody.uid.to_string(), "--regid", &nobody.gid.to_string(), "--clear-groups", "cat"])
         .arg(cluster.head.data_dir.join("admin.token"))
-        .output();
-    if let Ok(out) = out {
-        assert!(!out.status.success(), "nobody read the admin token: {}", String::from_utf8_lossy(&out.stdout));
-    }
+        .output()
+        .expect("setpriv (util-linux, which .ci/run installs)");
+    assert!(!out.status.success(), "nobody read the admin token: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 type RawSession = (tokio::sync::mpsc::Sender<pb::WorkerMessage>, tonic::Streaming<pb::HeadMessage>, pb::Joined);

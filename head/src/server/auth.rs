@@ -64,12 +64,6 @@ pub struct Auth<S> {
     conns: Option<Arc<super::conns::Tracker>>,
 }
 
-/// The token of an `authorization: Bearer ...` value.
-fn bearer_of(h: &[u8]) -> Option<&[u8]> {
-    let (scheme, rest) = h.split_at(h.iter().position(|&b| b == b' ')?);
-    scheme.eq_ignore_ascii_case(b"bearer").then(|| rest.trim_ascii_start()).filter(|t| !t.is_empty())
-}
-
 /// The peer of a request, plain or over TLS.
 fn peer_of<B>(req: &http::Request<B>) -> Option<std::net::SocketAddr> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -175,7 +169,7 @@ where
             // A short-lived bootstrap token opens a membership session (one use each).
             if role == Role::Join
                 && matches!(checked, Err(Denied::Unauthenticated { missing: false }))
-                && let (Some(b), Some(t)) = (&self.bootstrap, header.and_then(bearer_of))
+                && let (Some(b), Some(t)) = (&self.bootstrap, header.and_then(tessera_common::auth::bearer_token))
                 && b.admit(t, crate::membership::unix_ms())
             {
                 checked = Ok(tessera_common::auth::Granted::Join);
