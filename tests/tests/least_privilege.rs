@@ -260,3 +260,34 @@ async fn a_bootstrap_token_joins_as_many_nodes_as_it_may_while_it_is_valid() {
     let e = raw_session_with(&head.url, &short, join("d")).await.expect_err("expired");
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}", e.message());
 }
+
+#[tokio::test]
+async fn another_session_can_neither_write_into_nor_end_an_admins_log_stream() {
+    let cluster = Cluster::start(&[]).await;
+    let mut c = cluster.client().await;
+    c.create(probe("logged", 4, 2)).await.expect("create");
+    wait_for(&c, "logged", "running", running_at(1)).await;
+    // The admin follows rank 4's log (on a worker).
+    let mut stream = c
+        .logs(pb::LogsRequest { name: "logged".into(), rank: 4, tail: 5, follow: true })
+        .await
+        .expect("logs")
+        .into_inner();
+    let first = stream.message().await.expect("log data").expect("some data");
+    assert!(!first.data.is_empty());
+
+    // A node of its own sends log data for every id a sequential scheme would have used (and
+    // some), each ending its stream.
+    let evil = pb::JoinRequest { name: "evil".into(), machine_fingerprint: "evil".into(), ..Default::default() };
+    let (tx, _inbound, _) = raw_session(&cluster.head.url, evil).await.expect("a new node may join");
+    for request_id in 0..2000u64 {
+        let data = pb::LogData { request_id, data: b"INJECTED\n".to_vec(), done: true, error: String::new() };
+        tx.send(pb::WorkerMessage { msg: Some(pb::worker_message::Msg::LogData(data)) }).await.expect("send");
+    }
+    // The stream is neither written into nor ended: within 2 s it gives only real data, or none.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while let Ok(m) = tokio::time::timeout_at(deadline, stream.message()).await {
+        let chunk = m.expect("the stream is not failed").expect("the stream is not ended");
+        assert!(!String::from_utf8_lossy(&chunk.data).contains("INJECTED"), "injected into the admin's log");
+    }
+}
