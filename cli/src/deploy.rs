@@ -24,8 +24,29 @@ pub struct DeployArgs {
     pub env: Vec<(String, String)>,
     pub max_restarts: Option<i32>,
     pub wait: bool,
+    pub gpu_memory_utilization: Option<f64>,
+    pub max_model_len: Option<u64>,
+    pub startup_timeout_s: u32,
+    /// Negative: off.
+    pub stall_timeout_s: i32,
+    pub canary_interval_s: i32,
     pub engine_args: Vec<String>,
     pub output: Output,
+}
+
+/// `--startup-timeout`: a duration (30m, 1h), in whole seconds.
+pub fn parse_secs(s: &str) -> Result<u32, String> {
+    let d = tessera_common::duration::parse_positive_duration(s)?;
+    u32::try_from(d.as_secs().max(1)).map_err(|_| format!("{s}: too long"))
+}
+
+/// `--stall-timeout`, `--canary-interval`: a duration, or `off` (-1 on the wire).
+pub fn parse_secs_or_off(s: &str) -> Result<i32, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(-1);
+    }
+    let d = tessera_common::duration::parse_positive_duration(s).map_err(|e| format!("{e}, or off"))?;
+    i32::try_from(d.as_secs().max(1)).map_err(|_| format!("{s}: too long"))
 }
 
 async fn client(head: &str) -> anyhow::Result<pb::deployments_client::DeploymentsClient<client::Conn>> {
@@ -52,6 +73,7 @@ fn process_state(s: i32) -> &'static str {
         pb::ProcessState::Ready => "ready",
         pb::ProcessState::Exited => "exited",
         pb::ProcessState::Stopped => "stopped",
+        pb::ProcessState::Unhealthy => "unhealthy",
         pb::ProcessState::Unspecified => "-",
     }
 }
@@ -105,6 +127,10 @@ pub fn deployment_json(d: &pb::Deployment) -> Value {
         "master_addr": d.master_addr,
         "master_port": d.master_port,
         "health_url": d.health_url,
+        "endpoint": d.endpoint,
+        "startup_timeout_s": d.startup_timeout_s,
+        "stall_timeout_s": (d.stall_timeout_s >= 0).then_some(d.stall_timeout_s),
+        "canary_interval_s": (d.canary_interval_s >= 0).then_some(d.canary_interval_s),
         "engine_args": d.engine_args,
         "env": env,
         "command": d.command,
@@ -126,8 +152,11 @@ pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
         max_restarts: a.max_restarts.map(|n| if n == 0 { -1 } else { n }).unwrap_or(0),
         command: a.command.unwrap_or_default(),
         per_node: a.per_node,
-        gpu_memory_utilization: 0.0,
-        max_model_len: 0,
+        gpu_memory_utilization: a.gpu_memory_utilization.unwrap_or(0.0),
+        max_model_len: a.max_model_len.unwrap_or(0),
+        startup_timeout_s: a.startup_timeout_s,
+        stall_timeout_s: a.stall_timeout_s,
+        canary_interval_s: a.canary_interval_s,
     };
     // Watch before creating, so no event of the new deployment is missed.
     let mut events = if a.wait {
@@ -235,7 +264,8 @@ pub async fn list(head: &str, output: Output) -> anyhow::Result<u8> {
         }
         Output::Text if ds.is_empty() => println!("no deployments"),
         Output::Text => {
-            let mut t = Table::new(&["NAME", "STATE", "GEN", "RESTARTS", "TPxPP", "ENGINE", "NODES", "MESSAGE"]);
+            let mut t =
+                Table::new(&["NAME", "STATE", "GEN", "RESTARTS", "TPxPP", "ENGINE", "NODES", "ENDPOINT", "MESSAGE"]);
             for d in &ds {
                 t.row(vec![
                     d.name.clone(),
@@ -245,6 +275,7 @@ pub async fn list(head: &str, output: Output) -> anyhow::Result<u8> {
                     format!("{}x{}", d.tp, d.pp),
                     engine_name(d.engine).into(),
                     d.nnodes.to_string(),
+                    if d.endpoint.is_empty() { "-".into() } else { d.endpoint.clone() },
                     d.message.chars().take(80).collect(),
                 ]);
             }
@@ -271,6 +302,9 @@ pub async fn get(head: &str, name: String, output: Output) -> anyhow::Result<u8>
             println!("message     {}", d.message);
             println!("model       {}", d.model_path);
             println!("shape       TP {} x PP {} on {} node(s), engine {}", d.tp, d.pp, d.nnodes, engine_name(d.engine));
+            if !d.endpoint.is_empty() {
+                println!("endpoint    {}", d.endpoint);
+            }
             if d.master_port > 0 {
                 println!("rendezvous  {}:{}", d.master_addr, d.master_port);
             }

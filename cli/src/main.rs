@@ -152,7 +152,7 @@ enum Cmd {
         #[arg(long, env = "TESSERA_GPUS", value_name = "NODESxGPUSxMEM", value_parser = Cluster::parse_spec)]
         gpus: Option<(u32, u32, u64)>,
         /// Fraction of each GPU's memory the engine may use
-        #[arg(long, env = "TESSERA_GPU_MEMORY_UTILIZATION", default_value_t = 0.9, value_name = "F")]
+        #[arg(long, env = "TESSERA_GPU_MEMORY_UTILIZATION", default_value_t = tessera_common::plan::DEFAULT_GPU_MEMORY_UTILIZATION, value_name = "F")]
         gpu_memory_utilization: f64,
         /// Longest sequence to serve [default: the model's max_position_embeddings]
         #[arg(long, env = "TESSERA_MAX_MODEL_LEN", value_name = "N")]
@@ -163,6 +163,9 @@ enum Cmd {
         /// Refuse placements where a tensor-parallel group spans nodes (otherwise a warning)
         #[arg(long, env = "TESSERA_STRICT")]
         strict: bool,
+        /// KV cache element type, as vLLM's --kv-cache-dtype (auto, bfloat16, float16, fp8, ...)
+        #[arg(long, env = "TESSERA_KV_CACHE_DTYPE", value_name = "DTYPE", default_value = "auto")]
+        kv_cache_dtype: String,
         #[arg(short, long, env = env::OUTPUT, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -203,6 +206,28 @@ enum Cmd {
         /// Show progress until the deployment is running (exit 0) or failed (exit 1)
         #[arg(long, env = "TESSERA_WAIT")]
         wait: bool,
+        /// Fraction of each GPU's memory vLLM may use, planned and passed to vLLM [default: 0.92,
+        /// vLLM's own; or --gpu-memory-utilization after `--`]
+        #[arg(long, env = "TESSERA_GPU_MEMORY_UTILIZATION", value_name = "F")]
+        gpu_memory_utilization: Option<f64>,
+        /// Longest sequence to serve, planned and passed to vLLM [default: the model's; or
+        /// --max-model-len after `--`]
+        #[arg(long, env = "TESSERA_MAX_MODEL_LEN", value_name = "TOKENS")]
+        max_model_len: Option<u64>,
+        /// How long a generation may take to get ready before it counts as failed (with its last
+        /// log lines); vLLM's VLLM_ENGINE_READY_TIMEOUT_S is set to match
+        #[arg(long, env = "TESSERA_STARTUP_TIMEOUT", value_name = "DURATION", default_value = "30m",
+              value_parser = deploy::parse_secs)]
+        startup_timeout: u32,
+        /// vllm: restart the group when requests wait while no token is generated for this long,
+        /// or when the idle canary request takes longer; `off` turns both off
+        #[arg(long, env = "TESSERA_STALL_TIMEOUT", value_name = "DURATION|off", default_value = "30s",
+              value_parser = deploy::parse_secs_or_off)]
+        stall_timeout: i32,
+        /// vllm: send a 1-token completion this often while the engine is idle; `off` for none
+        #[arg(long, env = "TESSERA_CANARY_INTERVAL", value_name = "DURATION|off", default_value = "30s",
+              value_parser = deploy::parse_secs_or_off)]
+        canary_interval: i32,
         #[arg(short, long, env = env::OUTPUT, value_enum, default_value_t = Output::Text)]
         output: Output,
         /// Arguments for the engine (after `--`)
@@ -338,6 +363,7 @@ fn main() -> ExitCode {
                 max_model_len,
                 layer_partition,
                 strict,
+                kv_cache_dtype,
                 output,
             } => {
                 if !(gpu_memory_utilization > 0.0 && gpu_memory_utilization <= 1.0) {
@@ -347,10 +373,43 @@ fn main() -> ExitCode {
                     return Ok(2);
                 }
                 let layer_partition = layer_partition.map(|p| p.0);
-                let request = PlanRequest { tp, pp, gpu_memory_utilization, max_model_len, layer_partition, strict };
+                let kv_cache_dtype = match tessera_common::plan::kv_cache_dtype(&kv_cache_dtype) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        eprintln!("error: --kv-cache-dtype {e}");
+                        return Ok(2);
+                    }
+                };
+                let request = PlanRequest {
+                    tp,
+                    pp,
+                    gpu_memory_utilization,
+                    max_model_len,
+                    layer_partition,
+                    kv_cache_dtype,
+                    strict,
+                };
                 plan::run(&head, plan::PlanArgs { model, request, gpus, output }).await
             }
-            Cmd::Deploy { name, model, tp, pp, engine, command, per, env, max_restarts, wait, output, engine_args } => {
+            Cmd::Deploy {
+                name,
+                model,
+                tp,
+                pp,
+                engine,
+                command,
+                per,
+                env,
+                max_restarts,
+                wait,
+                gpu_memory_utilization,
+                max_model_len,
+                startup_timeout,
+                stall_timeout,
+                canary_interval,
+                output,
+                engine_args,
+            } => {
                 let engine = match engine {
                     EngineArg::Vllm => tessera_proto::v1::Engine::Vllm,
                     EngineArg::Command => tessera_proto::v1::Engine::Command,
@@ -367,6 +426,11 @@ fn main() -> ExitCode {
                     env,
                     max_restarts,
                     wait,
+                    gpu_memory_utilization,
+                    max_model_len,
+                    startup_timeout_s: startup_timeout,
+                    stall_timeout_s: stall_timeout,
+                    canary_interval_s: canary_interval,
                     engine_args,
                     output,
                 };

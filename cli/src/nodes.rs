@@ -69,7 +69,25 @@ pub fn node_json(n: &pb::Node) -> Value {
         "cuda_driver_version": inv.cuda_driver_version,
         "inventory_source": inv.source,
         "gpus": gpus,
+        "engines": n.capabilities.as_ref().map(|c| json!({
+            "vllm_version": (!c.vllm_version.is_empty()).then_some(&c.vllm_version),
+            "vllm_missing": (!c.vllm_missing.is_empty()).then_some(&c.vllm_missing),
+            "command_allowed": c.command_allowed,
+        })),
     })
+}
+
+/// What a node can run: "probe, vllm 0.33.0, command", or "?" when its worker does not say.
+pub fn engines(c: Option<&pb::Capabilities>) -> String {
+    let Some(c) = c else { return "?".into() };
+    let mut parts = vec!["probe".to_string()];
+    if !c.vllm_version.is_empty() {
+        parts.push(format!("vllm {}", c.vllm_version));
+    }
+    if c.command_allowed {
+        parts.push("command".into());
+    }
+    parts.join(", ")
 }
 
 /// "4x Fake GPU 80GiB (fake)", "8x NVIDIA H100 80GB HBM3", "2x A, 1x B", or "-".
@@ -102,7 +120,7 @@ fn ago(ms: u64) -> String {
 }
 
 pub fn nodes_table(nodes: &[pb::Node]) -> String {
-    let mut t = Table::new(&["ID", "NAME", "ROLE", "STATE", "ADDRESS", "GPUS", "HEARTBEAT", "LABELS"]);
+    let mut t = Table::new(&["ID", "NAME", "ROLE", "STATE", "ADDRESS", "GPUS", "ENGINES", "HEARTBEAT", "LABELS"]);
     for n in nodes {
         let mut labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
@@ -113,6 +131,7 @@ pub fn nodes_table(nodes: &[pb::Node]) -> String {
             state_name(n.state).to_string(),
             n.address.clone(),
             gpu_summary(n.inventory.as_ref()),
+            engines(n.capabilities.as_ref()),
             format!("{} ago", ago(n.last_heartbeat_ms_ago)),
             if labels.is_empty() { "-".into() } else { labels.join(",") },
         ]);

@@ -49,6 +49,7 @@ pub async fn run(head: &str, args: PlanArgs) -> anyhow::Result<u8> {
                 max_model_len: r.max_model_len.unwrap_or(0),
                 layer_partition: r.layer_partition.clone().unwrap_or_default(),
                 strict: r.strict,
+                kv_cache_dtype: r.kv_cache_dtype.map(|d| d.name().to_string()).unwrap_or_default(),
             };
             match c.plan(req).await {
                 Ok(r) => PlanReport::from(r.into_inner()),

@@ -255,6 +255,63 @@ pub struct JoinInfo {
     pub is_head: bool,
     pub machine_fingerprint: String,
     pub hostname: String,
+    pub capabilities: Capabilities,
+}
+
+/// The engines a node can run (its worker says so when it joins).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capabilities {
+    /// vLLM's version, or why vllm cannot run there.
+    pub vllm: Result<String, String>,
+    pub command_allowed: bool,
+    /// False for a worker that predates capabilities: every engine is assumed.
+    pub reported: bool,
+}
+
+impl Default for Capabilities {
+    /// What a worker that says nothing is assumed to run: everything.
+    fn default() -> Self {
+        Capabilities { vllm: Ok(String::new()), command_allowed: true, reported: false }
+    }
+}
+
+impl Capabilities {
+    /// Longest vLLM version and reason kept from a worker.
+    const MAX_VERSION: usize = 64;
+    const MAX_REASON: usize = 512;
+
+    /// From the wire: a worker's strings are bounded and stripped of control characters.
+    pub fn from_pb(c: Option<&pb::Capabilities>) -> Capabilities {
+        let Some(c) = c else { return Capabilities::default() };
+        let clean = |s: &str, max: usize| -> String { s.chars().filter(|c| !c.is_control()).take(max).collect() };
+        let vllm = if !c.vllm_version.is_empty() {
+            Ok(clean(&c.vllm_version, Self::MAX_VERSION))
+        } else if c.vllm_missing.is_empty() {
+            Err("the node did not say why vllm cannot run there".into())
+        } else {
+            Err(clean(&c.vllm_missing, Self::MAX_REASON))
+        };
+        Capabilities { vllm, command_allowed: c.command_allowed, reported: true }
+    }
+
+    pub fn to_pb(&self) -> Option<pb::Capabilities> {
+        self.reported.then(|| pb::Capabilities {
+            vllm_version: self.vllm.clone().unwrap_or_default(),
+            vllm_missing: self.vllm.clone().err().unwrap_or_default(),
+            command_allowed: self.command_allowed,
+        })
+    }
+
+    /// Why the node cannot run vllm, if it cannot.
+    pub fn vllm_missing(&self) -> Option<&str> {
+        self.vllm.as_ref().err().map(String::as_str)
+    }
+
+    /// Why the node cannot run the command engine, if it cannot.
+    pub fn command_missing(&self) -> Option<&'static str> {
+        (!self.command_allowed)
+            .then_some("the worker does not allow the command engine (start it with --allow-command)")
+    }
 }
 
 impl TryFrom<pb::JoinRequest> for JoinInfo {
@@ -294,6 +351,7 @@ impl TryFrom<pb::JoinRequest> for JoinInfo {
             is_head: p.is_head,
             machine_fingerprint: p.machine_fingerprint,
             hostname: p.hostname,
+            capabilities: Capabilities::from_pb(p.capabilities.as_ref()),
         })
     }
 }
@@ -312,6 +370,7 @@ impl From<&JoinInfo> for pb::JoinRequest {
             hostname: j.hostname.clone(),
             shards: Vec::new(),
             node_secret: String::new(),
+            capabilities: j.capabilities.to_pb(),
         }
     }
 }

@@ -92,6 +92,14 @@ pub struct StoredDeployment {
     pub per_node: bool,
     pub gpu_memory_utilization: f64,
     pub max_model_len: Option<u64>,
+    /// Seconds; 0 in records written before the field existed (the default then applies).
+    #[serde(default)]
+    pub startup_timeout_s: u32,
+    /// As in the API: 0 default, negative off.
+    #[serde(default)]
+    pub stall_timeout_s: i32,
+    #[serde(default)]
+    pub canary_interval_s: i32,
     pub generation: u64,
     pub restarts: u32,
     /// Unix milliseconds of the restarts counted against max_restarts.
@@ -365,6 +373,9 @@ mod tests {
             per_node: false,
             gpu_memory_utilization: 0.9,
             max_model_len: None,
+            startup_timeout_s: 0,
+            stall_timeout_s: 0,
+            canary_interval_s: 0,
             generation: 3,
             restarts: 2,
             restart_times_unix_ms: vec![1, 2],

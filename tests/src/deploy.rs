@@ -82,7 +82,18 @@ pub fn probe(name: &str, tp: u32, pp: u32) -> pb::CreateDeploymentRequest {
 
 /// Polls `name` until `pred` holds; on a hang, the panic says what the deployment last was.
 pub async fn wait_for(c: &Client, name: &str, what: &str, pred: impl Fn(&pb::Deployment) -> bool) -> pb::Deployment {
-    let deadline = tokio::time::Instant::now() + crate::HANG;
+    wait_for_within(c, name, what, crate::HANG, pred).await
+}
+
+/// [`wait_for`] with another deadline (a real vLLM takes minutes to start on 2 cores).
+pub async fn wait_for_within(
+    c: &Client,
+    name: &str,
+    what: &str,
+    limit: std::time::Duration,
+    pred: impl Fn(&pb::Deployment) -> bool,
+) -> pb::Deployment {
+    let deadline = tokio::time::Instant::now() + limit;
     let mut last = None;
     loop {
         let mut cl = c.clone();
@@ -94,7 +105,7 @@ pub async fn wait_for(c: &Client, name: &str, what: &str, pred: impl Fn(&pb::Dep
         }
         if tokio::time::Instant::now() > deadline {
             let seen = last.map(|d| format!("generation {}, state {}, {:?}", d.generation, d.state, d.message));
-            panic!("timed out after {:?} waiting for: {name}: {what}; last seen: {seen:?}", crate::HANG);
+            panic!("timed out after {limit:?} waiting for: {name}: {what}; last seen: {seen:?}");
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }

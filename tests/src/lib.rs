@@ -8,7 +8,9 @@
 
 pub mod cluster;
 pub mod deploy;
+pub mod netns;
 pub mod process;
+pub mod vllm;
 
 pub use cluster::TestCluster;
 pub use process::{

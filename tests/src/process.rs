@@ -128,9 +128,10 @@ pub fn start_head(dir: &Path, name: &str, listen: &str, extra: &[&str]) -> HeadP
         data_dir.display().to_string(),
         "--node-name".into(),
         "head".into(),
-        "--fake-gpus".into(),
-        "4x80GiB".into(),
     ];
+    if !extra.contains(&"--fake-gpus") {
+        args.extend(["--fake-gpus".into(), "4x80GiB".into()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut daemon = Daemon::spawn(name, "tessera-head", &args, dir);
     let addr_file = data_dir.join("head.addr");
@@ -168,9 +169,10 @@ pub fn start_worker_with(dir: &Path, name: &str, head_url: &str, state_dir: &Pat
         name.into(),
         "--state-dir".into(),
         state_dir.display().to_string(),
-        "--fake-gpus".into(),
-        "4x80GiB".into(),
     ];
+    if !extra.contains(&"--fake-gpus") {
+        args.extend(["--fake-gpus".into(), "4x80GiB".into()]);
+    }
     let token_file = dir.join("worker-join.token");
     if !token_file.exists() {
         std::fs::write(&token_file, format!("{}\n", crate::JOIN_TOKEN)).expect("token file");

@@ -177,9 +177,11 @@ async fn the_command_engine_needs_allow_command_on_the_worker() {
         max_restarts: -1,
         ..Default::default()
     };
-    c.create(req).await.expect("create");
-    let d = wait_for(&c, "shell", "failed", |d| d.state == pb::DeploymentState::Failed as i32).await;
-    assert!(d.message.contains("--allow-command"), "{}", d.message);
+    // No node allows it: refused at once, with each node's reason; nothing runs.
+    let e = c.create(req).await.expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("no node can run the command engine"), "{}", e.message());
+    assert!(e.message().contains("w1: the worker does not allow the command engine (start it with --allow-command)"));
     assert!(pids_with(&["sleep 100"]).into_iter().all(|p| !environ_has(p, &cluster.tag())));
 }
 
@@ -284,6 +286,11 @@ async fn the_vllm_engine_runs_one_serve_per_node_with_the_multi_node_flags() {
         "127.0.0.1",
         "--master-port",
         &port,
+        "--distributed-executor-backend",
+        "mp",
+        "--gpu-memory-utilization",
+        "0.92",
+        "--enable-server-load-tracking",
         "--port",
         &api_port.to_string(),
     ];
@@ -303,6 +310,10 @@ async fn the_vllm_engine_runs_one_serve_per_node_with_the_multi_node_flags() {
         "127.0.0.1",
         "--master-port",
         &port,
+        "--distributed-executor-backend",
+        "mp",
+        "--gpu-memory-utilization",
+        "0.92",
         "--headless",
         "--port",
         &api_port.to_string(),
@@ -313,7 +324,10 @@ async fn the_vllm_engine_runs_one_serve_per_node_with_the_multi_node_flags() {
         assert!(e.lines().any(|l| l == "CUDA_VISIBLE_DEVICES=0,1,2,3"), "node {n}: {e}");
         assert!(e.lines().any(|l| l == "VLLM_HOST_IP=127.0.0.1"), "node {n}");
         assert!(e.lines().any(|l| l == "TESSERA_DEPLOYMENT=llama"), "node {n}");
+        assert!(e.lines().any(|l| l == "CUDA_DEVICE_ORDER=PCI_BUS_ID"), "node {n}: {e}");
+        assert!(e.lines().any(|l| l == "GLOO_SOCKET_IFNAME=lo"), "the interface of 127.0.0.1, node {n}: {e}");
     }
+    assert_eq!(d.endpoint, format!("http://127.0.0.1:{api_port}"));
 }
 
 #[tokio::test]

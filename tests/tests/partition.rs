@@ -3,71 +3,14 @@
 //! on another node, and once the link heals the worker learns its generation is stale and stops
 //! its old processes. Needs root and `ip netns`; skipped, saying so, elsewhere.
 
-use std::process::{Command, Stdio};
-
 use tessera_proto::v1 as pb;
+use tessera_tests::netns::Netns;
 use tessera_tests::process::start_head;
 use tessera_tests::{Daemon, alive, cluster_client, deployments_client, start_worker_with, wait_state, wait_until};
 
-/// A namespace with one end of a veth pair; the other end stays in the test's namespace.
-struct Netns {
-    name: String,
-    outer: String,
-    outer_ip: String,
-    inner_ip: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).stdin(Stdio::null()).output().map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-impl Netns {
-    fn create() -> Result<Netns, String> {
-        let id = std::process::id() % 10_000;
-        let subnet = std::process::id() % 200 + 20;
-        let n = Netns {
-            name: format!("tessera-part-{id}"),
-            outer: format!("tsa{id}"),
-            outer_ip: format!("10.251.{subnet}.1"),
-            inner_ip: format!("10.251.{subnet}.2"),
-        };
-        let inner = format!("tsb{id}");
-        let _ = ip(&["netns", "del", &n.name]);
-        ip(&["netns", "add", &n.name])?;
-        ip(&["link", "add", &n.outer, "type", "veth", "peer", "name", &inner])?;
-        ip(&["link", "set", &inner, "netns", &n.name])?;
-        ip(&["addr", "add", &format!("{}/30", n.outer_ip), "dev", &n.outer])?;
-        ip(&["link", "set", &n.outer, "up"])?;
-        ip(&["-n", &n.name, "addr", "add", &format!("{}/30", n.inner_ip), "dev", &inner])?;
-        ip(&["-n", &n.name, "link", "set", &inner, "up"])?;
-        ip(&["-n", &n.name, "link", "set", "lo", "up"])?;
-        Ok(n)
-    }
-
-    fn cut(&self) {
-        ip(&["link", "set", &self.outer, "down"]).expect("cut the link");
-    }
-
-    fn heal(&self) {
-        ip(&["link", "set", &self.outer, "up"]).expect("heal the link");
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.outer]);
-        let _ = ip(&["netns", "del", &self.name]);
-    }
-}
-
 #[tokio::test]
 async fn a_partitioned_worker_is_dead_its_group_moves_and_after_healing_it_stops_the_stale_generation() {
-    let ns = match Netns::create() {
+    let ns = match Netns::create("part") {
         Ok(ns) => ns,
         Err(e) => {
             eprintln!("SKIPPED: this test needs root and `ip netns` to build a partition ({e})");

@@ -139,11 +139,33 @@ pub fn classify(name: &str) -> Part {
     }
 }
 
+/// True for a decoder-layer tensor that vLLM keeps whole on every tensor-parallel rank instead of
+/// splitting: layer norms (`input_layernorm`, `post_attention_layernorm`, `q_a_layernorm`,
+/// `kv_a_layernorm`, `q_norm`, ...), MoE routers (`mlp.gate`, `block_sparse_moe.gate`,
+/// `feed_forward.router`, with DeepSeek-V3's `e_score_correction_bias`) and MLA's low-rank
+/// A-projections (`q_a_proj` and `kv_a_proj_with_mqa`, which vLLM fuses into a replicated
+/// `fused_qkv_a_proj`), FP8 scales (`weight_scale_inv`, `weight_scale`) included.
+pub fn is_replicated(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    if ["fused_qkv_a_proj", "q_a_proj", "kv_a_proj_with_mqa", "e_score_correction_bias"]
+        .iter()
+        .any(|p| lower.contains(p))
+    {
+        return true;
+    }
+    // The module is the segment before the parameter's own name (`weight`, `bias`, scales).
+    let module = lower.rsplit('.').nth(1).unwrap_or("");
+    module.ends_with("norm") || module.starts_with("ln_") || matches!(module, "gate" | "router")
+}
+
 /// Exact weight bytes, attributed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct WeightBytes {
     /// Bytes of each decoder layer `0..num_hidden_layers`.
     pub per_layer: Vec<u64>,
+    /// The part of each `per_layer` entry that every tensor-parallel rank holds whole
+    /// ([`is_replicated`]).
+    pub per_layer_replicated: Vec<u64>,
     pub embedding: u64,
     pub lm_head: u64,
     pub first_stage_other: u64,
@@ -157,9 +179,20 @@ pub struct WeightBytes {
 
 impl WeightBytes {
     pub fn from_tensors<'a>(layers: u64, tensors: impl IntoIterator<Item = &'a TensorInfo>) -> Self {
-        let mut w = WeightBytes { per_layer: vec![0; layers as usize], ..Default::default() };
+        let mut w = WeightBytes {
+            per_layer: vec![0; layers as usize],
+            per_layer_replicated: vec![0; layers as usize],
+            ..Default::default()
+        };
         for t in tensors {
             w.tensors += 1;
+            if let Part::Layer(n) = classify(&t.name)
+                && n < layers
+                && is_replicated(&t.name)
+            {
+                let r = &mut w.per_layer_replicated[n as usize];
+                *r = r.saturating_add(t.bytes);
+            }
             let slot = match classify(&t.name) {
                 Part::Layer(n) if n < layers => &mut w.per_layer[n as usize],
                 Part::Layer(_) => &mut w.unused,
@@ -235,14 +268,53 @@ mod tests {
     }
 
     #[test]
+    fn replicated_tensors_are_the_norms_routers_and_mla_a_projections() {
+        for name in [
+            "model.layers.3.self_attn.q_a_proj.weight",
+            "model.layers.3.self_attn.q_a_proj.weight_scale_inv",
+            "model.layers.3.self_attn.kv_a_proj_with_mqa.weight",
+            "model.layers.3.self_attn.kv_a_proj_with_mqa.weight_scale_inv",
+            "model.layers.3.self_attn.fused_qkv_a_proj.weight",
+            "model.layers.3.self_attn.q_a_layernorm.weight",
+            "model.layers.3.self_attn.kv_a_layernorm.weight",
+            "model.layers.3.input_layernorm.weight",
+            "model.layers.3.post_attention_layernorm.weight",
+            "model.layers.3.mlp.gate.weight",
+            "model.layers.3.mlp.gate.e_score_correction_bias",
+            "model.layers.3.block_sparse_moe.gate.weight",
+            "language_model.model.layers.3.feed_forward.router.weight",
+            "model.layers.3.self_attn.q_norm.weight",
+        ] {
+            assert!(is_replicated(name), "{name}");
+        }
+        for name in [
+            "model.layers.3.self_attn.q_b_proj.weight",
+            "model.layers.3.self_attn.q_b_proj.weight_scale_inv",
+            "model.layers.3.self_attn.kv_b_proj.weight",
+            "model.layers.3.self_attn.q_proj.weight",
+            "model.layers.3.self_attn.o_proj.weight",
+            "model.layers.3.mlp.gate_proj.weight",
+            "model.layers.3.mlp.gate_up_proj.weight",
+            "model.layers.3.mlp.experts.7.gate_proj.weight",
+            "model.layers.3.mlp.shared_experts.down_proj.weight",
+            "model.layers.3.block_sparse_moe.experts.0.w1.weight",
+        ] {
+            assert!(!is_replicated(name), "{name}");
+        }
+    }
+
+    #[test]
     fn exact_bytes_from_a_real_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("model.safetensors");
         let bytes = build_file(&[
             ("model.embed_tokens.weight", "BF16", &[128, 64]),
             ("model.layers.0.self_attn.q_proj.weight", "BF16", &[64, 64]),
+            ("model.layers.0.input_layernorm.weight", "BF16", &[64]),
             ("model.layers.1.mlp.down_proj.weight", "F8_E4M3", &[64, 256]),
             ("model.layers.1.mlp.down_proj.weight_scale_inv", "F32", &[1, 2]),
+            ("model.layers.1.self_attn.kv_a_proj_with_mqa.weight", "F8_E4M3", &[32, 64]),
+            ("model.layers.1.self_attn.kv_a_proj_with_mqa.weight_scale_inv", "F32", &[1, 1]),
             ("model.layers.2.mtp.weight", "BF16", &[8]),
             ("model.norm.weight", "BF16", &[64]),
             ("lm_head.weight", "BF16", &[128, 64]),
@@ -251,11 +323,12 @@ mod tests {
         let tensors = read_header(&path).expect("header");
         let w = WeightBytes::from_tensors(2, &tensors);
         assert_eq!(w.embedding, 128 * 64 * 2);
-        assert_eq!(w.per_layer, vec![64 * 64 * 2, 64 * 256 + 8]);
+        assert_eq!(w.per_layer, vec![64 * 64 * 2 + 128, 64 * 256 + 8 + 32 * 64 + 4]);
+        assert_eq!(w.per_layer_replicated, vec![128, 32 * 64 + 4], "the norm; the A-projection and its scale");
         assert_eq!(w.unused, 16, "layer 2 is past num_hidden_layers");
         assert_eq!(w.last_stage_other, 128);
         assert_eq!(w.lm_head, 128 * 64 * 2);
-        assert_eq!(w.total(), 128 * 64 * 2 * 2 + 64 * 64 * 2 + 64 * 256 + 8 + 128);
+        assert_eq!(w.total(), 128 * 64 * 2 * 2 + 64 * 64 * 2 + 128 + 64 * 256 + 8 + 32 * 64 + 4 + 128);
     }
 
     #[test]

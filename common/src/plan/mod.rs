@@ -16,7 +16,7 @@ mod wire;
 
 use serde::Serialize;
 
-use crate::model::{ModelDesc, Quantization};
+use crate::model::{DType, ModelDesc, Quantization};
 use crate::size::HumanBytes;
 use memory::{MemoryReport, Weights};
 use partition::Stage;
@@ -43,6 +43,47 @@ impl std::str::FromStr for Size {
     }
 }
 
+/// vLLM 0.33's default `--gpu-memory-utilization`.
+pub const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.92;
+
+/// `--kv-cache-dtype` values vLLM accepts, and the element type each stores (None: the model's).
+pub const KV_CACHE_DTYPES: &[(&str, Option<DType>)] = &[
+    ("auto", None),
+    ("bfloat16", Some(DType::Bfloat16)),
+    ("float16", Some(DType::Float16)),
+    ("half", Some(DType::Float16)),
+    ("float32", Some(DType::Float32)),
+    ("fp8", Some(DType::Fp8)),
+    ("fp8_e4m3", Some(DType::Fp8)),
+    ("fp8_e5m2", Some(DType::Fp8)),
+    ("fp8_inc", Some(DType::Fp8)),
+    ("fp8_ds_mla", Some(DType::Fp8)),
+    ("fp8_per_token_head", Some(DType::Fp8)),
+    ("int8_per_token_head", Some(DType::Fp8)),
+    // Sub-byte caches are planned at one byte per element: capacity is underestimated, never
+    // overestimated.
+    ("int4_per_token_head", Some(DType::Fp8)),
+    ("nvfp4", Some(DType::Fp8)),
+    ("nvfp4_4over6", Some(DType::Fp8)),
+    ("nvfp4_ds_mla", Some(DType::Fp8)),
+    ("turboquant_3bit_nc", Some(DType::Fp8)),
+    ("turboquant_4bit_nc", Some(DType::Fp8)),
+    ("turboquant_k3v4_nc", Some(DType::Fp8)),
+    ("turboquant_k8v4", Some(DType::Fp8)),
+    ("ultraquant_4bit", Some(DType::Fp8)),
+];
+
+/// Reads a `--kv-cache-dtype` value; the error names the value and the accepted ones.
+pub fn kv_cache_dtype(v: &str) -> Result<Option<DType>, String> {
+    match KV_CACHE_DTYPES.iter().find(|(name, _)| *name == v) {
+        Some((_, d)) => Ok(*d),
+        None => {
+            let names: Vec<&str> = KV_CACHE_DTYPES.iter().map(|(n, _)| *n).collect();
+            Err(format!("{v:?} is not a KV cache dtype vLLM knows: one of {}", names.join(", ")))
+        }
+    }
+}
+
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanRequest {
@@ -54,6 +95,8 @@ pub struct PlanRequest {
     pub max_model_len: Option<u64>,
     /// Explicit layers per stage (`--layer-partition`, `VLLM_PP_LAYER_PARTITION`).
     pub layer_partition: Option<Vec<u64>>,
+    /// KV cache element type (`--kv-cache-dtype`); default: the model's dtype.
+    pub kv_cache_dtype: Option<DType>,
     /// Refuse placements where a TP group spans nodes.
     pub strict: bool,
 }
@@ -63,9 +106,10 @@ impl Default for PlanRequest {
         PlanRequest {
             tp: Size::Fixed(1),
             pp: Size::Fixed(1),
-            gpu_memory_utilization: 0.9,
+            gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
             max_model_len: None,
             layer_partition: None,
+            kv_cache_dtype: None,
             strict: false,
         }
     }
@@ -279,6 +323,7 @@ pub fn plan(model: &ModelDesc, weights: &Weights, cluster: &Cluster, req: &PlanR
             mem,
             req.gpu_memory_utilization,
             max_model_len,
+            req.kv_cache_dtype,
         )),
         _ => None,
     };
@@ -410,7 +455,17 @@ fn auto_candidates(
             let Ok(counts) = partition::layer_counts(model.num_hidden_layers, pp) else {
                 continue;
             };
-            let m = memory::memory(model, weights, &counts, tp, kv, mem, req.gpu_memory_utilization, max_model_len);
+            let m = memory::memory(
+                model,
+                weights,
+                &counts,
+                tp,
+                kv,
+                mem,
+                req.gpu_memory_utilization,
+                max_model_len,
+                req.kv_cache_dtype,
+            );
             if m.fits {
                 sized.push((tp, pp, m));
             }

@@ -204,7 +204,7 @@ fn too_big_for_the_gpus_says_by_how_much_and_what_would_fit() {
     assert!(!r.valid);
     let e = r.errors.iter().find(|e| e.rule == "memory").expect("memory error");
     assert!(
-        e.message.contains("does not fit: the weights need") && e.message.contains("more than 0.9 of a 80GiB GPU"),
+        e.message.contains("does not fit: the weights need") && e.message.contains("more than 0.92 of a 80GiB GPU"),
         "{}",
         e.message
     );
@@ -318,4 +318,178 @@ fn qwen_tp_6_fails_the_kv_rule() {
     );
     let errs = rules::check_tp(&q, 14);
     assert_eq!(errs.iter().map(|e| e.rule.as_str()).collect::<Vec<_>>(), ["kv_heads", "intermediate_size"]);
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+#[test]
+fn runtime_reserve_grows_with_tp_and_follows_the_measured_figures() {
+    let want: [(u64, f64); 8] = [(1, 3.25), (2, 5.75), (3, 6.5), (4, 6.5), (5, 7.25), (8, 7.25), (16, 8.0), (64, 9.5)];
+    for (tp, gib) in want {
+        assert_eq!(memory::runtime_reserve_bytes(tp), (gib * GIB) as u64, "tp {tp}");
+    }
+    assert_eq!(memory::runtime_reserve_bytes(0), memory::runtime_reserve_bytes(1));
+    for tp in 1..=128u64 {
+        assert!(memory::runtime_reserve_bytes(tp + 1) >= memory::runtime_reserve_bytes(tp), "tp {tp}");
+    }
+    // (tp, GiB) from vLLM logs, as in runtime_reserve_bytes's doc: the fit is within 0.1 GiB
+    // below any of them and at most 0.25 GiB above the largest at each TP.
+    let measured: [(u64, f64); 9] =
+        [(1, 3.05), (2, 4.72), (4, 4.69), (2, 4.21), (2, 5.85), (4, 5.84), (4, 6.04), (4, 6.49), (8, 7.3)];
+    for (tp, gib) in measured {
+        let fit = memory::runtime_reserve_bytes(tp) as f64 / GIB;
+        assert!(fit >= gib - 0.1, "tp {tp}: fit {fit} GiB, measured {gib} GiB");
+        let top = measured.iter().filter(|m| m.0 == tp).map(|m| m.1).fold(0.0, f64::max);
+        assert!(fit - top <= 0.25, "tp {tp}: fit {fit} GiB, largest measured {top} GiB");
+    }
+    // The report carries the reserve it used.
+    let m = config("Llama-3.1-70B-Instruct");
+    for tp in [1, 2, 4, 8] {
+        let r = memory::memory(&m, &memory::Weights::estimate(&m), &[80], tp, 1, 80 << 30, 0.92, None, None);
+        assert_eq!(r.runtime_reserve_bytes, memory::runtime_reserve_bytes(tp));
+    }
+}
+
+/// KV tokens with the TP-dependent reserve over KV tokens with the old flat 2 GiB.
+fn kv_ratio_to_flat_2_gib(name: &str, tp: u64) -> f64 {
+    let m = config(name);
+    let w = memory::Weights::estimate(&m);
+    let util = PlanRequest::default().gpu_memory_utilization;
+    let r = memory::memory(
+        &m,
+        &w,
+        &[m.num_hidden_layers],
+        tp,
+        rules::kv_heads_per_rank(&m, tp).0,
+        80 << 30,
+        util,
+        None,
+        None,
+    );
+    let budget = ((80u64 << 30) as f64 * util) as u64;
+    let old = (budget - r.weight_bytes_per_gpu - (2 << 30)) / r.kv_bytes_per_token_by_stage[0];
+    r.kv_cache_tokens as f64 / old as f64
+}
+
+#[test]
+fn the_tp_reserve_costs_70b_tp4_a_tenth_of_its_kv_cache_and_8b_tp1_two_percent() {
+    // 70B TP4: 4.5 GiB more reserve out of ~38.7 GiB of cache.
+    let r = kv_ratio_to_flat_2_gib("Llama-3.1-70B-Instruct", 4);
+    assert!((0.87..0.91).contains(&r), "70B TP4 keeps {r} of its KV tokens");
+    let r = kv_ratio_to_flat_2_gib("Llama-3.1-70B-Instruct", 8);
+    assert!((0.89..0.92).contains(&r), "70B TP8 keeps {r} of its KV tokens");
+    let r = kv_ratio_to_flat_2_gib("Mixtral-8x7B-v0.1", 2);
+    assert!((0.85..0.89).contains(&r), "Mixtral TP2 keeps {r} of its KV tokens");
+    // 8B TP1: 1.25 GiB more out of ~56.6 GiB.
+    let r = kv_ratio_to_flat_2_gib("Llama-3.1-8B-Instruct", 1);
+    assert!((0.97..0.99).contains(&r), "8B TP1 keeps {r} of its KV tokens");
+}
+
+// DeepSeek-V3: hidden 7168, q_lora_rank 1536, kv_lora_rank 512, qk_rope_head_dim 64, FP8 weights in
+// 128 x 128 blocks with a float32 scale each, bf16 norms and router, 256 routed experts.
+/// q_a_proj [1536, 7168] + kv_a_proj_with_mqa [576, 7168] in FP8: vLLM's fused_qkv_a_proj.
+const DS_FUSED_A: u64 = 7168 * (1536 + 512 + 64);
+/// Their scales: ceil(1536/128) x 56 + ceil(576/128) x 56 floats.
+const DS_FUSED_A_SCALES: u64 = (12 * 56 + 5 * 56) * 4;
+/// input and post-attention norms, q_a_layernorm, kv_a_layernorm.
+const DS_NORMS: u64 = 2 * 7168 * 2 + 1536 * 2 + 512 * 2;
+/// The router gate [256, 7168] in bf16 and its float32 e_score_correction_bias.
+const DS_ROUTER: u64 = 256 * 7168 * 2 + 256 * 4;
+
+#[test]
+fn deepseek_v3_keeps_the_mla_a_projection_norms_and_router_whole_on_every_rank() {
+    let m = config("DeepSeek-V3");
+    let w = memory::Weights::estimate(&m);
+    assert_eq!(w.per_layer_replicated.len(), 61);
+    assert_eq!(w.per_layer_replicated[0], DS_FUSED_A + DS_FUSED_A_SCALES + DS_NORMS, "dense layer 0");
+    assert_eq!(w.per_layer_replicated[3], DS_FUSED_A + DS_FUSED_A_SCALES + DS_NORMS + DS_ROUTER, "MoE layer 3");
+    assert_eq!(DS_FUSED_A + DS_FUSED_A_SCALES, 15_142_624);
+
+    // TP8 x PP2: stage 1 holds layers 31..61, all MoE, plus the final norm and the LM head.
+    let counts = [31, 30];
+    let stage1: u64 = w.per_layer[31..].iter().sum::<u64>() + w.lm_head + w.last_other;
+    let replicated = 30 * (DS_FUSED_A + DS_FUSED_A_SCALES + DS_NORMS + DS_ROUTER) + 7168 * 2;
+    assert_eq!(w.replicated(&counts, 1) + w.last_other, replicated);
+    let per_gpu = w.per_gpu(&m, &counts, 1, 8);
+    // Dividing everything by 8 would leave out 7/8 of the replicated bytes (~495 MB, 1.1%).
+    assert_eq!(per_gpu, (stage1 - replicated).div_ceil(8) + replicated);
+    let missing = per_gpu - stage1.div_ceil(8);
+    assert!(missing.abs_diff(replicated * 7 / 8) <= 1, "{missing} vs {}", replicated * 7 / 8);
+    assert!((0.010..0.015).contains(&(missing as f64 / per_gpu as f64)), "{missing} of {per_gpu}");
+
+    // The plan reports the larger figure.
+    let req = PlanRequest { tp: Size::Fixed(8), pp: Size::Fixed(2), ..Default::default() };
+    let r = plan(&m, &w, &Cluster::uniform(2, 8, 80 << 30), &req);
+    let mem = r.memory.as_ref().expect("memory");
+    assert_eq!(mem.weight_bytes_per_gpu_by_stage[1], per_gpu);
+    assert_eq!(mem.runtime_reserve_bytes, memory::runtime_reserve_bytes(8));
+}
+
+#[test]
+fn fp8_block_scales_are_counted_with_their_weights() {
+    let m = config("DeepSeek-V3");
+    let mut unscaled = m.clone();
+    unscaled.quantization = Some(crate::model::Quantization::Fp8 { block: None });
+    let (w, u) = (memory::Weights::estimate(&m), memory::Weights::estimate(&unscaled));
+    // Attention: q_a [1536, 7168] 12x56, kv_a [576, 7168] 5x56, q_b [128x192, 1536] 192x12,
+    // kv_b [128x256, 512] 256x4, o [7168, 128x128] 56x128 blocks.
+    let attn = 12 * 56 + 5 * 56 + 192 * 12 + 256 * 4 + 56 * 128;
+    // Dense FFN of 18432: gate and up [18432, 7168], down [7168, 18432]: 144 x 56 blocks each.
+    assert_eq!(w.per_layer[0] - u.per_layer[0], (attn + 3 * 144 * 56) * 4);
+    // MoE: 256 routed + 1 shared experts of 2048: three 16 x 56 block grids each.
+    assert_eq!(w.per_layer[3] - u.per_layer[3], (attn + 257 * 3 * 16 * 56) * 4);
+    // Only the A-projections' scales are replicated.
+    assert_eq!(w.per_layer_replicated[3] - u.per_layer_replicated[3], DS_FUSED_A_SCALES);
+    // Unquantized models have no scales.
+    let l = config("Llama-3.1-8B-Instruct");
+    assert_eq!(memory::Weights::estimate(&l).total(), 16_060_522_496);
+}
+
+#[test]
+fn exact_weights_divide_only_the_sharded_tensors_by_tp() {
+    use crate::model::safetensors::{TensorInfo, WeightBytes};
+    let t = |name: &str, bytes: u64| TensorInfo { name: name.into(), dtype: "F8_E4M3".into(), bytes };
+    let tensors = [
+        t("model.layers.0.self_attn.q_a_proj.weight", 1000),
+        t("model.layers.0.self_attn.q_a_proj.weight_scale_inv", 8),
+        t("model.layers.0.self_attn.q_b_proj.weight", 4000),
+        t("model.layers.0.self_attn.q_b_proj.weight_scale_inv", 32),
+        t("model.layers.0.input_layernorm.weight", 100),
+        t("model.layers.1.mlp.gate.weight", 500),
+        t("model.layers.1.mlp.gate.e_score_correction_bias", 12),
+        t("model.layers.1.mlp.experts.0.down_proj.weight", 8000),
+        t("model.embed_tokens.weight", 1600),
+        t("model.norm.weight", 100),
+        t("lm_head.weight", 1600),
+    ];
+    let w = memory::Weights::exact(&WeightBytes::from_tensors(2, &tensors));
+    assert_eq!(w.per_layer, [5140, 8512]);
+    assert_eq!(w.per_layer_replicated, [1108, 512]);
+    let m = config("DeepSeek-V3");
+    // One stage, TP4: (4032 + 8000 + 1600 + 1600) / 4 sharded, 1108 + 512 + 100 whole.
+    assert_eq!(w.per_gpu(&m, &[2], 0, 4), 15232 / 4 + 1720);
+    // Two stages, TP2: layer 0 and the embedding, layer 1, the norm and the LM head.
+    assert_eq!(w.per_gpu(&m, &[1, 1], 0, 2), (4032 + 1600) / 2 + 1108);
+    assert_eq!(w.per_gpu(&m, &[1, 1], 1, 2), (8000 + 1600) / 2 + 512 + 100);
+}
+
+#[test]
+fn per_gpu_weights_shrink_with_tp_but_never_below_the_replicated_bytes() {
+    for name in ALL {
+        let m = config(name);
+        let w = memory::Weights::estimate(&m);
+        assert!(w.per_layer.iter().zip(&w.per_layer_replicated).all(|(a, r)| r <= a), "{name}");
+        for pp in [1, 2, 4] {
+            let counts = partition::layer_counts(m.num_hidden_layers, pp).expect("valid");
+            for s in 0..counts.len() {
+                let mut last = u64::MAX;
+                for tp in [1, 2, 4, 8, 16] {
+                    let b = w.per_gpu(&m, &counts, s, tp);
+                    assert!(b <= last, "{name} pp {pp} stage {s} tp {tp}");
+                    assert!(b >= w.replicated(&counts, s), "{name} pp {pp} stage {s} tp {tp}");
+                    last = b;
+                }
+            }
+        }
+    }
 }

@@ -96,8 +96,9 @@ impl Proc {
             pb::ProcessState::Starting => 1,
             pb::ProcessState::Running => 2,
             pb::ProcessState::Ready => 3,
-            pb::ProcessState::Stopped => 4,
-            pb::ProcessState::Exited => 5,
+            pb::ProcessState::Unhealthy => 4,
+            pb::ProcessState::Stopped => 5,
+            pb::ProcessState::Exited => 6,
         };
         let before = self.state;
         if rank(state) >= rank(self.state) {
@@ -136,6 +137,9 @@ pub struct Failing {
     pub reason: String,
     /// An operator's restart is not counted against max_restarts and has no backoff.
     pub counted: bool,
+    /// The blamed failure will not heal by itself (the engine is missing or not allowed on a
+    /// node): the deployment fails at once instead of restarting.
+    pub permanent: bool,
 }
 
 pub struct Dep {
@@ -237,6 +241,8 @@ impl Dep {
             })
             .collect();
         let health_url = self.launch.as_ref().map(|l| super::engine::health_url(&self.spec, l)).unwrap_or_default();
+        let endpoint = self.launch.as_ref().map(|l| super::engine::endpoint(&self.spec, l)).unwrap_or_default();
+        let secs = |d: Option<std::time::Duration>| d.map(|d| d.as_secs() as i32).unwrap_or(-1);
         pb::Deployment {
             name: self.spec.name.clone(),
             state: self.state.to_pb() as i32,
@@ -259,6 +265,10 @@ impl Dep {
             per_node: self.spec.per_node,
             state_since_ms_ago: now.saturating_duration_since(self.since).as_millis() as u64,
             uid: self.uid.to_wire(),
+            endpoint,
+            startup_timeout_s: self.spec.startup_timeout.as_secs() as u32,
+            stall_timeout_s: secs(self.spec.stall_timeout),
+            canary_interval_s: secs(self.spec.canary_interval),
         }
     }
 }

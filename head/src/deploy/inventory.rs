@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use tessera_common::ids::NodeId;
-use tessera_common::node::NodeState;
+use tessera_common::node::{Capabilities, NodeState};
 use tessera_common::plan::placement::{Cluster, ClusterGpu, ClusterNode, peer_mask};
 
+use super::spec::Engine;
 use crate::membership::NodeView;
 
 /// What the deployments need of a node besides its GPUs.
@@ -18,6 +19,25 @@ pub struct NodeMeta {
     pub name: String,
     pub address: IpAddr,
     pub state: NodeState,
+    pub capabilities: Capabilities,
+    /// Engines whose launch failed here for good, with why: kept until the node goes away (a
+    /// restarted worker says afresh what it can run).
+    pub unusable: Vec<(Engine, String)>,
+}
+
+impl NodeMeta {
+    /// Why the node cannot run `engine`, if it cannot.
+    pub fn cannot_run(&self, engine: Engine) -> Option<String> {
+        if let Some((_, why)) = self.unusable.iter().find(|(e, _)| *e == engine) {
+            return Some(why.clone());
+        }
+        let c = &self.capabilities;
+        match engine {
+            Engine::Vllm => c.vllm_missing().map(str::to_string),
+            Engine::Command => c.command_missing().map(str::to_string),
+            Engine::Probe => None,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -73,7 +93,17 @@ impl Inventory {
     /// previous state.
     pub fn upsert(&mut self, v: &NodeView, reserved: impl Fn(&str) -> bool) -> Option<NodeState> {
         let id = v.id;
-        let meta = NodeMeta { id, name: v.info.name.clone(), address: v.address, state: v.state };
+        let meta = NodeMeta {
+            id,
+            name: v.info.name.clone(),
+            address: v.address,
+            state: v.state,
+            capabilities: v.info.capabilities.clone(),
+            unusable: match v.state {
+                NodeState::Dead | NodeState::Left => Vec::new(),
+                _ => self.index.get(&id).map(|&i| self.meta[i].unusable.clone()).unwrap_or_default(),
+            },
+        };
         let existed = self.index.contains_key(&id);
         let pos = match self.index.get(&id) {
             Some(&i) => i,
@@ -156,6 +186,49 @@ impl Inventory {
             self.cluster.nodes[n].gpus[g].reserved = true;
         }
         r
+    }
+
+    /// Runs `f` with the nodes that cannot run `engine` shown unschedulable (the planner places
+    /// only on capable nodes), then puts the flags back.
+    pub fn for_engine<R>(&mut self, engine: Engine, f: impl FnOnce(&mut Self) -> R) -> R {
+        let masked: Vec<usize> = (0..self.meta.len())
+            .filter(|&i| self.cluster.nodes[i].schedulable && self.meta[i].cannot_run(engine).is_some())
+            .collect();
+        for &i in &masked {
+            self.cluster.nodes[i].schedulable = false;
+        }
+        let r = f(self);
+        for &i in &masked {
+            self.cluster.nodes[i].schedulable = true;
+        }
+        r
+    }
+
+    /// `node` cannot run `engine` after all (its launch said so): until it joins again (and says
+    /// what it can run then), the planner does not place that engine there.
+    pub fn mark_incapable(&mut self, node: NodeId, engine: Engine, why: String) {
+        let Some(&i) = self.index.get(&node) else { return };
+        let m = &mut self.meta[i];
+        if !m.unusable.iter().any(|(e, _)| *e == engine) {
+            m.unusable.push((engine, why));
+        }
+    }
+
+    /// Alive nodes that cannot run `engine`, with why (sorted by name), and how many can.
+    pub fn incapable(&self, engine: Engine) -> (Vec<String>, usize) {
+        let mut why = Vec::new();
+        let mut capable = 0;
+        for (i, m) in self.meta.iter().enumerate() {
+            if !self.cluster.nodes[i].schedulable {
+                continue;
+            }
+            match m.cannot_run(engine) {
+                Some(w) => why.push(format!("{}: {w}", m.name)),
+                None => capable += 1,
+            }
+        }
+        why.sort();
+        (why, capable)
     }
 
     /// Runs `f` on the cluster as if nothing were reserved: can this ever fit?

@@ -315,11 +315,22 @@ impl Machine {
             return;
         }
         let req = plan_request(&spec);
-        let report = plan::plan(&model.desc, &model.weights, self.inventory.cluster(), &req);
+        let engine = spec.engine;
+        let report =
+            self.inventory.for_engine(engine, |inv| plan::plan(&model.desc, &model.weights, inv.cluster(), &req));
         if !report.valid {
+            // No node at all can run the engine: refused, with each node's reason.
+            let (why, capable) = self.inventory.incapable(engine);
+            if capable == 0 && !why.is_empty() {
+                let e = format!("[capabilities] no node can run the {} engine: {}", engine.as_str(), why.join("; "));
+                self.out.push(Effect::Reply(reply, Err(DeployError::InvalidPlan(e))));
+                return;
+            }
             // Would it ever fit? Plan against the cluster as if no GPU were reserved: a shape or size
             // that can never work is refused outright and reserves nothing.
-            let empty = self.inventory.with_all_free(|c| plan::plan(&model.desc, &model.weights, c, &req));
+            let empty = self
+                .inventory
+                .for_engine(engine, |inv| inv.with_all_free(|c| plan::plan(&model.desc, &model.weights, c, &req)));
             let fatal: Vec<String> = empty
                 .errors
                 .iter()
@@ -446,11 +457,36 @@ impl Machine {
             self.park(Park::Ports { name: name.clone(), generation }, rec);
         }
         let Some(dep) = self.deps.get_mut(&name) else { return };
+        let failing_or_live = dep.failing.is_some() || matches!(dep.state, DState::Starting | DState::Running);
         if exited {
-            let failing_or_live = dep.failing.is_some() || matches!(dep.state, DState::Starting | DState::Running);
             if failing_or_live {
                 let reason = describe_exit(&r, &node_name);
+                let first = dep.failing.is_none();
+                let engine = dep.spec.engine;
+                if r.permanent {
+                    // The engine cannot start on this node and will not by itself (not installed,
+                    // not allowed): the node stops counting for this engine until it joins again,
+                    // and the group is planned elsewhere.
+                    self.inventory.mark_incapable(node, engine, clean(&r.error, 512));
+                }
                 self.fail(&name, reason, Blame::exit(&r, at), true, at);
+                if r.permanent
+                    && first
+                    && let Some(f) = self.deps.get_mut(&name).and_then(|d| d.failing.as_mut())
+                {
+                    f.permanent = true;
+                }
+            }
+            return;
+        }
+        if r.state == pb::ProcessState::Unhealthy as i32 {
+            // The worker's checks saw a hung or dead engine behind a live process: the group
+            // restarts with the check's verdict as the reason (it explains what follows).
+            if failing_or_live {
+                let reason = format!("{} on {node_name} is unhealthy: {}", r.key, clean(&r.error, 2048));
+                let tail = last_lines(&r.log_tail, 5);
+                let reason = if tail.is_empty() { reason } else { format!("{reason}; last log lines: {tail}") };
+                self.fail(&name, reason, Blame::unhealthy(at), true, at);
             }
             return;
         }
@@ -639,6 +675,7 @@ impl Machine {
             if not_ours && (blame.class, blame.at_unix_ms) < (f.blame.class, f.blame.at_unix_ms) {
                 f.reason = reason;
                 f.blame = blame;
+                f.permanent = false;
             }
             return;
         }
@@ -650,6 +687,7 @@ impl Machine {
             blame,
             reason,
             counted,
+            permanent: false,
         });
         dep.recover_deadline = None;
         let nodes: HashSet<NodeId> = dep.procs.values().filter(|p| p.launched && !p.gone).map(|p| p.node_id).collect();
@@ -679,7 +717,20 @@ impl Machine {
         }
         let recent = dep.restart_times.len() as u32;
         let next = dep.generation.next();
-        if f.counted && recent > dep.spec.max_restarts {
+        let no_capable_node = f.permanent && self.inventory.incapable(dep.spec.engine).1 == 0;
+        if no_capable_node {
+            dep.set_state(
+                DState::Failed,
+                format!(
+                    "{}; not restarted: no node can run the {} engine, and this will not change by itself (fix a node, then `tessera restart {name}`)",
+                    f.reason,
+                    dep.spec.engine.as_str()
+                ),
+                now,
+            );
+            dep.next_attempt = None;
+            self.release(name);
+        } else if f.counted && recent > dep.spec.max_restarts {
             dep.set_state(
                 DState::Failed,
                 format!(
@@ -742,16 +793,18 @@ impl Machine {
             Some(r) => r,
             None => {
                 // The same GPUs when they are all on schedulable nodes; else its own plus free ones.
-                let same = self
-                    .inventory
-                    .only(&own)
-                    .filter(|_| !own.is_empty())
-                    .map(|c| plan::plan(&model.desc, &model.weights, &c, &req))
-                    .filter(|r| r.valid);
-                match same {
-                    Some(r) => r,
-                    None => self.inventory.with_free(&own, |c| plan::plan(&model.desc, &model.weights, c, &req)),
-                }
+                let engine = dep.spec.engine;
+                self.inventory.for_engine(engine, |inv| {
+                    let same = inv
+                        .only(&own)
+                        .filter(|_| !own.is_empty())
+                        .map(|c| plan::plan(&model.desc, &model.weights, &c, &req))
+                        .filter(|r| r.valid);
+                    match same {
+                        Some(r) => r,
+                        None => inv.with_free(&own, |c| plan::plan(&model.desc, &model.weights, c, &req)),
+                    }
+                })
             }
         };
         if !report.valid {
@@ -760,7 +813,16 @@ impl Machine {
             // A deployment that cannot run holds nothing.
             self.release(name);
             if only_placement {
-                let message = format!("waiting for GPUs: {msg}");
+                let (why, _) = self.inventory.incapable(self.deps[name].spec.engine);
+                let message = if why.is_empty() {
+                    format!("waiting for GPUs: {msg}")
+                } else {
+                    format!(
+                        "waiting for GPUs: {msg} (not counted: {} node(s) that cannot run it: {})",
+                        why.len(),
+                        why.join("; ")
+                    )
+                };
                 let dep = self.deps.get_mut(name).expect("checked above");
                 dep.next_attempt = None;
                 if dep.state != DState::Pending || dep.message != message {
@@ -1129,6 +1191,11 @@ impl Blame {
     fn other(at_unix_ms: u64) -> Blame {
         Blame { class: 2, at_unix_ms, foreign_signal: false }
     }
+    /// A failed liveness check: as likely a cause as a rank killed by a signal (a hang explains
+    /// the exits of the peers stopped after it), timed when the head heard of it.
+    fn unhealthy(at: At) -> Blame {
+        Blame { class: 1, at_unix_ms: at.unix_ms, foreign_signal: false }
+    }
     fn exit(r: &pb::ShardReport, at: At) -> Blame {
         let class = match (r.signal, r.exit_code) {
             (Some(_), _) => 1,
@@ -1162,7 +1229,8 @@ fn plan_request(s: &DeploymentSpec) -> PlanRequest {
         pp: Size::Fixed(s.pp),
         gpu_memory_utilization: s.gpu_memory_utilization,
         max_model_len: s.max_model_len,
-        layer_partition: None,
+        layer_partition: s.layer_partition.clone(),
+        kv_cache_dtype: s.kv_cache_dtype,
         strict: false,
     }
 }
@@ -1178,11 +1246,27 @@ fn describe_exit(r: &pb::ShardReport, node: &str) -> String {
     if !r.error.is_empty() {
         s.push_str(&format!(": {}", r.error));
     }
-    let tail: Vec<&str> = r.log_tail.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+    let tail = last_lines(&r.log_tail, 5);
     if !tail.is_empty() {
-        s.push_str(&format!("; last log lines: {}", tail.join(" | ")));
+        s.push_str(&format!("; last log lines: {tail}"));
     }
     s
+}
+
+/// The last `n` lines of a log tail (each at most 512 characters), joined with " | ".
+fn last_lines(tail: &str, n: usize) -> String {
+    let lines: Vec<String> =
+        tail.lines().rev().take(n).map(|l| clean(l, 512)).collect::<Vec<_>>().into_iter().rev().collect();
+    lines.join(" | ")
+}
+
+/// A worker's text for a message: at most `max` characters, no control or bidirectional
+/// formatting characters.
+fn clean(s: &str, max: usize) -> String {
+    s.chars()
+        .filter(|c| !c.is_control() && !('\u{202a}'..='\u{202e}').contains(c) && !('\u{2066}'..='\u{2069}').contains(c))
+        .take(max)
+        .collect()
 }
 
 #[cfg(test)]

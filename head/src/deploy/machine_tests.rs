@@ -44,6 +44,7 @@ fn node(i: u128, name: &str, gpus: u32, is_head: bool) -> NodeView {
         is_head,
         machine_fingerprint: name.into(),
         hostname: name.into(),
+        capabilities: Default::default(),
     };
     NodeView {
         id: nid(i),
@@ -572,4 +573,139 @@ fn a_relisted_table_after_lagged_events_misses_no_death() {
     effects.extend(h.tick_after(SETTLE));
     let events = emits(&effects);
     assert!(events.iter().any(|(_, m)| m.contains("is no longer a member")), "{events:?}");
+}
+
+fn with_caps(mut n: NodeView, caps: tessera_common::node::Capabilities) -> NodeView {
+    let mut info = (*n.info).clone();
+    info.capabilities = caps;
+    n.info = Arc::new(info);
+    n
+}
+
+fn no_vllm() -> tessera_common::node::Capabilities {
+    tessera_common::node::Capabilities { vllm: Err("no `vllm` on PATH".into()), command_allowed: false, reported: true }
+}
+
+fn vllm_spec(name: &str, tp: u64) -> DeploymentSpec {
+    let mut s = spec(name, tp, 1);
+    s.engine = Engine::Vllm;
+    s
+}
+
+#[test]
+fn an_unhealthy_engine_restarts_its_group_with_the_checks_verdict() {
+    let (mut h, ls) = running_pair();
+    let (n, l) = &ls[0];
+    let p = &l.processes[0];
+    let r = pb::ShardReport {
+        error: "no progress: 1 request(s) running and 0 waiting, but no token produced for 30s".into(),
+        log_tail: "INFO serving\n".into(),
+        ..report(l, p, pb::ProcessState::Unhealthy, 0)
+    };
+    let out = h.feed(Input::Report { node: *n, report: r });
+    assert_eq!(stops(&out).len(), 2, "the whole group is stopped: {out:?}");
+    // A stopped hung rank dies of SIGKILL after the grace: the verdict stays the reason.
+    let late = exited(&ls[1].1, &ls[1].1.processes[0].key, None, Some(9), h.unix + 10_000);
+    h.feed(Input::Report { node: ls[1].0, report: late });
+    let settled = h.tick_after(SETTLE);
+    let e = emits(&settled);
+    assert_eq!(e.len(), 1, "{settled:?}");
+    assert_eq!(e[0].0, pb::DeploymentState::Restarting);
+    assert!(e[0].1.starts_with(&format!("{} on head is unhealthy: no progress", p.key)), "{}", e[0].1);
+    assert!(e[0].1.contains("last log lines: INFO serving"), "{}", e[0].1);
+    assert_eq!(h.dep("p1").restarts, 1);
+}
+
+fn permanent_exit(l: &pb::LaunchShards) -> pb::ShardReport {
+    pb::ShardReport {
+        error: "vllm is not installed on this node: no `vllm` on PATH".into(),
+        permanent: true,
+        exit_code: Some(127),
+        ..report(l, &l.processes[0], pb::ProcessState::Exited, 0)
+    }
+}
+
+#[test]
+fn a_node_that_cannot_start_the_engine_is_left_out_and_the_group_moves() {
+    let mut h =
+        H::new(vec![with_caps(node(1, "head", 4, true), no_vllm()), node(2, "w1", 4, false), node(3, "w2", 4, false)]);
+    let created = h.create(vllm_spec("v1", 4));
+    let ls = launches(&created);
+    let (n, l) = &ls[0];
+    h.feed(Input::Report { node: *n, report: permanent_exit(l) });
+    let mut seen = h.tick_after(SETTLE);
+    seen.extend(h.tick_after(Duration::from_secs(60)));
+    let next = launches(&seen);
+    assert_eq!(next.len(), 1, "relaunched once");
+    assert_ne!(next[0].0, *n, "not on the node that cannot run it");
+    assert_eq!(next[0].1.generation, 2);
+}
+
+#[test]
+fn an_engine_no_node_can_start_fails_at_once() {
+    let mut h = H::new(vec![with_caps(node(1, "head", 4, true), no_vllm()), node(2, "w1", 4, false)]);
+    let created = h.create(vllm_spec("v1", 4));
+    let ls = launches(&created);
+    let (n, l) = &ls[0];
+    assert_eq!(*n, nid(2));
+    h.feed(Input::Report { node: *n, report: permanent_exit(l) });
+    let settled = h.tick_after(SETTLE);
+    let d = h.dep("v1");
+    assert_eq!(d.state, pb::DeploymentState::Failed as i32, "{settled:?}");
+    assert!(
+        d.message.contains("no `vllm` on PATH") && d.message.contains("no node can run the vllm engine"),
+        "{}",
+        d.message
+    );
+    assert_eq!(d.restarts, 0);
+    assert!(launches(&h.tick_after(Duration::from_secs(60))).is_empty(), "never relaunched");
+    assert_eq!(h.m.reservation_counts().0, 0, "its GPUs are free");
+}
+
+#[test]
+fn deployments_are_placed_only_on_nodes_that_can_run_their_engine() {
+    // The head cannot run vllm; w1 can: a TP 4 vllm group goes to w1 alone.
+    let mut h = H::new(vec![with_caps(node(1, "head", 4, true), no_vllm()), node(2, "w1", 4, false)]);
+    let created = h.create(vllm_spec("v1", 4));
+    assert!(matches!(replies(&created).as_slice(), [Ok(_)]), "{created:?}");
+    let ls = launches(&created);
+    assert_eq!(ls.iter().map(|(n, _)| *n).collect::<Vec<_>>(), vec![nid(2)]);
+    // A second one has no capable node with free GPUs: pending, saying which node cannot run it.
+    let out = h.create(vllm_spec("v2", 4));
+    let d = h.dep("v2");
+    assert_eq!(d.state, pb::DeploymentState::Pending as i32, "{out:?}");
+    assert!(d.message.contains("1 node(s) that cannot run it: head: no `vllm` on PATH"), "{}", d.message);
+    // Probe deployments run anywhere.
+    let out = h.create(spec("p1", 4, 1));
+    assert_eq!(launches(&out)[0].0, nid(1));
+}
+
+#[test]
+fn a_deployment_no_node_can_run_is_refused_with_each_nodes_reason() {
+    let mut h =
+        H::new(vec![with_caps(node(1, "head", 4, true), no_vllm()), with_caps(node(2, "w1", 4, false), no_vllm())]);
+    let out = h.create(vllm_spec("v1", 4));
+    let r = replies(&out);
+    let [Err(DeployError::InvalidPlan(msg))] = r.as_slice() else { panic!("refused: {out:?}") };
+    assert!(msg.contains("no node can run the vllm engine: head: no `vllm` on PATH; w1: no `vllm` on PATH"), "{msg}");
+    assert_eq!(h.m.reservation_counts(), (0, 0));
+}
+
+#[test]
+fn a_failed_check_after_a_crash_does_not_hide_the_crash() {
+    let (mut h, ls) = running_pair();
+    let (n1, l1) = &ls[1];
+    let crash = exited(l1, &l1.processes[0].key, Some(1), None, h.unix);
+    h.feed(Input::Report { node: *n1, report: crash });
+    // Node rank 0's checks fail as the group stops.
+    h.advance(Duration::from_millis(100));
+    let (n0, l0) = &ls[0];
+    let r = pb::ShardReport {
+        error: "/health failed 3 times in a row: connection refused".into(),
+        ..report(l0, &l0.processes[0], pb::ProcessState::Unhealthy, 0)
+    };
+    h.feed(Input::Report { node: *n0, report: r });
+    let settled = h.tick_after(SETTLE);
+    let e = emits(&settled);
+    assert!(e[0].1.contains("exited with code 1") && !e[0].1.contains("/health"), "{}", e[0].1);
 }

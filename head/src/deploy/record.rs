@@ -7,7 +7,9 @@ use tessera_common::ids::{DeploymentUid, Generation, NodeId, ProcKey};
 use tokio::time::Instant;
 
 use super::dep::{DState, Dep, Launch, Proc};
-use super::spec::{DeploymentSpec, Engine, LoadedModel};
+use super::spec::{
+    DEFAULT_CANARY_INTERVAL, DEFAULT_STALL_TIMEOUT, DEFAULT_STARTUP_TIMEOUT, DeploymentSpec, Engine, LoadedModel,
+};
 use crate::store::{StoredDeployment, StoredLaunch, StoredProcess};
 
 /// Wall clock and monotonic clock at one instant: records keep wall-clock times, the machine
@@ -46,6 +48,9 @@ pub fn to_stored(d: &Dep, at: At) -> StoredDeployment {
         per_node: s.per_node,
         gpu_memory_utilization: s.gpu_memory_utilization,
         max_model_len: s.max_model_len,
+        startup_timeout_s: s.startup_timeout.as_secs() as u32,
+        stall_timeout_s: s.stall_timeout.map(|d| d.as_secs() as i32).unwrap_or(-1),
+        canary_interval_s: s.canary_interval.map(|d| d.as_secs() as i32).unwrap_or(-1),
         generation: d.generation.0,
         restarts: d.restarts,
         restart_times_unix_ms: d.restart_times.iter().map(|t| at.unix_of(*t)).collect(),
@@ -79,7 +84,12 @@ pub fn to_spec(r: &StoredDeployment) -> Result<DeploymentSpec, String> {
         "probe" => Engine::Probe,
         other => return Err(format!("unknown engine {other:?}")),
     };
-    Ok(DeploymentSpec {
+    let check = |v: i32, default: Duration| match v {
+        0 => Some(default),
+        v if v < 0 => None,
+        v => Some(Duration::from_secs(v as u64)),
+    };
+    let mut spec = DeploymentSpec {
         name: r.name.clone(),
         model_path: r.model_path.clone(),
         tp: r.tp,
@@ -92,7 +102,21 @@ pub fn to_spec(r: &StoredDeployment) -> Result<DeploymentSpec, String> {
         per_node: r.per_node,
         gpu_memory_utilization: r.gpu_memory_utilization,
         max_model_len: r.max_model_len,
-    })
+        kv_cache_dtype: None,
+        layer_partition: None,
+        startup_timeout: match r.startup_timeout_s {
+            0 => DEFAULT_STARTUP_TIMEOUT,
+            s => Duration::from_secs(s as u64),
+        },
+        stall_timeout: check(r.stall_timeout_s, DEFAULT_STALL_TIMEOUT),
+        canary_interval: check(r.canary_interval_s, DEFAULT_CANARY_INTERVAL),
+    };
+    // Records of older versions may hold engine args this version refuses at Create: they keep
+    // running as they were launched (their args pass through unread) rather than be dropped.
+    if let Err(e) = spec.read_engine_settings(false) {
+        tracing::warn!(deployment = %spec.name, error = %e, "engine args of a stored deployment kept as they are");
+    }
+    Ok(spec)
 }
 
 /// Rebuilds a deployment from its record after a head restart: the current generation is expected

@@ -4,10 +4,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tessera_common::model::{ModelDesc, load::Model};
+use tessera_common::model::{DType, ModelDesc, load::Model};
 use tessera_common::plan::memory::Weights;
 use tessera_proto::v1 as pb;
 use tonic::Status;
+
+use super::engine::vllm;
 
 /// Default group restarts allowed within [`RESTART_WINDOW`].
 pub const DEFAULT_MAX_RESTARTS: u32 = 5;
@@ -73,7 +75,29 @@ pub struct DeploymentSpec {
     pub per_node: bool,
     pub gpu_memory_utilization: f64,
     pub max_model_len: Option<u64>,
+    /// vllm: `--kv-cache-dtype` from the engine args (None: the model's dtype).
+    pub kv_cache_dtype: Option<DType>,
+    /// vllm: `VLLM_PP_LAYER_PARTITION` from the env.
+    pub layer_partition: Option<Vec<u64>>,
+    /// How long a generation may take to get ready.
+    pub startup_timeout: Duration,
+    /// vllm: the progress watchdog's and the canary's limit (None: off).
+    pub stall_timeout: Option<Duration>,
+    /// vllm: how often an idle engine gets a canary request (None: never).
+    pub canary_interval: Option<Duration>,
 }
+
+/// vLLM 0.33's default `--gpu-memory-utilization`, passed explicitly so that what runs is what
+/// was planned.
+pub use tessera_common::plan::DEFAULT_GPU_MEMORY_UTILIZATION;
+/// Default `--startup-timeout`: DeepSeek-size checkpoints take tens of minutes to load.
+pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Default `--stall-timeout` and `--canary-interval`.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_CANARY_INTERVAL: Duration = Duration::from_secs(30);
+/// Longest start-up deadline and check period accepted (a week; a day).
+const MAX_STARTUP_S: u32 = 7 * 24 * 3600;
+const MAX_CHECK_S: i32 = 24 * 3600;
 
 /// The model, loaded once at create.
 #[derive(Debug, Clone)]
@@ -207,20 +231,37 @@ impl DeploymentSpec {
             }
             _ => {}
         }
-        let util = if r.gpu_memory_utilization == 0.0 { 0.9 } else { r.gpu_memory_utilization };
-        if !(util > 0.0 && util <= 1.0) {
+        let util = r.gpu_memory_utilization;
+        if !(util == 0.0 || util > 0.0 && util <= 1.0) {
             return Err(bad(
                 "gpu_memory_utilization",
-                format!("{} must be more than 0 and at most 1", r.gpu_memory_utilization),
+                format!("{} must be more than 0 and at most 1 (0: the default {DEFAULT_GPU_MEMORY_UTILIZATION})", util),
             ));
         }
+        let startup_timeout = match r.startup_timeout_s {
+            0 => DEFAULT_STARTUP_TIMEOUT,
+            s if s > MAX_STARTUP_S => {
+                return Err(bad("startup_timeout_s", format!("{s} is more than a week ({MAX_STARTUP_S})")));
+            }
+            s => Duration::from_secs(s as u64),
+        };
+        let check = |field: &str, v: i32, default: Duration| -> Result<Option<Duration>, Status> {
+            match v {
+                0 => Ok(Some(default)),
+                v if v < 0 => Ok(None),
+                v if v > MAX_CHECK_S => Err(bad(field, format!("{v} is more than a day ({MAX_CHECK_S} s)"))),
+                v => Ok(Some(Duration::from_secs(v as u64))),
+            }
+        };
+        let stall_timeout = check("stall_timeout_s", r.stall_timeout_s, DEFAULT_STALL_TIMEOUT)?;
+        let canary_interval = check("canary_interval_s", r.canary_interval_s, DEFAULT_CANARY_INTERVAL)?;
         let max_restarts = match r.max_restarts {
             0 => DEFAULT_MAX_RESTARTS,
             n if n < 0 => 0,
             n if n > 1000 => return Err(bad("max_restarts", format!("{n} is more than 1000"))),
             n => n as u32,
         };
-        Ok(DeploymentSpec {
+        let mut spec = DeploymentSpec {
             name: r.name.clone(),
             model_path,
             tp,
@@ -231,9 +272,56 @@ impl DeploymentSpec {
             max_restarts,
             command: r.command.clone(),
             per_node: r.per_node,
-            gpu_memory_utilization: util,
+            gpu_memory_utilization: if util == 0.0 { DEFAULT_GPU_MEMORY_UTILIZATION } else { util },
             max_model_len: (r.max_model_len > 0).then_some(r.max_model_len),
-        })
+            kv_cache_dtype: None,
+            layer_partition: None,
+            startup_timeout,
+            stall_timeout,
+            canary_interval,
+        };
+        spec.read_engine_settings(util != 0.0).map_err(Status::invalid_argument)?;
+        Ok(spec)
+    }
+
+    /// vllm: takes what the engine args and env say about the plan into the spec (see
+    /// [`vllm::args`]); the planned flags leave `engine_args`, the launch passes them from the
+    /// plan. `util_given`: the request set `gpu_memory_utilization` itself.
+    pub fn read_engine_settings(&mut self, util_given: bool) -> Result<(), String> {
+        if self.engine != Engine::Vllm {
+            return Ok(());
+        }
+        let a = vllm::args::parse(&self.engine_args)?;
+        if let Some(u) = a.gpu_memory_utilization {
+            if util_given && u != self.gpu_memory_utilization {
+                return Err(format!(
+                    "gpu_memory_utilization is {} but engine_args say --gpu-memory-utilization {u}: give it once",
+                    self.gpu_memory_utilization
+                ));
+            }
+            self.gpu_memory_utilization = u;
+        }
+        if let Some(l) = a.max_model_len {
+            if self.max_model_len.is_some_and(|m| m != l) {
+                return Err(format!(
+                    "max_model_len is {} but engine_args say --max-model-len {l}: give it once",
+                    self.max_model_len.unwrap_or(0)
+                ));
+            }
+            self.max_model_len = Some(l);
+        }
+        self.kv_cache_dtype = a.kv_cache_dtype;
+        self.layer_partition = match self.env.get("VLLM_PP_LAYER_PARTITION") {
+            Some(v) => Some(vllm::args::layer_partition(v)?),
+            None => None,
+        };
+        self.engine_args = a.rest;
+        Ok(())
+    }
+
+    /// vllm: what the engine args say (a spec's args were checked on Create).
+    pub fn vllm_args(&self) -> vllm::args::VllmArgs {
+        vllm::args::parse(&self.engine_args).unwrap_or_default()
     }
 }
 

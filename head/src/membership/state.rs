@@ -51,6 +51,7 @@ impl From<&NodeView> for pb::Node {
             state_reason: v.state_reason.clone(),
             state_since_ms_ago: v.state_since_ago.as_millis() as u64,
             draining: v.draining,
+            capabilities: v.info.capabilities.to_pb(),
             joined_ms_ago: v.joined_ago.as_millis() as u64,
         }
     }

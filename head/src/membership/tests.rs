@@ -23,6 +23,7 @@ fn info(name: &str, fingerprint: &str) -> JoinInfo {
         is_head: false,
         machine_fingerprint: fingerprint.into(),
         hostname: "host".into(),
+        capabilities: Default::default(),
     }
 }
 

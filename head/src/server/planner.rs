@@ -2,7 +2,7 @@
 
 use tessera_common::model::{self, load::ModelError};
 use tessera_common::plan::memory::Weights;
-use tessera_common::plan::{self, PlanRequest, Size};
+use tessera_common::plan::{self, DEFAULT_GPU_MEMORY_UTILIZATION, PlanRequest, Size};
 use tessera_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
@@ -78,10 +78,10 @@ pub fn plan_request(r: &pb::PlanRequest) -> Result<PlanRequest, Status> {
             v => Err(Status::invalid_argument(format!("{field}: {v} is more than {MAX_SIZE}"))),
         }
     };
-    let util = if r.gpu_memory_utilization == 0.0 { 0.9 } else { r.gpu_memory_utilization };
+    let util = if r.gpu_memory_utilization == 0.0 { DEFAULT_GPU_MEMORY_UTILIZATION } else { r.gpu_memory_utilization };
     if !(util > 0.0 && util <= 1.0) {
         return Err(Status::invalid_argument(format!(
-            "gpu_memory_utilization: {} must be more than 0 and at most 1 (0 means the default 0.9)",
+            "gpu_memory_utilization: {} must be more than 0 and at most 1 (0 means the default {DEFAULT_GPU_MEMORY_UTILIZATION})",
             r.gpu_memory_utilization
         )));
     }
@@ -97,6 +97,10 @@ pub fn plan_request(r: &pb::PlanRequest) -> Result<PlanRequest, Status> {
         gpu_memory_utilization: util,
         max_model_len: (r.max_model_len > 0).then_some(r.max_model_len),
         layer_partition: (!r.layer_partition.is_empty()).then(|| r.layer_partition.clone()),
+        kv_cache_dtype: match r.kv_cache_dtype.as_str() {
+            "" => None,
+            v => plan::kv_cache_dtype(v).map_err(|e| Status::invalid_argument(format!("kv_cache_dtype: {e}")))?,
+        },
         strict: r.strict,
     })
 }

@@ -11,6 +11,7 @@
 //! cargo run --release -p tessera-tests --bin tessera-bench -- exhaustion
 //! cargo run --release -p tessera-tests --bin tessera-bench -- metrics-scrape --runs 1000
 //! cargo run --release -p tessera-tests --bin tessera-bench -- bring-up --runs 5
+//! cargo run --release -p tessera-tests --bin tessera-bench -- vllm --runs 2
 //! ```
 
 use std::time::{Duration, Instant};
@@ -45,9 +46,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Some("metrics-scrape") => metrics_scrape_bench(runs.max(1000)).await,
         Some("bring-up") => bring_up_bench(runs).await,
+        Some("vllm") => vllm_bench(runs).await,
         _ => {
             eprintln!(
-                "usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N] | deploy [--runs N] | head-restart [--runs N] | head-pause [--runs N] | metrics-scrape | bring-up"
+                "usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N] | deploy [--runs N] | head-restart [--runs N] | head-pause [--runs N] | metrics-scrape | bring-up | vllm [--runs N]"
             );
             std::process::exit(2);
         }
@@ -478,4 +480,184 @@ fn probe_request(name: impl Into<String>) -> anyhow::Result<pb::CreateDeployment
 fn summary(v: &mut [f64]) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
     (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// Real vLLM (the CPU build, tiny local Llama) at TP 1 x PP 2 on two nodes on loopback:
+/// - Tessera's overhead: `Create` -> `running`, minus the same two `vllm serve` processes started
+///   by hand -> node 0's `/health` 200, alternated `runs` times in one run;
+/// - `kill -9` of the headless rank -> answering again;
+/// - SIGSTOP of the headless rank's tree with a request in flight -> restart decided (the
+///   `restarting` event) and -> answering again, with the default checks (30 s stall timeout).
+async fn vllm_bench(runs: usize) -> anyhow::Result<()> {
+    use tessera_tests::vllm::{ENGINE_ARGS, complete, cpu_env, endpoint, tree, vllm};
+    use tessera_worker::shard::http;
+    let v = vllm();
+    let model = v.model.display().to_string();
+    let dir = tempfile::tempdir()?;
+    let free = || -> anyhow::Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
+    let wait_health = |port: u16| async move {
+        while http::health("", port, Duration::from_secs(2)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let bin = v.bin.display().to_string();
+    let head = start_head(dir.path(), "head", "127.0.0.1:0", &["--fake-gpus", "1x80GiB", "--vllm-bin", &bin]);
+    let _w1 = tessera_tests::start_worker_with(
+        dir.path(),
+        "w1",
+        &head.url,
+        &dir.path().join("w1-state"),
+        &["--fake-gpus", "1x80GiB", "--vllm-bin", &bin],
+    );
+    let mut client = cluster_client(&head.url).await;
+    wait_state(&mut client, "w1", pb::NodeState::Alive).await;
+    let mut deps = tessera_tests::deployments_client(&head.url).await;
+    let request = |name: &str| pb::CreateDeploymentRequest {
+        name: name.into(),
+        model_path: model.clone(),
+        tp: 1,
+        pp: 2,
+        engine: pb::Engine::Vllm as i32,
+        engine_args: ENGINE_ARGS.iter().map(|s| s.to_string()).collect(),
+        env: cpu_env().into_iter().collect(),
+        ..Default::default()
+    };
+    let running = |deps: &mut pb::deployments_client::DeploymentsClient<tessera_tests::Conn>, name: String, g: u64| {
+        let mut deps = deps.clone();
+        async move {
+            loop {
+                if let Ok(d) = deps.get(pb::GetDeploymentRequest { name: name.clone() }).await {
+                    let d = d.into_inner();
+                    if d.state == pb::DeploymentState::Running as i32 && d.generation == g {
+                        return d;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let answering = |d: pb::Deployment, model: String| async move {
+        let (h, p) = endpoint(&d);
+        while complete(&h, p, &model).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (mut by_hand, mut tessera) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        // By hand: what Tessera would run, on loopback.
+        let (mp, api) = (free()?, free()?);
+        let t0 = Instant::now();
+        let mut children = Vec::new();
+        for rank in 0..2 {
+            let mut a: Vec<String> = [
+                "serve",
+                &model,
+                "--tensor-parallel-size",
+                "1",
+                "--pipeline-parallel-size",
+                "2",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                &rank.to_string(),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                &mp.to_string(),
+                "--distributed-executor-backend",
+                "mp",
+                "--gpu-memory-utilization",
+                "0.92",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if rank == 0 {
+                a.extend(["--port".into(), api.to_string(), "--enable-server-load-tracking".into()]);
+            } else {
+                a.push("--headless".into());
+            }
+            a.extend(ENGINE_ARGS.iter().map(|s| s.to_string()));
+            let log = std::fs::File::create(dir.path().join(format!("hand-{i}-{rank}.log")))?;
+            children.push(
+                std::process::Command::new(&v.bin)
+                    .args(&a)
+                    .envs(cpu_env())
+                    .env("VLLM_HOST_IP", "127.0.0.1")
+                    .stdout(log.try_clone()?)
+                    .stderr(log)
+                    .spawn()?,
+            );
+        }
+        wait_health(api).await;
+        let hand = t0.elapsed().as_secs_f64();
+        for c in &mut children {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        }
+        for c in &mut children {
+            let _ = c.wait();
+        }
+        // Under Tessera.
+        let name = format!("v{i}");
+        let t0 = Instant::now();
+        deps.create(request(&name)).await?;
+        running(&mut deps, name.clone(), 1).await;
+        let under = t0.elapsed().as_secs_f64();
+        eprintln!("run {i}: by hand {hand:.1} s, under Tessera {under:.1} s, overhead {:.2} s", under - hand);
+        by_hand.push(hand);
+        tessera.push(under);
+        if i + 1 < runs {
+            deps.delete(pb::DeleteDeploymentRequest { name: name.clone() }).await?;
+            while deps.get(pb::GetDeploymentRequest { name: name.clone() }).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let overhead: Vec<f64> = tessera.iter().zip(&by_hand).map(|(t, h)| t - h).collect();
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
+    println!(
+        "vllm TP1xPP2 ready: by hand {:.1} s, under Tessera {:.1} s (means of {runs}); overhead {:.2} s mean ({:?}), ratio {:.3}",
+        mean(&by_hand),
+        mean(&tessera),
+        mean(&overhead),
+        overhead.iter().map(|o| format!("{o:.2}")).collect::<Vec<_>>(),
+        mean(&tessera) / mean(&by_hand)
+    );
+
+    // kill -9 of the headless rank -> answering again.
+    let name = format!("v{}", runs.saturating_sub(1));
+    let d = running(&mut deps, name.clone(), 1).await;
+    let pid = d.ranks.iter().find(|r| r.node == "w1").map(|r| r.pid).unwrap_or(0);
+    let t0 = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL)?;
+    let d = running(&mut deps, name.clone(), 2).await;
+    answering(d.clone(), model.clone()).await;
+    println!("vllm kill -9 of the headless rank -> answering again: {:.1} s", t0.elapsed().as_secs_f64());
+
+    // SIGSTOP of its tree with a request in flight -> restart decided -> answering again.
+    let mut events = client.watch_events(pb::WatchEventsRequest { include_current: false }).await?.into_inner();
+    let pid = d.ranks.iter().find(|r| r.node == "w1").map(|r| r.pid).unwrap_or(0);
+    let stopped = tree(pid);
+    let t0 = Instant::now();
+    for p in &stopped {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p as i32), Signal::SIGSTOP);
+    }
+    let (h, p) = endpoint(&d);
+    let m = model.clone();
+    tokio::spawn(async move { complete(&h, p, &m).await });
+    let decided = loop {
+        let Some(Ok(e)) = events.next().await else { anyhow::bail!("events ended") };
+        if let Some(x) = e.deployment.filter(|x| x.name == name && x.message.contains("unhealthy")) {
+            break (t0.elapsed().as_secs_f64(), x.message);
+        }
+    };
+    let d = running(&mut deps, name.clone(), 3).await;
+    answering(d, model.clone()).await;
+    println!(
+        "vllm SIGSTOP of the headless rank (a request in flight, --stall-timeout 30s) -> restart decided {:.1} s, answering again {:.1} s; reason: {}",
+        decided.0,
+        t0.elapsed().as_secs_f64(),
+        decided.1
+    );
+    Ok(())
 }

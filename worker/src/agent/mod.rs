@@ -85,6 +85,8 @@ pub struct Agent {
     up_rx: Option<mpsc::UnboundedReceiver<pb::WorkerMessage>>,
     /// The head refused this node's credential as the session's bearer: use the join token.
     credential_refused: std::sync::atomic::AtomicBool,
+    /// What this node can run, found at start.
+    capabilities: tessera_common::node::Capabilities,
 }
 
 impl Agent {
@@ -102,7 +104,11 @@ impl Agent {
             }
             None => (None, None),
         };
-        Ok(Agent { config, state, status, host, up_rx, credential_refused: Default::default() })
+        let capabilities = match &config.shards {
+            Some(cfg) => crate::shard::capabilities::detect(cfg),
+            None => tessera_common::node::Capabilities::default(),
+        };
+        Ok(Agent { config, state, status, host, up_rx, credential_refused: Default::default(), capabilities })
     }
 
     /// The shard host, when this agent hosts shards.
@@ -185,6 +191,7 @@ impl Agent {
             is_head: self.config.is_head,
             machine_fingerprint: self.state.machine_fingerprint(),
             hostname: crate::state::hostname(),
+            capabilities: self.capabilities.clone(),
         })
     }
 

@@ -15,8 +15,10 @@ use tessera_proto::v1 as pb;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use super::http;
+use super::liveness::{self, Effect, Input, Liveness};
 use super::spec::{self, ShimCommand, ShimSpec, ShimState};
 
 /// Settings of the shard host, from the worker's flags.
@@ -59,6 +61,8 @@ struct Proc {
     last: pb::ShardReport,
     cmd: Option<mpsc::UnboundedSender<ShimCommand>>,
     exited: bool,
+    /// Told to stop: its checks end (a stopping engine is not a sick one).
+    stopping: bool,
 }
 
 #[derive(Clone)]
@@ -139,16 +143,18 @@ impl ShardHost {
                     v
                 }
                 Err(why) => {
+                    // Not installed, not allowed, refused env: no restart can change that.
                     warn!(deployment = %l.deployment, key = %p.key, %why, "cannot launch");
                     report.state = pb::ProcessState::Exited as i32;
                     report.exit_code = Some(127);
                     report.error = why.clone();
                     report.log_tail = why;
+                    report.permanent = true;
                     report.exited_unix_ms = spec::unix_ms();
                     self.procs
                         .lock()
                         .expect("lock")
-                        .insert(key, Proc { dir, last: report.clone(), cmd: None, exited: true });
+                        .insert(key, Proc { dir, last: report.clone(), cmd: None, exited: true, stopping: false });
                     let _ = self.up.send(shard_msg(report));
                     continue;
                 }
@@ -165,17 +171,30 @@ impl ShardHost {
                 key: p.key.clone(),
                 ranks: p.ranks.clone(),
                 argv,
-                env: p
-                    .env
-                    .iter()
-                    .map(|(k, v)| (k.clone(), subst(v, master_port, health_port)))
-                    .collect::<BTreeMap<_, _>>(),
+                env: {
+                    let mut env = p
+                        .env
+                        .iter()
+                        .map(|(k, v)| (k.clone(), subst(v, master_port, health_port)))
+                        .collect::<BTreeMap<_, _>>();
+                    socket_ifname(&mut env, &p.socket_ifname_of);
+                    env
+                },
                 stop_grace_s: grace.as_secs(),
                 orphan_timeout_s: self.cfg.orphan_timeout.as_secs().max(1),
                 log_max_bytes: self.cfg.log_max_bytes,
                 health_port: health,
                 master_port: Some(master_port),
                 run_as: self.cfg.engine_user.clone(),
+                health_host: p.health_host.clone(),
+                startup_timeout_s: p.startup_timeout_s as u64,
+                liveness: p.liveness.as_ref().filter(|l| l.stall_timeout_ms > 0).map(|l| spec::LivenessSpec {
+                    stall_timeout_ms: l.stall_timeout_ms as u64,
+                    canary_interval_ms: l.canary_interval_ms as u64,
+                    model: l.model.clone(),
+                    check_interval_ms: (l.check_interval_ms as u64).max(100),
+                    api_key: l.api_key.clone(),
+                }),
             };
             if let Err(e) = std::fs::create_dir_all(&dir)
                 .and_then(|_| spec::write_json(&spec::spec_path(&dir), &shim_spec))
@@ -188,14 +207,14 @@ impl ShardHost {
                 self.procs
                     .lock()
                     .expect("lock")
-                    .insert(key, Proc { dir, last: report.clone(), cmd: None, exited: true });
+                    .insert(key, Proc { dir, last: report.clone(), cmd: None, exited: true, stopping: false });
                 let _ = self.up.send(shard_msg(report));
                 continue;
             }
-            self.procs
-                .lock()
-                .expect("lock")
-                .insert(key.clone(), Proc { dir: dir.clone(), last: report.clone(), cmd: None, exited: false });
+            self.procs.lock().expect("lock").insert(
+                key.clone(),
+                Proc { dir: dir.clone(), last: report.clone(), cmd: None, exited: false, stopping: false },
+            );
             let _ = self.up.send(shard_msg(report));
             match tokio::process::Command::new(&self.cfg.exe)
                 .arg("shim")
@@ -212,8 +231,7 @@ impl ShardHost {
                         let _ = child.wait().await;
                     });
                     info!(deployment = %l.deployment, generation = l.generation, key = %p.key, "shim started");
-                    let wait_rtt = is_probe_member(&shim_spec);
-                    self.attach(key, dir, health, wait_rtt);
+                    self.attach(key, dir, Watch::of(&shim_spec, health));
                 }
                 Err(e) => {
                     self.update(&key, |pr| {
@@ -286,27 +304,30 @@ impl ShardHost {
             .filter(|k| tessera_common::env::matches(tessera_common::env::ENGINE_ENV_HOOKS, k))
             .collect();
         hooks.sort();
-        match hooks.as_slice() {
-            [] => Ok(()),
-            _ => Err(format!(
+        if !hooks.is_empty() {
+            return Err(format!(
                 "env {} can make the engine run other code and is refused on this worker; drop it, or start the worker with --allow-command",
                 hooks.join(", ")
-            )),
+            ));
         }
+        // vLLM flags that load code or open files by name: the same rule as the env hooks.
+        if p.program == pb::ShardProgram::Vllm as i32
+            && let Some(flag) = p.args.iter().find(|a| {
+                let name = a.split('=').next().unwrap_or("").replace('_', "-");
+                VLLM_CODE_FLAGS.iter().any(|f| name == *f || (name.len() > 4 && f.starts_with(name.as_str())))
+            })
+        {
+            return Err(format!(
+                "engine arg {flag} can make vLLM load other code or read files by name and is refused on this worker; drop it, or start the worker with --allow-command"
+            ));
+        }
+        Ok(())
     }
 
     fn program(&self, p: &pb::ShardProcess) -> Result<Vec<String>, String> {
         match pb::ShardProgram::try_from(p.program).unwrap_or(pb::ShardProgram::Unspecified) {
             pb::ShardProgram::Probe => Ok(vec![self.cfg.exe.display().to_string(), "probe".into()]),
-            pb::ShardProgram::Vllm => {
-                let bin = match &self.cfg.vllm_bin {
-                    Some(b) => b.clone(),
-                    None => find_on_path("vllm").ok_or_else(|| {
-                        "vllm is not installed on this node: no `vllm` on PATH; install vLLM or start the worker with --vllm-bin PATH".to_string()
-                    })?,
-                };
-                Ok(vec![bin.display().to_string()])
-            }
+            pb::ShardProgram::Vllm => Ok(vec![super::capabilities::vllm_bin(&self.cfg)?.display().to_string()]),
             pb::ShardProgram::Shell => {
                 if !self.cfg.allow_command {
                     return Err("the command engine is not allowed on this worker: start it with --allow-command to run shell templates".into());
@@ -318,7 +339,7 @@ impl ShardHost {
     }
 
     /// Connects to a shim's socket and follows it until it ends.
-    fn attach(&self, key: Key, dir: PathBuf, health: Option<u16>, wait_rtt: bool) {
+    fn attach(&self, key: Key, dir: PathBuf, watch: Watch) {
         let host = self.clone();
         tokio::spawn(async move {
             let sock = spec::socket_path(&dir);
@@ -392,7 +413,7 @@ impl ShardHost {
                     });
                     if !health_started {
                         health_started = true;
-                        host.watch_ready(key.clone(), dir.clone(), health, wait_rtt);
+                        host.watch(key.clone(), dir.clone(), watch.clone());
                     }
                 }
             }
@@ -418,33 +439,113 @@ impl ShardHost {
     }
 
     /// Reports READY once the process's health endpoint answers 200 (at once without one) and,
-    /// for probe ranks other than 0, once the rendezvous is done and the round trip is known.
-    fn watch_ready(&self, key: Key, dir: PathBuf, health: Option<u16>, wait_rtt: bool) {
+    /// for probe ranks other than 0, once the rendezvous is done and the round trip is known;
+    /// then, for an engine with liveness checks, keeps checking it (see [`super::liveness`]).
+    /// A failed check or a missed start-up deadline reports UNHEALTHY with why.
+    fn watch(&self, key: Key, dir: PathBuf, w: Watch) {
         let host = self.clone();
         tokio::spawn(async move {
-            let mut ready = health.is_none();
+            let now = tokio::time::Instant::now();
+            let mut m = Liveness::new(w.config(), now);
+            let mut ready = w.health_port.is_none();
+            let mut reported = false;
             let mut rtt: Option<u64> = None;
+            let (canary_tx, mut canary_rx) = mpsc::channel::<Input>(1);
+            // Gone, or being stopped on purpose: nothing to judge any more.
+            let watched = || host.procs.lock().expect("lock").get(&key).is_some_and(|p| !p.exited && !p.stopping);
+            let mut input: Option<Input> = None;
             loop {
-                let alive = host.procs.lock().expect("lock").get(&key).is_some_and(|p| !p.exited);
-                if !alive {
+                if !watched() {
                     return;
                 }
-                if wait_rtt && rtt.is_none() {
-                    rtt = probe_rtt(&dir);
-                }
-                if let (false, Some(port)) = (ready, health) {
-                    ready = http_ok(port).await;
-                }
-                if ready && (!wait_rtt || rtt.is_some()) {
-                    host.update(&key, |p| {
-                        if !p.exited {
-                            p.last.state = pb::ProcessState::Ready as i32;
-                            p.last.rtt_us = rtt;
+                // Every effect's answer goes back in before the next effect runs, and the effects
+                // it causes run too.
+                let mut queue: std::collections::VecDeque<Effect> =
+                    m.step(input.take(), tokio::time::Instant::now()).into();
+                while let Some(effect) = queue.pop_front() {
+                    let port = w.health_port.unwrap_or(0);
+                    let answer = match effect {
+                        Effect::CheckHealth => Input::Health(http::health(&w.health_host, port, CHECK_TIMEOUT).await),
+                        Effect::ScrapeMetrics => {
+                            let sample =
+                                match http::call(&w.health_host, port, "GET", "/metrics", None, CHECK_TIMEOUT).await {
+                                    Ok((200, text)) => liveness::parse_metrics(&text),
+                                    _ => None,
+                                };
+                            // The API server's own count of requests it holds (vLLM's stats
+                            // freeze with a hung engine).
+                            let in_flight =
+                                match http::call(&w.health_host, port, "GET", "/load", None, CHECK_TIMEOUT).await {
+                                    Ok((200, text)) => liveness::parse_load(&text).unwrap_or(0.0),
+                                    _ => 0.0,
+                                };
+                            Input::Metrics(sample.map(|s| liveness::Sample { in_flight, ..s }))
                         }
-                    });
-                    return;
+                        Effect::SendCanary(limit) => {
+                            let (h, model, key, tx) =
+                                (w.health_host.clone(), w.model.clone(), w.api_key.clone(), canary_tx.clone());
+                            tokio::spawn(async move {
+                                let _ = tx.send(canary(&h, port, &model, key.as_deref(), limit).await).await;
+                            });
+                            continue;
+                        }
+                        Effect::Unhealthy(why) => {
+                            if watched() {
+                                host.unhealthy(&key, &dir, why);
+                            }
+                            return;
+                        }
+                    };
+                    if !watched() {
+                        return;
+                    }
+                    queue.extend(m.step(Some(answer), tokio::time::Instant::now()));
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                if !reported {
+                    if w.wait_rtt && rtt.is_none() {
+                        rtt = probe_rtt(&dir);
+                    }
+                    if let (false, Some(port)) = (ready, w.health_port) {
+                        ready = http::health(&w.health_host, port, Duration::from_secs(1)).await.is_ok();
+                    }
+                    if ready && (!w.wait_rtt || rtt.is_some()) {
+                        reported = true;
+                        host.update(&key, |p| {
+                            if !p.exited {
+                                p.last.state = pb::ProcessState::Ready as i32;
+                                p.last.rtt_us = rtt;
+                            }
+                        });
+                        input = Some(Input::Ready);
+                        if w.liveness {
+                            continue;
+                        }
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                let until =
+                    m.next_deadline().unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => {}
+                    Some(answer) = canary_rx.recv() => input = Some(answer),
+                    // Notice an exit without waiting a whole check interval.
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        });
+    }
+
+    /// Records an UNHEALTHY verdict with the last log lines; the head decides what follows.
+    fn unhealthy(&self, key: &Key, dir: &Path, why: String) {
+        warn!(deployment = %key.deployment, generation = key.generation, key = %key.key, %why, "engine unhealthy");
+        let tail = tail_lines(&spec::log_path(dir), 20);
+        self.update(key, |p| {
+            if !p.exited && !p.stopping {
+                p.last.state = pb::ProcessState::Unhealthy as i32;
+                p.last.error = why;
+                p.last.log_tail = tail;
             }
         });
     }
@@ -465,6 +566,7 @@ impl ShardHost {
         for (k, p) in procs.iter_mut() {
             if k.superseded(deployment, uid, below) && !p.exited {
                 info!(deployment = %k.deployment, uid = %k.uid, generation = k.generation, key = %k.key, reason, "stopping");
+                p.stopping = true;
                 match &p.cmd {
                     Some(tx) => {
                         let _ = tx.send(ShimCommand::Stop);
@@ -515,13 +617,12 @@ impl ShardHost {
                 health_port: s.health_port.unwrap_or(0) as u32,
                 ..Default::default()
             };
-            self.procs
-                .lock()
-                .expect("lock")
-                .insert(key.clone(), Proc { dir: dir.clone(), last: report, cmd: None, exited: false });
+            self.procs.lock().expect("lock").insert(
+                key.clone(),
+                Proc { dir: dir.clone(), last: report, cmd: None, exited: false, stopping: false },
+            );
             info!(deployment = %s.deployment, generation = s.generation, key = %s.key, pid = ?st.pid, "adopted a running shim");
-            let wait_rtt = is_probe_member(&s);
-            self.attach(key, dir, s.health_port, wait_rtt);
+            self.attach(key, dir, Watch::of(&s, s.health_port));
             found += 1;
         }
         found
@@ -630,10 +731,6 @@ fn free_ports() -> Option<(u16, u16)> {
     Some((a.local_addr().ok()?.port(), b.local_addr().ok()?.port()))
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|c| c.is_file()))
-}
-
 /// The last `n` lines of a log (looking into the rotated file when the current one is short).
 pub fn tail_lines(path: &Path, n: usize) -> String {
     let mut data = std::fs::read(path).unwrap_or_default();
@@ -667,22 +764,153 @@ fn walk3(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// `GET /health` on 127.0.0.1:port answers 200.
-async fn http_ok(port: u16) -> bool {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n").await.ok()?;
-        let mut buf = [0u8; 32];
-        let n = s.read(&mut buf).await.ok()?;
-        let head = String::from_utf8_lossy(&buf[..n]).to_string();
-        Some(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"))
+/// vLLM flags that import code or expose files given by name (as an abbreviation too): allowed
+/// only where the command engine is (`--allow-command`).
+const VLLM_CODE_FLAGS: &[&str] = &[
+    "--tool-parser-plugin",
+    "--reasoning-parser-plugin",
+    "--middleware",
+    "--worker-extension-cls",
+    "--logits-processors",
+    "--allowed-local-media-path",
+];
+
+/// How long one health or metrics call may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What to watch of one process: its health endpoint and the checks of a ready engine.
+#[derive(Debug, Clone)]
+struct Watch {
+    health_port: Option<u16>,
+    health_host: String,
+    wait_rtt: bool,
+    startup_timeout: Option<Duration>,
+    liveness: bool,
+    check_interval: Duration,
+    stall_timeout: Duration,
+    canary_interval: Option<Duration>,
+    model: String,
+    api_key: Option<String>,
+}
+
+impl Watch {
+    fn of(s: &ShimSpec, health_port: Option<u16>) -> Watch {
+        let l = s.liveness.as_ref().filter(|_| health_port.is_some());
+        Watch {
+            health_port,
+            health_host: s.health_host.clone(),
+            wait_rtt: is_probe_member(s),
+            startup_timeout: (s.startup_timeout_s > 0).then(|| Duration::from_secs(s.startup_timeout_s)),
+            liveness: l.is_some(),
+            check_interval: Duration::from_millis(l.map(|l| l.check_interval_ms).unwrap_or(1000)),
+            stall_timeout: Duration::from_millis(l.map(|l| l.stall_timeout_ms).unwrap_or(0)),
+            canary_interval: l
+                .filter(|l| l.canary_interval_ms > 0)
+                .map(|l| Duration::from_millis(l.canary_interval_ms)),
+            model: l.map(|l| l.model.clone()).unwrap_or_default(),
+            api_key: l.map(|l| l.api_key.clone()).filter(|k| !k.is_empty()),
+        }
+    }
+
+    fn config(&self) -> liveness::Config {
+        liveness::Config {
+            startup_timeout: self.startup_timeout,
+            checks: self.liveness.then_some(liveness::Checks {
+                interval: self.check_interval,
+                stall_timeout: self.stall_timeout,
+                canary_interval: self.canary_interval,
+            }),
+        }
+    }
+}
+
+/// The canary: a 1-token greedy completion, which must answer 200 within `limit`. An answer that
+/// says nothing about the engine (401 without the right API key, 404/400 for a model without
+/// completions) makes the canary unusable rather than the engine unhealthy.
+async fn canary(host: &str, port: u16, model: &str, api_key: Option<&str>, limit: Duration) -> Input {
+    let body = serde_json::json!({"model": model, "prompt": "ping", "max_tokens": 1, "temperature": 0}).to_string();
+    match http::call_auth(host, port, "POST", "/v1/completions", Some(body), api_key, limit).await {
+        Ok((200 | 429, _)) => Input::Canary(Ok(())),
+        Ok((code @ 400..=499, body)) => {
+            Input::CanaryUnusable(format!("POST /v1/completions answered {code}: {}", http::first_line(&body)))
+        }
+        Ok((code, body)) => {
+            Input::Canary(Err(format!("POST /v1/completions answered {code}: {}", http::first_line(&body))))
+        }
+        Err(e) => Input::Canary(Err(e)),
+    }
+}
+
+/// Sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME to the interface holding `addr` (the node's
+/// advertised address), unless the engine's env has them: the rendezvous then uses the interface
+/// the placement chose, not whichever the libraries find first.
+fn socket_ifname(env: &mut BTreeMap<String, String>, addr: &str) {
+    let Ok(ip) = addr.parse::<std::net::IpAddr>() else { return };
+    let Some(name) = interface_of(ip) else {
+        debug!(%addr, "no local interface holds the advertised address; GLOO/NCCL pick theirs");
+        return;
     };
-    tokio::time::timeout(Duration::from_secs(1), fut).await.ok().flatten().unwrap_or(false)
+    for var in ["GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"] {
+        env.entry(var.into()).or_insert_with(|| name.clone());
+    }
+}
+
+/// The name of the local interface with address `ip`.
+fn interface_of(ip: std::net::IpAddr) -> Option<String> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|i| {
+        let a = i.address?;
+        let matches = match ip {
+            std::net::IpAddr::V4(v4) => a.as_sockaddr_in().is_some_and(|s| s.ip() == v4),
+            std::net::IpAddr::V6(v6) => a.as_sockaddr_in6().is_some_and(|s| s.ip() == v6),
+        };
+        matches.then_some(i.interface_name)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vllm_flags_that_load_code_need_allow_command() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = |allow_command| HostConfig {
+            state_dir: dir.path().into(),
+            exe: "/bin/true".into(),
+            vllm_bin: None,
+            allow_command,
+            orphan_timeout: Duration::from_secs(1),
+            log_max_bytes: 1,
+            engine_user: None,
+        };
+        let p = |args: &[&str]| pb::ShardProcess {
+            program: pb::ShardProgram::Vllm as i32,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let (host, _rx) = ShardHost::new(cfg(false));
+        for bad in [&["--middleware", "evil.mod"][..], &["--tool_parser_plugin=/tmp/x.py"], &["--worker-ext", "m.C"]] {
+            let e = host.check_env(&p(bad)).expect_err("refused");
+            assert!(e.contains("refused on this worker") && e.contains("--allow-command"), "{e}");
+        }
+        assert!(host.check_env(&p(&["--enforce-eager", "--max-num-seqs", "8"])).is_ok());
+        let (allowed, _rx) = ShardHost::new(cfg(true));
+        assert!(allowed.check_env(&p(&["--middleware", "m"])).is_ok());
+    }
+
+    #[test]
+    fn socket_interfaces_follow_the_advertised_address_unless_set() {
+        let mut env = BTreeMap::new();
+        socket_ifname(&mut env, "127.0.0.1");
+        assert_eq!(env.get("GLOO_SOCKET_IFNAME").map(String::as_str), Some("lo"));
+        assert_eq!(env.get("NCCL_SOCKET_IFNAME").map(String::as_str), Some("lo"));
+        let mut env = BTreeMap::from([("GLOO_SOCKET_IFNAME".to_string(), "eth9".to_string())]);
+        socket_ifname(&mut env, "127.0.0.1");
+        assert_eq!(env.get("GLOO_SOCKET_IFNAME").map(String::as_str), Some("eth9"), "the user's wins");
+        let mut env = BTreeMap::new();
+        socket_ifname(&mut env, "192.0.2.77");
+        assert!(env.is_empty(), "an address no interface holds sets nothing");
+    }
 
     #[test]
     fn the_probe_rtt_comes_from_its_file_or_its_output() {
@@ -739,7 +967,7 @@ mod fencing_tests {
             host.procs
                 .lock()
                 .expect("lock")
-                .insert(key, Proc { dir: p, last: pb::ShardReport::default(), cmd: None, exited });
+                .insert(key, Proc { dir: p, last: pb::ShardReport::default(), cmd: None, exited, stopping: false });
         };
         add("old", 9, true);
         for g in 1..=4 {

@@ -1,7 +1,10 @@
 //! Hosting model shards: the shim that supervises each engine process, the probe engine, and the
 //! agent-side host that launches, watches, fences and stops them.
 
+pub mod capabilities;
 pub mod host;
+pub mod http;
+pub mod liveness;
 pub mod probe;
 pub mod shim;
 pub mod spec;

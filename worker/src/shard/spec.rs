@@ -34,6 +34,27 @@ pub struct ShimSpec {
     /// `--engine-user`: the engine runs as this user, not as the daemon's.
     #[serde(default)]
     pub run_as: Option<EngineUser>,
+    /// Address the health endpoint is checked on; empty: 127.0.0.1.
+    #[serde(default)]
+    pub health_host: String,
+    /// Seconds the process may take to get ready (0: no deadline).
+    #[serde(default)]
+    pub startup_timeout_s: u64,
+    /// Checks of a ready engine (node rank 0 of vllm).
+    #[serde(default)]
+    pub liveness: Option<LivenessSpec>,
+}
+
+/// `pb::Liveness`, as kept in `spec.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LivenessSpec {
+    pub stall_timeout_ms: u64,
+    pub canary_interval_ms: u64,
+    pub model: String,
+    pub check_interval_ms: u64,
+    /// The API key the canary presents (vLLM's `--api-key` / `VLLM_API_KEY`).
+    #[serde(default)]
+    pub api_key: String,
 }
 
 /// A user engines run as (`--engine-user`), resolved when the worker starts.

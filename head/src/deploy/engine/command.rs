@@ -58,6 +58,8 @@ pub fn processes(ctx: &LaunchContext<'_>, share: &NodeShare) -> Vec<pb::ShardPro
             env: env.into_iter().collect(),
             health_check: false,
             health_port: 0,
+            startup_timeout_s: ctx.spec.startup_timeout.as_secs() as u32,
+            ..Default::default()
         }];
     }
     share
@@ -71,6 +73,8 @@ pub fn processes(ctx: &LaunchContext<'_>, share: &NodeShare) -> Vec<pb::ShardPro
             env: rank_env(ctx, share, r).into_iter().collect(),
             health_check: false,
             health_port: 0,
+            startup_timeout_s: ctx.spec.startup_timeout.as_secs() as u32,
+            ..Default::default()
         })
         .collect()
 }

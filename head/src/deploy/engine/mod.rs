@@ -78,13 +78,29 @@ pub fn one_process_per_node(spec: &DeploymentSpec) -> bool {
     }
 }
 
-/// Node rank 0's health endpoint, when the engine has one.
-pub fn health_url(spec: &DeploymentSpec, l: &Launch) -> String {
+/// Where clients reach node rank 0's API (`http://host:port`), when the engine has one and its
+/// port is known.
+pub fn endpoint(spec: &DeploymentSpec, l: &Launch) -> String {
     match spec.engine {
-        Engine::Probe if l.health_port > 0 => format!("http://{}:{}/health", l.master_addr, l.health_port),
-        Engine::Vllm => format!("http://{}:{}/health", l.master_addr, vllm::port(&spec.engine_args)),
+        Engine::Probe if l.health_port > 0 => url(&l.master_addr.to_string(), l.health_port),
+        Engine::Vllm => {
+            let a = spec.vllm_args();
+            let port = a.port.map(u32::from).unwrap_or(l.health_port);
+            let host = Some(vllm::health_host(a.host.as_deref())).filter(|h| !h.is_empty());
+            if port == 0 { String::new() } else { url(&host.unwrap_or_else(|| l.master_addr.to_string()), port) }
+        }
         _ => String::new(),
     }
+}
+
+fn url(host: &str, port: u32) -> String {
+    if host.contains(':') { format!("http://[{host}]:{port}") } else { format!("http://{host}:{port}") }
+}
+
+/// Node rank 0's health endpoint, when the engine has one.
+pub fn health_url(spec: &DeploymentSpec, l: &Launch) -> String {
+    let e = endpoint(spec, l);
+    if e.is_empty() { e } else { format!("{e}/health") }
 }
 
 /// Everything one rank's process sees: torchrun's variables, its GPU, its TP/PP ranks and layers.
