@@ -103,27 +103,16 @@ impl Connected for Conn {
     }
 }
 
-/// Connections accepted but not yet readable, waiting to be handed to the server.
-const HANDOFF: usize = 256;
-
-/// The accepted connections of `listener`, within `limits`. A connection goes to the server (and
-/// its HTTP/2 buffers, ~15 KiB) only once the client has sent something; until then it costs a
-/// socket and a small task, and it is closed at its authentication deadline if it never does.
+/// The accepted connections of `listener`, within `limits`.
 pub fn incoming(
     listener: TcpListener,
     limits: ConnLimits,
     tracker: Arc<Tracker>,
 ) -> impl Stream<Item = std::io::Result<Conn>> + Send + 'static {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Conn>>(HANDOFF);
-    tokio::spawn(async move {
+    futures_util::stream::unfold((listener, slots, tracker), move |(listener, slots, tracker)| async move {
         loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                // The server is gone: stop accepting.
-                _ = tx.closed() => return,
-            };
-            let (io, peer) = match accepted {
+            let (io, peer) = match listener.accept().await {
                 Ok(a) => a,
                 // Out of file descriptors and the like: wait a little rather than spin.
                 Err(e) => {
@@ -143,24 +132,16 @@ pub fn incoming(
             let _ = io.set_nodelay(true);
             let authenticated = Arc::new(AtomicBool::new(false));
             tracker.authenticated.lock().expect("lock").insert(peer, authenticated.clone());
-            let deadline = tokio::time::Instant::now() + limits.unauthenticated_timeout;
             let conn = Conn {
                 local: io.local_addr().ok(),
                 io,
                 peer,
                 authenticated,
-                deadline: Box::pin(tokio::time::sleep_until(deadline)),
+                deadline: Box::pin(tokio::time::sleep(limits.unauthenticated_timeout)),
                 tracker: tracker.clone(),
                 _permit: permit,
             };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                // Readable also when the peer closed: the server then sees the end at once.
-                if let Ok(Ok(())) = tokio::time::timeout_at(deadline, conn.io.readable()).await {
-                    let _ = tx.send(Ok(conn)).await;
-                }
-            });
+            return Some((Ok(conn), (listener, slots, tracker)));
         }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    })
 }
