@@ -103,16 +103,28 @@ impl Connected for Conn {
     }
 }
 
-/// The accepted connections of `listener`, within `limits`.
+/// Connections accepted but not yet readable, waiting to be handed to the server.
+const HANDOFF: usize = 256;
+
+/// The accepted connections of `listener`, within `limits`. A connection goes to the server (and
+/// its HTTP/2 codec, 16 KiB of buffers at the handshake, seen with heaptrack) only once the client
+/// has sent something; until then it costs a socket and a small task, and it is closed at its
+/// authentication deadline if it never sends.
 pub fn incoming(
     listener: TcpListener,
     limits: ConnLimits,
     tracker: Arc<Tracker>,
 ) -> impl Stream<Item = std::io::Result<Conn>> + Send + 'static {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    futures_util::stream::unfold((listener, slots, tracker), move |(listener, slots, tracker)| async move {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Conn>>(HANDOFF);
+    tokio::spawn(async move {
         loop {
-            let (io, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                // The server is gone: stop accepting.
+                _ = tx.closed() => return,
+            };
+            let (io, peer) = match accepted {
                 Ok(a) => a,
                 // Out of file descriptors and the like: wait a little rather than spin.
                 Err(e) => {
@@ -132,16 +144,27 @@ pub fn incoming(
             let _ = io.set_nodelay(true);
             let authenticated = Arc::new(AtomicBool::new(false));
             tracker.authenticated.lock().expect("lock").insert(peer, authenticated.clone());
+            let deadline = tokio::time::Instant::now() + limits.unauthenticated_timeout;
             let conn = Conn {
                 local: io.local_addr().ok(),
                 io,
                 peer,
                 authenticated,
-                deadline: Box::pin(tokio::time::sleep(limits.unauthenticated_timeout)),
+                deadline: Box::pin(tokio::time::sleep_until(deadline)),
                 tracker: tracker.clone(),
                 _permit: permit,
             };
-            return Some((Ok(conn), (listener, slots, tracker)));
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                // Data to read, or the peer closed (the server then sees the end at once). `peek`
+                // waits out tokio's false readiness, which `readable()` alone would pass on, and
+                // consumes nothing.
+                let mut one = [0u8; 1];
+                if let Ok(Ok(_)) = tokio::time::timeout_at(deadline, conn.io.peek(&mut one)).await {
+                    let _ = tx.send(Ok(conn)).await;
+                }
+            });
         }
-    })
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
