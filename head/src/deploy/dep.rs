@@ -242,7 +242,6 @@ impl Dep {
             .collect();
         let health_url = self.launch.as_ref().map(|l| super::engine::health_url(&self.spec, l)).unwrap_or_default();
         let endpoint = self.launch.as_ref().map(|l| super::engine::endpoint(&self.spec, l)).unwrap_or_default();
-        let secs = |d: Option<std::time::Duration>| d.map(|d| d.as_secs() as i32).unwrap_or(-1);
         pb::Deployment {
             name: self.spec.name.clone(),
             state: self.state.to_pb() as i32,
@@ -267,8 +266,8 @@ impl Dep {
             uid: self.uid.to_wire(),
             endpoint,
             startup_timeout_s: self.spec.startup_timeout.as_secs() as u32,
-            stall_timeout_s: secs(self.spec.stall_timeout),
-            canary_interval_s: secs(self.spec.canary_interval),
+            stall_timeout_s: super::spec::check_to_wire(self.spec.stall_timeout),
+            canary_interval_s: super::spec::check_to_wire(self.spec.canary_interval),
         }
     }
 }

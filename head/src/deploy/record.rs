@@ -8,7 +8,8 @@ use tokio::time::Instant;
 
 use super::dep::{DState, Dep, Launch, Proc};
 use super::spec::{
-    DEFAULT_CANARY_INTERVAL, DEFAULT_STALL_TIMEOUT, DEFAULT_STARTUP_TIMEOUT, DeploymentSpec, Engine, LoadedModel,
+    DEFAULT_CANARY_INTERVAL, DEFAULT_STALL_TIMEOUT, DeploymentSpec, Engine, LoadedModel, check_from_wire,
+    check_to_wire, startup_from_wire,
 };
 use crate::store::{StoredDeployment, StoredLaunch, StoredProcess};
 
@@ -49,8 +50,8 @@ pub fn to_stored(d: &Dep, at: At) -> StoredDeployment {
         gpu_memory_utilization: s.gpu_memory_utilization,
         max_model_len: s.max_model_len,
         startup_timeout_s: s.startup_timeout.as_secs() as u32,
-        stall_timeout_s: s.stall_timeout.map(|d| d.as_secs() as i32).unwrap_or(-1),
-        canary_interval_s: s.canary_interval.map(|d| d.as_secs() as i32).unwrap_or(-1),
+        stall_timeout_s: check_to_wire(s.stall_timeout),
+        canary_interval_s: check_to_wire(s.canary_interval),
         generation: d.generation.0,
         restarts: d.restarts,
         restart_times_unix_ms: d.restart_times.iter().map(|t| at.unix_of(*t)).collect(),
@@ -84,11 +85,6 @@ pub fn to_spec(r: &StoredDeployment) -> Result<DeploymentSpec, String> {
         "probe" => Engine::Probe,
         other => return Err(format!("unknown engine {other:?}")),
     };
-    let check = |v: i32, default: Duration| match v {
-        0 => Some(default),
-        v if v < 0 => None,
-        v => Some(Duration::from_secs(v as u64)),
-    };
     let mut spec = DeploymentSpec {
         name: r.name.clone(),
         model_path: r.model_path.clone(),
@@ -104,12 +100,9 @@ pub fn to_spec(r: &StoredDeployment) -> Result<DeploymentSpec, String> {
         max_model_len: r.max_model_len,
         kv_cache_dtype: None,
         layer_partition: None,
-        startup_timeout: match r.startup_timeout_s {
-            0 => DEFAULT_STARTUP_TIMEOUT,
-            s => Duration::from_secs(s as u64),
-        },
-        stall_timeout: check(r.stall_timeout_s, DEFAULT_STALL_TIMEOUT),
-        canary_interval: check(r.canary_interval_s, DEFAULT_CANARY_INTERVAL),
+        startup_timeout: startup_from_wire(r.startup_timeout_s),
+        stall_timeout: check_from_wire(r.stall_timeout_s, DEFAULT_STALL_TIMEOUT),
+        canary_interval: check_from_wire(r.canary_interval_s, DEFAULT_CANARY_INTERVAL),
     };
     // Records of older versions may hold engine args this version refuses at Create: they keep
     // running as they were launched (their args pass through unread) rather than be dropped.

@@ -95,6 +95,26 @@ pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Default `--stall-timeout` and `--canary-interval`.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CANARY_INTERVAL: Duration = Duration::from_secs(30);
+/// `startup_timeout_s` as the API and the store carry it: 0 means the default.
+pub fn startup_from_wire(s: u32) -> Duration {
+    if s == 0 { DEFAULT_STARTUP_TIMEOUT } else { Duration::from_secs(u64::from(s)) }
+}
+
+/// A check's period as the API and the store carry it (`stall_timeout_s`, `canary_interval_s`):
+/// 0 means `default`, negative means off.
+pub fn check_from_wire(v: i32, default: Duration) -> Option<Duration> {
+    match v {
+        0 => Some(default),
+        v if v < 0 => None,
+        v => Some(Duration::from_secs(v as u64)),
+    }
+}
+
+/// The other way: off is -1.
+pub fn check_to_wire(d: Option<Duration>) -> i32 {
+    d.map(|d| i32::try_from(d.as_secs()).unwrap_or(i32::MAX)).unwrap_or(-1)
+}
+
 /// Longest start-up deadline and check period accepted (a week; a day).
 const MAX_STARTUP_S: u32 = 7 * 24 * 3600;
 const MAX_CHECK_S: i32 = 24 * 3600;
@@ -238,20 +258,16 @@ impl DeploymentSpec {
                 format!("{} must be more than 0 and at most 1 (0: the default {DEFAULT_GPU_MEMORY_UTILIZATION})", util),
             ));
         }
-        let startup_timeout = match r.startup_timeout_s {
-            0 => DEFAULT_STARTUP_TIMEOUT,
-            s if s > MAX_STARTUP_S => {
-                return Err(bad("startup_timeout_s", format!("{s} is more than a week ({MAX_STARTUP_S})")));
-            }
-            s => Duration::from_secs(s as u64),
-        };
+        if r.startup_timeout_s > MAX_STARTUP_S {
+            let s = r.startup_timeout_s;
+            return Err(bad("startup_timeout_s", format!("{s} is more than a week ({MAX_STARTUP_S})")));
+        }
+        let startup_timeout = startup_from_wire(r.startup_timeout_s);
         let check = |field: &str, v: i32, default: Duration| -> Result<Option<Duration>, Status> {
-            match v {
-                0 => Ok(Some(default)),
-                v if v < 0 => Ok(None),
-                v if v > MAX_CHECK_S => Err(bad(field, format!("{v} is more than a day ({MAX_CHECK_S} s)"))),
-                v => Ok(Some(Duration::from_secs(v as u64))),
+            if v > MAX_CHECK_S {
+                return Err(bad(field, format!("{v} is more than a day ({MAX_CHECK_S} s)")));
             }
+            Ok(check_from_wire(v, default))
         };
         let stall_timeout = check("stall_timeout_s", r.stall_timeout_s, DEFAULT_STALL_TIMEOUT)?;
         let canary_interval = check("canary_interval_s", r.canary_interval_s, DEFAULT_CANARY_INTERVAL)?;
@@ -330,6 +346,21 @@ mod tests {
     use super::*;
 
     use crate::deploy::engine::fixture::req;
+
+    #[test]
+    fn check_periods_round_trip_through_the_wire_with_off_kept_off() {
+        let d = Duration::from_secs(30);
+        for v in [None, Some(Duration::from_secs(7)), Some(d)] {
+            assert_eq!(check_from_wire(check_to_wire(v), d), v);
+        }
+        assert_eq!(check_from_wire(0, d), Some(d), "0 is the default");
+        assert_eq!(startup_from_wire(0), DEFAULT_STARTUP_TIMEOUT);
+        let r = pb::CreateDeploymentRequest { stall_timeout_s: -1, canary_interval_s: 5, ..req() };
+        let s = DeploymentSpec::from_request(&r).expect("valid");
+        assert_eq!((s.stall_timeout, s.canary_interval), (None, Some(Duration::from_secs(5))));
+        let e = DeploymentSpec::from_request(&pb::CreateDeploymentRequest { stall_timeout_s: 90_000, ..req() });
+        assert!(e.expect_err("too long").message().contains("stall_timeout_s: 90000 is more than a day"));
+    }
 
     #[test]
     fn requests_are_validated_field_by_field() {
