@@ -19,6 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(&sorted, [&root])?;
     let descriptor_path = PathBuf::from(std::env::var("OUT_DIR")?).join("tessera_v1_descriptor.bin");
     std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&fds))?;
-    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .codec_path("crate::codec::Codec")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -1,8 +1,14 @@
-//! TLS settings (rustls through tonic) from PEM files, for the head, workers and the CLI.
+//! TLS settings (rustls) from PEM files, for the head, workers and the CLI.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))
@@ -40,14 +46,41 @@ pub fn client_config(
     Ok(Some(cfg))
 }
 
-/// Head side: serve with `cert`+`key`; with `client_ca`, require client certificates it signed.
-pub fn server_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerTlsConfig, String> {
-    let mut cfg = ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(cert, "certificate (--tls-cert)")?, read(key, "key (--tls-key)")?));
-    if let Some(ca) = client_ca {
-        cfg = cfg.client_ca_root(Certificate::from_pem(read(ca, "client CA (--tls-client-ca)")?));
+/// Head side: serve with `cert`+`key` (HTTP/2 only, by ALPN); with `client_ca`, require client
+/// certificates it signed. A rustls configuration, because the head runs its own HTTP/2 server
+/// (see `tessera_head::server::serve`).
+pub fn server_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Arc<ServerConfig>, String> {
+    let certs = CertificateDer::pem_slice_iter(&read(cert, "certificate (--tls-cert)")?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate chain ({e})", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in it (expected PEM \"BEGIN CERTIFICATE\")", cert.display()));
     }
-    Ok(cfg)
+    let key_der = PrivateKeyDer::from_pem_slice(&read(key, "key (--tls-key)")?)
+        .map_err(|e| format!("{}: not a PEM private key ({e})", key.display()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&read(ca, "client CA (--tls-client-ca)")?) {
+                let c = c.map_err(|e| format!("{}: not a PEM certificate ({e})", ca.display()))?;
+                roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                .build()
+                .map_err(|e| format!("{}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder
+        .with_single_cert(certs, key_der)
+        .map_err(|e| format!("{} and {} do not make a TLS identity: {e}", cert.display(), key.display()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
 }
 
 /// An http(s) URL must match whether TLS is configured.

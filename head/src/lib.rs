@@ -75,7 +75,7 @@ pub struct HeadConfig {
 
 /// The head's TLS settings.
 pub struct HeadTls {
-    pub server: tonic::transport::ServerTlsConfig,
+    pub server: std::sync::Arc<tokio_rustls::rustls::ServerConfig>,
     /// For the in-process worker: trusts the head's CA, names `localhost`, and presents the head's
     /// certificate when client certificates are required.
     pub own_worker: tonic::transport::ClientTlsConfig,
@@ -89,8 +89,6 @@ pub enum HeadError {
     Worker(#[from] tessera_worker::agent::AgentError),
     #[error(transparent)]
     State(#[from] tessera_worker::state::StateError),
-    #[error("gRPC server failed: {0}")]
-    Serve(#[from] tonic::transport::Error),
     #[error("cannot read the listener's address: {0}")]
     Listener(std::io::Error),
     #[error(transparent)]
@@ -193,10 +191,6 @@ impl Head {
             .join_token_path
             .clone()
             .unwrap_or_else(|| tessera_common::auth::TokenSet::join_path(&config.data_dir));
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = &config.tls {
-            builder = builder.tls_config(tls.server.clone())?;
-        }
         // The standard gRPC health service and server reflection (grpcurl works without the .proto).
         let (health, health_service) = tonic_health::server::health_reporter();
         for svc in [
@@ -213,27 +207,13 @@ impl Head {
             .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| HeadError::Config(format!("reflection: {e}")))?;
-        let server = builder
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            // Bounded per connection: streams, header size, reset floods, receive windows.
-            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-            .http2_max_header_list_size(Some(64 * 1024))
-            .http2_max_pending_accept_reset_streams(Some(64))
-            .initial_stream_window_size(Some(1 << 20))
-            .initial_connection_window_size(Some(4 << 20))
-            .layer(
-                server::auth::AuthLayer::new(tokens.clone(), Some(metrics.clone()))
-                    .with_conns(conns.clone())
-                    .with_bootstrap(bootstrap.clone()),
-            )
-            .add_service(health_service)
+        let routes = tonic::service::Routes::new(health_service)
             .add_service(reflection)
             .add_service(pb::membership_server::MembershipServer::new(session))
             .add_service(pb::cluster_server::ClusterServer::new(cluster))
             .add_service(pb::tokens_server::TokensServer::new(server::tokens::TokensService {
-                tokens,
-                bootstrap,
+                tokens: tokens.clone(),
+                bootstrap: bootstrap.clone(),
                 join_token_path,
             }))
             .add_service(pb::planner_server::PlannerServer::new(server::planner::PlannerService {
@@ -246,7 +226,14 @@ impl Head {
                     server::deployments::MAX_LOG_STREAMS_PER_PEER,
                 ),
             }))
-            .serve_with_incoming_shutdown(incoming, server_stop.clone().cancelled_owned());
+            .prepare();
+        // Routes and the auth layer answer every error as a gRPC status (their error is Infallible).
+        let svc = tower::Layer::layer(
+            &server::auth::AuthLayer::new(tokens, Some(metrics.clone())).with_bootstrap(bootstrap),
+            routes,
+        );
+        let server =
+            server::serve::serve(incoming, config.tls.as_ref().map(|t| t.server.clone()), svc, server_stop.clone());
         let server_task = tokio::spawn(server);
 
         // The in-process worker: a real agent over a real loopback connection.
@@ -312,7 +299,7 @@ impl Head {
             // 3. The server stops accepting and drains what is left, under a deadline.
             server_stop.cancel();
             match tokio::time::timeout(Duration::from_secs(2), server_task).await {
-                Ok(Ok(r)) => r.map_err(HeadError::from),
+                Ok(Ok(())) => Ok(()),
                 Ok(Err(join)) => Err(HeadError::Config(format!("server task failed: {join}"))),
                 Err(_) => {
                     warn!("gRPC server did not drain within 2s; closing anyway");

@@ -110,7 +110,7 @@ impl HeadMetrics {
                     },
                     e = deps.recv() => match e {
                         Ok(e) => {
-                            if e.deployment.is_some_and(|d| d.state == pb::DeploymentState::Restarting as i32) {
+                            if e.deployment.as_ref().is_some_and(|d| d.state == pb::DeploymentState::Restarting as i32) {
                                 m.group_restarts.inc();
                             }
                         }

@@ -5,7 +5,10 @@
 //!
 //! # Layout
 //! - [`v1`]: the generated messages, clients and servers.
+//! - [`codec`]: prost encoding with small first buffers (what every call and open stream costs).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+
+pub mod codec;
 
 #[allow(clippy::all, missing_docs, clippy::unwrap_used)]
 pub mod v1 {

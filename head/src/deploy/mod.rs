@@ -68,7 +68,7 @@ enum Cmd {
 #[derive(Clone)]
 pub struct Deployments {
     tx: mpsc::Sender<Cmd>,
-    events: broadcast::Sender<pb::Event>,
+    events: broadcast::Sender<Arc<pb::Event>>,
 }
 
 impl Deployments {
@@ -100,7 +100,7 @@ impl Deployments {
         Ok(Deployments { tx, events })
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<pb::Event> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<pb::Event>> {
         self.events.subscribe()
     }
 
@@ -156,7 +156,7 @@ struct Shell {
     machine: Machine,
     membership: Membership,
     store: Arc<Store>,
-    events: broadcast::Sender<pb::Event>,
+    events: broadcast::Sender<Arc<pb::Event>>,
     seq: Arc<AtomicU64>,
     replies: HashMap<ReplyId, DepReply>,
     next_reply: ReplyId,
@@ -186,7 +186,7 @@ impl Shell {
                     Member::Event(e) if e.kind == crate::membership::EventKind::Removed => {
                         self.feed(Input::NodeForgotten(e.node.id)).await;
                     }
-                    Member::Event(e) => self.feed(Input::NodeChanged(Box::new(e.node))).await,
+                    Member::Event(e) => self.feed(Input::NodeChanged(Box::new(e.node.clone()))).await,
                     // Events were dropped: read the whole table again, so that no `dead` is missed.
                     Member::Lagged => {
                         warn!("membership events lagged; re-reading the node table");
@@ -327,7 +327,7 @@ impl Shell {
                         rejoined: false,
                         deployment: Some(*d),
                     };
-                    let _ = self.events.send(event);
+                    let _ = self.events.send(Arc::new(event));
                 }
                 Effect::Reply(id, r) => {
                     if let Some(tx) = self.replies.remove(&id) {
@@ -343,12 +343,12 @@ impl Shell {
 }
 
 enum Member {
-    Event(MemberEvent),
+    Event(Arc<MemberEvent>),
     Lagged,
     Closed,
 }
 
-async fn recv_member(rx: &mut Option<broadcast::Receiver<MemberEvent>>) -> Member {
+async fn recv_member(rx: &mut Option<broadcast::Receiver<Arc<MemberEvent>>>) -> Member {
     match rx {
         Some(r) => match r.recv().await {
             Ok(e) => Member::Event(e),

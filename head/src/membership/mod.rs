@@ -218,7 +218,7 @@ enum Command {
         reply: oneshot::Sender<Vec<NodeView>>,
     },
     Subscribe {
-        reply: oneshot::Sender<(Vec<NodeView>, broadcast::Receiver<Event>)>,
+        reply: oneshot::Sender<(Vec<NodeView>, broadcast::Receiver<Arc<Event>>)>,
     },
     Drain {
         node: String,
@@ -350,7 +350,7 @@ impl Membership {
     }
 
     /// The current nodes and a receiver of every event after them, with no gap between the two.
-    pub async fn subscribe(&self) -> Option<(Vec<NodeView>, broadcast::Receiver<Event>)> {
+    pub async fn subscribe(&self) -> Option<(Vec<NodeView>, broadcast::Receiver<Arc<Event>>)> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Command::Subscribe { reply }).await.ok()?;
         rx.await.ok()

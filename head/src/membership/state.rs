@@ -133,7 +133,8 @@ pub struct Table {
     nodes: HashMap<NodeId, Entry>,
     next_session: u64,
     seq: Arc<std::sync::atomic::AtomicU64>,
-    events: broadcast::Sender<Event>,
+    /// Shared by every subscriber: a slot costs a pointer, not an event.
+    events: broadcast::Sender<Arc<Event>>,
     /// Where drain marks are kept, and the recorded marks of nodes that have not rejoined yet.
     store: Option<Arc<crate::store::Store>>,
     drained_unjoined: std::collections::HashSet<NodeId>,
@@ -196,7 +197,7 @@ impl Table {
         self.config
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.events.subscribe()
     }
 
@@ -694,7 +695,7 @@ impl Table {
         let Some(e) = self.nodes.get(&id) else { return };
         let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let event = Event { seq, unix_ms: super::unix_ms(), kind, node: self.view(e, now), previous, reason };
-        let _ = self.events.send(event); // no subscribers is fine
+        let _ = self.events.send(Arc::new(event)); // no subscribers is fine
     }
 
     /// Tells every open session that the head is going away, and ends them.

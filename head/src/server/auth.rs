@@ -21,12 +21,11 @@ pub struct AuthLayer {
     tokens: Option<SharedTokens>,
     bootstrap: Option<Arc<super::tokens::Bootstrap>>,
     metrics: Option<Arc<crate::metrics::HeadMetrics>>,
-    conns: Option<Arc<super::conns::Tracker>>,
 }
 
 impl AuthLayer {
     pub fn new(tokens: Option<SharedTokens>, metrics: Option<Arc<crate::metrics::HeadMetrics>>) -> Self {
-        AuthLayer { tokens, metrics, conns: None, bootstrap: None }
+        AuthLayer { tokens, metrics, bootstrap: None }
     }
 
     /// Short-lived join tokens are checked too.
@@ -34,24 +33,12 @@ impl AuthLayer {
         self.bootstrap = Some(bootstrap);
         self
     }
-
-    /// Marks each connection that makes an authenticated call (it may then stay idle).
-    pub fn with_conns(mut self, conns: Arc<super::conns::Tracker>) -> Self {
-        self.conns = Some(conns);
-        self
-    }
 }
 
 impl<S> Layer<S> for AuthLayer {
     type Service = Auth<S>;
     fn layer(&self, inner: S) -> Auth<S> {
-        Auth {
-            inner,
-            tokens: self.tokens.clone(),
-            metrics: self.metrics.clone(),
-            conns: self.conns.clone(),
-            bootstrap: self.bootstrap.clone(),
-        }
+        Auth { inner, tokens: self.tokens.clone(), metrics: self.metrics.clone(), bootstrap: self.bootstrap.clone() }
     }
 }
 
@@ -61,16 +48,6 @@ pub struct Auth<S> {
     tokens: Option<SharedTokens>,
     bootstrap: Option<Arc<super::tokens::Bootstrap>>,
     metrics: Option<Arc<crate::metrics::HeadMetrics>>,
-    conns: Option<Arc<super::conns::Tracker>>,
-}
-
-/// The peer of a request, plain or over TLS.
-fn peer_of<B>(req: &http::Request<B>) -> Option<std::net::SocketAddr> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    req.extensions()
-        .get::<TcpConnectInfo>()
-        .and_then(|i| i.remote_addr())
-        .or_else(|| req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.get_ref().remote_addr()))
 }
 
 /// Every method the head serves (`/package.Service/Method`), from the descriptors it was built
@@ -203,9 +180,9 @@ where
         }
         // A connection that made an authenticated call (public health checks do not count) may stay.
         if role != Role::Public
-            && let (Some(conns), Some(peer)) = (&self.conns, peer_of(&req))
+            && let Some(conn) = req.extensions().get::<super::conns::Authenticated>()
         {
-            conns.authenticated(peer);
+            conn.mark();
         }
         let path = req.uri().path().to_string();
         let metrics = self.metrics.clone();

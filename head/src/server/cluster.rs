@@ -1,6 +1,7 @@
 //! The client-facing `Cluster` service: nodes, status, events, drain.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures_util::Stream;
 use tessera_common::node::NodeState;
@@ -118,7 +119,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         let (current, mut rx) =
             self.membership.subscribe().await.ok_or_else(|| Status::unavailable("the head is shutting down"))?;
         let current_deps = if include_current { self.deployments.list().await? } else { Vec::new() };
-        let (tx, stream) = super::streams::bounded(32, &self.event_streams, peer, "event")?;
+        let (tx, stream) = super::streams::bounded::<Queued, pb::Event>(32, &self.event_streams, peer, "event")?;
         tokio::spawn(async move {
             if include_current {
                 let nodes = current.iter().map(|n| pb::Event {
@@ -134,7 +135,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                     ..Default::default()
                 });
                 for e in nodes.chain(deps) {
-                    if !tx.send(Ok(e)).await {
+                    if !tx.send(Ok(Queued::Own(Box::new(e)))).await {
                         return;
                     }
                 }
@@ -148,12 +149,12 @@ impl pb::cluster_server::Cluster for ClusterService {
                 let item = tokio::select! {
                     _ = tx.closed() => return,
                     r = rx.recv() => match r {
-                        Ok(e) => Ok(pb::Event::from(&e)),
+                        Ok(e) => Ok(Queued::Member(e)),
                         Err(RecvError::Lagged(n)) => lagged(n),
                         Err(RecvError::Closed) => return,
                     },
                     r = deps_rx.recv() => match r {
-                        Ok(e) => Ok(e),
+                        Ok(e) => Ok(Queued::Shared(e)),
                         Err(RecvError::Lagged(n)) => lagged(n),
                         Err(RecvError::Closed) => return,
                     },
@@ -177,6 +178,24 @@ impl pb::cluster_server::Cluster for ClusterService {
         let node = request.into_inner().node;
         let v = self.membership.set_draining(node, false).await?;
         Ok(Response::new((&v).into()))
+    }
+}
+
+/// An event waiting in a stream's queue: the events every stream gets are shared, and become the
+/// client's copy only when it takes them (a reader that stops holds pointers, not events).
+pub enum Queued {
+    Member(Arc<crate::membership::Event>),
+    Shared(Arc<pb::Event>),
+    Own(Box<pb::Event>),
+}
+
+impl From<Queued> for pb::Event {
+    fn from(q: Queued) -> Self {
+        match q {
+            Queued::Member(e) => pb::Event::from(e.as_ref()),
+            Queued::Shared(e) => Arc::unwrap_or_clone(e),
+            Queued::Own(e) => *e,
+        }
     }
 }
 

@@ -3,16 +3,16 @@
 //! within `--unauthenticated-timeout` is closed, so idle sockets cannot use up the process's file
 //! descriptors and lock everyone out.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::Stream;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -32,19 +32,20 @@ impl Default for ConnLimits {
     }
 }
 
-/// Which open connections have made an authenticated call (by peer address).
+/// What the accept loop counts: connections refused at the limit.
 #[derive(Default)]
 pub struct Tracker {
-    authenticated: Mutex<HashMap<SocketAddr, Arc<AtomicBool>>>,
     refused: AtomicU64,
 }
 
-impl Tracker {
-    /// The connection from `peer` made an authenticated call: it may stay idle.
-    pub fn authenticated(&self, peer: SocketAddr) {
-        if let Some(flag) = self.authenticated.lock().expect("lock").get(&peer) {
-            flag.store(true, Ordering::Relaxed);
-        }
+/// In each request's extensions: marks the request's connection as having made an authenticated
+/// call, so it may stay idle past its deadline.
+#[derive(Clone)]
+pub struct Authenticated(Arc<AtomicBool>);
+
+impl Authenticated {
+    pub fn mark(&self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -55,21 +56,48 @@ pub struct Conn {
     local: Option<SocketAddr>,
     authenticated: Arc<AtomicBool>,
     deadline: Pin<Box<tokio::time::Sleep>>,
-    tracker: Arc<Tracker>,
     _permit: OwnedSemaphorePermit,
 }
 
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.tracker.authenticated.lock().expect("lock").remove(&self.peer);
-    }
-}
-
 impl Conn {
+    /// The client's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// For the requests of this connection (see [`Authenticated`]).
+    pub fn authenticated(&self) -> Authenticated {
+        Authenticated(self.authenticated.clone())
+    }
+
+    /// The head's address of this connection.
+    pub fn local(&self) -> Option<SocketAddr> {
+        self.local
+    }
+
     /// Past the deadline without an authenticated call: the connection is closed.
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         !self.authenticated.load(Ordering::Relaxed) && self.deadline.as_mut().poll(cx).is_ready()
     }
+}
+
+/// The connection once it has data to read, or the peer closed (the server then sees the end at
+/// once); `None` when its authentication deadline passed first (it is closed). Consumes nothing (a
+/// peek, which also waits out tokio's false readiness that `readable()` alone would pass on).
+async fn readable_in_time(mut conn: Conn) -> Option<Conn> {
+    let readable = std::future::poll_fn(|cx| {
+        if conn.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        let mut one = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut one);
+        match conn.io.poll_peek(cx, &mut buf) {
+            Poll::Ready(r) => Poll::Ready(r.is_ok()),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    readable.then_some(conn)
 }
 
 impl AsyncRead for Conn {
@@ -103,9 +131,6 @@ impl Connected for Conn {
     }
 }
 
-/// Connections accepted but not yet readable, waiting to be handed to the server.
-const HANDOFF: usize = 256;
-
 /// The accepted connections of `listener`, within `limits`. A connection goes to the server (and
 /// its HTTP/2 codec, 16 KiB of buffers at the handshake, seen with heaptrack) only once the client
 /// has sent something; until then it costs a socket and a small task, and it is closed at its
@@ -116,11 +141,21 @@ pub fn incoming(
     tracker: Arc<Tracker>,
 ) -> impl Stream<Item = std::io::Result<Conn>> + Send + 'static {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Conn>>(HANDOFF);
+    // Unbounded, yet bounded: every connection in it holds one of the `max_connections` slots.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<std::io::Result<Conn>>();
     tokio::spawn(async move {
+        // The connections not yet readable, each a small future (`poll_peek`, and the
+        // connection's own deadline as its timer): a few hundred bytes a connection.
+        let mut pending = FuturesUnordered::new();
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
+                Some(ready) = pending.next(), if !pending.is_empty() => {
+                    if let Some(conn) = ready && tx.send(Ok(conn)).is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 // The server is gone: stop accepting.
                 _ = tx.closed() => return,
             };
@@ -142,29 +177,17 @@ pub fn incoming(
                 continue;
             };
             let _ = io.set_nodelay(true);
-            let authenticated = Arc::new(AtomicBool::new(false));
-            tracker.authenticated.lock().expect("lock").insert(peer, authenticated.clone());
             let deadline = tokio::time::Instant::now() + limits.unauthenticated_timeout;
             let conn = Conn {
                 local: io.local_addr().ok(),
                 io,
                 peer,
-                authenticated,
+                authenticated: Arc::new(AtomicBool::new(false)),
                 deadline: Box::pin(tokio::time::sleep_until(deadline)),
-                tracker: tracker.clone(),
                 _permit: permit,
             };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                // Data to read, or the peer closed (the server then sees the end at once). `peek`
-                // waits out tokio's false readiness, which `readable()` alone would pass on, and
-                // consumes nothing.
-                let mut one = [0u8; 1];
-                if let Ok(Ok(_)) = tokio::time::timeout_at(deadline, conn.io.peek(&mut one)).await {
-                    let _ = tx.send(Ok(conn)).await;
-                }
-            });
+            pending.push(readable_in_time(conn));
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
 }

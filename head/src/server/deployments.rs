@@ -80,7 +80,7 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         let peer = request.remote_addr().map(|a| a.ip());
         let req = request.into_inner();
         check_name(&req.name)?;
-        let (tx, out) = super::streams::bounded(64, &self.log_streams, peer, "log")?;
+        let (tx, out) = super::streams::bounded::<pb::LogChunk, _>(64, &self.log_streams, peer, "log")?;
         let (id, mut rx) = self.deployments.logs(req).await?;
         let deployments = self.deployments.clone();
         tokio::spawn(async move {

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod conns;
 pub mod deployments;
 pub mod planner;
+pub mod serve;
 pub mod session;
 pub mod streams;
 pub mod tokens;

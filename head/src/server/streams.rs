@@ -18,7 +18,8 @@ pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The sending side of a bounded stream.
 pub struct Feed<T> {
-    tx: mpsc::Sender<Result<T, Status>>,
+    /// Boxed: a queue's slots are allocated in blocks, and a `Status` is large.
+    tx: mpsc::Sender<Box<Result<T, Status>>>,
     cut: Arc<AtomicBool>,
 }
 
@@ -26,7 +27,7 @@ impl<T: Send + 'static> Feed<T> {
     /// Sends one item; false when the stream is over (the client went away, or it did not read
     /// for [`SLOW_READER`] and is cut off).
     pub async fn send(&self, item: Result<T, Status>) -> bool {
-        match self.tx.send_timeout(item, SLOW_READER).await {
+        match self.tx.send_timeout(Box::new(item), SLOW_READER).await {
             Ok(()) => true,
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                 self.cut.store(true, Ordering::SeqCst);
@@ -80,13 +81,14 @@ impl Drop for Slot {
 }
 
 /// A stream that holds at most `capacity` items for its reader, and a place under `limits` (for
-/// `peer`) while open.
-pub fn bounded<T: Send + 'static>(
+/// `peer`) while open. Items are queued as `T` and turned into what the client gets (`U`) when it
+/// takes them, so a queue can hold shared events (an `Arc`) rather than a copy each.
+pub fn bounded<T: Into<U> + Send + 'static, U: Send + 'static>(
     capacity: usize,
     limits: &StreamLimits,
     peer: Option<std::net::IpAddr>,
     what: &'static str,
-) -> Result<(Feed<T>, BoxStream<T>), Status> {
+) -> Result<(Feed<T>, BoxStream<U>), Status> {
     let permit: OwnedSemaphorePermit = limits.total.clone().try_acquire_owned().map_err(|_| {
         Status::resource_exhausted(format!("too many {what} streams are open on this head; close some and retry"))
     })?;
@@ -106,21 +108,23 @@ pub fn bounded<T: Send + 'static>(
         }
     };
     let slot = Slot { _permit: permit, peer };
-    let (tx, rx) = mpsc::channel(capacity);
+    let (tx, rx) = mpsc::channel::<Box<Result<T, Status>>>(capacity);
     let cut = Arc::new(AtomicBool::new(false));
     let end = cut.clone();
-    let stream = tokio_stream::wrappers::ReceiverStream::new(rx).chain(
-        futures_util::stream::once(async move {
-            let _slot = slot;
-            end.load(Ordering::SeqCst).then(|| {
-                Err(Status::resource_exhausted(format!(
-                    "this {what} stream was not read for {}s and was cut off; read faster, or watch again",
-                    SLOW_READER.as_secs()
-                )))
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
+        .map(|item: Box<Result<T, Status>>| (*item).map(Into::into))
+        .chain(
+            futures_util::stream::once(async move {
+                let _slot = slot;
+                end.load(Ordering::SeqCst).then(|| {
+                    Err(Status::resource_exhausted(format!(
+                        "this {what} stream was not read for {}s and was cut off; read faster, or watch again",
+                        SLOW_READER.as_secs()
+                    )))
+                })
             })
-        })
-        .filter_map(std::future::ready),
-    );
+            .filter_map(std::future::ready),
+        );
     Ok((Feed { tx, cut }, Box::pin(stream)))
 }
 
@@ -133,24 +137,24 @@ mod tests {
         let limits = StreamLimits::new(3, 2);
         let a: std::net::IpAddr = [10, 0, 0, 1].into();
         let b: std::net::IpAddr = [10, 0, 0, 2].into();
-        let s1 = bounded::<u32>(4, &limits, Some(a), "test").expect("first");
-        let _s2 = bounded::<u32>(4, &limits, Some(a), "test").expect("second");
-        let e = bounded::<u32>(4, &limits, Some(a), "test").err().expect("third from one peer");
+        let s1 = bounded::<u32, u32>(4, &limits, Some(a), "test").expect("first");
+        let _s2 = bounded::<u32, u32>(4, &limits, Some(a), "test").expect("second");
+        let e = bounded::<u32, u32>(4, &limits, Some(a), "test").err().expect("third from one peer");
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
         assert!(e.message().contains("from 10.0.0.1"), "{}", e.message());
-        let _s3 = bounded::<u32>(4, &limits, Some(b), "test").expect("another peer");
-        let e = bounded::<u32>(4, &limits, None, "test").err().expect("the total");
+        let _s3 = bounded::<u32, u32>(4, &limits, Some(b), "test").expect("another peer");
+        let e = bounded::<u32, u32>(4, &limits, None, "test").err().expect("the total");
         assert!(e.message().contains("too many test streams"), "{}", e.message());
         // A stream gives its places back when it is over.
         drop(s1);
-        let _again = bounded::<u32>(4, &limits, Some(a), "test").expect("a place again");
+        let _again = bounded::<u32, u32>(4, &limits, Some(a), "test").expect("a place again");
     }
 
     #[tokio::test]
     async fn a_reader_that_does_not_read_is_cut_off() {
         tokio::time::pause();
         let limits = StreamLimits::new(1, 1);
-        let (feed, mut stream) = bounded::<u32>(2, &limits, None, "test").expect("open");
+        let (feed, mut stream) = bounded::<u32, u32>(2, &limits, None, "test").expect("open");
         assert!(feed.send(Ok(1)).await && feed.send(Ok(2)).await);
         assert!(!feed.send(Ok(3)).await, "full for SLOW_READER: cut off");
         drop(feed);
