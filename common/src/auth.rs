@@ -13,6 +13,9 @@ pub enum Role {
     Join,
     /// Everything else: plan, deploy, delete, drain, logs, events.
     Admin,
+    /// Reading deployments (`Deployments/List` and `Get`, their env and command left out): the
+    /// reader token (`reader.token`), made for gateways, or the admin token.
+    Read,
     /// The standard health check and server reflection: no token (load balancers, grpcurl).
     Public,
 }
@@ -24,22 +27,26 @@ impl Role {
             Role::Join
         } else if path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.") {
             Role::Public
+        } else if path == "/tessera.v1.Deployments/List" || path == "/tessera.v1.Deployments/Get" {
+            Role::Read
         } else {
             Role::Admin
         }
     }
 }
 
-/// The head's two tokens.
+/// The head's tokens.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TokenSet {
     pub join: String,
     pub admin: String,
+    /// Reads deployments and nothing else (for gateways).
+    pub reader: String,
 }
 
 impl std::fmt::Debug for TokenSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TokenSet { join: <secret>, admin: <secret> }")
+        f.write_str("TokenSet { join: <secret>, admin: <secret>, reader: <secret> }")
     }
 }
 
@@ -64,6 +71,8 @@ pub fn bearer_token(h: &[u8]) -> Option<&[u8]> {
 pub enum Granted {
     Public,
     Admin,
+    /// The reader token, on a `Role::Read` call.
+    Reader,
     Join,
     /// A node's own credential (`tsn_...`) on a membership session: the join itself checks that
     /// it belongs to the node id the session claims.
@@ -84,10 +93,13 @@ impl TokenSet {
         };
         let admin = constant_time_eq(token, self.admin.as_bytes());
         let join = constant_time_eq(token, self.join.as_bytes());
+        let reader = constant_time_eq(token, self.reader.as_bytes());
         match (role, admin, join) {
             (_, true, _) => Ok(Granted::Admin),
             (Role::Join, false, true) => Ok(Granted::Join),
-            (Role::Admin, false, true) => Err(Denied::WrongRole),
+            (Role::Admin | Role::Read, false, true) => Err(Denied::WrongRole),
+            (Role::Read, false, false) if reader => Ok(Granted::Reader),
+            (Role::Admin | Role::Join, false, false) if reader => Err(Denied::WrongRole),
             (Role::Join, false, false) if token.starts_with(NODE_CREDENTIAL_PREFIX.as_bytes()) => {
                 let t = std::str::from_utf8(token).map_err(|_| Denied::Unauthenticated { missing: false })?;
                 check_token_syntax(t).map_err(|_| Denied::Unauthenticated { missing: false })?;
@@ -117,7 +129,8 @@ impl TokenSet {
         };
         let join = get("join.token", "tsj")?;
         let admin = get("admin.token", "tsa")?;
-        Ok((TokenSet { join, admin }, created))
+        let reader = get("reader.token", "tsr")?;
+        Ok((TokenSet { join, admin, reader }, created))
     }
 
     pub fn join_path(dir: &Path) -> PathBuf {
@@ -126,6 +139,10 @@ impl TokenSet {
 
     pub fn admin_path(dir: &Path) -> PathBuf {
         dir.join("admin.token")
+    }
+
+    pub fn reader_path(dir: &Path) -> PathBuf {
+        dir.join("reader.token")
     }
 }
 
@@ -211,7 +228,7 @@ mod tests {
 
     #[test]
     fn roles_and_tokens() {
-        let t = TokenSet { join: generate("tsj"), admin: generate("tsa") };
+        let t = TokenSet { join: generate("tsj"), admin: generate("tsa"), reader: generate("tsr") };
         let h = |s: &str| format!("Bearer {s}").into_bytes();
         assert_eq!(t.check(Role::Admin, Some(&h(&t.admin))), Ok(Granted::Admin));
         assert_eq!(t.check(Role::Join, Some(&h(&t.admin))), Ok(Granted::Admin), "admin may do everything");
@@ -233,6 +250,15 @@ mod tests {
         assert_eq!(Role::for_path("/tessera.v1.Deployments/Create"), Role::Admin);
         assert_eq!(Role::for_path("/grpc.health.v1.Health/Check"), Role::Public);
         assert_eq!(t.check(Role::Public, None), Ok(Granted::Public), "health checks need no token");
+        // The reader token reads deployments and does nothing else; the admin token reads too.
+        assert_eq!(Role::for_path("/tessera.v1.Deployments/List"), Role::Read);
+        assert_eq!(Role::for_path("/tessera.v1.Deployments/Get"), Role::Read);
+        assert_eq!(Role::for_path("/tessera.v1.Deployments/Logs"), Role::Admin);
+        assert_eq!(t.check(Role::Read, Some(&h(&t.reader))), Ok(Granted::Reader));
+        assert_eq!(t.check(Role::Read, Some(&h(&t.admin))), Ok(Granted::Admin));
+        assert_eq!(t.check(Role::Read, Some(&h(&t.join))), Err(Denied::WrongRole));
+        assert_eq!(t.check(Role::Admin, Some(&h(&t.reader))), Err(Denied::WrongRole));
+        assert_eq!(t.check(Role::Join, Some(&h(&t.reader))), Err(Denied::WrongRole));
         assert!(
             constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd") && !constant_time_eq(b"ab", b"abc")
         );

@@ -89,6 +89,12 @@ struct Cli {
     #[arg(long, env = "TESSERA_ADMIN_TOKEN_FILE", value_name = "PATH")]
     admin_token_file: Option<PathBuf>,
 
+    /// File with the reader token: it reads deployments (List, Get; without their env and command)
+    /// and nothing else, for gateways (`tessera-gateway --token-file`). Default:
+    /// DATA_DIR/reader.token, generated (0600) on first start
+    #[arg(long, env = "TESSERA_READER_TOKEN_FILE", value_name = "PATH")]
+    reader_token_file: Option<PathBuf>,
+
     /// Turn authentication off. Anyone who reaches the port can then deploy and run processes:
     /// only for isolated test networks (a warning is logged at every start)
     #[arg(long, env = "TESSERA_INSECURE")]
@@ -227,7 +233,12 @@ fn main() -> ExitCode {
         let auth = if cli.insecure {
             None
         } else {
-            match tokens(&cli.data_dir, cli.join_token_file.as_deref(), cli.admin_token_file.as_deref()) {
+            match tokens(
+                &cli.data_dir,
+                cli.join_token_file.as_deref(),
+                cli.admin_token_file.as_deref(),
+                cli.reader_token_file.as_deref(),
+            ) {
                 Ok(t) => Some(t),
                 Err(e) => {
                     tracing::error!("{e}");
@@ -335,6 +346,7 @@ fn tokens(
     data_dir: &std::path::Path,
     join_file: Option<&std::path::Path>,
     admin_file: Option<&std::path::Path>,
+    reader_file: Option<&std::path::Path>,
 ) -> Result<tessera_common::auth::TokenSet, String> {
     use tessera_common::auth::{TokenSet, read_token_file};
     let (mut set, created) = TokenSet::load_or_create(data_dir)
@@ -343,7 +355,8 @@ fn tokens(
         tracing::info!(
             join = %TokenSet::join_path(data_dir).display(),
             admin = %TokenSet::admin_path(data_dir).display(),
-            "generated the join and admin tokens (mode 0600): give workers the join token, clients the admin token"
+            reader = %TokenSet::reader_path(data_dir).display(),
+            "generated the tokens (mode 0600): give workers the join token, clients the admin token, gateways the reader token"
         );
     }
     if let Some(p) = join_file {
@@ -352,8 +365,14 @@ fn tokens(
     if let Some(p) = admin_file {
         set.admin = read_token_file(p).map_err(|e| format!("--admin-token-file: {e}"))?;
     }
+    if let Some(p) = reader_file {
+        set.reader = read_token_file(p).map_err(|e| format!("--reader-token-file: {e}"))?;
+    }
     if set.join == set.admin {
         return Err("the join and admin tokens must differ, or a worker could deploy".into());
+    }
+    if set.reader == set.admin || set.reader == set.join {
+        return Err("the reader token must differ from the join and admin tokens".into());
     }
     Ok(set)
 }

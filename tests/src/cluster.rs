@@ -129,6 +129,7 @@ async fn start_head(
             auth: Some(tessera_common::auth::TokenSet {
                 join: crate::JOIN_TOKEN.to_string(),
                 admin: crate::ADMIN_TOKEN.to_string(),
+                reader: crate::READER_TOKEN.to_string(),
             }),
             recovery_window: Duration::from_secs(10),
             membership: config,

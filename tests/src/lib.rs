@@ -51,6 +51,7 @@ where
 /// The tokens every test head uses (its data dir holds them before it starts).
 pub const JOIN_TOKEN: &str = "tsj_test_join_token_0123456789";
 pub const ADMIN_TOKEN: &str = "tsa_test_admin_token_0123456789";
+pub const READER_TOKEN: &str = "tsr_test_reader_token_0123456789";
 
 /// A connection whose calls carry the admin token.
 pub type Conn = InterceptedService<Channel, Bearer>;
@@ -88,6 +89,7 @@ pub fn write_tokens(data_dir: &std::path::Path) {
     std::fs::create_dir_all(data_dir).expect("data dir");
     std::fs::write(data_dir.join("join.token"), format!("{JOIN_TOKEN}\n")).expect("join token");
     std::fs::write(data_dir.join("admin.token"), format!("{ADMIN_TOKEN}\n")).expect("admin token");
+    std::fs::write(data_dir.join("reader.token"), format!("{READER_TOKEN}\n")).expect("reader token");
 }
 
 pub async fn list_nodes(client: &mut pb::cluster_client::ClusterClient<Conn>) -> Vec<pb::Node> {

@@ -43,12 +43,13 @@ async fn a_head_without_tokens_generates_them_and_enforces_roles() {
     let data = dir.path().join("head");
     let join = std::fs::read_to_string(data.join("join.token")).expect("join token written").trim().to_string();
     let admin = std::fs::read_to_string(data.join("admin.token")).expect("admin token written").trim().to_string();
-    assert_ne!(join, admin);
-    for f in ["join.token", "admin.token"] {
+    let reader = std::fs::read_to_string(data.join("reader.token")).expect("reader token written").trim().to_string();
+    assert!(join != admin && reader != admin && reader != join);
+    for f in ["join.token", "admin.token", "reader.token"] {
         let mode = std::fs::metadata(data.join(f)).expect("file").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{f} is private");
     }
-    assert!(head.log_text().contains("generated the join and admin tokens"));
+    assert!(head.log_text().contains("generated the tokens"));
     assert!(!head.log_text().contains(&admin), "the token itself is never logged");
 
     let list = |token: Option<String>| {

@@ -163,8 +163,11 @@ where
                     Denied::Unauthenticated { missing: false } => Status::unauthenticated(
                         "invalid token: it matches neither the head's join token nor its admin token",
                     ),
+                    Denied::WrongRole if role == Role::Read => Status::permission_denied(format!(
+                        "{path} needs the reader or admin token; the join token only lets workers join"
+                    )),
                     Denied::WrongRole => Status::permission_denied(format!(
-                        "{path} needs the admin token; the join token only lets workers join"
+                        "{path} needs the admin token (the join token only lets workers join; the reader token only reads deployments)"
                     )),
                 };
                 // Counted in tessera_head_auth_refusals_total; logged without the token.

@@ -24,6 +24,21 @@ impl From<DeployError> for Status {
     }
 }
 
+/// The call came with the reader token (a gateway), not the admin token.
+fn is_reader<T>(r: &Request<T>) -> bool {
+    r.extensions().get::<tessera_common::auth::Granted>() == Some(&tessera_common::auth::Granted::Reader)
+}
+
+/// What a reader may see of a deployment: everything but its env (secrets such as `HF_TOKEN`)
+/// and its command.
+fn for_caller(mut d: pb::Deployment, reader: bool) -> pb::Deployment {
+    if reader {
+        d.env.clear();
+        d.command.clear();
+    }
+    d
+}
+
 pub struct DeploymentsService {
     pub deployments: Deployments,
     /// Log streams open at once.
@@ -47,16 +62,19 @@ impl pb::deployments_server::Deployments for DeploymentsService {
     }
 
     async fn get(&self, request: Request<pb::GetDeploymentRequest>) -> Result<Response<pb::Deployment>, Status> {
+        let reader = is_reader(&request);
         let name = request.into_inner().name;
         check_name(&name)?;
-        Ok(Response::new(self.deployments.get(name).await?))
+        Ok(Response::new(for_caller(self.deployments.get(name).await?, reader)))
     }
 
     async fn list(
         &self,
-        _: Request<pb::ListDeploymentsRequest>,
+        request: Request<pb::ListDeploymentsRequest>,
     ) -> Result<Response<pb::ListDeploymentsResponse>, Status> {
-        Ok(Response::new(pb::ListDeploymentsResponse { deployments: self.deployments.list().await? }))
+        let reader = is_reader(&request);
+        let deployments = self.deployments.list().await?.into_iter().map(|d| for_caller(d, reader)).collect();
+        Ok(Response::new(pb::ListDeploymentsResponse { deployments }))
     }
 
     async fn delete(&self, request: Request<pb::DeleteDeploymentRequest>) -> Result<Response<pb::Deployment>, Status> {
