@@ -303,6 +303,12 @@ enum Cmd {
         /// shipped in examples/, TP over each node's GPUs and PP over two nodes
         #[arg(long, env = "TESSERA_UP_DEPLOY")]
         deploy: bool,
+        /// Where the OpenAI-compatible gateway (tessera-gateway) listens; port 0 picks a free one
+        #[arg(long, env = "TESSERA_UP_GATEWAY_LISTEN", default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        gateway_listen: SocketAddr,
+        /// Do not start a gateway
+        #[arg(long)]
+        no_gateway: bool,
     },
 }
 
@@ -452,9 +458,10 @@ fn main() -> ExitCode {
             }
             Cmd::Drain { node } => nodes::drain(&head, node, true).await.map(|()| 0),
             Cmd::Undrain { node } => nodes::drain(&head, node, false).await.map(|()| 0),
-            Cmd::Up { workers, fake_gpus, listen, dir, bin_dir, deploy } => {
+            Cmd::Up { workers, fake_gpus, listen, dir, bin_dir, deploy, gateway_listen, no_gateway } => {
                 let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("tessera-up"));
-                up::up(up::UpOptions { workers, fake_gpus, listen, dir, bin_dir, deploy }).await.map(|()| 0)
+                let gateway = (!no_gateway).then_some(gateway_listen);
+                up::up(up::UpOptions { workers, fake_gpus, listen, dir, bin_dir, deploy, gateway }).await.map(|()| 0)
             }
         }
     });

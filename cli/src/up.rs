@@ -27,6 +27,8 @@ pub struct UpOptions {
     pub bin_dir: Option<PathBuf>,
     /// Deploy a demo (probe engine, planned from a real model config) once the nodes are up.
     pub deploy: bool,
+    /// Where the gateway listens (None: no gateway).
+    pub gateway: Option<SocketAddr>,
 }
 
 /// The demo's model: a real published config (Llama 3.1 8B: 32 heads, 8 KV heads, 32 layers),
@@ -117,11 +119,29 @@ async fn run(
         procs.push(p);
     }
     let nodes = wait_for_nodes(&url, opts.workers as usize + 1, procs).await?;
+    let gateway = match opts.gateway {
+        None => None,
+        Some(listen) => {
+            let reader_token = head_dir.join("reader.token");
+            let p = spawn(
+                "gateway",
+                bins.path("tessera-gateway"),
+                &["--head", &url, "--token-file", &reader_token.display().to_string(), "--listen", &listen.to_string()],
+                logs,
+            )?;
+            procs.push(p);
+            let n = procs.len() - 1;
+            Some(wait_for_gateway(&mut procs[n]).await?)
+        }
+    };
 
     println!("Tessera is up: a head and {} worker(s), each with fake GPUs {spec}.\n", opts.workers);
     print!("{}", nodes_table(&nodes));
-    println!("\nhead   {url}");
-    println!("logs   {}", logs.display());
+    println!("\nhead     {url}");
+    if let Some(g) = &gateway {
+        println!("gateway  http://{g}   (OpenAI-compatible: /v1/models, /v1/completions, /v1/chat/completions)");
+    }
+    println!("logs     {}", logs.display());
     let flag = if url == "http://127.0.0.1:7470" { String::new() } else { format!(" --head {url}") };
     let demo = if opts.deploy { Some(deploy_demo(opts, &url, nodes.len() as u32).await?) } else { None };
     println!("\nTry, in another terminal (the admin token is in {}):", admin_token.display());
@@ -135,11 +155,16 @@ async fn run(
         if let Some(r) = d.ranks.last() {
             println!("  kill -9 {}   # rank {} dies; the whole group restarts at generation 2", r.pid, r.rank);
         }
+        if let Some(g) = &gateway {
+            println!(
+                "  curl -s http://{g}/v1/completions -H 'content-type: application/json' -d '{{\"model\": \"demo\", \"prompt\": \"hello\", \"max_tokens\": 8}}'"
+            );
+        }
         println!("  tessera{flag} delete demo");
     }
     println!(
         "  kill -9 {}   # a worker dies; watch it go dead within about a second",
-        procs.last().and_then(|p| p.child.id()).unwrap_or(0)
+        procs.iter().rev().find(|p| p.name.starts_with("worker-")).and_then(|p| p.child.id()).unwrap_or(0)
     );
     println!("\nPress Ctrl-C to stop everything.");
 
@@ -268,6 +293,27 @@ async fn delete_all(url: &str) {
         }
     }
     eprintln!("some deployments were still stopping after 20s");
+}
+
+/// The gateway's address once it says where it listens (its log's `listening on ADDR`).
+async fn wait_for_gateway(p: &mut Proc) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = fs::read_to_string(&p.log).unwrap_or_default();
+        if let Some(a) = log.lines().find_map(|l| l.strip_prefix("listening on ")) {
+            return Ok(a.trim().to_string());
+        }
+        if let Some(status) = p.child.try_wait()? {
+            bail!(
+                "the gateway exited ({status}) (is its port taken? use --gateway-listen or --no-gateway):\n{}",
+                tail(&p.log, 10)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!("the gateway did not start within 20 s; see {}", p.log.display());
+        }
+        sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn wait_for_addr(path: &Path, head: &mut Proc) -> anyhow::Result<String> {

@@ -51,6 +51,17 @@ fn pids_mentioning(needle: &str) -> Vec<i32> {
     out
 }
 
+/// One raw HTTP/1.1 exchange with `addr` (the request says `Connection: close`).
+fn http(addr: &str, request: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return String::new() };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.write_all(request.as_bytes());
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
 #[test]
 fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -67,6 +78,8 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
             "--dir",
             &dir_s,
             "--deploy",
+            "--gateway-listen",
+            "127.0.0.1:0",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -80,12 +93,16 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
         }
     });
     let mut url = None;
+    let mut gateway = None;
     let mut deployed = false;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("up prints its banner");
         if let Some(u) = line.strip_prefix("head   ") {
             url = Some(u.trim().to_string());
+        }
+        if let Some(g) = line.strip_prefix("gateway  http://") {
+            gateway = g.split_whitespace().next().map(str::to_string);
         }
         if line.starts_with("deployed demo:") {
             assert!(line.contains("TP 2 x PP 2 = 4 ranks on 2 node(s)"), "{line}");
@@ -96,6 +113,24 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
         }
     }
     let url = url.expect("head URL printed");
+    // The demo answers through the gateway `up` started (once the gateway has seen it running).
+    let gateway = gateway.expect("gateway address printed");
+    let body = r#"{"model": "demo", "prompt": "hello", "max_tokens": 4}"#;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        let a = http(
+            &gateway,
+            &format!(
+                "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        if a.starts_with("HTTP/1.1 200") || Instant::now() > deadline {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("\"text_completion\""), "{answer}");
     let admin = dir.path().join("head/admin.token");
     let tessera = || {
         let mut c = tessera();
@@ -166,7 +201,7 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
 
     let up_pid = up.id() as i32;
     let children: Vec<i32> = pids_mentioning(&dir_s).into_iter().filter(|&p| p != up_pid).collect();
-    assert_eq!(children.len(), 3 + 4, "a head, two workers and the demo's four shims run: {children:?}");
+    assert_eq!(children.len(), 3 + 1 + 4, "a head, two workers, a gateway and the demo's four shims run: {children:?}");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGINT)
         .expect("SIGINT");
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -293,6 +293,10 @@ async fn the_vllm_engine_runs_one_serve_per_node_with_the_multi_node_flags() {
         "--enable-server-load-tracking",
         "--port",
         &api_port.to_string(),
+        // The deployment's name is a served name too (what the gateway routes by).
+        "--served-model-name",
+        &m,
+        "llama",
     ];
     assert_eq!(args(0).lines().collect::<Vec<_>>(), expect0);
     let expect1 = [

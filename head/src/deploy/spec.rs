@@ -304,6 +304,9 @@ impl DeploymentSpec {
     /// [`vllm::args`]); the planned flags leave `engine_args`, the launch passes them from the
     /// plan. `util_given`: the request set `gpu_memory_utilization` itself.
     pub fn read_engine_settings(&mut self, util_given: bool) -> Result<(), String> {
+        if self.engine == Engine::Probe {
+            return super::engine::probe::check_args(&self.engine_args);
+        }
         if self.engine != Engine::Vllm {
             return Ok(());
         }

@@ -6,6 +6,28 @@ use tessera_proto::v1 as pb;
 
 use super::{LaunchContext, NodeShare, rank_env};
 
+/// The probe's flags a user may give: `--served-model-name NAME` and `--token-delay-ms N`.
+pub fn check_args(args: &[String]) -> Result<(), String> {
+    use tessera_worker::shard::probe::{MAX_TOKEN_DELAY_MS, USER_FLAGS};
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        if !USER_FLAGS.contains(&flag.as_str()) {
+            return Err(format!("engine_args: the probe does not take {flag:?}; it takes {}", USER_FLAGS.join(", ")));
+        }
+        let Some(v) = it.next() else { return Err(format!("engine_args: {flag} needs a value")) };
+        match flag.as_str() {
+            "--token-delay-ms" if v.parse::<u64>().map_or(true, |ms| ms > MAX_TOKEN_DELAY_MS) => {
+                return Err(format!("engine_args: --token-delay-ms {v:?}: give 0 to {MAX_TOKEN_DELAY_MS}"));
+            }
+            "--served-model-name" if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) => {
+                return Err(format!("engine_args: --served-model-name {v:?}: give 1 to 256 printable characters"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 pub fn processes(ctx: &LaunchContext<'_>, share: &NodeShare) -> Vec<pb::ShardProcess> {
     let world = ctx.spec.tp * ctx.spec.pp;
     share
@@ -25,6 +47,7 @@ pub fn processes(ctx: &LaunchContext<'_>, share: &NodeShare) -> Vec<pb::ShardPro
             if r.rank == 0 {
                 args.extend(["--health-port".to_string(), "{health_port}".to_string()]);
             }
+            args.extend(ctx.spec.engine_args.iter().cloned());
             pb::ShardProcess {
                 key: ProcKey::rank(r.rank).0,
                 ranks: vec![r.rank as u32],
@@ -55,5 +78,16 @@ mod tests {
         assert_eq!(p0.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(), ["rank-0", "rank-1"]);
         assert!(p0[0].health_check && p0[0].args.contains(&"{health_port}".to_string()));
         assert!(!p1[0].health_check && p1[0].args.contains(&"10.0.0.1".to_string()));
+    }
+
+    #[test]
+    fn only_the_probes_own_flags_are_taken() {
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(check_args(&a(&["--token-delay-ms", "5", "--served-model-name", "m"])).is_ok());
+        let e = check_args(&a(&["--rank", "1"])).expect_err("owned");
+        assert!(e.contains("does not take \"--rank\""), "{e}");
+        let e = check_args(&a(&["--token-delay-ms", "x"])).expect_err("number");
+        assert!(e.contains("give 0 to 10000"), "{e}");
+        assert!(check_args(&a(&["--served-model-name"])).expect_err("value").contains("needs a value"));
     }
 }

@@ -23,7 +23,7 @@ pub const MAX_TOKENS: u64 = 4096;
 const MAX_BODY: usize = 1 << 20;
 
 /// What the API serves.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ApiConfig {
     /// The served model name(s): requests for another model get 404, as from vLLM.
     pub models: Vec<String>,
@@ -73,8 +73,11 @@ async fn health(State(cfg): State<Arc<ApiConfig>>) -> Response {
 }
 
 async fn models(State(cfg): State<Arc<ApiConfig>>) -> Response {
-    let data: Vec<Value> =
-        cfg.models.iter().map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "tessera-probe"})).collect();
+    let data: Vec<Value> = cfg
+        .models
+        .iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "tessera-probe"}))
+        .collect();
     json_response(StatusCode::OK, json!({"object": "list", "data": data}).to_string())
 }
 
@@ -99,17 +102,22 @@ struct Ask {
     stream: bool,
 }
 
-fn parse(cfg: &ApiConfig, body: &Bytes, prompt_of: impl Fn(&Value) -> Option<String>) -> Result<(Ask, Value), Response> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("the body is not JSON: {e}")))?;
+/// Why a request is refused: the status and the message.
+type Refusal = (StatusCode, String);
+
+fn parse(cfg: &ApiConfig, body: &Bytes, prompt_of: impl Fn(&Value) -> Option<String>) -> Result<(Ask, Value), Refusal> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| (StatusCode::BAD_REQUEST, format!("the body is not JSON: {e}")))?;
     let model = v.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
     if !cfg.models.contains(&model) {
-        return Err(error(StatusCode::NOT_FOUND, format!("The model `{model}` does not exist.")));
+        return Err((StatusCode::NOT_FOUND, format!("The model `{model}` does not exist.")));
     }
-    let prompt = prompt_of(&v).ok_or_else(|| error(StatusCode::BAD_REQUEST, "no prompt (or messages) in the request".into()))?;
-    let max_tokens = v.get("max_tokens").or_else(|| v.get("max_completion_tokens")).and_then(Value::as_u64).unwrap_or(16);
+    let prompt =
+        prompt_of(&v).ok_or_else(|| (StatusCode::BAD_REQUEST, "no prompt (or messages) in the request".to_string()))?;
+    let max_tokens =
+        v.get("max_tokens").or_else(|| v.get("max_completion_tokens")).and_then(Value::as_u64).unwrap_or(16);
     if max_tokens == 0 || max_tokens > MAX_TOKENS {
-        return Err(error(StatusCode::BAD_REQUEST, format!("max_tokens {max_tokens}: give 1 to {MAX_TOKENS}")));
+        return Err((StatusCode::BAD_REQUEST, format!("max_tokens {max_tokens}: give 1 to {MAX_TOKENS}")));
     }
     let stream = v.get("stream").and_then(Value::as_bool).unwrap_or(false);
     Ok((Ask { model, prompt, max_tokens, stream }, v))
@@ -120,14 +128,18 @@ const WORDS: [&str; 16] = [
     " nu", " xi", " omicron", " pi",
 ];
 
-/// Token `i` of the answer to `prompt`: the same everywhere (FNV-1a of the prompt, then a step).
+/// Token `i` of the answer to `prompt`: the same everywhere (FNV-1a of the prompt, then mixed).
 pub fn token(prompt: &str, i: u64) -> &'static str {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in prompt.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
     }
-    let x = h.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    WORDS[((x >> 33) % WORDS.len() as u64) as usize]
+    // splitmix64's finaliser, so that every bit of the prompt's hash moves the pick.
+    let mut x = h.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    WORDS[(x % WORDS.len() as u64) as usize]
 }
 
 /// The whole answer to `prompt`, `n` tokens.
@@ -142,7 +154,7 @@ async fn completions(State(cfg): State<Arc<ApiConfig>>, body: Bytes) -> Response
         _ => None,
     }) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err((status, message)) => return error(status, message),
     };
     generate(cfg, ask, false).await
 }
@@ -154,7 +166,7 @@ async fn chat(State(cfg): State<Arc<ApiConfig>>, body: Bytes) -> Response {
         last.get("content").and_then(Value::as_str).map(str::to_string)
     }) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err((status, message)) => return error(status, message),
     };
     generate(cfg, ask, true).await
 }
@@ -222,7 +234,7 @@ async fn embeddings(State(cfg): State<Arc<ApiConfig>>, body: Bytes) -> Response 
     };
     let (ask, v) = match parse(&cfg, &body, |v| inputs(v).map(|i| i.join("\n"))) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err((status, message)) => return error(status, message),
     };
     let data: Vec<Value> = inputs(&v)
         .unwrap_or_default()
@@ -266,9 +278,12 @@ mod tests {
         let v: Value = serde_json::from_str(&b).expect("json");
         assert_eq!(v["choices"][0]["text"], answer("hi", 5));
         assert_ne!(answer("hi", 5), answer("ho", 5), "the prompt matters");
-        let (s, b) =
-            call("POST", "/v1/chat/completions", json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": true}))
-                .await;
+        let (s, b) = call(
+            "POST",
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": true}),
+        )
+        .await;
         assert_eq!(s, StatusCode::OK);
         let events: Vec<&str> = b.split("\n\n").filter(|e| !e.is_empty()).collect();
         assert_eq!(events.len(), 6, "5 tokens and [DONE]: {b}");

@@ -24,8 +24,8 @@ pub struct ProbeArgs {
     pub master_addr: String,
     pub master_port: u16,
     pub health_port: Option<u16>,
-    /// The model name the API serves (`--served-model-name`; the deployment's name by default).
-    pub model_name: String,
+    /// The model names the API serves: `--served-model-name`'s, and the deployment's name.
+    pub model_names: Vec<String>,
     /// Delay before each generated token (`--token-delay-ms`).
     pub token_delay: Duration,
 }
@@ -39,14 +39,23 @@ impl ProbeArgs {
     pub fn parse(args: &[String]) -> Result<ProbeArgs, String> {
         const KNOWN: [&str; 5] = ["--rank", "--world-size", "--master-addr", "--master-port", "--health-port"];
         let mut m = BTreeMap::new();
+        let mut names = Vec::new();
         let mut it = args.iter();
         while let Some(k) = it.next() {
             if !KNOWN.contains(&k.as_str()) && !USER_FLAGS.contains(&k.as_str()) {
                 return Err(format!("unknown flag {k:?}: the probe takes {}", USER_FLAGS.join(", ")));
             }
             let v = it.next().ok_or_else(|| format!("{k} needs a value"))?;
+            if k == "--served-model-name" {
+                names.push(v.clone());
+            }
             m.insert(k.trim_start_matches("--").to_string(), v.clone());
         }
+        names.extend(std::env::var("TESSERA_DEPLOYMENT").ok());
+        if names.is_empty() {
+            names.push("probe".into());
+        }
+        names.dedup();
         let get = |k: &str| m.get(k).cloned().ok_or_else(|| format!("--{k} is required"));
         let num = |k: &str| -> Result<u64, String> { get(k)?.parse().map_err(|_| format!("--{k} must be a number")) };
         Ok(ProbeArgs {
@@ -55,11 +64,7 @@ impl ProbeArgs {
             master_addr: get("master-addr")?,
             master_port: num("master-port")? as u16,
             health_port: m.get("health-port").and_then(|v| v.parse().ok()).filter(|&p: &u16| p > 0),
-            model_name: m
-                .get("served-model-name")
-                .cloned()
-                .or_else(|| std::env::var("TESSERA_DEPLOYMENT").ok())
-                .unwrap_or_else(|| "probe".into()),
+            model_names: names,
             token_delay: Duration::from_millis(match m.get("token-delay-ms") {
                 None => 0,
                 Some(_) => {
@@ -142,7 +147,7 @@ fn master(a: &ProbeArgs) -> Result<(), String> {
         let rtts = rtts.clone();
         let world = a.world_size;
         let cfg = api::ApiConfig {
-            models: vec![a.model_name.clone()],
+            models: a.model_names.clone(),
             token_delay: a.token_delay,
             health: Arc::new(move || health_body(world, &rtts)),
         };
@@ -152,7 +157,7 @@ fn master(a: &ProbeArgs) -> Result<(), String> {
                 std::process::exit(1);
             }
         });
-        println!("health and the OpenAI-compatible API (model {:?}) on port {port}", a.model_name);
+        println!("health and the OpenAI-compatible API (models {:?}) on port {port}", a.model_names);
     }
     let _ = std::io::stdout().flush();
     // A member leaving breaks the world, as it would a collective.
@@ -229,7 +234,7 @@ mod tests {
         let mut more = args.clone();
         more.extend(["--token-delay-ms".into(), "5".into(), "--served-model-name".into(), "m".into()]);
         let a = ProbeArgs::parse(&more).expect("valid");
-        assert_eq!((a.token_delay, a.model_name.as_str()), (Duration::from_millis(5), "m"));
+        assert_eq!((a.token_delay, a.model_names[0].as_str()), (Duration::from_millis(5), "m"));
         more.extend(["--tokens".into(), "1".into()]);
         assert!(ProbeArgs::parse(&more).expect_err("unknown").contains("unknown flag \"--tokens\""));
     }

@@ -249,8 +249,61 @@ pub fn layer_partition(v: &str) -> Result<Vec<u64>, String> {
     })
 }
 
+/// `args` with `name` among the served model names: appended to the user's
+/// `--served-model-name` values, or, when there are none, `--served-model-name DEFAULT NAME`
+/// (vLLM's own default, the model path, stays the first, the name responses carry).
+pub fn with_served_name(args: &[String], default: &str, name: &str) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len() + 3);
+    let mut found = false;
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        i += 1;
+        let mut values = if let Some(v) = a.strip_prefix("--served-model-name=") {
+            vec![v.to_string()]
+        } else if a == "--served-model-name" {
+            let mut v = Vec::new();
+            while let Some(x) = args.get(i).filter(|x| !x.starts_with('-')) {
+                v.push(x.clone());
+                i += 1;
+            }
+            v
+        } else {
+            out.push(a.clone());
+            continue;
+        };
+        found = true;
+        if !values.iter().any(|v| v == name) {
+            values.push(name.to_string());
+        }
+        out.push("--served-model-name".into());
+        out.extend(values);
+    }
+    if !found {
+        out.extend(["--served-model-name".to_string(), default.to_string()]);
+        if default != name {
+            out.push(name.to_string());
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_deployment_name_is_always_a_served_name() {
+        let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            with_served_name(&v(&["--dtype", "float32"]), "/m", "d"),
+            v(&["--dtype", "float32", "--served-model-name", "/m", "d"])
+        );
+        assert_eq!(
+            with_served_name(&v(&["--served-model-name", "a", "b", "--dtype", "x"]), "/m", "d"),
+            v(&["--served-model-name", "a", "b", "d", "--dtype", "x"])
+        );
+        assert_eq!(with_served_name(&v(&["--served-model-name=a"]), "/m", "d"), v(&["--served-model-name", "a", "d"]));
+        assert_eq!(with_served_name(&v(&["--served-model-name", "d"]), "/m", "d"), v(&["--served-model-name", "d"]));
+    }
     use super::*;
 
     fn p(args: &[&str]) -> Result<VllmArgs, String> {

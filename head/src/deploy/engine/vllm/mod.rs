@@ -61,7 +61,13 @@ pub fn processes(ctx: &LaunchContext<'_>, share: &NodeShare) -> Vec<pb::ShardPro
             args.push("--enable-server-load-tracking".into());
         }
     }
-    args.extend(s.engine_args.iter().cloned());
+    if first {
+        // Requests may name the deployment as their model (what the gateway routes by) as well
+        // as what vLLM serves by default or was told to.
+        args.extend(args::with_served_name(&s.engine_args, &s.model_path.display().to_string(), &s.name));
+    } else {
+        args.extend(s.engine_args.iter().cloned());
+    }
     let mut env = ctx.base_env();
     env.insert("CUDA_VISIBLE_DEVICES".into(), share.gpu_list());
     env.insert("VLLM_HOST_IP".into(), share.address.to_string());
