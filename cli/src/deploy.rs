@@ -18,6 +18,7 @@ pub struct DeployArgs {
     pub model: std::path::PathBuf,
     pub tp: u32,
     pub pp: u32,
+    pub replicas: u32,
     pub engine: pb::Engine,
     pub command: Option<String>,
     pub per_node: bool,
@@ -136,6 +137,15 @@ pub fn deployment_json(d: &pb::Deployment) -> Value {
         "command": d.command,
         "state_since_ms_ago": d.state_since_ms_ago,
         "ranks": ranks,
+        "replicas": d.replicas.iter().map(|r| json!({
+            "index": r.index,
+            "state": state_name(r.state),
+            "message": r.message,
+            "generation": r.generation,
+            "restarts": r.restarts,
+            "endpoint": (!r.endpoint.is_empty()).then_some(&r.endpoint),
+            "state_since_ms_ago": r.state_since_ms_ago,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -157,6 +167,7 @@ pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
         startup_timeout_s: a.startup_timeout_s,
         stall_timeout_s: a.stall_timeout_s,
         canary_interval_s: a.canary_interval_s,
+        replicas: a.replicas,
     };
     // Watch before creating, so no event of the new deployment is missed.
     let mut events = if a.wait {
@@ -264,12 +275,14 @@ pub async fn list(head: &str, output: Output) -> anyhow::Result<u8> {
         }
         Output::Text if ds.is_empty() => println!("no deployments"),
         Output::Text => {
-            let mut t =
-                Table::new(&["NAME", "STATE", "GEN", "RESTARTS", "TPxPP", "ENGINE", "NODES", "ENDPOINT", "MESSAGE"]);
+            let mut t = Table::new(&[
+                "NAME", "STATE", "READY", "GEN", "RESTARTS", "TPxPP", "ENGINE", "NODES", "ENDPOINT", "MESSAGE",
+            ]);
             for d in &ds {
                 t.row(vec![
                     d.name.clone(),
                     state_name(d.state).into(),
+                    ready_of(d),
                     d.generation.to_string(),
                     d.restarts.to_string(),
                     format!("{}x{}", d.tp, d.pp),
@@ -283,6 +296,12 @@ pub async fn list(head: &str, output: Output) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// Replicas running / replicas, e.g. `2/3`.
+fn ready_of(d: &pb::Deployment) -> String {
+    let running = d.replicas.iter().filter(|r| r.state == pb::DeploymentState::Running as i32).count();
+    format!("{running}/{}", d.replicas.len().max(1))
 }
 
 pub async fn get(head: &str, name: String, output: Output) -> anyhow::Result<u8> {
@@ -310,6 +329,22 @@ pub async fn get(head: &str, name: String, output: Output) -> anyhow::Result<u8>
             }
             if !d.health_url.is_empty() {
                 println!("health      {}", d.health_url);
+            }
+            if d.replicas.len() > 1 {
+                println!("replicas    {} running", ready_of(&d));
+                let mut t = Table::new(&["REPLICA", "STATE", "GEN", "RESTARTS", "ENDPOINT", "MESSAGE"]);
+                for r in &d.replicas {
+                    t.row(vec![
+                        r.index.to_string(),
+                        state_name(r.state).into(),
+                        r.generation.to_string(),
+                        r.restarts.to_string(),
+                        if r.endpoint.is_empty() { "-".into() } else { r.endpoint.clone() },
+                        r.message.chars().take(80).collect(),
+                    ]);
+                }
+                print!("{}", t.render());
+                println!("\nreplica 0's ranks (`tessera logs NAME --replica N` for another's):");
             }
             let mut t = Table::new(&["RANK", "TP", "PP", "LAYERS", "NODE", "GPUS", "PID", "STATE", "EXIT", "RTT"]);
             for r in &d.ranks {
@@ -367,9 +402,25 @@ pub async fn restart(head: &str, name: String) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-pub async fn logs(head: &str, name: String, rank: u64, tail: u32, follow: bool) -> anyhow::Result<u8> {
+pub async fn scale(head: &str, name: String, replicas: u32) -> anyhow::Result<u8> {
     let mut c = client(head).await?;
-    let mut s = c.logs(pb::LogsRequest { name, rank, tail, follow }).await.or_status()?;
+    let d = c.scale(pb::ScaleDeploymentRequest { name, replicas }).await.or_status()?;
+    println!("{}: {} replica(s), {} running", d.name, d.replicas.len(), ready_of(&d));
+    Ok(0)
+}
+
+pub struct LogsArgs {
+    pub name: String,
+    pub rank: u64,
+    pub replica: u32,
+    pub tail: u32,
+    pub follow: bool,
+}
+
+pub async fn logs(head: &str, a: LogsArgs) -> anyhow::Result<u8> {
+    let mut c = client(head).await?;
+    let req = pb::LogsRequest { name: a.name, rank: a.rank, replica: a.replica, tail: a.tail, follow: a.follow };
+    let mut s = c.logs(req).await.or_status()?;
     let mut out = std::io::stdout();
     while let Some(chunk) = s.next().await {
         let chunk = chunk.map_err(client::status_error)?;

@@ -187,6 +187,10 @@ enum Cmd {
         /// Pipeline parallel size
         #[arg(long, env = "TESSERA_PP", default_value_t = 1)]
         pp: u32,
+        /// Independent TP x PP groups of the model (1-64), each with its own GPUs, API port and
+        /// generation; a failure restarts only its own. `tessera scale` changes it later
+        #[arg(long, env = "TESSERA_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        replicas: u32,
         /// vllm: one `vllm serve` per node; command: your template; probe: a wiring check
         #[arg(long, env = "TESSERA_ENGINE", value_enum, default_value_t = EngineArg::Vllm)]
         engine: EngineArg,
@@ -252,14 +256,25 @@ enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Restart a deployment's whole group at the next generation
+    /// Restart a deployment's groups (every replica) at their next generation
     Restart { name: String },
+    /// Set a deployment's number of replicas: new ones are planned and started like the first,
+    /// removed ones are the highest-numbered; the others are not touched
+    Scale {
+        name: String,
+        /// How many replicas (1-64)
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+        replicas: u32,
+    },
     /// Print a rank's log (its process's stdout and stderr)
     Logs {
         name: String,
         /// Which rank's process
         #[arg(long, default_value_t = 0)]
         rank: u64,
+        /// Which replica
+        #[arg(long, default_value_t = 0)]
+        replica: u32,
         /// How many lines from the end
         #[arg(long, default_value_t = 100)]
         tail: u32,
@@ -402,6 +417,7 @@ fn main() -> ExitCode {
                 model,
                 tp,
                 pp,
+                replicas,
                 engine,
                 command,
                 per,
@@ -426,6 +442,7 @@ fn main() -> ExitCode {
                     model,
                     tp,
                     pp,
+                    replicas,
                     engine,
                     command,
                     per_node: per == Per::Node,
@@ -446,7 +463,10 @@ fn main() -> ExitCode {
             Cmd::Get { name, output } => deploy::get(&head, name, output).await,
             Cmd::Delete { name, no_wait } => deploy::delete(&head, name, !no_wait).await,
             Cmd::Restart { name } => deploy::restart(&head, name).await,
-            Cmd::Logs { name, rank, tail, follow } => deploy::logs(&head, name, rank, tail, follow).await,
+            Cmd::Scale { name, replicas } => deploy::scale(&head, name, replicas).await,
+            Cmd::Logs { name, rank, replica, tail, follow } => {
+                deploy::logs(&head, deploy::LogsArgs { name, rank, replica, tail, follow }).await
+            }
             Cmd::Nodes { cmd: None, output } => nodes::nodes(&head, output).await.map(|()| 0),
             Cmd::Nodes { cmd: Some(NodesCmd::Remove { node }), .. } => nodes::remove(&head, node).await.map(|()| 0),
             Cmd::Nodes { cmd: Some(NodesCmd::Approve { node }), .. } => nodes::approve(&head, node).await.map(|()| 0),

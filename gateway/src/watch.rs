@@ -29,22 +29,28 @@ pub fn models_of(d: &pb::Deployment) -> Vec<String> {
     names
 }
 
-/// The head's deployments as the table sees them.
+/// The head's deployments as the table sees them: one target per replica with an endpoint.
 pub fn view_of(deployments: &[pb::Deployment]) -> Vec<DeploymentView> {
+    let running = pb::DeploymentState::Running as i32;
     deployments
         .iter()
         .map(|d| {
-            let running = d.state == pb::DeploymentState::Running as i32;
-            let replicas = if d.endpoint.is_empty() {
-                Vec::new()
+            // A head without replicas in its answers: the deployment is its one replica.
+            let replicas: Vec<(u32, &str, i32)> = if d.replicas.is_empty() {
+                vec![(0, d.endpoint.as_str(), d.state)]
             } else {
-                vec![Target {
-                    id: ReplicaId { deployment: d.name.clone(), replica: "0".into() },
-                    endpoint: d.endpoint.clone(),
-                    ready: running,
-                    draining: false,
-                }]
+                d.replicas.iter().map(|r| (r.index, r.endpoint.as_str(), r.state)).collect()
             };
+            let replicas = replicas
+                .into_iter()
+                .filter(|(_, endpoint, _)| !endpoint.is_empty())
+                .map(|(index, endpoint, state)| Target {
+                    id: ReplicaId { deployment: d.name.clone(), replica: index.to_string() },
+                    endpoint: endpoint.to_string(),
+                    ready: state == running,
+                    draining: false,
+                })
+                .collect();
             DeploymentView { name: d.name.clone(), models: models_of(d), replicas }
         })
         .collect()

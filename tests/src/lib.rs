@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod deploy;
+pub mod loadgen;
 pub mod netns;
 pub mod process;
 pub mod vllm;

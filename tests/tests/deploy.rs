@@ -37,7 +37,7 @@ async fn a_tp4_pp2_probe_runs_with_stage_0_on_the_head_and_a_killed_rank_restart
 
     // Logs come from the worker that runs the rank.
     let mut logs = c
-        .logs(pb::LogsRequest { name: "demo".into(), rank: 0, tail: 50, follow: false })
+        .logs(pb::LogsRequest { name: "demo".into(), rank: 0, tail: 50, follow: false, replica: 0 })
         .await
         .expect("logs")
         .into_inner();
@@ -48,7 +48,7 @@ async fn a_tp4_pp2_probe_runs_with_stage_0_on_the_head_and_a_killed_rank_restart
     let text = String::from_utf8_lossy(&text);
     assert!(text.contains("world complete: 8 ranks"), "rank 0's log: {text}");
     let mut logs = c
-        .logs(pb::LogsRequest { name: "demo".into(), rank: 6, tail: 5, follow: false })
+        .logs(pb::LogsRequest { name: "demo".into(), rank: 6, tail: 5, follow: false, replica: 0 })
         .await
         .expect("logs")
         .into_inner();

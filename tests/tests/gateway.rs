@@ -180,3 +180,106 @@ async fn an_api_key_is_required_when_the_gateway_has_one() {
     let (code, body) = http(&addr, "GET", "/v1/models", None, Some("sk_test_gateway_key_0123456789")).await;
     assert_eq!(code, 200, "{body}");
 }
+
+/// Successful (200) and failed requests of one client loop.
+async fn load(addr: String, stop: tokio_util::sync::CancellationToken) -> (u32, Vec<String>) {
+    let (mut ok, mut failed) = (0, Vec::new());
+    let mut i = 0u32;
+    while !stop.is_cancelled() {
+        i += 1;
+        let body = json!({"model": "r", "prompt": format!("p{i}"), "max_tokens": 8});
+        let (host, port) = addr.rsplit_once(':').expect("host:port");
+        let p = port.parse().expect("port");
+        match call_auth(host, p, "POST", "/v1/completions", Some(body.to_string()), None, Duration::from_secs(30)).await
+        {
+            Ok((200, b)) if text_of(&b) == answer(&format!("p{i}"), 8) => ok += 1,
+            Ok((code, b)) => failed.push(format!("{code}: {b}")),
+            Err(e) => failed.push(e),
+        }
+    }
+    (ok, failed)
+}
+
+fn counter(metrics: &str, prefix: &str) -> u64 {
+    metrics.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_load_and_a_killed_replica_costs_no_request() {
+    let c = Cluster::start(&[]).await;
+    let dc = c.client().await;
+    let mut req = probe("r", 1, 1);
+    req.replicas = 2;
+    req.engine_args = ["--token-delay-ms", "5"].iter().map(|s| s.to_string()).collect();
+    dc.clone().create(req).await.expect("create");
+    let all_running = |n: usize, generation1: u64| {
+        move |d: &pb::Deployment| {
+            d.replicas.len() == n
+                && d.replicas.iter().all(|r| r.state == pb::DeploymentState::Running as i32)
+                && d.replicas.get(1).is_none_or(|r| r.generation == generation1)
+        }
+    };
+    let d = wait_for(&dc, "r", "two replicas running", all_running(2, 1)).await;
+    assert_ne!(d.replicas[0].endpoint, d.replicas[1].endpoint, "each replica its own API");
+    let (_gw, addr) = start_gateway(&c, "gateway-replicas", &[]);
+    wait_until("the gateway routes to both replicas", || {
+        let addr = addr.clone();
+        async move {
+            for i in 0..4 {
+                let b = json!({"model": "r", "prompt": format!("w{i}"), "max_tokens": 1});
+                http(&addr, "POST", "/v1/completions", Some(b), None).await;
+            }
+            let (_, m) = http(&addr, "GET", "/metrics", None, None).await;
+            (counter(&m, r#"tessera_gateway_requests_total{deployment="r",replica="0",code="200"}"#) > 0
+                && counter(&m, r#"tessera_gateway_requests_total{deployment="r",replica="1",code="200"}"#) > 0)
+                .then_some(())
+        }
+    })
+    .await;
+
+    // Four clients keep sending; replica 1's engine is killed while they do.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let clients: Vec<_> = (0..4).map(|_| tokio::spawn(load(addr.clone(), stop.clone()))).collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let victim = d.replicas[1].ranks[0].pid as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), nix::sys::signal::Signal::SIGKILL).expect("kill");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.cancel();
+    let (mut ok, mut failed) = (0, Vec::new());
+    for c in clients {
+        let (o, f) = c.await.expect("client");
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), failed.len() as u32 + ok);
+    assert!(ok > 20, "the load ran: {ok} requests");
+    // Requests were in flight on replica 1 when it died: they went to replica 0 instead.
+    let (_, m) = http(&addr, "GET", "/metrics", None, None).await;
+    assert!(counter(&m, r#"tessera_gateway_request_errors_total{deployment="r",replica="1""#) > 0, "{m}");
+    assert!(counter(&m, r#"tessera_gateway_retries_total{deployment="r",replica="0"}"#) > 0, "{m}");
+
+    // Only replica 1 restarted; it serves again at generation 2; replica 0 was not touched.
+    let d = wait_for(&dc, "r", "replica 1 running again at generation 2", all_running(2, 2)).await;
+    assert_eq!((d.replicas[0].generation, d.replicas[0].restarts), (1, 0), "replica 0 untouched");
+
+    // Scale: down to 1 (the highest goes), up to 3 (new ones start like the first).
+    let d = dc
+        .clone()
+        .scale(pb::ScaleDeploymentRequest { name: "r".into(), replicas: 1 })
+        .await
+        .expect("scale")
+        .into_inner();
+    assert_eq!(d.replicas.len(), 2, "replica 1 is stopping: {:?}", d.replicas);
+    wait_for(&dc, "r", "one replica", |d| d.replicas.len() == 1).await;
+    dc.clone().scale(pb::ScaleDeploymentRequest { name: "r".into(), replicas: 3 }).await.expect("scale up");
+    let d = wait_for(&dc, "r", "three replicas running", |d| {
+        d.replicas.len() == 3 && d.replicas.iter().all(|r| r.state == pb::DeploymentState::Running as i32)
+    })
+    .await;
+    assert_eq!(d.replicas.iter().map(|r| r.index).collect::<Vec<_>>(), [0, 1, 2]);
+    let e = dc.clone().scale(pb::ScaleDeploymentRequest { name: "r".into(), replicas: 0 }).await.expect_err("0");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("delete the deployment"), "{}", e.message());
+    delete_and_wait(&dc, "r").await;
+    wait_until("every replica's processes gone", || async { c.shard_pids().is_empty().then_some(()) }).await;
+}

@@ -243,6 +243,7 @@ impl Dep {
         let health_url = self.launch.as_ref().map(|l| super::engine::health_url(&self.spec, l)).unwrap_or_default();
         let endpoint = self.launch.as_ref().map(|l| super::engine::endpoint(&self.spec, l)).unwrap_or_default();
         pb::Deployment {
+            replicas: Vec::new(),
             name: self.spec.name.clone(),
             state: self.state.to_pb() as i32,
             message: self.message.clone(),

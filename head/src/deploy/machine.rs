@@ -212,12 +212,36 @@ impl Machine {
 
     // ---- queries ----
 
+    /// A deployment: replica 0's group, named by the deployment, with every replica listed.
     pub fn get(&self, name: &str, now: Instant) -> Result<pb::Deployment, DeployError> {
-        self.deps.get(name).map(|d| d.to_pb(now)).ok_or_else(|| DeployError::NotFound(name.into()))
+        let first = self.deps.get(name).ok_or_else(|| DeployError::NotFound(name.into()))?;
+        let mut d = first.to_pb(now);
+        d.replicas =
+            self.group_keys(name).iter().filter_map(|k| self.deps.get(k)).map(|g| replica_of(g, now)).collect();
+        Ok(d)
     }
 
+    /// Every deployment (see [`Machine::get`]), by name.
     pub fn list(&self, now: Instant) -> Vec<pb::Deployment> {
-        self.deps.values().map(|d| d.to_pb(now)).collect()
+        self.deps.keys().filter(|k| !k.contains('.')).filter_map(|k| self.get(k, now).ok()).collect()
+    }
+
+    /// The group keys of deployment `name` (see [`spec::group_key`]), replica 0 first, by index.
+    pub fn group_keys(&self, name: &str) -> Vec<String> {
+        if name.contains('.') || !self.deps.contains_key(name) {
+            return Vec::new();
+        }
+        let mut keys: Vec<(u32, String)> = vec![(0, name.to_string())];
+        // Keys `name.N` sort between `name.` and `name/` ('/' follows '.').
+        let (lo, hi) = (format!("{name}."), format!("{name}/"));
+        keys.extend(self.deps.range(lo..hi).map(|(k, _)| (super::spec::parent_of(k).1, k.clone())));
+        keys.sort();
+        keys.into_iter().map(|(_, k)| k).collect()
+    }
+
+    /// What replica 0 of `name` was created with: the spec and the model, to make more replicas.
+    pub fn spec_of(&self, name: &str) -> Option<(DeploymentSpec, Option<LoadedModel>)> {
+        self.deps.get(name).map(|d| (d.spec.clone(), d.model.clone()))
     }
 
     /// (GPUs reserved, GPUs held by deployments' launches): always equal.
@@ -1173,6 +1197,21 @@ impl Machine {
 /// process killed by a signal (an OOM kill, a segfault, a `kill -9`) is a likelier cause than its
 /// peers exiting with an error because it went away (1); an error exit (2); a clean exit (3).
 /// Exit times come from the shims (each node's clock), to the millisecond.
+/// One group as a replica of its deployment.
+fn replica_of(g: &Dep, now: Instant) -> pb::Replica {
+    let d = g.to_pb(now);
+    pb::Replica {
+        index: g.spec.replica(),
+        state: d.state,
+        message: d.message,
+        generation: d.generation,
+        restarts: d.restarts,
+        endpoint: d.endpoint,
+        ranks: d.ranks,
+        state_since_ms_ago: d.state_since_ms_ago,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Blame {
     pub class: u8,

@@ -709,3 +709,48 @@ fn a_failed_check_after_a_crash_does_not_hide_the_crash() {
     let e = emits(&settled);
     assert!(e[0].1.contains("exited with code 1") && !e[0].1.contains("/health"), "{}", e[0].1);
 }
+
+#[test]
+fn replicas_are_groups_of_their_own_and_show_under_their_deployment() {
+    // Two replicas of TP 2: each its own group, GPUs, launch and generation.
+    let mut h = H::new(vec![node(1, "head", 2, true), node(2, "w1", 2, false)]);
+    let c0 = h.create(spec("m", 2, 1));
+    let e0 = h.run_launches(c0);
+    let mut s1 = spec("m", 2, 1);
+    s1.name = crate::deploy::spec::group_key("m", 1);
+    let c1 = h.create(s1);
+    let e1 = h.run_launches(c1);
+    let (l0, l1) = (launches(&e0), launches(&e1));
+    assert_eq!((l0.len(), l1.len()), (1, 1));
+    assert_ne!(l0[0].0, l1[0].0, "each replica on its own GPUs (here: its own node)");
+    assert_eq!(l1[0].1.deployment, "m.1", "the group key travels to the worker");
+    let env1 = &l1[0].1.processes[0].env;
+    assert_eq!(env1.get("TESSERA_DEPLOYMENT").map(String::as_str), Some("m"), "engines see the deployment's name");
+    assert_eq!(env1.get("TESSERA_REPLICA").map(String::as_str), Some("1"));
+    h.all_ready(&l0);
+    h.all_ready(&l1);
+
+    // One deployment with two replicas, replica 0 first; the group key is not a deployment.
+    let d = h.dep("m");
+    let states: Vec<(u32, i32, u64)> = d.replicas.iter().map(|r| (r.index, r.state, r.generation)).collect();
+    let running = pb::DeploymentState::Running as i32;
+    assert_eq!(states, [(0, running, 1), (1, running, 1)]);
+    assert!(d.replicas.iter().all(|r| !r.endpoint.is_empty()), "each has its endpoint");
+    assert_eq!(h.m.list(h.now).iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["m"]);
+    assert_eq!(h.m.group_keys("m"), ["m", "m.1"]);
+    assert!(h.m.group_keys("m.1").is_empty() && h.m.group_keys("x").is_empty());
+
+    // Replica 1's rank dies: only replica 1 restarts; replica 0 is not touched.
+    let report = exited(&l1[0].1, &l1[0].1.processes[0].key.clone(), Some(1), None, h.unix);
+    let effects = h.feed(Input::Report { node: l1[0].0, report });
+    let st = stops(&effects);
+    assert!(!st.is_empty() && st.iter().all(|(n, s)| *n == l1[0].0 && s.deployment == "m.1"), "only its group stops");
+    let effects = h.tick_after(SETTLE);
+    assert_eq!(emits(&effects).first().map(|e| e.0), Some(pb::DeploymentState::Restarting));
+    let d = h.dep("m");
+    assert_eq!((d.replicas[0].state, d.replicas[0].generation), (running, 1), "replica 0 serves on");
+    assert_eq!(d.replicas[1].state, pb::DeploymentState::Restarting as i32);
+    let relaunch = h.tick_after(BASE_BACKOFF);
+    let ls2 = launches(&relaunch);
+    assert_eq!(ls2.iter().map(|(_, l)| (l.deployment.as_str(), l.generation)).collect::<Vec<_>>(), [("m.1", 2)]);
+}

@@ -55,6 +55,8 @@ enum Cmd {
     Delete { name: String, reply: DepReply },
     Restart { name: String, reply: DepReply },
     Get { name: String, reply: DepReply },
+    Groups { name: String, reply: oneshot::Sender<Vec<String>> },
+    SpecOf { name: String, reply: oneshot::Sender<Option<(DeploymentSpec, Option<LoadedModel>)>> },
     List { reply: oneshot::Sender<Vec<pb::Deployment>> },
     Reserved { reply: oneshot::Sender<(usize, usize)> },
     Report { node: NodeId, report: pb::ShardReport },
@@ -69,6 +71,8 @@ enum Cmd {
 pub struct Deployments {
     tx: mpsc::Sender<Cmd>,
     events: broadcast::Sender<Arc<pb::Event>>,
+    /// Calls that change a deployment's set of replicas (create, delete, scale) run one at a time.
+    replica_ops: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Deployments {
@@ -97,7 +101,7 @@ impl Deployments {
             log_routes: HashMap::new(),
         };
         tokio::spawn(shell.run(rx, shutdown));
-        Ok(Deployments { tx, events })
+        Ok(Deployments { tx, events, replica_ops: Arc::new(tokio::sync::Mutex::new(())) })
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<pb::Event>> {
@@ -110,21 +114,107 @@ impl Deployments {
         rx.await.map_err(|_| DeployError::ShuttingDown)
     }
 
-    pub async fn create(&self, spec: DeploymentSpec, model: LoadedModel) -> Result<pb::Deployment, DeployError> {
+    /// Creates a deployment of `replicas` groups (each its own group key, see
+    /// [`spec::group_key`]). All or nothing: if a later replica cannot be created, the ones made
+    /// are deleted again and the error is returned.
+    pub async fn create(
+        &self,
+        spec: DeploymentSpec,
+        model: LoadedModel,
+        replicas: u32,
+    ) -> Result<pb::Deployment, DeployError> {
+        let _one = self.replica_ops.lock().await;
+        let name = spec.name.clone();
+        self.create_group(spec.clone(), model.clone()).await?;
+        for i in 1..replicas {
+            let mut s = spec.clone();
+            s.name = spec::group_key(&name, i);
+            if let Err(e) = self.create_group(s, model.clone()).await {
+                warn!(deployment = %name, replica = i, error = %e, "a replica could not be created; removing the others");
+                for k in (0..i).rev().map(|j| spec::group_key(&name, j)) {
+                    let _ = self.ask(|reply| Cmd::Delete { name: k, reply }).await;
+                }
+                return Err(e);
+            }
+        }
+        self.get(name).await
+    }
+
+    async fn create_group(&self, spec: DeploymentSpec, model: LoadedModel) -> Result<pb::Deployment, DeployError> {
         self.ask(|reply| Cmd::Create { spec: Box::new(spec), model: Box::new(model), reply }).await?
     }
+
     pub async fn get(&self, name: String) -> Result<pb::Deployment, DeployError> {
         self.ask(|reply| Cmd::Get { name, reply }).await?
     }
     pub async fn list(&self) -> Result<Vec<pb::Deployment>, DeployError> {
         self.ask(|reply| Cmd::List { reply }).await
     }
+
+    async fn groups(&self, name: &str) -> Result<Vec<String>, DeployError> {
+        let keys = self.ask(|reply| Cmd::Groups { name: name.to_string(), reply }).await?;
+        if keys.is_empty() {
+            return Err(DeployError::NotFound(name.to_string()));
+        }
+        Ok(keys)
+    }
+
+    /// Deletes every replica (the highest first); answers with replica 0's stop under way.
     pub async fn delete(&self, name: String) -> Result<pb::Deployment, DeployError> {
-        self.ask(|reply| Cmd::Delete { name, reply }).await?
+        let _one = self.replica_ops.lock().await;
+        let keys = self.groups(&name).await?;
+        let mut last = None;
+        for k in keys.into_iter().rev() {
+            last = Some(self.ask(|reply| Cmd::Delete { name: k, reply }).await??);
+        }
+        last.ok_or(DeployError::NotFound(name))
     }
+
+    /// Restarts every replica at its next generation.
     pub async fn restart(&self, name: String) -> Result<pb::Deployment, DeployError> {
-        self.ask(|reply| Cmd::Restart { name, reply }).await?
+        for k in self.groups(&name).await? {
+            self.ask(|reply| Cmd::Restart { name: k, reply }).await??;
+        }
+        self.get(name).await
     }
+
+    /// Adds replicas (copies of replica 0's spec) or deletes the highest-numbered ones until there
+    /// are `replicas`; the others are not touched.
+    pub async fn scale(&self, name: String, replicas: u32) -> Result<pb::Deployment, DeployError> {
+        let _one = self.replica_ops.lock().await;
+        let d = self.get(name.clone()).await?;
+        // Replicas being stopped (an earlier scale down) no longer count.
+        let stopping = [pb::DeploymentState::Stopping as i32, pb::DeploymentState::Stopped as i32];
+        let live: Vec<u32> = d.replicas.iter().filter(|r| !stopping.contains(&r.state)).map(|r| r.index).collect();
+        let have = live.len() as u32;
+        if replicas > have {
+            let (spec, model) = self
+                .ask(|reply| Cmd::SpecOf { name: name.clone(), reply })
+                .await?
+                .ok_or_else(|| DeployError::NotFound(name.clone()))?;
+            let model = model.ok_or_else(|| {
+                DeployError::InvalidPlan(format!(
+                    "the model of {name} ({}) cannot be read now, so no replica can be planned; fix the path and scale again",
+                    spec.model_path.display()
+                ))
+            })?;
+            // New replicas take indices after the highest there is (a stopping one's included).
+            let first = d.replicas.iter().map(|r| r.index).max().unwrap_or(0) + 1;
+            for index in first..first + (replicas - have) {
+                let mut s = spec.clone();
+                s.name = spec::group_key(&name, index);
+                self.create_group(s, model.clone()).await?;
+            }
+        } else {
+            // The highest-numbered go; replica 0 stays (replicas is at least 1).
+            for index in live.iter().skip(replicas as usize).rev() {
+                let key = spec::group_key(&name, *index);
+                self.ask(|reply| Cmd::Delete { name: key, reply }).await??;
+            }
+        }
+        self.get(name).await
+    }
+
     pub async fn logs(&self, req: pb::LogsRequest) -> Result<(u64, LogStream), DeployError> {
         self.ask(|reply| Cmd::Logs { req, reply }).await?
     }
@@ -218,6 +308,12 @@ impl Shell {
             Cmd::Get { name, reply } => {
                 let _ = reply.send(self.machine.get(&name, now));
             }
+            Cmd::Groups { name, reply } => {
+                let _ = reply.send(self.machine.group_keys(&name));
+            }
+            Cmd::SpecOf { name, reply } => {
+                let _ = reply.send(self.machine.spec_of(&name));
+            }
             Cmd::List { reply } => {
                 let _ = reply.send(self.machine.list(now));
             }
@@ -259,7 +355,8 @@ impl Shell {
     }
 
     async fn open_logs(&mut self, req: pb::LogsRequest) -> Result<(u64, LogStream), DeployError> {
-        let (node, key) = self.machine.locate(&req.name, req.rank)?;
+        let group = spec::group_key(&req.name, req.replica);
+        let (node, key) = self.machine.locate(&group, req.rank)?;
         // Unguessable, so that no other session can write into (or end) this stream.
         let mut id = rand::random::<u64>();
         while id == 0 || self.log_routes.contains_key(&id) {
@@ -269,7 +366,7 @@ impl Shell {
         self.log_routes.insert(id, (node, tx));
         let msg = pb::LogRequest {
             request_id: id,
-            deployment: req.name.clone(),
+            deployment: group,
             key: key.0,
             tail_lines: if req.tail == 0 { 100 } else { req.tail.min(100_000) },
             follow: req.follow,

@@ -87,6 +87,18 @@ pub struct DeploymentSpec {
     pub canary_interval: Option<Duration>,
 }
 
+impl DeploymentSpec {
+    /// The deployment this group belongs to (`name` is the group's key, see [`group_key`]).
+    pub fn deployment(&self) -> &str {
+        parent_of(&self.name).0
+    }
+
+    /// Which replica of its deployment this group is.
+    pub fn replica(&self) -> u32 {
+        parent_of(&self.name).1
+    }
+}
+
 /// vLLM 0.33's default `--gpu-memory-utilization`, passed explicitly so that what runs is what
 /// was planned.
 pub use tessera_common::plan::DEFAULT_GPU_MEMORY_UTILIZATION;
@@ -157,6 +169,33 @@ fn bad(field: &str, why: impl std::fmt::Display) -> Status {
 }
 
 /// A DNS label: 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit.
+/// Replicas a deployment may have.
+pub const MAX_REPLICAS: u32 = 64;
+
+/// The key of replica `index` of deployment `name` in the state machine, the store and on the
+/// workers: the name itself for replica 0, `name.INDEX` for the others. A name has no '.', so keys
+/// cannot clash with names.
+pub fn group_key(name: &str, index: u32) -> String {
+    if index == 0 { name.to_string() } else { format!("{name}.{index}") }
+}
+
+/// The deployment and replica index of a group key.
+pub fn parent_of(key: &str) -> (&str, u32) {
+    match key.split_once('.') {
+        Some((name, i)) => (name, i.parse().unwrap_or(0)),
+        None => (key, 0),
+    }
+}
+
+/// `replicas` as the API carries it: 0 means 1.
+pub fn replicas_from_wire(n: u32) -> Result<u32, Status> {
+    match n {
+        0 => Ok(1),
+        n if n > MAX_REPLICAS => Err(bad("replicas", format!("{n} is more than {MAX_REPLICAS}"))),
+        n => Ok(n),
+    }
+}
+
 pub fn check_name(name: &str) -> Result<(), Status> {
     let ok = !name.is_empty()
         && name.len() <= 63

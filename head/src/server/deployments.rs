@@ -55,9 +55,10 @@ type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>
 impl pb::deployments_server::Deployments for DeploymentsService {
     async fn create(&self, request: Request<pb::CreateDeploymentRequest>) -> Result<Response<pb::Deployment>, Status> {
         let spec = DeploymentSpec::from_request(request.get_ref())?;
+        let replicas = crate::deploy::spec::replicas_from_wire(request.get_ref().replicas)?;
         let path = spec.model_path.clone();
         let loaded = crate::server::planner::load_model_bounded(path).await?;
-        let d = self.deployments.create(spec, LoadedModel::of(&loaded)).await?;
+        let d = self.deployments.create(spec, LoadedModel::of(&loaded), replicas).await?;
         Ok(Response::new(d))
     }
 
@@ -90,6 +91,19 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         let name = request.into_inner().name;
         check_name(&name)?;
         Ok(Response::new(self.deployments.restart(name).await?))
+    }
+
+    async fn scale(&self, request: Request<pb::ScaleDeploymentRequest>) -> Result<Response<pb::Deployment>, Status> {
+        let req = request.into_inner();
+        check_name(&req.name)?;
+        if req.replicas == 0 || req.replicas > crate::deploy::spec::MAX_REPLICAS {
+            return Err(Status::invalid_argument(format!(
+                "replicas: {} is not 1 to {} (delete the deployment to stop it all)",
+                req.replicas,
+                crate::deploy::spec::MAX_REPLICAS
+            )));
+        }
+        Ok(Response::new(self.deployments.scale(req.name, req.replicas).await?))
     }
 
     type LogsStream = LogStream;

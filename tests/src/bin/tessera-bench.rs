@@ -12,7 +12,11 @@
 //! cargo run --release -p tessera-tests --bin tessera-bench -- metrics-scrape --runs 1000
 //! cargo run --release -p tessera-tests --bin tessera-bench -- bring-up --runs 5
 //! cargo run --release -p tessera-tests --bin tessera-bench -- vllm --runs 2
+//! cargo run --release -p tessera-tests --bin tessera-bench -- gateway
 //! ```
+
+#[path = "bench/gateway.rs"]
+mod gateway_bench;
 
 use std::time::{Duration, Instant};
 
@@ -47,9 +51,10 @@ async fn main() -> anyhow::Result<()> {
         Some("metrics-scrape") => metrics_scrape_bench(runs.max(1000)).await,
         Some("bring-up") => bring_up_bench(runs).await,
         Some("vllm") => vllm_bench(runs).await,
+        Some("gateway") => gateway_bench::gateway_bench().await,
         _ => {
             eprintln!(
-                "usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N] | deploy [--runs N] | head-restart [--runs N] | head-pause [--runs N] | metrics-scrape | bring-up | vllm [--runs N]"
+                "usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N] | deploy [--runs N] | head-restart [--runs N] | head-pause [--runs N] | metrics-scrape | bring-up | vllm [--runs N] | gateway"
             );
             std::process::exit(2);
         }

@@ -50,7 +50,8 @@ impl LaunchContext<'_> {
     /// The variables every process of the deployment gets: the user's and Tessera's own.
     fn base_env(&self) -> BTreeMap<String, String> {
         let mut env = self.spec.env.clone();
-        env.insert("TESSERA_DEPLOYMENT".into(), self.spec.name.clone());
+        env.insert("TESSERA_DEPLOYMENT".into(), self.spec.deployment().to_string());
+        env.insert("TESSERA_REPLICA".into(), self.spec.replica().to_string());
         env.insert("TESSERA_GENERATION".into(), self.generation.to_string());
         env
     }

@@ -64,7 +64,7 @@ pub fn processes(ctx: &LaunchContext<'_>, share: &NodeShare) -> Vec<pb::ShardPro
     if first {
         // Requests may name the deployment as their model (what the gateway routes by) as well
         // as what vLLM serves by default or was told to.
-        args.extend(args::with_served_name(&s.engine_args, &s.model_path.display().to_string(), &s.name));
+        args.extend(args::with_served_name(&s.engine_args, &s.model_path.display().to_string(), s.deployment()));
     } else {
         args.extend(s.engine_args.iter().cloned());
     }
