@@ -31,6 +31,8 @@ pub struct DeployArgs {
     /// Negative: off.
     pub stall_timeout_s: i32,
     pub canary_interval_s: i32,
+    /// Negative: no drain.
+    pub drain_timeout_s: i32,
     pub engine_args: Vec<String>,
     pub output: Output,
 }
@@ -63,6 +65,7 @@ pub fn state_name(s: i32) -> &'static str {
         pb::DeploymentState::Failed => "failed",
         pb::DeploymentState::Stopping => "stopping",
         pb::DeploymentState::Stopped => "stopped",
+        pb::DeploymentState::Draining => "draining",
         pb::DeploymentState::Unspecified => "unknown",
     }
 }
@@ -132,6 +135,7 @@ pub fn deployment_json(d: &pb::Deployment) -> Value {
         "startup_timeout_s": d.startup_timeout_s,
         "stall_timeout_s": (d.stall_timeout_s >= 0).then_some(d.stall_timeout_s),
         "canary_interval_s": (d.canary_interval_s >= 0).then_some(d.canary_interval_s),
+        "drain_timeout_s": (d.drain_timeout_s >= 0).then_some(d.drain_timeout_s),
         "engine_args": d.engine_args,
         "env": env,
         "command": d.command,
@@ -168,6 +172,7 @@ pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
         stall_timeout_s: a.stall_timeout_s,
         canary_interval_s: a.canary_interval_s,
         replicas: a.replicas,
+        drain_timeout_s: a.drain_timeout_s,
     };
     // Watch before creating, so no event of the new deployment is missed.
     let mut events = if a.wait {

@@ -232,6 +232,12 @@ enum Cmd {
         #[arg(long, env = "TESSERA_CANARY_INTERVAL", value_name = "DURATION|off", default_value = "30s",
               value_parser = deploy::parse_secs_or_off)]
         canary_interval: i32,
+        /// How long a replica stopped on purpose (delete, scale down) keeps serving the requests in
+        /// flight after gateways stop sending it new ones (it stops sooner once its engine is idle);
+        /// `off` stops at once
+        #[arg(long, env = "TESSERA_DRAIN_TIMEOUT", value_name = "DURATION|off", default_value = "30s",
+              value_parser = deploy::parse_secs_or_off)]
+        drain_timeout: i32,
         #[arg(short, long, env = env::OUTPUT, value_enum, default_value_t = Output::Text)]
         output: Output,
         /// Arguments for the engine (after `--`)
@@ -429,6 +435,7 @@ fn main() -> ExitCode {
                 startup_timeout,
                 stall_timeout,
                 canary_interval,
+                drain_timeout,
                 output,
                 engine_args,
             } => {
@@ -454,6 +461,7 @@ fn main() -> ExitCode {
                     startup_timeout_s: startup_timeout,
                     stall_timeout_s: stall_timeout,
                     canary_interval_s: canary_interval,
+                    drain_timeout_s: drain_timeout,
                     engine_args,
                     output,
                 };

@@ -48,7 +48,7 @@ pub fn view_of(deployments: &[pb::Deployment]) -> Vec<DeploymentView> {
                     id: ReplicaId { deployment: d.name.clone(), replica: index.to_string() },
                     endpoint: endpoint.to_string(),
                     ready: state == running,
-                    draining: false,
+                    draining: state == pb::DeploymentState::Draining as i32,
                 })
                 .collect();
             DeploymentView { name: d.name.clone(), models: models_of(d), replicas }

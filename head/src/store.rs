@@ -100,6 +100,8 @@ pub struct StoredDeployment {
     pub stall_timeout_s: i32,
     #[serde(default)]
     pub canary_interval_s: i32,
+    #[serde(default)]
+    pub drain_timeout_s: i32,
     pub generation: u64,
     pub restarts: u32,
     /// Unix milliseconds of the restarts counted against max_restarts.
@@ -376,6 +378,7 @@ mod tests {
             startup_timeout_s: 0,
             stall_timeout_s: 0,
             canary_interval_s: 0,
+            drain_timeout_s: 0,
             generation: 3,
             restarts: 2,
             restart_times_unix_ms: vec![1, 2],

@@ -181,21 +181,45 @@ async fn an_api_key_is_required_when_the_gateway_has_one() {
     assert_eq!(code, 200, "{body}");
 }
 
-/// Successful (200) and failed requests of one client loop.
-async fn load(addr: String, stop: tokio_util::sync::CancellationToken) -> (u32, Vec<String>) {
+/// Successful (200, whole answer) and failed requests of one client loop; with `streams`, every
+/// other request is streamed (and must end with `[DONE]`).
+async fn load(addr: String, streams: bool, stop: tokio_util::sync::CancellationToken) -> (u32, Vec<String>) {
     let (mut ok, mut failed) = (0, Vec::new());
     let mut i = 0u32;
     while !stop.is_cancelled() {
         i += 1;
-        let body = json!({"model": "r", "prompt": format!("p{i}"), "max_tokens": 8});
+        let stream = streams && i.is_multiple_of(2);
+        let body = json!({"model": "r", "prompt": format!("p{i}"), "max_tokens": 8, "stream": stream});
         let (host, port) = addr.rsplit_once(':').expect("host:port");
         let p = port.parse().expect("port");
-        match call_auth(host, p, "POST", "/v1/completions", Some(body.to_string()), None, Duration::from_secs(30)).await
-        {
-            Ok((200, b)) if text_of(&b) == answer(&format!("p{i}"), 8) => ok += 1,
+        let r =
+            call_auth(host, p, "POST", "/v1/completions", Some(body.to_string()), None, Duration::from_secs(30)).await;
+        match r {
+            Ok((200, b)) if stream && b.ends_with("data: [DONE]\n\n") => ok += 1,
+            Ok((200, b)) if !stream && text_of(&b) == answer(&format!("p{i}"), 8) => ok += 1,
             Ok((code, b)) => failed.push(format!("{code}: {b}")),
             Err(e) => failed.push(e),
         }
+    }
+    (ok, failed)
+}
+
+/// Runs `clients` loops of [`load`] while `during` runs; all their results.
+async fn under_load<F: std::future::Future>(
+    addr: &str,
+    clients: usize,
+    streams: bool,
+    during: F,
+) -> (u32, Vec<String>) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let tasks: Vec<_> = (0..clients).map(|_| tokio::spawn(load(addr.to_string(), streams, stop.clone()))).collect();
+    during.await;
+    stop.cancel();
+    let (mut ok, mut failed) = (0, Vec::new());
+    for t in tasks {
+        let (o, f) = t.await.expect("client");
+        ok += o;
+        failed.extend(f);
     }
     (ok, failed)
 }
@@ -238,19 +262,13 @@ async fn replicas_share_the_load_and_a_killed_replica_costs_no_request() {
     .await;
 
     // Four clients keep sending; replica 1's engine is killed while they do.
-    let stop = tokio_util::sync::CancellationToken::new();
-    let clients: Vec<_> = (0..4).map(|_| tokio::spawn(load(addr.clone(), stop.clone()))).collect();
-    tokio::time::sleep(Duration::from_millis(800)).await;
     let victim = d.replicas[1].ranks[0].pid as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), nix::sys::signal::Signal::SIGKILL).expect("kill");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.cancel();
-    let (mut ok, mut failed) = (0, Vec::new());
-    for c in clients {
-        let (o, f) = c.await.expect("client");
-        ok += o;
-        failed.extend(f);
-    }
+    let (ok, failed) = under_load(&addr, 4, false, async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), nix::sys::signal::Signal::SIGKILL).expect("kill");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    })
+    .await;
     assert!(failed.is_empty(), "{} of {} requests failed: {failed:?}", failed.len(), failed.len() as u32 + ok);
     assert!(ok > 20, "the load ran: {ok} requests");
     // Requests were in flight on replica 1 when it died: they went to replica 0 instead.
@@ -262,20 +280,33 @@ async fn replicas_share_the_load_and_a_killed_replica_costs_no_request() {
     let d = wait_for(&dc, "r", "replica 1 running again at generation 2", all_running(2, 2)).await;
     assert_eq!((d.replicas[0].generation, d.replicas[0].restarts), (1, 0), "replica 0 untouched");
 
-    // Scale: down to 1 (the highest goes), up to 3 (new ones start like the first).
-    let d = dc
-        .clone()
-        .scale(pb::ScaleDeploymentRequest { name: "r".into(), replicas: 1 })
-        .await
-        .expect("scale")
-        .into_inner();
-    assert_eq!(d.replicas.len(), 2, "replica 1 is stopping: {:?}", d.replicas);
-    wait_for(&dc, "r", "one replica", |d| d.replicas.len() == 1).await;
-    dc.clone().scale(pb::ScaleDeploymentRequest { name: "r".into(), replicas: 3 }).await.expect("scale up");
-    let d = wait_for(&dc, "r", "three replicas running", |d| {
-        d.replicas.len() == 3 && d.replicas.iter().all(|r| r.state == pb::DeploymentState::Running as i32)
+    // Scale down to 1 (the highest goes, after draining) and up to 3 (new ones start like the
+    // first), under streamed and plain requests: not one fails, streams included.
+    let mut seen_draining = false;
+    let (ok, failed) = under_load(&addr, 4, true, async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let d = dc.clone().scale(pb::ScaleDeploymentRequest { name: "r".into(), replicas: 1 }).await.expect("scale");
+        let d = d.into_inner();
+        assert_eq!(d.replicas.len(), 2, "replica 1 drains: {:?}", d.replicas);
+        seen_draining = d.replicas[1].state == pb::DeploymentState::Draining as i32;
+        wait_for(&dc, "r", "one replica", |d| d.replicas.len() == 1).await;
+        dc.clone().scale(pb::ScaleDeploymentRequest { name: "r".into(), replicas: 3 }).await.expect("scale up");
+        wait_for(&dc, "r", "three replicas running", |d| {
+            d.replicas.len() == 3 && d.replicas.iter().all(|r| r.state == pb::DeploymentState::Running as i32)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
     })
     .await;
+    assert!(seen_draining, "a replica removed by a scale-down drains first");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed while scaling: {failed:?}",
+        failed.len(),
+        failed.len() as u32 + ok
+    );
+    assert!(ok > 20, "the load ran: {ok} requests");
+    let d = dc.clone().get(pb::GetDeploymentRequest { name: "r".into() }).await.expect("get").into_inner();
     assert_eq!(d.replicas.iter().map(|r| r.index).collect::<Vec<_>>(), [0, 1, 2]);
     let e = dc.clone().scale(pb::ScaleDeploymentRequest { name: "r".into(), replicas: 0 }).await.expect_err("0");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);

@@ -21,6 +21,8 @@ pub enum DState {
     Failed,
     Stopping,
     Stopped,
+    /// Stopped on purpose, after the requests in flight (see [`Drain`]).
+    Draining,
 }
 
 impl DState {
@@ -33,6 +35,7 @@ impl DState {
             DState::Failed => pb::DeploymentState::Failed,
             DState::Stopping => pb::DeploymentState::Stopping,
             DState::Stopped => pb::DeploymentState::Stopped,
+            DState::Draining => pb::DeploymentState::Draining,
         }
     }
 }
@@ -142,6 +145,19 @@ pub struct Failing {
     pub permanent: bool,
 }
 
+/// A group draining before its stop: gateways stop sending it requests (they read the state every
+/// second or so, hence `notice_until`), then it stops once its engine says nothing is in flight,
+/// or at `deadline`.
+#[derive(Debug, Clone)]
+pub struct Drain {
+    pub notice_until: Instant,
+    pub deadline: Instant,
+    /// When to ask the engine again how many requests it holds.
+    pub next_check: Instant,
+    /// The engine's answer to the last question (None: not asked yet, or it cannot tell).
+    pub in_flight: Option<u64>,
+}
+
 pub struct Dep {
     pub uid: DeploymentUid,
     pub spec: DeploymentSpec,
@@ -164,6 +180,7 @@ pub struct Dep {
     pub failing: Option<Failing>,
     /// A durable write for this deployment is in flight; nothing is sent until it lands.
     pub parked: bool,
+    pub drain: Option<Drain>,
 }
 
 impl Dep {
@@ -185,6 +202,7 @@ impl Dep {
             recover_deadline: None,
             failing: None,
             parked: false,
+            drain: None,
         }
     }
 
@@ -269,6 +287,7 @@ impl Dep {
             startup_timeout_s: self.spec.startup_timeout.as_secs() as u32,
             stall_timeout_s: super::spec::check_to_wire(self.spec.stall_timeout),
             canary_interval_s: super::spec::check_to_wire(self.spec.canary_interval),
+            drain_timeout_s: super::spec::check_to_wire(self.spec.drain_timeout),
         }
     }
 }

@@ -46,6 +46,11 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub const SETTLE: Duration = Duration::from_millis(400);
 /// How often pending deployments try again even when nothing seems to have changed.
 pub const PENDING_RETRY: Duration = Duration::from_secs(2);
+/// How long a draining group keeps taking requests' ends before it may stop even when idle:
+/// gateways read the deployments every second (`--refresh`), so by then none sends it more.
+pub const DRAIN_NOTICE: Duration = Duration::from_secs(2);
+/// How often a draining group's engine is asked how many requests it holds.
+pub const LOAD_CHECK_EVERY: Duration = Duration::from_millis(500);
 /// The largest launch message sent to a worker; workers accept 4 MiB messages.
 pub const MAX_LAUNCH_BYTES: usize = 3 * 1024 * 1024;
 
@@ -67,6 +72,12 @@ pub enum Input {
     Restart {
         name: String,
         reply: ReplyId,
+    },
+    /// How many requests a draining group's engine holds (None: it cannot tell).
+    Load {
+        name: String,
+        generation: u64,
+        in_flight: Option<u64>,
     },
     /// A process report from a node's session.
     Report {
@@ -111,6 +122,13 @@ pub enum Effect {
     Send(NodeId, pb::head_message::Msg),
     /// A launch; if it cannot be handed over, feed back `Undeliverable`.
     Launch(NodeId, pb::LaunchShards),
+    /// Ask the engine at `endpoint` how many requests it holds (`GET /load`), then feed back
+    /// `Load` (a draining group).
+    CheckLoad {
+        name: String,
+        generation: u64,
+        endpoint: String,
+    },
     /// A deployment changed state: one event.
     Emit(Box<pb::Deployment>),
     Reply(ReplyId, Result<Box<pb::Deployment>, DeployError>),
@@ -280,6 +298,10 @@ impl Machine {
             }
             at(d.recover_deadline);
             at(d.delete_deadline);
+            if let Some(dr) = &d.drain {
+                at(Some(dr.deadline));
+                at(Some(dr.next_check.max(dr.notice_until)));
+            }
         }
         if self.deps.values().any(|d| d.state == DState::Pending) {
             at(self.last_pending_retry.map(|t| t + PENDING_RETRY));
@@ -295,6 +317,7 @@ impl Machine {
             Input::Delete { name, reply } => self.delete(name, reply, at),
             Input::Restart { name, reply } => self.restart(&name, reply, at),
             Input::Report { node, report } => self.report(node, report, at),
+            Input::Load { name, generation, in_flight } => self.load(&name, generation, in_flight, at),
             Input::NodeJoined { node, running } => self.node_joined(node, running, at),
             Input::NodeChanged(v) => self.node_changed(&v, at),
             Input::NodesListed(all) => {
@@ -379,7 +402,7 @@ impl Machine {
     fn delete(&mut self, name: String, reply: ReplyId, at: At) {
         match self.deps.get(&name).map(|d| d.state) {
             None => self.out.push(Effect::Reply(reply, Err(DeployError::NotFound(name)))),
-            Some(DState::Stopping) => {
+            Some(DState::Stopping | DState::Draining) => {
                 let snapshot = self.deps[&name].to_pb(at.now);
                 self.out.push(Effect::Reply(reply, Ok(Box::new(snapshot))));
             }
@@ -390,7 +413,7 @@ impl Machine {
     fn restart(&mut self, name: &str, reply: ReplyId, at: At) {
         let r = match self.deps.get(name).map(|d| d.state) {
             None => Err(DeployError::NotFound(name.into())),
-            Some(DState::Stopping | DState::Stopped) => Err(DeployError::BeingDeleted(name.into())),
+            Some(DState::Stopping | DState::Stopped | DState::Draining) => Err(DeployError::BeingDeleted(name.into())),
             Some(_) => {
                 self.fail(name, "restarted by an operator".into(), Blame::head(), false, at);
                 self.settle(name, at);
@@ -481,7 +504,8 @@ impl Machine {
             self.park(Park::Ports { name: name.clone(), generation }, rec);
         }
         let Some(dep) = self.deps.get_mut(&name) else { return };
-        let failing_or_live = dep.failing.is_some() || matches!(dep.state, DState::Starting | DState::Running);
+        let failing_or_live =
+            dep.failing.is_some() || matches!(dep.state, DState::Starting | DState::Running | DState::Draining);
         if exited {
             if failing_or_live {
                 let reason = describe_exit(&r, &node_name);
@@ -672,6 +696,7 @@ impl Machine {
                 self.fail(&name, why, Blame::other(at.unix_ms), true, at);
             }
         }
+        self.drain_tick(at);
         let stopping: Vec<String> =
             self.deps.iter().filter(|(_, d)| d.state == DState::Stopping).map(|(n, _)| n.clone()).collect();
         for name in stopping {
@@ -690,6 +715,12 @@ impl Machine {
     /// likelier cause (see [`Blame`]).
     fn fail(&mut self, name: &str, reason: String, blame: Blame, counted: bool, at: At) {
         let Some(dep) = self.deps.get_mut(name) else { return };
+        if dep.state == DState::Draining {
+            // Going away anyway: no restart, stop what is left now.
+            info!(deployment = %name, %reason, "a draining group failed; stopping it now");
+            self.do_delete(name, None, at);
+            return;
+        }
         if let Some(f) = dep.failing.as_mut() {
             // What failed after the group was told to stop may be a consequence of the stop, unless
             // it died of a signal the stop does not send (SIGTERM first, SIGKILL only after the
@@ -993,7 +1024,7 @@ impl Machine {
             }
             Park::Delete { name, reply } => {
                 self.unpark(&name);
-                self.do_delete(&name, reply, at);
+                self.stop_on_purpose(&name, reply, at);
             }
             Park::Record { name } => self.unpark(&name),
         }
@@ -1033,11 +1064,80 @@ impl Machine {
         }
     }
 
-    fn do_delete(&mut self, name: &str, reply: ReplyId, at: At) {
+    /// A deleted group (its removal is durable): a running one with an API drains first (see
+    /// [`Drain`]); anything else stops at once.
+    fn stop_on_purpose(&mut self, name: &str, reply: ReplyId, at: At) {
         let Some(dep) = self.deps.get_mut(name) else {
             self.out.push(Effect::Reply(reply, Err(DeployError::NotFound(name.into()))));
             return;
         };
+        let endpoint = dep.launch.as_ref().map(|l| engine::endpoint(&dep.spec, l)).unwrap_or_default();
+        let timeout = dep.spec.drain_timeout.filter(|t| !t.is_zero());
+        match timeout {
+            Some(t) if dep.state == DState::Running && !endpoint.is_empty() => {
+                dep.drain = Some(super::dep::Drain {
+                    notice_until: at.now + DRAIN_NOTICE.min(t),
+                    deadline: at.now + t,
+                    next_check: at.now,
+                    in_flight: None,
+                });
+                let why = format!(
+                    "draining: no new requests; up to {}s for those in flight, then every process stops",
+                    t.as_secs()
+                );
+                self.set_state_and_emit(name, DState::Draining, why, at);
+                let snapshot = self.deps[name].to_pb(at.now);
+                self.out.push(Effect::Reply(reply, Ok(Box::new(snapshot))));
+            }
+            _ => self.do_delete(name, Some(reply), at),
+        }
+    }
+
+    /// A draining group's engine says how many requests it holds: none left after the notice
+    /// period, it stops now.
+    fn load(&mut self, name: &str, generation: u64, in_flight: Option<u64>, at: At) {
+        let Some(dep) = self.deps.get_mut(name) else { return };
+        let Some(drain) = dep.drain.as_mut() else { return };
+        if dep.state != DState::Draining || dep.generation.0 != generation {
+            return;
+        }
+        drain.in_flight = in_flight;
+        if in_flight == Some(0) && at.now >= drain.notice_until {
+            info!(deployment = %name, "drained: no request in flight");
+            self.do_delete(name, None, at);
+        }
+    }
+
+    /// Draining groups: ask their engines, and stop those past their deadline.
+    fn drain_tick(&mut self, at: At) {
+        let draining: Vec<String> =
+            self.deps.iter().filter(|(_, d)| d.state == DState::Draining).map(|(n, _)| n.clone()).collect();
+        for name in draining {
+            let Some(dep) = self.deps.get_mut(&name) else { continue };
+            let Some(drain) = dep.drain.as_mut() else { continue };
+            if at.now >= drain.deadline {
+                let left = drain.in_flight.map_or("an unknown number of".to_string(), |n| n.to_string());
+                warn!(deployment = %name, requests = %left, "drain timeout: stopping with requests in flight");
+                self.do_delete(&name, None, at);
+                continue;
+            }
+            if at.now >= drain.notice_until && at.now >= drain.next_check {
+                drain.next_check = at.now + LOAD_CHECK_EVERY;
+                let endpoint = dep.launch.as_ref().map(|l| engine::endpoint(&dep.spec, l)).unwrap_or_default();
+                self.out.push(Effect::CheckLoad { name: name.clone(), generation: dep.generation.0, endpoint });
+            }
+        }
+    }
+
+    /// Stops every process of `name` (its removal is durable); `reply` gets the snapshot.
+    fn do_delete(&mut self, name: &str, reply: Option<ReplyId>, at: At) {
+        let Some(dep) = self.deps.get_mut(name) else {
+            if let Some(reply) = reply {
+                self.out.push(Effect::Reply(reply, Err(DeployError::NotFound(name.into()))));
+            }
+            return;
+        };
+        dep.drain = None;
         // Processes whose node was never told to launch them will never report: nothing to wait for.
         for p in dep.procs.values_mut().filter(|p| !p.launched) {
             p.gone = true;
@@ -1055,8 +1155,10 @@ impl Machine {
             deployment_uid: dep.uid.to_wire(),
         };
         self.set_state_and_emit(name, DState::Stopping, "deleting: stopping every process".into(), at);
-        let snapshot = self.deps[name].to_pb(at.now);
-        self.out.push(Effect::Reply(reply, Ok(Box::new(snapshot))));
+        if let Some(reply) = reply {
+            let snapshot = self.deps[name].to_pb(at.now);
+            self.out.push(Effect::Reply(reply, Ok(Box::new(snapshot))));
+        }
         for node in nodes {
             self.out.push(Effect::Send(node, pb::head_message::Msg::Stop(stop.clone())));
         }

@@ -8,7 +8,7 @@ use tessera_common::fake::FakeGpuSpec;
 use tessera_common::node::JoinInfo;
 
 use super::*;
-use crate::deploy::spec::Engine;
+use crate::deploy::spec::{DEFAULT_DRAIN_TIMEOUT, Engine};
 
 const GIB: u64 = 1 << 30;
 
@@ -348,7 +348,10 @@ fn a_new_deployment_with_an_old_name_is_a_new_incarnation() {
     let (mut h, ls) = running_pair();
     let old_uid = ls[0].1.deployment_uid.clone();
     let reply = h.reply();
-    let del = h.feed(Input::Delete { name: "p1".into(), reply });
+    h.feed(Input::Delete { name: "p1".into(), reply });
+    let generation = h.dep("p1").generation;
+    h.advance(DRAIN_NOTICE);
+    let del = h.feed(Input::Load { name: "p1".into(), generation, in_flight: Some(0) });
     assert!(stops(&del).iter().all(|(_, s)| s.below_generation == 0 && s.deployment_uid == old_uid));
     for (n, l) in &ls {
         for p in &l.processes {
@@ -753,4 +756,72 @@ fn replicas_are_groups_of_their_own_and_show_under_their_deployment() {
     let relaunch = h.tick_after(BASE_BACKOFF);
     let ls2 = launches(&relaunch);
     assert_eq!(ls2.iter().map(|(_, l)| (l.deployment.as_str(), l.generation)).collect::<Vec<_>>(), [("m.1", 2)]);
+}
+
+fn check_loads(effects: &[Effect]) -> Vec<(String, String)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::CheckLoad { name, endpoint, .. } => Some((name.clone(), endpoint.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_deleted_running_group_drains_before_it_stops() {
+    let (mut h, _) = running_pair();
+    let reply = h.reply();
+    let effects = h.feed(Input::Delete { name: "p1".into(), reply });
+    let r = replies(&effects);
+    assert_eq!(r[0].as_ref().map(|d| d.state), Ok(pb::DeploymentState::Draining as i32), "{r:?}");
+    assert!(stops(&effects).is_empty(), "nothing stops while gateways still send");
+    assert_eq!(emits(&effects).first().map(|e| e.0), Some(pb::DeploymentState::Draining));
+    // During the notice period the engine is not asked; after it, every LOAD_CHECK_EVERY.
+    assert!(check_loads(&h.tick_after(Duration::from_millis(500))).is_empty());
+    let asked = check_loads(&h.tick_after(DRAIN_NOTICE));
+    assert_eq!(asked, [("p1".to_string(), "http://10.0.0.1:29501".to_string())]);
+    let generation = h.dep("p1").generation;
+    let busy = h.feed(Input::Load { name: "p1".into(), generation, in_flight: Some(2) });
+    assert!(stops(&busy).is_empty(), "requests in flight: it waits");
+    assert_eq!(check_loads(&h.tick_after(LOAD_CHECK_EVERY)).len(), 1);
+    let idle = h.feed(Input::Load { name: "p1".into(), generation, in_flight: Some(0) });
+    assert_eq!(stops(&idle).len(), 2, "idle: every node is told to stop");
+    assert_eq!(h.dep("p1").state, pb::DeploymentState::Stopping as i32);
+    // A second delete while it drains or stops answers with where it is.
+    let reply = h.reply();
+    assert!(replies(&h.feed(Input::Delete { name: "p1".into(), reply }))[0].is_ok());
+}
+
+#[test]
+fn a_drain_ends_at_its_deadline_or_when_a_rank_dies_and_off_means_at_once() {
+    // No answer from the engine: it stops at the deadline.
+    let (mut h, ls) = running_pair();
+    let reply = h.reply();
+    h.feed(Input::Delete { name: "p1".into(), reply });
+    let early = h.tick_after(DEFAULT_DRAIN_TIMEOUT - Duration::from_secs(1));
+    assert!(stops(&early).is_empty());
+    let late = h.tick_after(Duration::from_secs(1));
+    assert_eq!(stops(&late).len(), 2, "the deadline stops it");
+
+    // A rank dies while draining: it stops now and is not restarted.
+    let (mut h, ls2) = running_pair();
+    let reply = h.reply();
+    h.feed(Input::Delete { name: "p1".into(), reply });
+    let died = h.feed(Input::Report { node: nid(2), report: exited(&ls2[1].1, "rank-7", None, Some(9), h.unix) });
+    assert_eq!(stops(&died).len(), 2, "{died:?}");
+    assert!(launches(&h.tick_after(Duration::from_secs(5))).is_empty(), "no restart of a deleted group");
+    let _ = ls;
+
+    // --drain-timeout off: a delete stops at once.
+    let mut h = H::new(vec![node(1, "head", 4, true), node(2, "w1", 4, false)]);
+    let mut s = spec("p2", 4, 2);
+    s.drain_timeout = None;
+    let created = h.create(s);
+    let effects = h.run_launches(created);
+    h.all_ready(&launches(&effects));
+    let reply = h.reply();
+    let effects = h.feed(Input::Delete { name: "p2".into(), reply });
+    assert_eq!(stops(&effects).len(), 2);
+    assert_eq!(replies(&effects)[0].as_ref().map(|d| d.state), Ok(pb::DeploymentState::Stopping as i32));
 }

@@ -64,6 +64,7 @@ enum Cmd {
     Logs { req: pb::LogsRequest, reply: oneshot::Sender<Result<(u64, LogStream), DeployError>> },
     LogData { node: NodeId, data: pb::LogData },
     LogCancel { id: u64 },
+    Load { name: String, generation: u64, in_flight: Option<u64> },
 }
 
 /// Handle to the deployment task. Cheap to clone.
@@ -99,6 +100,7 @@ impl Deployments {
             replies: HashMap::new(),
             next_reply: 1,
             log_routes: HashMap::new(),
+            back: tx.downgrade(),
         };
         tokio::spawn(shell.run(rx, shutdown));
         Ok(Deployments { tx, events, replica_ops: Arc::new(tokio::sync::Mutex::new(())) })
@@ -252,6 +254,23 @@ struct Shell {
     next_reply: ReplyId,
     /// Log request id (random) -> the node it was sent to, and the client's stream.
     log_routes: HashMap<u64, (NodeId, mpsc::Sender<LogItem>)>,
+    /// For answers that come back later (an engine's load): a weak sender, so that the task
+    /// still ends when every handle is gone.
+    back: mpsc::WeakSender<Cmd>,
+}
+
+/// How many requests the engine at `endpoint` holds: vLLM's and the probe's `GET /load`
+/// (`{"server_load": N}`); `Some(0)` when nothing listens any more, `None` when it cannot tell.
+async fn engine_load(endpoint: &str) -> Option<u64> {
+    let hp = endpoint.strip_prefix("http://")?;
+    let (host, port) = hp.rsplit_once(':')?;
+    let (host, port) = (host.trim_matches(['[', ']']), port.parse::<u16>().ok()?);
+    match tessera_worker::shard::http::call(host, port, "GET", "/load", None, Duration::from_secs(2)).await {
+        Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body).ok()?.get("server_load")?.as_u64(),
+        Ok(_) => None,
+        Err(e) if e.contains("cannot connect") => Some(0),
+        Err(_) => None,
+    }
 }
 
 impl Shell {
@@ -321,6 +340,7 @@ impl Shell {
                 let _ = reply.send(self.machine.reservation_counts());
             }
             Cmd::Report { node, report } => self.feed(Input::Report { node, report }).await,
+            Cmd::Load { name, generation, in_flight } => self.feed(Input::Load { name, generation, in_flight }).await,
             Cmd::NodeJoined { node, running } => self.feed(Input::NodeJoined { node, running }).await,
             Cmd::Logs { req, reply } => {
                 let r = self.open_logs(req).await;
@@ -400,6 +420,15 @@ impl Shell {
                 }
                 Effect::Send(node, msg) => {
                     self.membership.send(node, pb::HeadMessage { msg: Some(msg) }).await;
+                }
+                Effect::CheckLoad { name, generation, endpoint } => {
+                    let back = self.back.clone();
+                    tokio::spawn(async move {
+                        let in_flight = engine_load(&endpoint).await;
+                        if let Some(tx) = back.upgrade() {
+                            let _ = tx.send(Cmd::Load { name, generation, in_flight }).await;
+                        }
+                    });
                 }
                 Effect::Launch(node, msg) => {
                     let (deployment, generation) = (msg.deployment.clone(), msg.generation);

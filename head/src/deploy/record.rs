@@ -8,8 +8,8 @@ use tokio::time::Instant;
 
 use super::dep::{DState, Dep, Launch, Proc};
 use super::spec::{
-    DEFAULT_CANARY_INTERVAL, DEFAULT_STALL_TIMEOUT, DeploymentSpec, Engine, LoadedModel, check_from_wire,
-    check_to_wire, startup_from_wire,
+    DEFAULT_CANARY_INTERVAL, DEFAULT_DRAIN_TIMEOUT, DEFAULT_STALL_TIMEOUT, DeploymentSpec, Engine, LoadedModel,
+    check_from_wire, check_to_wire, startup_from_wire,
 };
 use crate::store::{StoredDeployment, StoredLaunch, StoredProcess};
 
@@ -52,6 +52,7 @@ pub fn to_stored(d: &Dep, at: At) -> StoredDeployment {
         startup_timeout_s: s.startup_timeout.as_secs() as u32,
         stall_timeout_s: check_to_wire(s.stall_timeout),
         canary_interval_s: check_to_wire(s.canary_interval),
+        drain_timeout_s: check_to_wire(s.drain_timeout),
         generation: d.generation.0,
         restarts: d.restarts,
         restart_times_unix_ms: d.restart_times.iter().map(|t| at.unix_of(*t)).collect(),
@@ -103,6 +104,7 @@ pub fn to_spec(r: &StoredDeployment) -> Result<DeploymentSpec, String> {
         startup_timeout: startup_from_wire(r.startup_timeout_s),
         stall_timeout: check_from_wire(r.stall_timeout_s, DEFAULT_STALL_TIMEOUT),
         canary_interval: check_from_wire(r.canary_interval_s, DEFAULT_CANARY_INTERVAL),
+        drain_timeout: check_from_wire(r.drain_timeout_s, DEFAULT_DRAIN_TIMEOUT),
     };
     // Records of older versions may hold engine args this version refuses at Create: they keep
     // running as they were launched (their args pass through unread) rather than be dropped.

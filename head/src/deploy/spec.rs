@@ -85,6 +85,8 @@ pub struct DeploymentSpec {
     pub stall_timeout: Option<Duration>,
     /// vllm: how often an idle engine gets a canary request (None: never).
     pub canary_interval: Option<Duration>,
+    /// How long a replica stopped on purpose keeps serving what is in flight (None: no drain).
+    pub drain_timeout: Option<Duration>,
 }
 
 impl DeploymentSpec {
@@ -107,6 +109,8 @@ pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Default `--stall-timeout` and `--canary-interval`.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CANARY_INTERVAL: Duration = Duration::from_secs(30);
+/// Default `--drain-timeout`.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// `startup_timeout_s` as the API and the store carry it: 0 means the default.
 pub fn startup_from_wire(s: u32) -> Duration {
     if s == 0 { DEFAULT_STARTUP_TIMEOUT } else { Duration::from_secs(u64::from(s)) }
@@ -310,6 +314,7 @@ impl DeploymentSpec {
         };
         let stall_timeout = check("stall_timeout_s", r.stall_timeout_s, DEFAULT_STALL_TIMEOUT)?;
         let canary_interval = check("canary_interval_s", r.canary_interval_s, DEFAULT_CANARY_INTERVAL)?;
+        let drain_timeout = check("drain_timeout_s", r.drain_timeout_s, DEFAULT_DRAIN_TIMEOUT)?;
         let max_restarts = match r.max_restarts {
             0 => DEFAULT_MAX_RESTARTS,
             n if n < 0 => 0,
@@ -334,6 +339,7 @@ impl DeploymentSpec {
             startup_timeout,
             stall_timeout,
             canary_interval,
+            drain_timeout,
         };
         spec.read_engine_settings(util != 0.0).map_err(Status::invalid_argument)?;
         Ok(spec)

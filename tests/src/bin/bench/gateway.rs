@@ -70,10 +70,10 @@ async fn closed_loop(
             let (c, base, stop) = (c.clone(), base.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut out = Vec::new();
-                let mut i = 0;
+                let mut i = 0u32;
                 while !stop.is_cancelled() {
                     i += 1;
-                    out.push(loadgen::complete(&c, &base, model, &format!("c{k}-{i}"), 8, i % 2 == 0).await);
+                    out.push(loadgen::complete(&c, &base, model, &format!("c{k}-{i}"), 8, i.is_multiple_of(2)).await);
                 }
                 out
             })

@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -31,6 +32,25 @@ pub struct ApiConfig {
     pub token_delay: Duration,
     /// `/health`'s body (the probe's world and round-trip times).
     pub health: Arc<dyn Fn() -> String + Send + Sync>,
+    /// Generating requests being answered now (`/load`, as vLLM's `server_load`).
+    pub in_flight: Arc<AtomicU64>,
+}
+
+/// One generating request being answered: counted in `/load` until dropped (for a stream, when
+/// its last chunk went out or the client left).
+struct InFlight(Arc<AtomicU64>);
+
+impl InFlight {
+    fn new(n: &Arc<AtomicU64>) -> InFlight {
+        n.fetch_add(1, Ordering::SeqCst);
+        InFlight(n.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The router for `cfg`.
@@ -38,6 +58,7 @@ pub fn router(cfg: ApiConfig) -> Router {
     let cfg = Arc::new(cfg);
     Router::new()
         .route("/health", get(health))
+        .route("/load", get(load))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
@@ -70,6 +91,10 @@ async fn tag(mut r: Response) -> Response {
 
 async fn health(State(cfg): State<Arc<ApiConfig>>) -> Response {
     json_response(StatusCode::OK, (cfg.health)())
+}
+
+async fn load(State(cfg): State<Arc<ApiConfig>>) -> Response {
+    json_response(StatusCode::OK, json!({"server_load": cfg.in_flight.load(Ordering::SeqCst)}).to_string())
 }
 
 async fn models(State(cfg): State<Arc<ApiConfig>>) -> Response {
@@ -184,9 +209,12 @@ fn chunk(ask: &Ask, chat: bool, i: u64, text: &str, last: bool) -> Value {
 
 async fn generate(cfg: Arc<ApiConfig>, ask: Ask, chat: bool) -> Response {
     let delay = cfg.token_delay;
+    let counted = InFlight::new(&cfg.in_flight);
     if ask.stream {
         let ask = Arc::new(ask);
         let events = futures_util::stream::unfold(0u64, move |i| {
+            // The stream holds the count until it ends or is dropped.
+            let _counted = &counted;
             let ask = ask.clone();
             async move {
                 if i > ask.max_tokens {
@@ -211,6 +239,7 @@ async fn generate(cfg: Arc<ApiConfig>, ask: Ask, chat: bool) -> Response {
     if !delay.is_zero() {
         tokio::time::sleep(delay * ask.max_tokens as u32).await;
     }
+    drop(counted);
     let text = answer(&ask.prompt, ask.max_tokens);
     let usage = json!({"prompt_tokens": ask.prompt.split_whitespace().count(), "completion_tokens": ask.max_tokens});
     let body = if chat {
@@ -254,7 +283,12 @@ mod tests {
     use tower::ServiceExt;
 
     fn cfg() -> ApiConfig {
-        ApiConfig { models: vec!["m".into()], token_delay: Duration::ZERO, health: Arc::new(|| "{}".into()) }
+        ApiConfig {
+            models: vec!["m".into()],
+            token_delay: Duration::ZERO,
+            health: Arc::new(|| "{}".into()),
+            in_flight: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     async fn call(method: &str, path: &str, body: Value) -> (StatusCode, String) {

@@ -150,6 +150,7 @@ fn master(a: &ProbeArgs) -> Result<(), String> {
             models: a.model_names.clone(),
             token_delay: a.token_delay,
             health: Arc::new(move || health_body(world, &rtts)),
+            in_flight: Default::default(),
         };
         std::thread::spawn(move || {
             if let Err(e) = api::serve(listener, cfg) {
