@@ -149,8 +149,14 @@ async fn run(cli: Cli) -> Result<(), String> {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
             }
-            info!("stopping: no new connections; requests in flight finish");
+            info!("stopping: no new connections; requests in flight get 30 s to finish");
             stop.cancel();
+            // Streams that do not end by then are cut.
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                info!("stopping now: requests were still in flight after 30 s");
+                std::process::exit(0);
+            });
         }
     };
     axum::serve(listener, router(shared)).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string())

@@ -147,10 +147,14 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap, drop_auth: bool) {
     }
 }
 
+/// How long a client may take to send its request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// `POST /v1/completions`, `/v1/chat/completions`, `/v1/embeddings`: routed by `model`.
 pub async fn forward(State(s): State<Arc<Shared>>, req: Request<Body>) -> Response<Body> {
     let started = Instant::now();
     if !authorized(&s.config, req.headers()) {
+        count(&s, "", "", StatusCode::UNAUTHORIZED);
         return error(StatusCode::UNAUTHORIZED, "missing or wrong API key: send Authorization: Bearer KEY");
     }
     let Ok(slot) = s.slots.clone().try_acquire_owned() else {
@@ -161,12 +165,27 @@ pub async fn forward(State(s): State<Arc<Shared>>, req: Request<Body>) -> Respon
         );
     };
     let (parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, s.config.max_body).await {
-        Ok(b) => b,
+    let body = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, s.config.max_body)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            // A body over the limit, or a client that went away while sending it.
+            let too_big = std::error::Error::source(&e).is_some_and(|c| c.is::<http_body_util::LengthLimitError>());
+            let (code, why) = if too_big {
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the request body is larger than {} bytes (--max-body)", s.config.max_body),
+                )
+            } else {
+                (StatusCode::BAD_REQUEST, format!("cannot read the request body: {e}"))
+            };
+            count(&s, "", "", code);
+            return error(code, why);
+        }
         Err(_) => {
+            count(&s, "", "", StatusCode::REQUEST_TIMEOUT);
             return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the request body is larger than {} bytes (--max-body)", s.config.max_body),
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the request body took more than {}s", BODY_TIMEOUT.as_secs()),
             );
         }
     };
@@ -174,13 +193,17 @@ pub async fn forward(State(s): State<Arc<Shared>>, req: Request<Body>) -> Respon
         Ok(v) => match v.get("model").and_then(Value::as_str) {
             Some(m) => m.to_string(),
             None => {
+                count(&s, "", "", StatusCode::BAD_REQUEST);
                 return error(
                     StatusCode::BAD_REQUEST,
                     "the request has no \"model\": name a deployment (GET /v1/models lists them)",
                 );
             }
         },
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("the request body is not JSON: {e}")),
+        Err(e) => {
+            count(&s, "", "", StatusCode::BAD_REQUEST);
+            return error(StatusCode::BAD_REQUEST, format!("the request body is not JSON: {e}"));
+        }
     };
     let path =
         parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| parts.uri.path().to_string());
@@ -208,13 +231,17 @@ pub async fn forward(State(s): State<Arc<Shared>>, req: Request<Body>) -> Respon
                 );
             }
         };
+        // From here until dropped, the request counts in flight for this replica.
+        let mut picked = Picked::new(s.clone(), id.clone());
         deployment = id.deployment.clone();
         if attempt > 0 {
             s.metrics.retries.get_or_create(&labels(&id)).inc();
         }
-        let last = attempt == s.config.retries;
-        match try_replica(&s, &id, &endpoint, &parts.method, &path, &parts.headers, body.clone(), deadline, last).await
-        {
+        // A 5xx is passed on, not retried, when no other replica could take the request.
+        let mut others = tried.clone();
+        others.insert(id.clone());
+        let last = attempt == s.config.retries || !s.table().has_other(&model, &others, Instant::now());
+        match try_replica(&s, &endpoint, &parts.method, &path, &parts.headers, body.clone(), deadline, last).await {
             Ok((status, headers, first, rest)) => {
                 let ttfb = started.elapsed();
                 s.metrics.ttfb.get_or_create(&labels(&id)).observe(ttfb.as_secs_f64());
@@ -225,8 +252,7 @@ pub async fn forward(State(s): State<Arc<Shared>>, req: Request<Body>) -> Respon
                         h.insert("x-tessera-replica", v);
                     }
                 }
-                let tracked =
-                    Tracked { first, rest, done: Some(Done { shared: s.clone(), id, started, status, _slot: slot }) };
+                let tracked = Tracked { first, rest, done: Some(Done { picked, started, status, _slot: slot }) };
                 return resp
                     .body(Body::new(tracked))
                     .unwrap_or_else(|_| error(StatusCode::BAD_GATEWAY, "bad response"));
@@ -241,7 +267,11 @@ pub async fn forward(State(s): State<Arc<Shared>>, req: Request<Body>) -> Respon
                         kind: kind.into(),
                     })
                     .inc();
-                s.table().done(&id, Outcome::Failed, Instant::now());
+                // A replica that answered 5xx works (the request may be at fault): not taken out.
+                if kind != "upstream_5xx" {
+                    picked.outcome = Outcome::Failed;
+                }
+                drop(picked);
                 last_error = format!("{id}: {e}");
                 tried.insert(id);
                 if tokio::time::Instant::now() >= deadline {
@@ -268,6 +298,28 @@ fn count(s: &Shared, deployment: &str, replica: &str, code: StatusCode) {
         .inc();
 }
 
+/// A request given to a replica by [`Table::pick`]: in flight (in the table and the gauge) until
+/// dropped, however the request ends: answered, failed, or its client gone.
+struct Picked {
+    shared: Arc<Shared>,
+    id: ReplicaId,
+    outcome: Outcome,
+}
+
+impl Picked {
+    fn new(shared: Arc<Shared>, id: ReplicaId) -> Picked {
+        shared.metrics.in_flight.get_or_create(&labels(&id)).inc();
+        Picked { shared, id, outcome: Outcome::Answered }
+    }
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        self.shared.metrics.in_flight.get_or_create(&labels(&self.id)).dec();
+        self.shared.table().done(&self.id, self.outcome, Instant::now());
+    }
+}
+
 type Head = (StatusCode, HeaderMap, Option<Frame<Bytes>>, Option<Incoming>);
 
 /// One try: the response's status, headers and first body frame (so that a failure before it can
@@ -275,7 +327,6 @@ type Head = (StatusCode, HeaderMap, Option<Frame<Bytes>>, Option<Incoming>);
 #[allow(clippy::too_many_arguments)]
 async fn try_replica(
     s: &Shared,
-    id: &ReplicaId,
     endpoint: &str,
     method: &Method,
     path: &str,
@@ -289,34 +340,19 @@ async fn try_replica(
         copy_headers(headers, h, s.config.api_key.is_some());
     }
     let req = req.body(Full::new(body)).map_err(|e| ("request", e.to_string()))?;
-    s.metrics.in_flight.get_or_create(&labels(id)).inc();
-    let resp = tokio::time::timeout_at(deadline, s.client.request(req)).await;
-    let resp = match resp {
-        Err(_) => {
-            s.metrics.in_flight.get_or_create(&labels(id)).dec();
-            return Err(("timeout", "no answer before the deadline".into()));
-        }
-        Ok(Err(e)) => {
-            s.metrics.in_flight.get_or_create(&labels(id)).dec();
-            return Err(("connect", tessera_common::error_chain(&e)));
-        }
+    let resp = match tokio::time::timeout_at(deadline, s.client.request(req)).await {
+        Err(_) => return Err(("timeout", "no answer before the deadline".into())),
+        Ok(Err(e)) => return Err(("connect", tessera_common::error_chain(&e))),
         Ok(Ok(r)) => r,
     };
     let status = resp.status();
     if status.is_server_error() && !last {
-        s.metrics.in_flight.get_or_create(&labels(id)).dec();
         return Err(("upstream_5xx", format!("answered {status}")));
     }
     let (parts, mut incoming) = resp.into_parts();
     let first = match tokio::time::timeout_at(deadline, incoming.frame()).await {
-        Err(_) => {
-            s.metrics.in_flight.get_or_create(&labels(id)).dec();
-            return Err(("timeout", "no response body before the deadline".into()));
-        }
-        Ok(Some(Err(e))) => {
-            s.metrics.in_flight.get_or_create(&labels(id)).dec();
-            return Err(("reset_before_first_byte", tessera_common::error_chain(&e)));
-        }
+        Err(_) => return Err(("timeout", "no response body before the deadline".into())),
+        Ok(Some(Err(e))) => return Err(("reset_before_first_byte", tessera_common::error_chain(&e))),
         Ok(Some(Ok(f))) => Some(f),
         Ok(None) => None,
     };
@@ -326,8 +362,7 @@ async fn try_replica(
 
 /// What is recorded once a response has ended.
 struct Done {
-    shared: Arc<Shared>,
-    id: ReplicaId,
+    picked: Picked,
     started: Instant,
     status: StatusCode,
     _slot: tokio::sync::OwnedSemaphorePermit,
@@ -343,28 +378,24 @@ struct Tracked {
 
 impl Tracked {
     fn finish(&mut self, broke: Option<&hyper::Error>) {
-        let Some(d) = self.done.take() else { return };
-        let l = labels(&d.id);
-        d.shared.metrics.in_flight.get_or_create(&l).dec();
-        d.shared.metrics.latency.get_or_create(&l).observe(d.started.elapsed().as_secs_f64());
-        count(&d.shared, &d.id.deployment, &d.id.replica, d.status);
-        let outcome = match broke {
-            None => Outcome::Answered,
-            Some(e) => {
-                info!(replica = %d.id, error = %e, "a replica failed while streaming a response; the client got part of it");
-                d.shared
-                    .metrics
-                    .errors
-                    .get_or_create(&ErrorLabels {
-                        deployment: d.id.deployment.clone(),
-                        replica: d.id.replica.clone(),
-                        kind: "reset_while_streaming".into(),
-                    })
-                    .inc();
-                Outcome::Failed
-            }
-        };
-        d.shared.table().done(&d.id, outcome, Instant::now());
+        let Some(mut d) = self.done.take() else { return };
+        let id = d.picked.id.clone();
+        let shared = d.picked.shared.clone();
+        shared.metrics.latency.get_or_create(&labels(&id)).observe(d.started.elapsed().as_secs_f64());
+        count(&shared, &id.deployment, &id.replica, d.status);
+        if let Some(e) = broke {
+            info!(replica = %id, error = %e, "a replica failed while streaming a response; the client got part of it");
+            shared
+                .metrics
+                .errors
+                .get_or_create(&ErrorLabels {
+                    deployment: id.deployment.clone(),
+                    replica: id.replica.clone(),
+                    kind: "reset_while_streaming".into(),
+                })
+                .inc();
+            d.picked.outcome = Outcome::Failed;
+        }
     }
 }
 

@@ -107,9 +107,13 @@ impl Table {
         let mut replicas = BTreeMap::new();
         self.models.clear();
         self.deployments.clear();
+        // A deployment's own name always routes to it; a served name only when no deployment is
+        // called that and no other deployment claimed it first.
+        for d in &view {
+            self.models.insert(d.name.clone(), d.name.clone());
+        }
         for d in view {
             for m in &d.models {
-                // The first deployment to claim a name keeps it (names are checked by the head).
                 self.models.entry(m.clone()).or_insert_with(|| d.name.clone());
             }
             let mut ids = Vec::new();
@@ -154,6 +158,12 @@ impl Table {
         let r = self.replicas.get_mut(&best).expect("picked from the table");
         r.in_flight += 1;
         Ok((best, r.target.endpoint.clone()))
+    }
+
+    /// Whether a replica of `model`'s deployment other than those in `tried` could take a request.
+    pub fn has_other(&self, model: &str, tried: &BTreeSet<ReplicaId>, now: Instant) -> bool {
+        let Some(ids) = self.models.get(model).and_then(|d| self.deployments.get(d)) else { return false };
+        ids.iter().any(|id| !tried.contains(id) && self.replicas.get(id).is_some_and(|r| r.takes_requests(now)))
     }
 
     /// A request picked with [`Table::pick`] is over (its response ended, or it failed).
@@ -282,6 +292,21 @@ mod tests {
         // A failing health check takes a replica out until one passes.
         t.health(&b, false);
         assert!(t.pick("m", &tried, t0 + Duration::from_secs(60)).is_err());
+    }
+
+    #[test]
+    fn a_deployments_own_name_wins_over_another_ones_served_name() {
+        let t0 = Instant::now();
+        let mut t = Table::new(Duration::from_secs(10));
+        let mut a = view("a", &[("0", "http://a", true, false)]);
+        a.models.push("b".into());
+        t.update(vec![a, view("b", &[("0", "http://b", true, false)])]);
+        let none = BTreeSet::new();
+        assert_eq!(t.pick("b", &none, t0).map(|p| p.0), Ok(id("b", "0")), "\"b\" is deployment b");
+        // has_other: whether a retry could go elsewhere.
+        let tried: BTreeSet<ReplicaId> = [id("b", "0")].into();
+        assert!(!t.has_other("b", &tried, t0));
+        assert!(t.has_other("b", &none, t0));
     }
 
     #[test]

@@ -151,6 +151,42 @@ pub fn start_head(dir: &Path, name: &str, listen: &str, extra: &[&str]) -> HeadP
     HeadProc { daemon, url: format!("http://{addr}"), data_dir }
 }
 
+/// A `tessera-gateway` on an ephemeral loopback port in front of `head` (with its reader token,
+/// reading the deployments and checking replicas every 200 ms), logging under `dir`; and its
+/// address once it says it listens.
+pub fn start_gateway(dir: &Path, name: &str, head: &HeadProc, extra: &[&str]) -> (Daemon, String) {
+    let reader = head.data_dir.join("reader.token");
+    let mut args: Vec<String> = [
+        "--head",
+        head.url.trim_start_matches("http://"),
+        "--token-file",
+        &reader.display().to_string(),
+        "--listen",
+        "127.0.0.1:0",
+        "--refresh",
+        "200ms",
+        "--health-interval",
+        "200ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut d = Daemon::spawn_program(name, &bin("tessera-gateway").display().to_string(), &args, dir);
+    let deadline = Instant::now() + crate::HANG;
+    loop {
+        let log = d.log_text();
+        if let Some(addr) = log.lines().find_map(|l| l.strip_prefix("listening on ")) {
+            return (d, addr.trim().to_string());
+        }
+        if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            panic!("gateway exited ({status}):\n{log}");
+        }
+        assert!(Instant::now() < deadline, "gateway did not start:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A `tessera-worker` with fake GPUs and its own state dir under `dir`.
 pub fn start_worker(dir: &Path, name: &str, head_url: &str) -> Daemon {
     start_worker_in(dir, name, head_url, &dir.join(format!("{name}-state")))

@@ -7,42 +7,13 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tessera_proto::v1 as pb;
 use tessera_tests::deploy::{Cluster, delete_and_wait, probe, running_at, wait_for};
-use tessera_tests::{Daemon, bin, wait_until};
+use tessera_tests::{Daemon, wait_until};
 use tessera_worker::shard::http::call_auth;
 use tessera_worker::shard::probe::api::answer;
 
-/// A gateway on an ephemeral loopback port; its address once it says it listens.
+/// A gateway in front of `c`'s head (see [`tessera_tests::process::start_gateway`]).
 fn start_gateway(c: &Cluster, name: &str, extra: &[&str]) -> (Daemon, String) {
-    let reader = c.head.data_dir.join("reader.token");
-    let mut args: Vec<String> = [
-        "--head",
-        c.head.url.trim_start_matches("http://"),
-        "--token-file",
-        &reader.display().to_string(),
-        "--listen",
-        "127.0.0.1:0",
-        "--refresh",
-        "200ms",
-        "--health-interval",
-        "200ms",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut d = Daemon::spawn_program(name, &bin("tessera-gateway").display().to_string(), &args, c.dir.path());
-    let deadline = std::time::Instant::now() + tessera_tests::HANG;
-    loop {
-        let log = d.log_text();
-        if let Some(addr) = log.lines().find_map(|l| l.strip_prefix("listening on ")) {
-            return (d, addr.trim().to_string());
-        }
-        if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-            panic!("gateway exited ({status}):\n{log}");
-        }
-        assert!(std::time::Instant::now() < deadline, "gateway did not start:\n{log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    tessera_tests::process::start_gateway(c.dir.path(), name, &c.head, extra)
 }
 
 async fn http(addr: &str, method: &str, path: &str, body: Option<Value>, key: Option<&str>) -> (u16, String) {

@@ -230,26 +230,32 @@ impl Machine {
 
     // ---- queries ----
 
-    /// A deployment: replica 0's group, named by the deployment, with every replica listed.
+    /// A deployment: its lowest-numbered group (replica 0 unless that one is gone), named by the
+    /// deployment, with every replica listed.
     pub fn get(&self, name: &str, now: Instant) -> Result<pb::Deployment, DeployError> {
-        let first = self.deps.get(name).ok_or_else(|| DeployError::NotFound(name.into()))?;
+        let keys = self.group_keys(name);
+        let first = keys.first().and_then(|k| self.deps.get(k)).ok_or_else(|| DeployError::NotFound(name.into()))?;
         let mut d = first.to_pb(now);
-        d.replicas =
-            self.group_keys(name).iter().filter_map(|k| self.deps.get(k)).map(|g| replica_of(g, now)).collect();
+        d.name = name.to_string();
+        d.replicas = keys.iter().filter_map(|k| self.deps.get(k)).map(|g| replica_of(g, now)).collect();
         Ok(d)
     }
 
     /// Every deployment (see [`Machine::get`]), by name.
     pub fn list(&self, now: Instant) -> Vec<pb::Deployment> {
-        self.deps.keys().filter(|k| !k.contains('.')).filter_map(|k| self.get(k, now).ok()).collect()
+        let mut names: Vec<&str> = self.deps.keys().map(|k| super::spec::parent_of(k).0).collect();
+        names.sort();
+        names.dedup();
+        names.into_iter().filter_map(|n| self.get(n, now).ok()).collect()
     }
 
-    /// The group keys of deployment `name` (see [`spec::group_key`]), replica 0 first, by index.
+    /// The group keys of deployment `name` (see [`spec::group_key`]), by replica index.
     pub fn group_keys(&self, name: &str) -> Vec<String> {
-        if name.contains('.') || !self.deps.contains_key(name) {
+        if name.contains('.') {
             return Vec::new();
         }
-        let mut keys: Vec<(u32, String)> = vec![(0, name.to_string())];
+        let mut keys: Vec<(u32, String)> =
+            self.deps.get_key_value(name).map(|(k, _)| (0, k.clone())).into_iter().collect();
         // Keys `name.N` sort between `name.` and `name/` ('/' follows '.').
         let (lo, hi) = (format!("{name}."), format!("{name}/"));
         keys.extend(self.deps.range(lo..hi).map(|(k, _)| (super::spec::parent_of(k).1, k.clone())));
@@ -257,9 +263,11 @@ impl Machine {
         keys.into_iter().map(|(_, k)| k).collect()
     }
 
-    /// What replica 0 of `name` was created with: the spec and the model, to make more replicas.
+    /// What the lowest-numbered group of `name` was created with: the spec (named as that group)
+    /// and the model, to make more replicas.
     pub fn spec_of(&self, name: &str) -> Option<(DeploymentSpec, Option<LoadedModel>)> {
-        self.deps.get(name).map(|d| (d.spec.clone(), d.model.clone()))
+        let key = self.group_keys(name).into_iter().next()?;
+        self.deps.get(&key).map(|d| (d.spec.clone(), d.model.clone()))
     }
 
     /// (GPUs reserved, GPUs held by deployments' launches): always equal.
@@ -352,8 +360,14 @@ impl Machine {
     }
 
     fn create(&mut self, spec: DeploymentSpec, model: LoadedModel, reply: ReplyId, at: At) {
-        if let Some(d) = self.deps.get(&spec.name) {
-            let e = if d.state == DState::Stopping {
+        // A new deployment's first group: no group of the name may be left (one still draining or
+        // stopping after a delete would otherwise be taken for a replica of the new one).
+        let leftover = (spec.replica() == 0)
+            .then(|| self.group_keys(&spec.name).into_iter().find(|k| *k != spec.name))
+            .flatten()
+            .and_then(|k| self.deps.get(&k));
+        if let Some(d) = self.deps.get(&spec.name).or(leftover) {
+            let e = if matches!(d.state, DState::Stopping | DState::Draining) {
                 DeployError::NameBeingDeleted(spec.name.clone())
             } else {
                 DeployError::AlreadyExists(spec.name.clone())
@@ -641,7 +655,7 @@ impl Machine {
             }
             match dep.state {
                 DState::Stopping => self.finish_delete_if_done(&name, at),
-                DState::Starting | DState::Running => {
+                DState::Starting | DState::Running | DState::Draining => {
                     self.fail(&name, format!("node {node_name} is {why}"), Blame::head(), true, at);
                 }
                 _ if dep.failing.is_some() => {

@@ -825,3 +825,36 @@ fn a_drain_ends_at_its_deadline_or_when_a_rank_dies_and_off_means_at_once() {
     assert_eq!(stops(&effects).len(), 2);
     assert_eq!(replies(&effects)[0].as_ref().map(|d| d.state), Ok(pb::DeploymentState::Stopping as i32));
 }
+
+#[test]
+fn a_name_is_free_again_only_when_every_replica_of_it_is_gone() {
+    let mut h = H::new(vec![node(1, "head", 4, true), node(2, "w1", 4, false)]);
+    let c0 = h.create(spec("m", 2, 1));
+    let e0 = h.run_launches(c0);
+    let mut s1 = spec("m", 2, 1);
+    s1.name = crate::deploy::spec::group_key("m", 1);
+    let c1 = h.create(s1);
+    let e1 = h.run_launches(c1);
+    h.all_ready(&launches(&e0));
+    h.all_ready(&launches(&e1));
+    // Replica 0 stops at once (drain off), replica 1 drains.
+    h.m.deps.get_mut("m").expect("m").spec.drain_timeout = None;
+    for key in ["m.1", "m"] {
+        let reply = h.reply();
+        h.feed(Input::Delete { name: key.into(), reply });
+    }
+    for (n, l) in launches(&e0) {
+        for p in &l.processes {
+            h.feed(Input::Report { node: n, report: exited(&l, &p.key, None, Some(15), h.unix) });
+        }
+    }
+    // Replica 0 is gone; the deployment shows what is left, and the name is not free.
+    let d = h.dep("m");
+    assert_eq!(
+        d.replicas.iter().map(|r| (r.index, r.state)).collect::<Vec<_>>(),
+        [(1, pb::DeploymentState::Draining as i32)]
+    );
+    let reply = h.reply();
+    let r = replies(&h.feed(Input::Create { spec: Box::new(spec("m", 2, 1)), model: Box::new(llama()), reply }));
+    assert_eq!(r, [Err(DeployError::NameBeingDeleted("m".into()))]);
+}

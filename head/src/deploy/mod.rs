@@ -167,7 +167,12 @@ impl Deployments {
         let keys = self.groups(&name).await?;
         let mut last = None;
         for k in keys.into_iter().rev() {
-            last = Some(self.ask(|reply| Cmd::Delete { name: k, reply }).await??);
+            // A group that finished stopping meanwhile is fine; anything else is an answer.
+            match self.ask(|reply| Cmd::Delete { name: k, reply }).await? {
+                Ok(d) => last = Some(d),
+                Err(DeployError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         last.ok_or(DeployError::NotFound(name))
     }
@@ -175,7 +180,11 @@ impl Deployments {
     /// Restarts every replica at its next generation.
     pub async fn restart(&self, name: String) -> Result<pb::Deployment, DeployError> {
         for k in self.groups(&name).await? {
-            self.ask(|reply| Cmd::Restart { name: k, reply }).await??;
+            // Replicas on their way out (a scale down) are not restarted.
+            match self.ask(|reply| Cmd::Restart { name: k, reply }).await? {
+                Ok(_) | Err(DeployError::NotFound(_) | DeployError::BeingDeleted(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         self.get(name).await
     }
@@ -185,8 +194,16 @@ impl Deployments {
     pub async fn scale(&self, name: String, replicas: u32) -> Result<pb::Deployment, DeployError> {
         let _one = self.replica_ops.lock().await;
         let d = self.get(name.clone()).await?;
-        // Replicas being stopped (an earlier scale down) no longer count.
-        let stopping = [pb::DeploymentState::Stopping as i32, pb::DeploymentState::Stopped as i32];
+        // Replicas being stopped (an earlier scale down) no longer count; a deployment whose
+        // replica 0 is going is being deleted.
+        let stopping = [
+            pb::DeploymentState::Draining as i32,
+            pb::DeploymentState::Stopping as i32,
+            pb::DeploymentState::Stopped as i32,
+        ];
+        if d.replicas.first().is_none_or(|r| r.index != 0 || stopping.contains(&r.state)) {
+            return Err(DeployError::BeingDeleted(name));
+        }
         let live: Vec<u32> = d.replicas.iter().filter(|r| !stopping.contains(&r.state)).map(|r| r.index).collect();
         let have = live.len() as u32;
         if replicas > have {
@@ -260,16 +277,16 @@ struct Shell {
 }
 
 /// How many requests the engine at `endpoint` holds: vLLM's and the probe's `GET /load`
-/// (`{"server_load": N}`); `Some(0)` when nothing listens any more, `None` when it cannot tell.
+/// (`{"server_load": N}`); `None` when it cannot tell.
 async fn engine_load(endpoint: &str) -> Option<u64> {
     let hp = endpoint.strip_prefix("http://")?;
     let (host, port) = hp.rsplit_once(':')?;
     let (host, port) = (host.trim_matches(['[', ']']), port.parse::<u16>().ok()?);
     match tessera_worker::shard::http::call(host, port, "GET", "/load", None, Duration::from_secs(2)).await {
         Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body).ok()?.get("server_load")?.as_u64(),
-        Ok(_) => None,
-        Err(e) if e.contains("cannot connect") => Some(0),
-        Err(_) => None,
+        // Unreachable from the head (an engine bound to its node's loopback, a network problem) or
+        // gone: it cannot tell; a process that died is reported by its worker anyway.
+        _ => None,
     }
 }
 

@@ -5,7 +5,6 @@ use std::time::{Duration, Instant};
 
 use tessera_proto::v1 as pb;
 use tessera_tests::loadgen::{self, Outcome};
-use tessera_tests::process::Daemon;
 
 /// Polls `name` until `pred` holds (60 s at most).
 async fn wait_dep(
@@ -93,38 +92,7 @@ pub async fn gateway_bench() -> anyhow::Result<()> {
     (req.tp, req.pp, req.replicas) = (1, 1, 2);
     deps.create(req).await?;
     let d = wait_dep(&mut deps, "g", all_running(2)).await?;
-    let reader = head.data_dir.join("reader.token");
-    let args: Vec<String> = [
-        "--head",
-        &head.url,
-        "--token-file",
-        &reader.display().to_string(),
-        "--listen",
-        "127.0.0.1:0",
-        "--refresh",
-        "200ms",
-        "--health-interval",
-        "200ms",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let gw = Daemon::spawn_program(
-        "gateway",
-        &tessera_tests::bin("tessera-gateway").display().to_string(),
-        &args,
-        dir.path(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let addr = loop {
-        if let Some(a) =
-            gw.log_text().lines().find_map(|l| l.strip_prefix("listening on ")).map(|a| a.trim().to_string())
-        {
-            break a;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "gateway did not start:\n{}", gw.log_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (gw, addr) = tessera_tests::process::start_gateway(dir.path(), "gateway", &head, &[]);
     let gateway = format!("http://{addr}");
     let c = loadgen::client();
     let deadline = Instant::now() + Duration::from_secs(20);
