@@ -19,6 +19,8 @@ pub struct DeployArgs {
     pub tp: u32,
     pub pp: u32,
     pub replicas: u32,
+    /// An update: stop an old replica before starting a new one (no spare GPUs).
+    pub max_unavailable: u32,
     pub engine: pb::Engine,
     pub command: Option<String>,
     pub per_node: bool,
@@ -141,8 +143,10 @@ pub fn deployment_json(d: &pb::Deployment) -> Value {
         "command": d.command,
         "state_since_ms_ago": d.state_since_ms_ago,
         "ranks": ranks,
+        "revision": d.revision,
         "replicas": d.replicas.iter().map(|r| json!({
             "index": r.index,
+            "revision": r.revision,
             "state": state_name(r.state),
             "message": r.message,
             "generation": r.generation,
@@ -182,8 +186,27 @@ pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
         None
     };
     let mut c = client(head).await?;
-    let d = match c.create(req).await {
+    let d = match c.create(req.clone()).await {
         Ok(r) => r.into_inner(),
+        // The name exists: the same command with a changed spec is a rolling update.
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {
+            eprintln!("{} exists: rolling it to this spec, one replica at a time...", a.name);
+            let (max_surge, max_unavailable) = if a.max_unavailable > 0 { (0, 1) } else { (1, 0) };
+            let update = pb::UpdateDeploymentRequest { spec: Some(req), max_surge, max_unavailable };
+            return match c.update(update).await {
+                Ok(r) => {
+                    let d = r.into_inner();
+                    println!("{}: every replica runs revision {}", d.name, d.revision);
+                    print_summary(&d, a.output);
+                    Ok(0)
+                }
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    eprintln!("error: {}", s.message());
+                    Ok(1)
+                }
+                Err(s) => Err(client::status_error(s)),
+            };
+        }
         Err(s) if matches!(s.code(), tonic::Code::InvalidArgument | tonic::Code::NotFound) => {
             eprintln!("error: {}", s.message());
             return Ok(2);
@@ -337,10 +360,11 @@ pub async fn get(head: &str, name: String, output: Output) -> anyhow::Result<u8>
             }
             if d.replicas.len() > 1 {
                 println!("replicas    {} running", ready_of(&d));
-                let mut t = Table::new(&["REPLICA", "STATE", "GEN", "RESTARTS", "ENDPOINT", "MESSAGE"]);
+                let mut t = Table::new(&["REPLICA", "REV", "STATE", "GEN", "RESTARTS", "ENDPOINT", "MESSAGE"]);
                 for r in &d.replicas {
                     t.row(vec![
                         r.index.to_string(),
+                        r.revision.to_string(),
                         state_name(r.state).into(),
                         r.generation.to_string(),
                         r.restarts.to_string(),
@@ -405,6 +429,26 @@ pub async fn restart(head: &str, name: String) -> anyhow::Result<u8> {
     let d = c.restart(pb::RestartDeploymentRequest { name }).await.or_status()?;
     println!("{}: {}", d.name, d.message);
     Ok(0)
+}
+
+pub async fn rollback(head: &str, name: String, max_unavailable: u32) -> anyhow::Result<u8> {
+    let mut c = client(head).await?;
+    let (max_surge, max_unavailable) = if max_unavailable > 0 { (0, 1) } else { (1, 0) };
+    match c.rollback(pb::RollbackDeploymentRequest { name, max_surge, max_unavailable }).await {
+        Ok(r) => {
+            let d = r.into_inner();
+            println!(
+                "{}: rolled back; every replica runs revision {} (the spec of the one before)",
+                d.name, d.revision
+            );
+            Ok(0)
+        }
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+            eprintln!("error: {}", s.message());
+            Ok(1)
+        }
+        Err(s) => Err(client::status_error(s)),
+    }
 }
 
 pub async fn scale(head: &str, name: String, replicas: u32) -> anyhow::Result<u8> {

@@ -175,6 +175,12 @@ enum Cmd {
     /// 0 (pipeline stage 0) goes on the head when it has the GPUs. When any process exits or a node
     /// dies, the whole group is restarted at the next generation, with backoff, up to
     /// --max-restarts times in 10 minutes. Arguments after `--` go to the engine.
+    ///
+    /// Deploying a NAME that exists (`tessera update` is the same command) rolls it to the spec
+    /// given, one replica at a time, with no outage: give the whole spec, as for a new deployment.
+    /// A revision that does not start stops the roll and the old replicas keep serving;
+    /// `tessera rollback NAME` goes back.
+    #[command(visible_alias = "update")]
     Deploy {
         /// Deployment name (a DNS label)
         name: String,
@@ -191,6 +197,11 @@ enum Cmd {
         /// generation; a failure restarts only its own. `tessera scale` changes it later
         #[arg(long, env = "TESSERA_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
         replicas: u32,
+        /// An existing NAME is updated to this spec one replica at a time: by default a new replica
+        /// starts before an old one drains and stops; with --max-unavailable 1 (no spare GPUs) an
+        /// old one stops first
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1))]
+        max_unavailable: u32,
         /// vllm: one `vllm serve` per node; command: your template; probe: a wiring check
         #[arg(long, env = "TESSERA_ENGINE", value_enum, default_value_t = EngineArg::Vllm)]
         engine: EngineArg,
@@ -264,6 +275,13 @@ enum Cmd {
     },
     /// Restart a deployment's groups (every replica) at their next generation
     Restart { name: String },
+    /// Roll a deployment back to the spec of its revision before the newest, one replica at a time
+    Rollback {
+        name: String,
+        /// Stop an old replica before starting a new one (no spare GPUs)
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1))]
+        max_unavailable: u32,
+    },
     /// Set a deployment's number of replicas: new ones are planned and started like the first,
     /// removed ones are the highest-numbered; the others are not touched
     Scale {
@@ -424,6 +442,7 @@ fn main() -> ExitCode {
                 tp,
                 pp,
                 replicas,
+                max_unavailable,
                 engine,
                 command,
                 per,
@@ -450,6 +469,7 @@ fn main() -> ExitCode {
                     tp,
                     pp,
                     replicas,
+                    max_unavailable,
                     engine,
                     command,
                     per_node: per == Per::Node,
@@ -471,6 +491,7 @@ fn main() -> ExitCode {
             Cmd::Get { name, output } => deploy::get(&head, name, output).await,
             Cmd::Delete { name, no_wait } => deploy::delete(&head, name, !no_wait).await,
             Cmd::Restart { name } => deploy::restart(&head, name).await,
+            Cmd::Rollback { name, max_unavailable } => deploy::rollback(&head, name, max_unavailable).await,
             Cmd::Scale { name, replicas } => deploy::scale(&head, name, replicas).await,
             Cmd::Logs { name, rank, replica, tail, follow } => {
                 deploy::logs(&head, deploy::LogsArgs { name, rank, replica, tail, follow }).await

@@ -102,6 +102,12 @@ pub struct StoredDeployment {
     pub canary_interval_s: i32,
     #[serde(default)]
     pub drain_timeout_s: i32,
+    /// 0 in records written before revisions existed (revision 1).
+    #[serde(default)]
+    pub revision: u32,
+    /// The spec of the revision before (for a rollback).
+    #[serde(default)]
+    pub previous: Option<Box<StoredDeployment>>,
     pub generation: u64,
     pub restarts: u32,
     /// Unix milliseconds of the restarts counted against max_restarts.
@@ -379,6 +385,8 @@ mod tests {
             stall_timeout_s: 0,
             canary_interval_s: 0,
             drain_timeout_s: 0,
+            revision: 0,
+            previous: None,
             generation: 3,
             restarts: 2,
             restart_times_unix_ms: vec![1, 2],

@@ -285,3 +285,90 @@ async fn replicas_share_the_load_and_a_killed_replica_costs_no_request() {
     delete_and_wait(&dc, "r").await;
     wait_until("every replica's processes gone", || async { c.shard_pids().is_empty().then_some(()) }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_and_its_rollback_fail_no_request_and_a_bad_revision_stops_the_roll() {
+    let c = Cluster::start(&[]).await;
+    let dc = c.client().await;
+    let args = |delay: &str| ["--token-delay-ms", delay].iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut req = probe("r", 1, 1);
+    req.replicas = 2;
+    req.engine_args = args("5");
+    dc.clone().create(req.clone()).await.expect("create");
+    let two_running = |revision: u32| {
+        move |d: &pb::Deployment| {
+            let live: Vec<_> = d.replicas.iter().filter(|r| r.state == pb::DeploymentState::Running as i32).collect();
+            live.len() == 2 && live.iter().all(|r| r.revision == revision)
+        }
+    };
+    wait_for(&dc, "r", "two replicas running", two_running(1)).await;
+    let (_gw, addr) = start_gateway(&c, "gateway-roll", &[]);
+    wait_until("the gateway serves r", || {
+        let addr = addr.clone();
+        async move {
+            let (code, _) = http(
+                &addr,
+                "POST",
+                "/v1/completions",
+                Some(json!({"model": "r", "prompt": "x", "max_tokens": 1})),
+                None,
+            )
+            .await;
+            (code == 200).then_some(())
+        }
+    })
+    .await;
+    let update = |spec: pb::CreateDeploymentRequest| pb::UpdateDeploymentRequest {
+        spec: Some(spec),
+        max_surge: 0,
+        max_unavailable: 0,
+    };
+
+    // Update (a new replica first, then an old one drains), under streamed and plain requests.
+    let mut new = req.clone();
+    new.engine_args = args("3");
+    let (ok, failed) = under_load(&addr, 4, true, async {
+        let d = dc.clone().update(update(new.clone())).await.expect("update").into_inner();
+        assert_eq!(d.revision, 2);
+    })
+    .await;
+    assert!(failed.is_empty(), "{} of {} failed during the update: {failed:?}", failed.len(), failed.len() as u32 + ok);
+    assert!(ok > 20, "the load ran: {ok}");
+    let d = wait_for(&dc, "r", "two replicas of revision 2", two_running(2)).await;
+    assert_eq!(d.engine_args, args("3"), "the new spec runs");
+    // The same spec again changes nothing.
+    let d = dc.clone().update(update(new.clone())).await.expect("same spec").into_inner();
+    assert_eq!(d.revision, 2);
+
+    // Rollback: the spec of revision 1, as revision 3, with max_unavailable 1 this time.
+    let (ok, failed) = under_load(&addr, 4, true, async {
+        let r = pb::RollbackDeploymentRequest { name: "r".into(), max_surge: 0, max_unavailable: 1 };
+        let d = dc.clone().rollback(r).await.expect("rollback").into_inner();
+        assert_eq!(d.revision, 3);
+    })
+    .await;
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed during the rollback: {failed:?}",
+        failed.len(),
+        failed.len() as u32 + ok
+    );
+    let d = wait_for(&dc, "r", "two replicas of revision 3", two_running(3)).await;
+    assert_eq!(d.engine_args, args("5"), "revision 1's spec runs again");
+
+    // A revision that does not start stops the roll; the old replicas keep serving.
+    let mut bad = req.clone();
+    bad.engine_args = ["--exit-code".to_string(), "3".to_string()].into();
+    let e = dc.clone().update(update(bad)).await.expect_err("a revision that cannot start");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+    assert!(
+        e.message().contains("revision 4 of r did not start") && e.message().contains("keep serving"),
+        "{}",
+        e.message()
+    );
+    let d = wait_for(&dc, "r", "the failed replica removed", |d| d.replicas.len() == 2).await;
+    assert!(two_running(3)(&d), "{:?}", d.replicas);
+    let (code, _) =
+        http(&addr, "POST", "/v1/completions", Some(json!({"model": "r", "prompt": "y", "max_tokens": 2})), None).await;
+    assert_eq!(code, 200);
+}

@@ -23,7 +23,7 @@ use tessera_proto::v1 as pb;
 use tessera_tests::deploy::{Client, running_at, wait_for_within};
 use tessera_tests::netns::Netns;
 use tessera_tests::process::start_head;
-use tessera_tests::vllm::{ENGINE_ARGS, complete, cpu_env, endpoint, tree, vllm};
+use tessera_tests::vllm::{ENGINE_ARGS, PROMPT, complete, cpu_env, endpoint, tree, vllm};
 use tessera_tests::{Daemon, deployments_client, pids_with, wait_until};
 use tessera_worker::shard::http;
 
@@ -247,6 +247,20 @@ async fn tp2_on_one_node_answers_like_one_rank() {
         assert!(cmdline.contains(planned), "what was planned is passed: {planned} in {cmdline}");
     }
     assert_eq!(answer(&d).await, expected, "TP 2 answers like one rank");
+
+    // Through the gateway, by the deployment's name (Tessera adds it to vLLM's served names):
+    // the same answer, and a stream passed through to its end.
+    let (_gw, addr) = tessera_tests::process::start_gateway(dir.path(), "gateway", &head, &[]);
+    let (gh, gp) = addr.rsplit_once(':').expect("host:port");
+    let gp: u16 = gp.parse().expect("port");
+    let via_gateway = wait_until("the gateway serves tp2", || async move { complete(gh, gp, "tp2").await.ok() }).await;
+    assert_eq!(via_gateway, expected, "the gateway passes vLLM's answer on");
+    let body = serde_json::json!({"model": "tp2", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": true});
+    let (code, sse) = http::call(gh, gp, "POST", "/v1/completions", Some(body.to_string()), Duration::from_secs(120))
+        .await
+        .expect("streamed through the gateway");
+    assert_eq!(code, 200, "{sse}");
+    assert!(sse.starts_with("data: ") && sse.trim_end().ends_with("data: [DONE]"), "{sse}");
     tessera_tests::deploy::delete_and_wait(&c, "tp2").await;
     let model = v.model.display().to_string();
     wait_until("no vllm process left", || async { pids_with(&["vllm", "serve", &model]).is_empty().then_some(()) })

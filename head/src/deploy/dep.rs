@@ -288,6 +288,7 @@ impl Dep {
             stall_timeout_s: super::spec::check_to_wire(self.spec.stall_timeout),
             canary_interval_s: super::spec::check_to_wire(self.spec.canary_interval),
             drain_timeout_s: super::spec::check_to_wire(self.spec.drain_timeout),
+            revision: self.spec.revision,
         }
     }
 }

@@ -155,6 +155,9 @@ pub enum DeployError {
     NodeUnreachable { name: String, rank: u64 },
     #[error("the head is shutting down")]
     ShuttingDown,
+    /// An update or rollback stopped: what happened, and what still serves.
+    #[error("{0}")]
+    RollStopped(String),
 }
 
 /// What a parked write releases or undoes.
@@ -230,14 +233,23 @@ impl Machine {
 
     // ---- queries ----
 
-    /// A deployment: its lowest-numbered group (replica 0 unless that one is gone), named by the
-    /// deployment, with every replica listed.
+    /// A deployment: the fields of its lowest-numbered group of the newest revision that is not on
+    /// its way out (else its lowest-numbered group), named by the deployment, with every replica
+    /// listed.
     pub fn get(&self, name: &str, now: Instant) -> Result<pb::Deployment, DeployError> {
         let keys = self.group_keys(name);
-        let first = keys.first().and_then(|k| self.deps.get(k)).ok_or_else(|| DeployError::NotFound(name.into()))?;
+        let groups: Vec<&Dep> = keys.iter().filter_map(|k| self.deps.get(k)).collect();
+        let staying = |d: &Dep| !matches!(d.state, DState::Draining | DState::Stopping | DState::Stopped);
+        let newest = groups.iter().filter(|d| staying(d)).map(|d| d.spec.revision).max();
+        let first = groups
+            .iter()
+            .find(|d| staying(d) && Some(d.spec.revision) == newest)
+            .or(groups.first())
+            .ok_or_else(|| DeployError::NotFound(name.into()))?;
         let mut d = first.to_pb(now);
         d.name = name.to_string();
         d.replicas = keys.iter().filter_map(|k| self.deps.get(k)).map(|g| replica_of(g, now)).collect();
+        d.revision = d.replicas.iter().map(|r| r.revision).max().unwrap_or(1);
         Ok(d)
     }
 
@@ -263,11 +275,13 @@ impl Machine {
         keys.into_iter().map(|(_, k)| k).collect()
     }
 
-    /// What the lowest-numbered group of `name` was created with: the spec (named as that group)
-    /// and the model, to make more replicas.
+    /// The newest revision's spec of `name` (named as the lowest-numbered group that runs it) and
+    /// model: what more replicas and updates start from.
     pub fn spec_of(&self, name: &str) -> Option<(DeploymentSpec, Option<LoadedModel>)> {
-        let key = self.group_keys(name).into_iter().next()?;
-        self.deps.get(&key).map(|d| (d.spec.clone(), d.model.clone()))
+        let keys = self.group_keys(name);
+        let newest = keys.iter().filter_map(|k| self.deps.get(k)).map(|d| d.spec.revision).max()?;
+        let d = keys.iter().filter_map(|k| self.deps.get(k)).find(|d| d.spec.revision == newest)?;
+        Some((d.spec.clone(), d.model.clone()))
     }
 
     /// (GPUs reserved, GPUs held by deployments' launches): always equal.
@@ -1318,6 +1332,7 @@ fn replica_of(g: &Dep, now: Instant) -> pb::Replica {
     let d = g.to_pb(now);
     pb::Replica {
         index: g.spec.replica(),
+        revision: g.spec.revision,
         state: d.state,
         message: d.message,
         generation: d.generation,

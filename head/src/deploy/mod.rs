@@ -30,7 +30,7 @@ use tessera_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::membership::{Event as MemberEvent, Membership};
 use crate::store::Store;
@@ -74,6 +74,8 @@ pub struct Deployments {
     events: broadcast::Sender<Arc<pb::Event>>,
     /// Calls that change a deployment's set of replicas (create, delete, scale) run one at a time.
     replica_ops: Arc<tokio::sync::Mutex<()>>,
+    /// Deployments with an update rolling (one roll at a time each).
+    rolling: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Deployments {
@@ -103,7 +105,7 @@ impl Deployments {
             back: tx.downgrade(),
         };
         tokio::spawn(shell.run(rx, shutdown));
-        Ok(Deployments { tx, events, replica_ops: Arc::new(tokio::sync::Mutex::new(())) })
+        Ok(Deployments { tx, events, replica_ops: Arc::new(tokio::sync::Mutex::new(())), rolling: Default::default() })
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<pb::Event>> {
@@ -187,6 +189,165 @@ impl Deployments {
             }
         }
         self.get(name).await
+    }
+
+    /// The newest revision's spec of `name`.
+    pub async fn newest_spec(&self, name: String) -> Result<DeploymentSpec, DeployError> {
+        let (spec, _) =
+            self.ask(|reply| Cmd::SpecOf { name: name.clone(), reply }).await?.ok_or(DeployError::NotFound(name))?;
+        Ok(spec)
+    }
+
+    /// Rolls `name` to `spec` one replica at a time (see the `Update` RPC). Runs in its own task:
+    /// a client that goes away does not leave the roll half done.
+    pub async fn update(
+        &self,
+        mut spec: DeploymentSpec,
+        model: LoadedModel,
+        surge: bool,
+    ) -> Result<pb::Deployment, DeployError> {
+        let name = spec.name.clone();
+        let newest = self.newest_spec(name.clone()).await?;
+        if newest.same_as(&spec) {
+            // The same spec: finish an interrupted roll to it, or nothing to do.
+            spec.revision = newest.revision;
+            spec.previous = newest.previous;
+        } else {
+            spec.revision = newest.revision + 1;
+            let mut before = newest;
+            before.previous = None;
+            before.name = name.clone();
+            spec.previous = Some(Box::new(before));
+        }
+        if !self.rolling.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone()) {
+            return Err(DeployError::RollStopped(format!(
+                "an update of {name} is rolling already; wait for it (`tessera get {name}` shows each replica's revision)"
+            )));
+        }
+        let this = self.clone();
+        let r = tokio::spawn(async move {
+            let r = this.roll(spec, model, surge).await;
+            this.rolling.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+            r
+        })
+        .await;
+        r.map_err(|_| DeployError::ShuttingDown)?
+    }
+
+    async fn roll(&self, spec: DeploymentSpec, model: LoadedModel, surge: bool) -> Result<pb::Deployment, DeployError> {
+        let name = spec.name.clone();
+        loop {
+            let d = self.get(name.clone()).await?;
+            let live: Vec<&pb::Replica> = d.replicas.iter().filter(|r| !leaving(r.state)).collect();
+            if live.is_empty() {
+                return Err(DeployError::BeingDeleted(name));
+            }
+            let Some(victim) = live.iter().rev().find(|r| r.revision != spec.revision).map(|r| r.index) else {
+                info!(deployment = %name, revision = spec.revision, "every replica runs the new revision");
+                return Ok(d);
+            };
+            let next = d.replicas.iter().map(|r| r.index).max().unwrap_or(0) + 1;
+            info!(deployment = %name, revision = spec.revision, replaces = victim, with = next, surge, "rolling one replica");
+            if surge {
+                self.start_replica(&spec, &model, next, true).await?;
+                self.stop_replica(&name, victim).await?;
+            } else {
+                self.stop_replica(&name, victim).await?;
+                self.wait_gone(&name, victim).await?;
+                if let Err(e) = self.start_replica(&spec, &model, next, false).await {
+                    // Give the capacity back with the revision that ran.
+                    if let Some(before) = spec.previous.as_deref() {
+                        let mut s = before.clone();
+                        s.name = name.clone();
+                        let path = s.model_path.clone();
+                        let loaded =
+                            tokio::task::spawn_blocking(move || tessera_common::model::load_model(&path)).await;
+                        if let Ok(Ok(m)) = loaded {
+                            let _ = self.start_replica(&s, &LoadedModel::of(&m), next + 1, false).await;
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Starts replica `index` of `spec` and waits until it runs. One that fails to start (or, with
+    /// `surge`, finds no free GPUs) is removed again, with the reason.
+    async fn start_replica(
+        &self,
+        spec: &DeploymentSpec,
+        model: &LoadedModel,
+        index: u32,
+        surge: bool,
+    ) -> Result<(), DeployError> {
+        let name = spec.name.clone();
+        let mut s = spec.clone();
+        s.name = spec::group_key(&name, index);
+        {
+            let _one = self.replica_ops.lock().await;
+            self.create_group(s, model.clone()).await?;
+        }
+        let t0 = tokio::time::Instant::now();
+        let deadline = t0 + spec.startup_timeout + Duration::from_secs(30);
+        let stop = |why: String| DeployError::RollStopped(why);
+        loop {
+            let d = self.get(name.clone()).await?;
+            let Some(r) = d.replicas.iter().find(|r| r.index == index) else {
+                return Err(stop(format!("replica {index} of {name} was removed while the update waited for it")));
+            };
+            let failed = |what: &str| {
+                format!(
+                    "revision {} of {name} did not start ({what}: {}); its replica was removed and the replicas of revision {} keep serving",
+                    spec.revision,
+                    r.message,
+                    spec.revision.saturating_sub(1).max(1)
+                )
+            };
+            let why = match pb::DeploymentState::try_from(r.state).unwrap_or(pb::DeploymentState::Unspecified) {
+                pb::DeploymentState::Running => return Ok(()),
+                pb::DeploymentState::Failed => Some(failed("failed")),
+                pb::DeploymentState::Restarting => Some(failed("its first generation failed")),
+                pb::DeploymentState::Pending if surge && t0.elapsed() > Duration::from_secs(10) => Some(format!(
+                    "no free GPUs for one more replica of {name} ({}); free some, or update with --max-surge 0 --max-unavailable 1 (one replica fewer while each is replaced)",
+                    r.message
+                )),
+                s if leaving(s as i32) => {
+                    return Err(stop(format!(
+                        "replica {index} of {name} is being stopped (deleted?); the update stopped"
+                    )));
+                }
+                _ if tokio::time::Instant::now() > deadline => Some(failed("not ready before its start-up timeout")),
+                _ => None,
+            };
+            if let Some(why) = why {
+                warn!(deployment = %name, replica = index, "{why}");
+                let _ = self.stop_replica(&name, index).await;
+                return Err(stop(why));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Deletes (drains) one replica.
+    async fn stop_replica(&self, name: &str, index: u32) -> Result<(), DeployError> {
+        let _one = self.replica_ops.lock().await;
+        let key = spec::group_key(name, index);
+        match self.ask(|reply| Cmd::Delete { name: key, reply }).await? {
+            Ok(_) | Err(DeployError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits until replica `index` of `name` is gone (drained and stopped).
+    async fn wait_gone(&self, name: &str, index: u32) -> Result<(), DeployError> {
+        loop {
+            let keys = self.groups(name).await.unwrap_or_default();
+            if !keys.contains(&spec::group_key(name, index)) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Adds replicas (copies of replica 0's spec) or deletes the highest-numbered ones until there
@@ -274,6 +435,13 @@ struct Shell {
     /// For answers that come back later (an engine's load): a weak sender, so that the task
     /// still ends when every handle is gone.
     back: mpsc::WeakSender<Cmd>,
+}
+
+/// A replica on its way out (draining, stopping) or gone.
+fn leaving(state: i32) -> bool {
+    [pb::DeploymentState::Draining, pb::DeploymentState::Stopping, pb::DeploymentState::Stopped]
+        .iter()
+        .any(|s| *s as i32 == state)
 }
 
 /// How many requests the engine at `endpoint` holds: vLLM's and the probe's `GET /load`

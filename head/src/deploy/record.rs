@@ -53,6 +53,8 @@ pub fn to_stored(d: &Dep, at: At) -> StoredDeployment {
         stall_timeout_s: check_to_wire(s.stall_timeout),
         canary_interval_s: check_to_wire(s.canary_interval),
         drain_timeout_s: check_to_wire(s.drain_timeout),
+        revision: s.revision,
+        previous: s.previous.as_ref().map(|p| Box::new(spec_record(p))),
         generation: d.generation.0,
         restarts: d.restarts,
         restart_times_unix_ms: d.restart_times.iter().map(|t| at.unix_of(*t)).collect(),
@@ -75,6 +77,36 @@ pub fn to_stored(d: &Dep, at: At) -> StoredDeployment {
             master_port: l.master_port,
             health_port: l.health_port,
         }),
+    }
+}
+
+/// A record of a spec alone (an earlier revision kept for a rollback): no state, no launch.
+fn spec_record(s: &DeploymentSpec) -> StoredDeployment {
+    StoredDeployment {
+        name: s.name.clone(),
+        uid: String::new(),
+        model_path: s.model_path.clone(),
+        tp: s.tp,
+        pp: s.pp,
+        engine: s.engine.as_str().into(),
+        engine_args: s.engine_args.clone(),
+        env: s.env.clone(),
+        max_restarts: s.max_restarts,
+        command: s.command.clone(),
+        per_node: s.per_node,
+        gpu_memory_utilization: s.gpu_memory_utilization,
+        max_model_len: s.max_model_len,
+        startup_timeout_s: s.startup_timeout.as_secs() as u32,
+        stall_timeout_s: check_to_wire(s.stall_timeout),
+        canary_interval_s: check_to_wire(s.canary_interval),
+        drain_timeout_s: check_to_wire(s.drain_timeout),
+        revision: s.revision,
+        previous: None,
+        generation: 0,
+        restarts: 0,
+        restart_times_unix_ms: Vec::new(),
+        failed: None,
+        launch: None,
     }
 }
 
@@ -105,6 +137,11 @@ pub fn to_spec(r: &StoredDeployment) -> Result<DeploymentSpec, String> {
         stall_timeout: check_from_wire(r.stall_timeout_s, DEFAULT_STALL_TIMEOUT),
         canary_interval: check_from_wire(r.canary_interval_s, DEFAULT_CANARY_INTERVAL),
         drain_timeout: check_from_wire(r.drain_timeout_s, DEFAULT_DRAIN_TIMEOUT),
+        revision: r.revision.max(1),
+        previous: match &r.previous {
+            Some(p) => Some(Box::new(to_spec(p)?)),
+            None => None,
+        },
     };
     // Records of older versions may hold engine args this version refuses at Create: they keep
     // running as they were launched (their args pass through unread) rather than be dropped.

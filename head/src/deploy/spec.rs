@@ -87,6 +87,10 @@ pub struct DeploymentSpec {
     pub canary_interval: Option<Duration>,
     /// How long a replica stopped on purpose keeps serving what is in flight (None: no drain).
     pub drain_timeout: Option<Duration>,
+    /// Which revision of the deployment's spec this is (1, then +1 per update).
+    pub revision: u32,
+    /// The revision before (for a rollback); its own `previous` is not kept.
+    pub previous: Option<Box<DeploymentSpec>>,
 }
 
 impl DeploymentSpec {
@@ -98,6 +102,14 @@ impl DeploymentSpec {
     /// Which replica of its deployment this group is.
     pub fn replica(&self) -> u32 {
         parent_of(&self.name).1
+    }
+
+    /// Whether `other` asks for the same thing (names, revisions and history aside): an update to
+    /// it changes nothing.
+    pub fn same_as(&self, other: &DeploymentSpec) -> bool {
+        let strip =
+            |s: &DeploymentSpec| DeploymentSpec { name: String::new(), revision: 0, previous: None, ..s.clone() };
+        format!("{:?}", strip(self)) == format!("{:?}", strip(other))
     }
 }
 
@@ -340,6 +352,8 @@ impl DeploymentSpec {
             stall_timeout,
             canary_interval,
             drain_timeout,
+            revision: 1,
+            previous: None,
         };
         spec.read_engine_settings(util != 0.0).map_err(Status::invalid_argument)?;
         Ok(spec)

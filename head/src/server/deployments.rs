@@ -16,11 +16,25 @@ impl From<DeployError> for Status {
         match e {
             DeployError::NotFound(_) | DeployError::NoSuchRank { .. } => Status::not_found(msg),
             DeployError::AlreadyExists(_) | DeployError::NameBeingDeleted(_) => Status::already_exists(msg),
-            DeployError::BeingDeleted(_) | DeployError::InvalidPlan(_) => Status::failed_precondition(msg),
+            DeployError::BeingDeleted(_) | DeployError::InvalidPlan(_) | DeployError::RollStopped(_) => {
+                Status::failed_precondition(msg)
+            }
             DeployError::Store { .. } | DeployError::NodeUnreachable { .. } | DeployError::ShuttingDown => {
                 Status::unavailable(msg)
             }
         }
+    }
+}
+
+/// max_surge / max_unavailable: 1/0 (the default, also when both are 0) or 0/1.
+fn surge_of(max_surge: u32, max_unavailable: u32) -> Result<bool, Status> {
+    match (max_surge, max_unavailable) {
+        (0, 0) | (1, 0) => Ok(true),
+        (0, 1) => Ok(false),
+        (s, u) => Err(Status::invalid_argument(format!(
+            "max_surge {s} / max_unavailable {u}: give max_surge 1 (start a new replica before stopping an old one; \
+             the default) or max_surge 0 with max_unavailable 1 (stop one first, when no GPUs are spare)"
+        ))),
     }
 }
 
@@ -104,6 +118,37 @@ impl pb::deployments_server::Deployments for DeploymentsService {
             )));
         }
         Ok(Response::new(self.deployments.scale(req.name, req.replicas).await?))
+    }
+
+    async fn update(&self, request: Request<pb::UpdateDeploymentRequest>) -> Result<Response<pb::Deployment>, Status> {
+        let req = request.into_inner();
+        let surge = surge_of(req.max_surge, req.max_unavailable)?;
+        let Some(spec_req) = req.spec else {
+            return Err(Status::invalid_argument("spec: give the new spec (the fields of Create)"));
+        };
+        let spec = DeploymentSpec::from_request(&spec_req)?;
+        let loaded = crate::server::planner::load_model_bounded(spec.model_path.clone()).await?;
+        Ok(Response::new(self.deployments.update(spec, LoadedModel::of(&loaded), surge).await?))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<pb::RollbackDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        let req = request.into_inner();
+        check_name(&req.name)?;
+        let surge = surge_of(req.max_surge, req.max_unavailable)?;
+        let newest = self.deployments.newest_spec(req.name.clone()).await?;
+        let Some(previous) = newest.previous else {
+            return Err(Status::failed_precondition(format!(
+                "{} has no earlier revision to go back to (it is at revision {})",
+                req.name, newest.revision
+            )));
+        };
+        let mut spec = *previous;
+        spec.name = req.name;
+        let loaded = crate::server::planner::load_model_bounded(spec.model_path.clone()).await?;
+        Ok(Response::new(self.deployments.update(spec, LoadedModel::of(&loaded), surge).await?))
     }
 
     type LogsStream = LogStream;

@@ -19,6 +19,9 @@ pub fn check_args(args: &[String]) -> Result<(), String> {
             "--token-delay-ms" if v.parse::<u64>().map_or(true, |ms| ms > MAX_TOKEN_DELAY_MS) => {
                 return Err(format!("engine_args: --token-delay-ms {v:?}: give 0 to {MAX_TOKEN_DELAY_MS}"));
             }
+            "--exit-code" if v.parse::<u8>().is_err() => {
+                return Err(format!("engine_args: --exit-code {v:?}: give 0 to 255"));
+            }
             "--served-model-name" if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) => {
                 return Err(format!("engine_args: --served-model-name {v:?}: give 1 to 256 printable characters"));
             }

@@ -31,7 +31,8 @@ pub struct ProbeArgs {
 }
 
 /// Flags of the probe a user may give (`tessera deploy --engine probe NAME -- FLAGS`).
-pub const USER_FLAGS: [&str; 2] = ["--served-model-name", "--token-delay-ms"];
+/// `--exit-code N` makes every rank exit with N at once: a start that fails, for tests.
+pub const USER_FLAGS: [&str; 3] = ["--served-model-name", "--token-delay-ms", "--exit-code"];
 /// The longest per-token delay.
 pub const MAX_TOKEN_DELAY_MS: u64 = 10_000;
 
@@ -87,6 +88,10 @@ pub fn run(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(code) = args.iter().position(|x| x == "--exit-code").and_then(|i| args.get(i + 1)) {
+        eprintln!("probe: exiting with {code} as asked (--exit-code)");
+        return ExitCode::from(code.parse::<u8>().unwrap_or(1));
+    }
     println!("probe rank {}/{} starting; master {}:{}", a.rank, a.world_size, a.master_addr, a.master_port);
     let result = if a.rank == 0 { master(&a) } else { member(&a) };
     match result {
