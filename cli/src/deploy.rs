@@ -431,6 +431,85 @@ pub async fn restart(head: &str, name: String) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+pub struct UpdateArgs {
+    pub name: String,
+    pub model: Option<std::path::PathBuf>,
+    pub env: Vec<(String, String)>,
+    pub unset_env: Vec<String>,
+    pub tp: Option<u32>,
+    pub pp: Option<u32>,
+    pub gpu_memory_utilization: Option<f64>,
+    pub max_model_len: Option<u64>,
+    pub max_unavailable: u32,
+    pub engine_args: Vec<String>,
+}
+
+/// The spec `d` runs, as a Create request (what an update starts from).
+fn spec_of(d: &pb::Deployment) -> pb::CreateDeploymentRequest {
+    pb::CreateDeploymentRequest {
+        name: d.name.clone(),
+        model_path: d.model_path.clone(),
+        tp: d.tp,
+        pp: d.pp,
+        engine: d.engine,
+        engine_args: d.engine_args.clone(),
+        env: d.env.clone(),
+        // The API's "none" is negative; a deployment shows 0 for it.
+        max_restarts: if d.max_restarts == 0 { -1 } else { d.max_restarts },
+        command: d.command.clone(),
+        per_node: d.per_node,
+        gpu_memory_utilization: d.gpu_memory_utilization,
+        max_model_len: d.max_model_len,
+        startup_timeout_s: d.startup_timeout_s,
+        stall_timeout_s: d.stall_timeout_s,
+        canary_interval_s: d.canary_interval_s,
+        replicas: 0,
+        drain_timeout_s: d.drain_timeout_s,
+    }
+}
+
+pub async fn update(head: &str, a: UpdateArgs) -> anyhow::Result<u8> {
+    let mut c = client(head).await?;
+    let d = c.get(pb::GetDeploymentRequest { name: a.name.clone() }).await.or_status()?;
+    let mut spec = spec_of(&d);
+    if let Some(m) = a.model {
+        spec.model_path = std::path::absolute(&m)?.display().to_string();
+    }
+    for (k, v) in a.env {
+        spec.env.insert(k, v);
+    }
+    for k in a.unset_env {
+        if spec.env.remove(&k).is_none() {
+            eprintln!("warning: {} has no env {k} to unset", a.name);
+        }
+    }
+    spec.tp = a.tp.unwrap_or(spec.tp);
+    spec.pp = a.pp.unwrap_or(spec.pp);
+    spec.gpu_memory_utilization = a.gpu_memory_utilization.unwrap_or(spec.gpu_memory_utilization);
+    spec.max_model_len = a.max_model_len.unwrap_or(spec.max_model_len);
+    if !a.engine_args.is_empty() {
+        spec.engine_args = a.engine_args;
+    }
+    let (max_surge, max_unavailable) = if a.max_unavailable > 0 { (0, 1) } else { (1, 0) };
+    let before = d.revision;
+    match c.update(pb::UpdateDeploymentRequest { spec: Some(spec), max_surge, max_unavailable }).await {
+        Ok(r) => {
+            let d = r.into_inner();
+            if d.revision == before {
+                println!("{}: unchanged (revision {})", d.name, d.revision);
+            } else {
+                println!("{}: every replica runs revision {} (was {before})", d.name, d.revision);
+            }
+            Ok(0)
+        }
+        Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument) => {
+            eprintln!("error: {}", s.message());
+            Ok(if s.code() == tonic::Code::InvalidArgument { 2 } else { 1 })
+        }
+        Err(s) => Err(client::status_error(s)),
+    }
+}
+
 pub async fn rollback(head: &str, name: String, max_unavailable: u32) -> anyhow::Result<u8> {
     let mut c = client(head).await?;
     let (max_surge, max_unavailable) = if max_unavailable > 0 { (0, 1) } else { (1, 0) };

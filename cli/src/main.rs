@@ -176,11 +176,9 @@ enum Cmd {
     /// dies, the whole group is restarted at the next generation, with backoff, up to
     /// --max-restarts times in 10 minutes. Arguments after `--` go to the engine.
     ///
-    /// Deploying a NAME that exists (`tessera update` is the same command) rolls it to the spec
-    /// given, one replica at a time, with no outage: give the whole spec, as for a new deployment.
-    /// A revision that does not start stops the roll and the old replicas keep serving;
-    /// `tessera rollback NAME` goes back.
-    #[command(visible_alias = "update")]
+    /// Deploying a NAME that exists rolls it to the spec given (the whole spec, as for a new
+    /// deployment), one replica at a time, with no outage; `tessera update` changes only what it
+    /// is told.
     Deploy {
         /// Deployment name (a DNS label)
         name: String,
@@ -275,6 +273,42 @@ enum Cmd {
     },
     /// Restart a deployment's groups (every replica) at their next generation
     Restart { name: String },
+    /// Change a deployment without an outage: a new revision of its spec, one replica at a time
+    ///
+    /// Only what is given changes; the rest is the current spec. By default a replica of the new
+    /// revision starts before an old one drains and stops (one more group's GPUs needed); with
+    /// --max-unavailable 1 an old one stops first. A revision that does not start stops the roll
+    /// and the old replicas keep serving; `tessera rollback NAME` goes back.
+    Update {
+        name: String,
+        /// A new model path
+        #[arg(long, value_name = "PATH")]
+        model: Option<PathBuf>,
+        /// Set an environment variable, NAME=VALUE (repeatable)
+        #[arg(long = "env", value_name = "NAME=VALUE", value_parser = deploy::parse_env)]
+        env: Vec<(String, String)>,
+        /// Remove an environment variable (repeatable)
+        #[arg(long = "unset-env", value_name = "NAME")]
+        unset_env: Vec<String>,
+        /// New tensor parallel size
+        #[arg(long)]
+        tp: Option<u32>,
+        /// New pipeline parallel size
+        #[arg(long)]
+        pp: Option<u32>,
+        /// New fraction of each GPU's memory for vLLM
+        #[arg(long, value_name = "F")]
+        gpu_memory_utilization: Option<f64>,
+        /// New longest sequence
+        #[arg(long, value_name = "TOKENS")]
+        max_model_len: Option<u64>,
+        /// Stop an old replica before starting a new one (no spare GPUs)
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1))]
+        max_unavailable: u32,
+        /// New engine arguments (after `--`), replacing the current ones; none given: unchanged
+        #[arg(last = true, value_name = "ENGINE ARGS")]
+        engine_args: Vec<String>,
+    },
     /// Roll a deployment back to the spec of its revision before the newest, one replica at a time
     Rollback {
         name: String,
@@ -491,6 +525,32 @@ fn main() -> ExitCode {
             Cmd::Get { name, output } => deploy::get(&head, name, output).await,
             Cmd::Delete { name, no_wait } => deploy::delete(&head, name, !no_wait).await,
             Cmd::Restart { name } => deploy::restart(&head, name).await,
+            Cmd::Update {
+                name,
+                model,
+                env,
+                unset_env,
+                tp,
+                pp,
+                gpu_memory_utilization,
+                max_model_len,
+                max_unavailable,
+                engine_args,
+            } => {
+                let u = deploy::UpdateArgs {
+                    name,
+                    model,
+                    env,
+                    unset_env,
+                    tp,
+                    pp,
+                    gpu_memory_utilization,
+                    max_model_len,
+                    max_unavailable,
+                    engine_args,
+                };
+                deploy::update(&head, u).await
+            }
             Cmd::Rollback { name, max_unavailable } => deploy::rollback(&head, name, max_unavailable).await,
             Cmd::Scale { name, replicas } => deploy::scale(&head, name, replicas).await,
             Cmd::Logs { name, rank, replica, tail, follow } => {

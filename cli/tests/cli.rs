@@ -199,6 +199,20 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     assert_eq!(p["nnodes"], 3);
     assert_eq!(p["placement"][0]["node"], "head");
 
+    // An update of what is given only (here: the engine args), stopping the old replica first
+    // (no GPUs for another group of TP 2 x PP 2); get shows the new revision.
+    let out = tessera()
+        .args(["--head", &url, "update", "demo", "--max-unavailable", "1", "--", "--token-delay-ms", "1"])
+        .output()
+        .expect("update");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("every replica runs revision 2 (was 1)"), "{text}");
+    let got = tessera().args(["--head", &url, "get", "demo", "-o", "json"]).output().expect("get");
+    let d: serde_json::Value = serde_json::from_slice(&got.stdout).expect("json");
+    assert_eq!((d["revision"].as_u64(), d["tp"].as_u64()), (Some(2), Some(2)), "{d}");
+    assert_eq!(d["engine_args"], serde_json::json!(["--token-delay-ms", "1"]));
+
     let up_pid = up.id() as i32;
     let children: Vec<i32> = pids_mentioning(&dir_s).into_iter().filter(|&p| p != up_pid).collect();
     assert_eq!(children.len(), 3 + 1 + 4, "a head, two workers, a gateway and the demo's four shims run: {children:?}");

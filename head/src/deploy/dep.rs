@@ -289,6 +289,8 @@ impl Dep {
             canary_interval_s: super::spec::check_to_wire(self.spec.canary_interval),
             drain_timeout_s: super::spec::check_to_wire(self.spec.drain_timeout),
             revision: self.spec.revision,
+            gpu_memory_utilization: self.spec.gpu_memory_utilization,
+            max_model_len: self.spec.max_model_len.unwrap_or(0),
         }
     }
 }

@@ -186,6 +186,31 @@ pub async fn gateway_bench() -> anyhow::Result<()> {
         t.before_start.iter().take(3).collect::<Vec<_>>(),
         t.while_streaming
     );
+    // A rolling update of 2 replicas under load (a new one first, then an old one drains).
+    deps.scale(pb::ScaleDeploymentRequest { name: "k".into(), replicas: 2 }).await?;
+    wait_dep(&mut deps, "k", all_running(2)).await?;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut spec = super::probe_request("k")?;
+    (spec.tp, spec.pp) = (1, 1);
+    spec.engine_args = vec!["--token-delay-ms".into(), "4".into()];
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(closed_loop(gateway.clone(), "k", 8, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let t0 = Instant::now();
+    let d = deps.update(pb::UpdateDeploymentRequest { spec: Some(spec), max_surge: 1, max_unavailable: 0 }).await?;
+    let took = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.cancel();
+    let t = tally(&run.await?);
+    println!(
+        "rolling update of 2 replicas under 8 clients (took {:.1} s, now revision {}): {} ok, {} failed before their answer started {:?}, {} broke while streaming",
+        took.as_secs_f64(),
+        d.into_inner().revision,
+        t.ok,
+        t.before_start.len(),
+        t.before_start.iter().take(3).collect::<Vec<_>>(),
+        t.while_streaming
+    );
     gw.signal(nix::sys::signal::Signal::SIGTERM);
     Ok(())
 }
