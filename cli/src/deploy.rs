@@ -231,7 +231,22 @@ pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
             std::io::stdout().flush()?;
             last_line = line;
         }
-        match pb::DeploymentState::try_from(current.state).unwrap_or(pb::DeploymentState::Unspecified) {
+        // With replicas: running once every one is; failed once any is.
+        let states: Vec<i32> = if current.replicas.is_empty() {
+            vec![current.state]
+        } else {
+            current.replicas.iter().map(|r| r.state).collect()
+        };
+        let all = |s: pb::DeploymentState| states.iter().all(|x| *x == s as i32);
+        let any = |s: pb::DeploymentState| states.contains(&(s as i32));
+        let verdict = if all(pb::DeploymentState::Running) {
+            pb::DeploymentState::Running
+        } else if any(pb::DeploymentState::Failed) {
+            pb::DeploymentState::Failed
+        } else {
+            pb::DeploymentState::try_from(current.state).unwrap_or(pb::DeploymentState::Unspecified)
+        };
+        match verdict {
             pb::DeploymentState::Running => {
                 if tty {
                     println!();
@@ -248,11 +263,13 @@ pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
             }
             _ => {}
         }
+        let group = format!("{}.", a.name);
         let next = loop {
             match events.next().await {
                 Some(Ok(e)) => {
-                    if let Some(dep) = e.deployment.filter(|x| x.name == a.name) {
-                        break dep;
+                    // An event of any replica (named NAME or NAME.N): the whole deployment again.
+                    if e.deployment.is_some_and(|x| x.name == a.name || x.name.starts_with(&group)) {
+                        break c.get(pb::GetDeploymentRequest { name: a.name.clone() }).await.or_status()?;
                     }
                 }
                 Some(Err(s)) => return Err(client::status_error(s)),
@@ -274,8 +291,9 @@ fn progress_line(d: &pb::Deployment, tty: bool) -> String {
     } else {
         String::new()
     };
+    let replicas = if d.replicas.len() > 1 { format!(" [{} replicas running]", ready_of(d)) } else { String::new() };
     format!(
-        "{bar}{} {}: generation {}, {launched}/{} ranks launched, {ready}/{} ready: {}",
+        "{bar}{} {}: generation {}, {launched}/{} ranks launched, {ready}/{} ready{replicas}: {}",
         d.name,
         state_name(d.state),
         d.generation,
