@@ -24,6 +24,29 @@ pub fn set_tls(tls: Option<tonic::transport::ClientTlsConfig>) {
     }
 }
 
+/// How long one call may take (`--timeout`).
+static TIMEOUT: std::sync::RwLock<Duration> = std::sync::RwLock::new(Duration::from_secs(10));
+
+pub fn set_timeout(t: Duration) {
+    if let Ok(mut x) = TIMEOUT.write() {
+        *x = t;
+    }
+}
+
+fn timeout() -> Duration {
+    TIMEOUT.read().map(|t| *t).unwrap_or(Duration::from_secs(10))
+}
+
+/// `--head` as a URL: `host:port` (what DATA_DIR/head.addr holds) gets `http://`, or `https://`
+/// when TLS is configured.
+pub fn head_url(head: &str) -> String {
+    if head.contains("://") {
+        return head.to_string();
+    }
+    let tls = TLS.read().ok().is_some_and(|t| t.is_some());
+    format!("{}://{head}", if tls { "https" } else { "http" })
+}
+
 pub fn token() -> Option<String> {
     TOKEN.read().ok().and_then(|t| t.clone())
 }
@@ -32,18 +55,36 @@ pub fn token() -> Option<String> {
 pub type Conn = tonic::service::interceptor::InterceptedService<Channel, tessera_common::auth::Bearer>;
 
 pub async fn connect(head: &str) -> anyhow::Result<Conn> {
-    let channel = connect_channel(head).await?;
+    connect_with(head, Some(timeout())).await
+}
+
+/// A connection for calls that take as long as they take (an update rolls replica by replica);
+/// HTTP/2 keepalive still notices a head that went away.
+pub async fn connect_untimed(head: &str) -> anyhow::Result<Conn> {
+    connect_with(head, None).await
+}
+
+async fn connect_with(head: &str, call_timeout: Option<Duration>) -> anyhow::Result<Conn> {
+    let channel = connect_channel(head, call_timeout).await?;
     let bearer = tessera_common::auth::Bearer::new(token().as_deref()).map_err(|e| anyhow!("invalid token: {e}"))?;
     Ok(tonic::service::interceptor::InterceptedService::new(channel, bearer))
 }
 
-async fn connect_channel(head: &str) -> anyhow::Result<Channel> {
+async fn connect_channel(head: &str, call_timeout: Option<Duration>) -> anyhow::Result<Channel> {
     let tls = TLS.read().ok().and_then(|t| t.clone());
     tessera_common::tls::check_scheme(head, tls.is_some()).map_err(|e| anyhow!(e))?;
     let mut endpoint = Endpoint::from_shared(head.to_string())
         .map_err(|e| anyhow!("invalid head URL {head:?}: {e}; write e.g. http://10.0.0.1:7470"))?
-        .connect_timeout(Duration::from_secs(3))
+        .connect_timeout(Duration::from_secs(3).min(timeout()))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
         .tcp_nodelay(true);
+    // Each call's deadline; a stream's only until its first answer, then keepalive pings notice a
+    // head that went away.
+    if let Some(t) = call_timeout {
+        endpoint = endpoint.timeout(t);
+    }
     if let Some(tls) = tls {
         endpoint =
             endpoint.tls_config(tls).map_err(|e| anyhow!("TLS settings: {}", tessera_common::error_chain(&e)))?;
@@ -63,6 +104,12 @@ pub async fn cluster(head: &str) -> anyhow::Result<pb::cluster_client::ClusterCl
 
 /// A gRPC status as one line: the head's message and the code.
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    if s.code() == tonic::Code::Cancelled && s.message().contains("Timeout expired") {
+        return anyhow!(
+            "the head did not answer within {}s (--timeout); is it overloaded or stopped?",
+            timeout().as_secs_f64()
+        );
+    }
     anyhow!("{} ({:?})", s.message(), s.code())
 }
 

@@ -58,6 +58,11 @@ async fn client(head: &str) -> anyhow::Result<pb::deployments_client::Deployment
     Ok(pb::deployments_client::DeploymentsClient::new(client::connect(head).await?))
 }
 
+/// For an update, which answers once every replica was replaced (minutes with a real model).
+async fn long_client(head: &str) -> anyhow::Result<pb::deployments_client::DeploymentsClient<client::Conn>> {
+    Ok(pb::deployments_client::DeploymentsClient::new(client::connect_untimed(head).await?))
+}
+
 pub fn state_name(s: i32) -> &'static str {
     match pb::DeploymentState::try_from(s).unwrap_or(pb::DeploymentState::Unspecified) {
         pb::DeploymentState::Pending => "pending",
@@ -193,6 +198,7 @@ pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
             eprintln!("{} exists: rolling it to this spec, one replica at a time...", a.name);
             let (max_surge, max_unavailable) = if a.max_unavailable > 0 { (0, 1) } else { (1, 0) };
             let update = pb::UpdateDeploymentRequest { spec: Some(req), max_surge, max_unavailable };
+            let mut c = long_client(head).await?;
             return match c.update(update).await {
                 Ok(r) => {
                     let d = r.into_inner();
@@ -487,7 +493,7 @@ fn spec_of(d: &pb::Deployment) -> pb::CreateDeploymentRequest {
 }
 
 pub async fn update(head: &str, a: UpdateArgs) -> anyhow::Result<u8> {
-    let mut c = client(head).await?;
+    let mut c = long_client(head).await?;
     let d = c.get(pb::GetDeploymentRequest { name: a.name.clone() }).await.or_status()?;
     let mut spec = spec_of(&d);
     if let Some(m) = a.model {
@@ -529,7 +535,7 @@ pub async fn update(head: &str, a: UpdateArgs) -> anyhow::Result<u8> {
 }
 
 pub async fn rollback(head: &str, name: String, max_unavailable: u32) -> anyhow::Result<u8> {
-    let mut c = client(head).await?;
+    let mut c = long_client(head).await?;
     let (max_surge, max_unavailable) = if max_unavailable > 0 { (0, 1) } else { (1, 0) };
     match c.rollback(pb::RollbackDeploymentRequest { name, max_surge, max_unavailable }).await {
         Ok(r) => {

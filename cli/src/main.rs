@@ -25,9 +25,15 @@ use tessera_common::plan::{PlanRequest, Size};
 #[derive(Debug, Parser)]
 #[command(name = "tessera", version, max_term_width = 100)]
 struct Cli {
-    /// URL of the head's gRPC endpoint
+    /// The head's gRPC endpoint: a URL, or host:port (what DATA_DIR/head.addr holds)
     #[arg(long, global = true, env = env::HEAD, default_value = "http://127.0.0.1:7470", value_name = "URL")]
     head: String,
+
+    /// How long a call may take before the CLI gives up and says what did not answer; streams
+    /// (events -f, logs -f) notice a dead head with HTTP/2 keepalive pings instead
+    #[arg(long, global = true, env = "TESSERA_TIMEOUT", default_value = "10s", value_name = "DURATION",
+          value_parser = tessera_common::duration::parse_positive_duration)]
+    timeout: std::time::Duration,
 
     /// The admin token (the head writes it to DATA_DIR/admin.token). Prefer --token-file
     #[arg(long, global = true, env = "TESSERA_TOKEN", hide_env_values = true, value_name = "TOKEN")]
@@ -418,6 +424,7 @@ fn main() -> ExitCode {
         (None, None) => None,
     };
     client::set_token(token);
+    client::set_timeout(cli.timeout);
     match tessera_common::tls::client_config(
         cli.tls_ca.as_deref(),
         cli.tls_cert.as_deref(),
@@ -430,7 +437,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let head = cli.head.clone();
+    let head = client::head_url(&cli.head);
     let result = runtime.block_on(async move {
         match cli.command {
             Cmd::Plan {

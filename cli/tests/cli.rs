@@ -63,6 +63,32 @@ fn http(addr: &str, request: &str) -> String {
 }
 
 #[test]
+fn a_head_that_never_answers_is_a_clear_error_within_the_timeout() {
+    // Accepts, reads nothing, answers nothing.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = silent.local_addr().expect("addr").to_string();
+    let _hold = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming().take(4) {
+            held.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let t0 = Instant::now();
+    // host:port, as DATA_DIR/head.addr holds it, is a head URL too.
+    let out = tessera()
+        .args(["--head", &addr, "--timeout", "1s", "--token", "tsa_test_admin_token_0123456789", "status"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(err.contains("did not answer within 1s (--timeout)"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(8), "gave up in time: {:?}", t0.elapsed());
+    let out = tessera().args(["--timeout", "soon", "status"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2), "a bad --timeout is a usage error");
+}
+
+#[test]
 fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dir_s = dir.path().display().to_string();
@@ -191,7 +217,19 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     // Planning against the live cluster: 3 nodes x 2 GPUs, TP 2 x PP 3, stage 0 on the head.
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/model-configs/Llama-3.1-8B-Instruct.json");
     let plan = tessera()
-        .args(["--head", &url, "plan", "--model", model, "--tp", "2", "--pp", "3", "-o", "json"])
+        .args([
+            "--head",
+            url.trim_start_matches("http://"),
+            "plan",
+            "--model",
+            model,
+            "--tp",
+            "2",
+            "--pp",
+            "3",
+            "-o",
+            "json",
+        ])
         .output()
         .expect("plan");
     assert_eq!(plan.status.code(), Some(0), "{}", String::from_utf8_lossy(&plan.stderr));

@@ -90,6 +90,11 @@ async fn a_head_without_tokens_generates_them_and_enforces_roles() {
     );
     assert_eq!(w.wait().code(), Some(1));
     assert!(w.log_text().contains("missing bearer token"), "{}", w.log_text());
+    assert!(
+        w.log_text().contains("joins with the join token"),
+        "a worker is told about the join token: {}",
+        w.log_text()
+    );
     let token_file = data.join("join.token").display().to_string();
     let _w1 = Daemon::spawn(
         "w1",

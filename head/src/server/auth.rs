@@ -157,6 +157,9 @@ where
             }
             if let Err(denied) = checked {
                 let status = match denied {
+                    Denied::Unauthenticated { missing: true } if role == Role::Join => Status::unauthenticated(
+                        "missing bearer token: a worker joins with the join token (--token-file or TESSERA_TOKEN_FILE); the head writes it to DATA_DIR/join.token",
+                    ),
                     Denied::Unauthenticated { missing: true } => Status::unauthenticated(
                         "missing bearer token: give the admin token (--token, --token-file or TESSERA_TOKEN); the head writes it to DATA_DIR/admin.token",
                     ),
