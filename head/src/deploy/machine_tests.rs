@@ -858,3 +858,24 @@ fn a_name_is_free_again_only_when_every_replica_of_it_is_gone() {
     let r = replies(&h.feed(Input::Create { spec: Box::new(spec("m", 2, 1)), model: Box::new(llama()), reply }));
     assert_eq!(r, [Err(DeployError::NameBeingDeleted("m".into()))]);
 }
+
+#[test]
+fn a_record_keeps_the_revision_and_the_spec_before_it() {
+    let (mut h, _) = running_pair();
+    let mut before = spec("p1", 4, 2);
+    before.engine_args = vec!["--token-delay-ms".into(), "5".into()];
+    let dep = h.m.deps.get_mut("p1").expect("p1");
+    dep.spec.revision = 3;
+    dep.spec.previous = Some(Box::new(before));
+    let rec = record::to_stored(&h.m.deps["p1"], h.at());
+    assert_eq!((rec.name.as_str(), rec.revision, rec.generation), ("p1", 3, 1));
+    let back = record::to_spec(&rec).expect("spec");
+    assert_eq!(back.revision, 3);
+    let prev = back.previous.expect("the revision before is kept");
+    assert_eq!(prev.engine_args, ["--token-delay-ms", "5"]);
+    assert!(prev.previous.is_none(), "one step of history");
+    // Records written before revisions existed read as revision 1 with no history.
+    let old = crate::store::StoredDeployment { revision: 0, previous: None, ..rec };
+    let s = record::to_spec(&old).expect("spec");
+    assert_eq!((s.revision, s.previous.is_none()), (1, true));
+}

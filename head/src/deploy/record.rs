@@ -36,24 +36,7 @@ impl At {
 pub fn to_stored(d: &Dep, at: At) -> StoredDeployment {
     let s = &d.spec;
     StoredDeployment {
-        name: s.name.clone(),
         uid: d.uid.to_wire(),
-        model_path: s.model_path.clone(),
-        tp: s.tp,
-        pp: s.pp,
-        engine: s.engine.as_str().into(),
-        engine_args: s.engine_args.clone(),
-        env: s.env.clone(),
-        max_restarts: s.max_restarts,
-        command: s.command.clone(),
-        per_node: s.per_node,
-        gpu_memory_utilization: s.gpu_memory_utilization,
-        max_model_len: s.max_model_len,
-        startup_timeout_s: s.startup_timeout.as_secs() as u32,
-        stall_timeout_s: check_to_wire(s.stall_timeout),
-        canary_interval_s: check_to_wire(s.canary_interval),
-        drain_timeout_s: check_to_wire(s.drain_timeout),
-        revision: s.revision,
         previous: s.previous.as_ref().map(|p| Box::new(spec_record(p))),
         generation: d.generation.0,
         restarts: d.restarts,
@@ -77,10 +60,12 @@ pub fn to_stored(d: &Dep, at: At) -> StoredDeployment {
             master_port: l.master_port,
             health_port: l.health_port,
         }),
+        ..spec_record(s)
     }
 }
 
-/// A record of a spec alone (an earlier revision kept for a rollback): no state, no launch.
+/// A record of a spec alone (an earlier revision kept for a rollback, or the spec part of a
+/// deployment's record): no state, no launch.
 fn spec_record(s: &DeploymentSpec) -> StoredDeployment {
     StoredDeployment {
         name: s.name.clone(),
