@@ -88,6 +88,31 @@ fn a_head_that_never_answers_is_a_clear_error_within_the_timeout() {
     assert_eq!(out.status.code(), Some(2), "a bad --timeout is a usage error");
 }
 
+/// When an assertion fails, `up` is stopped anyway (Ctrl-C, which stops what it started), then
+/// whatever still runs from its directory is killed: a failed test leaves nothing behind.
+struct StopOnPanic {
+    pid: i32,
+    dir: String,
+}
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let _ = kill(Pid::from_raw(self.pid), Signal::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while alive(self.pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for p in pids_mentioning(&self.dir) {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+    }
+}
+
 #[test]
 fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -111,6 +136,7 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn up");
+    let _cleanup = StopOnPanic { pid: up.id() as i32, dir: dir_s.clone() };
     let stdout = up.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
