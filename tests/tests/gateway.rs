@@ -9,7 +9,7 @@ use tessera_proto::v1 as pb;
 use tessera_tests::deploy::{Cluster, delete_and_wait, probe, running_at, wait_for};
 use tessera_tests::{Daemon, wait_until};
 use tessera_worker::shard::http::call_auth;
-use tessera_worker::shard::probe::api::answer;
+use tessera_worker::shard::probe::api::{answer, chat_stream_text};
 
 /// A gateway in front of `c`'s head (see [`tessera_tests::process::start_gateway`]).
 fn start_gateway(c: &Cluster, name: &str, extra: &[&str]) -> (Daemon, String) {
@@ -81,16 +81,7 @@ async fn the_gateway_routes_by_model_streams_and_reads_with_the_reader_token_onl
     )
     .await;
     assert_eq!(code, 200, "{body}");
-    let events: Vec<&str> = body.split("\n\n").filter(|e| !e.trim().is_empty()).collect();
-    assert_eq!(events.last().copied(), Some("data: [DONE]"), "{body}");
-    let text: String = events[..events.len() - 1]
-        .iter()
-        .map(|e| {
-            let v: Value = serde_json::from_str(e.trim_start_matches("data: ")).expect("chunk");
-            v["choices"][0]["delta"]["content"].as_str().expect("content").to_string()
-        })
-        .collect();
-    assert_eq!(text, answer("hi", 5));
+    assert_eq!(chat_stream_text(&body), Some((answer("hi", 5), true)), "passed through to [DONE]: {body}");
 
     // Mistakes get OpenAI-style errors that say what to do.
     let (code, body) =

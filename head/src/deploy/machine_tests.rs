@@ -713,17 +713,26 @@ fn a_failed_check_after_a_crash_does_not_hide_the_crash() {
     assert!(e[0].1.contains("exited with code 1") && !e[0].1.contains("/health"), "{}", e[0].1);
 }
 
-#[test]
-fn replicas_are_groups_of_their_own_and_show_under_their_deployment() {
-    // Two replicas of TP 2: each its own group, GPUs, launch and generation.
-    let mut h = H::new(vec![node(1, "head", 2, true), node(2, "w1", 2, false)]);
+/// The launches of one group, by node.
+type Launches = Vec<(NodeId, pb::LaunchShards)>;
+
+/// Replicas 0 and 1 of a TP 2 deployment `m` created and launched on `nodes` (not yet ready):
+/// the machine and each replica's launches.
+fn two_replicas(nodes: Vec<NodeView>) -> (H, Launches, Launches) {
+    let mut h = H::new(nodes);
     let c0 = h.create(spec("m", 2, 1));
     let e0 = h.run_launches(c0);
     let mut s1 = spec("m", 2, 1);
     s1.name = crate::deploy::spec::group_key("m", 1);
     let c1 = h.create(s1);
     let e1 = h.run_launches(c1);
-    let (l0, l1) = (launches(&e0), launches(&e1));
+    (h, launches(&e0), launches(&e1))
+}
+
+#[test]
+fn replicas_are_groups_of_their_own_and_show_under_their_deployment() {
+    // Two replicas of TP 2: each its own group, GPUs, launch and generation.
+    let (mut h, l0, l1) = two_replicas(vec![node(1, "head", 2, true), node(2, "w1", 2, false)]);
     assert_eq!((l0.len(), l1.len()), (1, 1));
     assert_ne!(l0[0].0, l1[0].0, "each replica on its own GPUs (here: its own node)");
     assert_eq!(l1[0].1.deployment, "m.1", "the group key travels to the worker");
@@ -828,24 +837,18 @@ fn a_drain_ends_at_its_deadline_or_when_a_rank_dies_and_off_means_at_once() {
 
 #[test]
 fn a_name_is_free_again_only_when_every_replica_of_it_is_gone() {
-    let mut h = H::new(vec![node(1, "head", 4, true), node(2, "w1", 4, false)]);
-    let c0 = h.create(spec("m", 2, 1));
-    let e0 = h.run_launches(c0);
-    let mut s1 = spec("m", 2, 1);
-    s1.name = crate::deploy::spec::group_key("m", 1);
-    let c1 = h.create(s1);
-    let e1 = h.run_launches(c1);
-    h.all_ready(&launches(&e0));
-    h.all_ready(&launches(&e1));
+    let (mut h, l0, l1) = two_replicas(vec![node(1, "head", 4, true), node(2, "w1", 4, false)]);
+    h.all_ready(&l0);
+    h.all_ready(&l1);
     // Replica 0 stops at once (drain off), replica 1 drains.
     h.m.deps.get_mut("m").expect("m").spec.drain_timeout = None;
     for key in ["m.1", "m"] {
         let reply = h.reply();
         h.feed(Input::Delete { name: key.into(), reply });
     }
-    for (n, l) in launches(&e0) {
+    for (n, l) in &l0 {
         for p in &l.processes {
-            h.feed(Input::Report { node: n, report: exited(&l, &p.key, None, Some(15), h.unix) });
+            h.feed(Input::Report { node: *n, report: exited(l, &p.key, None, Some(15), h.unix) });
         }
     }
     // Replica 0 is gone; the deployment shows what is left, and the name is not free.

@@ -167,6 +167,21 @@ pub fn token(prompt: &str, i: u64) -> &'static str {
     WORDS[(x % WORDS.len() as u64) as usize]
 }
 
+/// What a streamed chat answer (server-sent events, as vLLM and the probe send them) says: the
+/// text of its chunks in order, and whether it ended with `[DONE]`. `None` when a chunk is not a
+/// chat chunk.
+pub fn chat_stream_text(body: &str) -> Option<(String, bool)> {
+    let events: Vec<&str> = body.split("\n\n").filter(|e| !e.trim().is_empty()).collect();
+    let done = events.last().is_some_and(|e| e.trim() == "data: [DONE]");
+    let chunks = if done { &events[..events.len() - 1] } else { &events[..] };
+    let mut text = String::new();
+    for e in chunks {
+        let v: Value = serde_json::from_str(e.trim().strip_prefix("data: ")?).ok()?;
+        text.push_str(v["choices"][0]["delta"]["content"].as_str()?);
+    }
+    Some((text, done))
+}
+
 /// The whole answer to `prompt`, `n` tokens.
 pub fn answer(prompt: &str, n: u64) -> String {
     (0..n).map(|i| token(prompt, i)).collect()
@@ -319,17 +334,8 @@ mod tests {
         )
         .await;
         assert_eq!(s, StatusCode::OK);
-        let events: Vec<&str> = b.split("\n\n").filter(|e| !e.is_empty()).collect();
-        assert_eq!(events.len(), 6, "5 tokens and [DONE]: {b}");
-        assert_eq!(events[5], "data: [DONE]");
-        let text: String = events[..5]
-            .iter()
-            .map(|e| {
-                let v: Value = serde_json::from_str(e.trim_start_matches("data: ")).expect("chunk");
-                v["choices"][0]["delta"]["content"].as_str().expect("content").to_string()
-            })
-            .collect();
-        assert_eq!(text, answer("hi", 5));
+        assert_eq!(b.matches("data: ").count(), 6, "5 tokens and [DONE]: {b}");
+        assert_eq!(chat_stream_text(&b), Some((answer("hi", 5), true)), "{b}");
     }
 
     #[tokio::test]
