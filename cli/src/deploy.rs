@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use serde_json::{Value, json};
+use tessera_common::size::HumanBytes;
 use tessera_proto::v1 as pb;
 use tokio_stream::StreamExt;
 
@@ -35,11 +36,29 @@ pub struct DeployArgs {
     pub canary_interval_s: i32,
     /// Negative: no drain.
     pub drain_timeout_s: i32,
+    pub staging: StagingArg,
     pub engine_args: Vec<String>,
     pub output: Output,
 }
 
 /// `--startup-timeout`: a duration (30m, 1h), in whole seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StagingArg {
+    Auto,
+    On,
+    Off,
+}
+
+impl StagingArg {
+    fn to_pb(self) -> pb::StagingMode {
+        match self {
+            StagingArg::Auto => pb::StagingMode::Unspecified,
+            StagingArg::On => pb::StagingMode::On,
+            StagingArg::Off => pb::StagingMode::Off,
+        }
+    }
+}
+
 pub fn parse_secs(s: &str) -> Result<u32, String> {
     let d = tessera_common::duration::parse_positive_duration(s)?;
     u32::try_from(d.as_secs().max(1)).map_err(|_| format!("{s}: too long"))
@@ -73,6 +92,7 @@ pub fn state_name(s: i32) -> &'static str {
         pb::DeploymentState::Stopping => "stopping",
         pb::DeploymentState::Stopped => "stopped",
         pb::DeploymentState::Draining => "draining",
+        pb::DeploymentState::Staging => "staging",
         pb::DeploymentState::Unspecified => "unknown",
     }
 }
@@ -123,9 +143,33 @@ pub fn deployment_json(d: &pb::Deployment) -> Value {
         })
         .collect();
     let env: BTreeMap<&String, &String> = d.env.iter().collect();
+    let staging_nodes: Vec<Value> = d
+        .staging_nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "node": n.node,
+                "node_id": n.node_id,
+                "phase": n.phase,
+                "bytes_done": n.bytes_done,
+                "bytes_needed": n.bytes_needed,
+                "files_done": n.files_done,
+                "files_needed": n.files_needed,
+                "rate_bytes_per_s": n.rate_bytes_per_s,
+                "model_bytes": n.model_bytes,
+                "chunks_refetched": n.chunks_refetched,
+            })
+        })
+        .collect();
+    let staging = match pb::StagingMode::try_from(d.staging).unwrap_or(pb::StagingMode::Unspecified) {
+        pb::StagingMode::On => "on",
+        _ => "off",
+    };
     json!({
         "name": d.name,
         "state": state_name(d.state),
+        "staging": staging,
+        "staging_nodes": staging_nodes,
         "message": d.message,
         "generation": d.generation,
         "restarts": d.restarts,
@@ -182,6 +226,7 @@ pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
         canary_interval_s: a.canary_interval_s,
         replicas: a.replicas,
         drain_timeout_s: a.drain_timeout_s,
+        staging: a.staging.to_pb() as i32,
     };
     // Watch before creating, so no event of the new deployment is missed.
     let mut events = if a.wait {
@@ -270,8 +315,18 @@ pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
             _ => {}
         }
         let group = format!("{}.", a.name);
+        // While staging, the progress is read every second (no event per byte).
+        let staging = current.state == pb::DeploymentState::Staging as i32;
         let next = loop {
-            match events.next().await {
+            let ev = if staging {
+                match tokio::time::timeout(Duration::from_secs(1), events.next()).await {
+                    Ok(e) => e,
+                    Err(_) => break c.get(pb::GetDeploymentRequest { name: a.name.clone() }).await.or_status()?,
+                }
+            } else {
+                events.next().await
+            };
+            match ev {
                 Some(Ok(e)) => {
                     // An event of any replica (named NAME or NAME.N): the whole deployment again.
                     if e.deployment.is_some_and(|x| x.name == a.name || x.name.starts_with(&group)) {
@@ -287,6 +342,25 @@ pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
 }
 
 fn progress_line(d: &pb::Deployment, tty: bool) -> String {
+    if d.state == pb::DeploymentState::Staging as i32 {
+        let receivers = d.staging_nodes.iter().filter(|n| n.phase == "fetching" || n.phase == "done");
+        let (done, needed) = receivers.fold((0u64, 0u64), |(a, b), n| (a + n.bytes_done, b + n.bytes_needed));
+        let rate: u64 = d.staging_nodes.iter().map(|n| n.rate_bytes_per_s).sum();
+        let bar = if tty {
+            let filled = (done.min(needed) * 20).checked_div(needed).unwrap_or(0) as usize;
+            format!("[{}{}] ", "#".repeat(filled), ".".repeat(20 - filled))
+        } else {
+            String::new()
+        };
+        let rate = if rate > 0 { format!(" at {}/s", HumanBytes(rate)) } else { String::new() };
+        return format!(
+            "{bar}{} staging: {} of {} staged{rate}: {}",
+            d.name,
+            HumanBytes(done),
+            HumanBytes(needed),
+            d.message
+        );
+    }
     let total = d.ranks.len().max(1);
     let ready = d.ranks.iter().filter(|r| r.state == pb::ProcessState::Ready as i32).count();
     let launched = d.ranks.iter().filter(|r| r.pid > 0).count();
@@ -381,6 +455,33 @@ pub async fn get(head: &str, name: String, output: Output) -> anyhow::Result<u8>
             }
             if !d.health_url.is_empty() {
                 println!("health      {}", d.health_url);
+            }
+            if !d.staging_nodes.is_empty() {
+                println!("staging     the model from {} (each node gets its stages' files):", d.staging_nodes[0].node);
+                let mut t =
+                    Table::new(&["NODE", "PHASE", "STAGED", "NEEDED", "OF MODEL", "FILES", "RATE", "REFETCHED"]);
+                for n in &d.staging_nodes {
+                    let of_model = if n.model_bytes > 0 {
+                        format!("{:.0}%", 100.0 * n.bytes_needed as f64 / n.model_bytes as f64)
+                    } else {
+                        "-".into()
+                    };
+                    t.row(vec![
+                        n.node.clone(),
+                        n.phase.clone(),
+                        HumanBytes(n.bytes_done).to_string(),
+                        HumanBytes(n.bytes_needed).to_string(),
+                        if n.phase == "source" || n.phase == "hashing" { "-".into() } else { of_model },
+                        if n.files_needed > 0 { format!("{}/{}", n.files_done, n.files_needed) } else { "-".into() },
+                        if n.rate_bytes_per_s > 0 {
+                            format!("{}/s", HumanBytes(n.rate_bytes_per_s))
+                        } else {
+                            "-".into()
+                        },
+                        n.chunks_refetched.to_string(),
+                    ]);
+                }
+                print!("{}", t.render());
             }
             if d.replicas.len() > 1 {
                 println!("replicas    {} running", ready_of(&d));
@@ -489,6 +590,7 @@ fn spec_of(d: &pb::Deployment) -> pb::CreateDeploymentRequest {
         canary_interval_s: d.canary_interval_s,
         replicas: 0,
         drain_timeout_s: d.drain_timeout_s,
+        staging: d.staging,
     }
 }
 

@@ -253,6 +253,13 @@ enum Cmd {
         #[arg(long, env = "TESSERA_DRAIN_TIMEOUT", value_name = "DURATION|off", default_value = "30s",
               value_parser = deploy::parse_secs_or_off)]
         drain_timeout: i32,
+        /// How the model reaches the nodes. `on`: it is read on the head only, and each other node
+        /// gets (into its cache, checked, resumable) the small files and only the safetensors files
+        /// of its pipeline stages, fetched once from the head and passed on between nodes. `off`:
+        /// every node has the model at MODEL already (a shared filesystem). `auto`: on for vllm and
+        /// command when MODEL is a directory, off for the probe
+        #[arg(long, env = "TESSERA_STAGING", value_enum, default_value_t = deploy::StagingArg::Auto)]
+        staging: deploy::StagingArg,
         #[arg(short, long, env = env::OUTPUT, value_enum, default_value_t = Output::Text)]
         output: Output,
         /// Arguments for the engine (after `--`)
@@ -496,6 +503,7 @@ fn main() -> ExitCode {
                 stall_timeout,
                 canary_interval,
                 drain_timeout,
+                staging,
                 output,
                 engine_args,
             } => {
@@ -523,6 +531,7 @@ fn main() -> ExitCode {
                     stall_timeout_s: stall_timeout,
                     canary_interval_s: canary_interval,
                     drain_timeout_s: drain_timeout,
+                    staging,
                     engine_args,
                     output,
                 };

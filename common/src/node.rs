@@ -266,12 +266,14 @@ pub struct Capabilities {
     pub command_allowed: bool,
     /// False for a worker that predates capabilities: every engine is assumed.
     pub reported: bool,
+    /// The node's model transfer server's port (0: it cannot take part in staging).
+    pub transfer_port: u16,
 }
 
 impl Default for Capabilities {
     /// What a worker that says nothing is assumed to run: everything.
     fn default() -> Self {
-        Capabilities { vllm: Ok(String::new()), command_allowed: true, reported: false }
+        Capabilities { vllm: Ok(String::new()), command_allowed: true, reported: false, transfer_port: 0 }
     }
 }
 
@@ -291,7 +293,8 @@ impl Capabilities {
         } else {
             Err(clean(&c.vllm_missing, Self::MAX_REASON))
         };
-        Capabilities { vllm, command_allowed: c.command_allowed, reported: true }
+        let transfer_port = u16::try_from(c.transfer_port).unwrap_or(0);
+        Capabilities { vllm, command_allowed: c.command_allowed, reported: true, transfer_port }
     }
 
     pub fn to_pb(&self) -> Option<pb::Capabilities> {
@@ -299,6 +302,7 @@ impl Capabilities {
             vllm_version: self.vllm.clone().unwrap_or_default(),
             vllm_missing: self.vllm.clone().err().unwrap_or_default(),
             command_allowed: self.command_allowed,
+            transfer_port: self.transfer_port as u32,
         })
     }
 

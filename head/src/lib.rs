@@ -46,6 +46,8 @@ pub struct LocalWorker {
     pub inventory: Arc<dyn tessera_worker::gpu::GpuInventory>,
     /// How it hosts shards (its state dir is set to `<data_dir>/worker`); `None`: it hosts none.
     pub shards: Option<tessera_worker::shard::HostConfig>,
+    /// Weight staging on the head's own node (the source of staged models); `None`: off.
+    pub stage: Option<tessera_worker::stage::StageConfig>,
 }
 
 /// Everything the head needs, typed.
@@ -261,6 +263,7 @@ impl Head {
                             h.state_dir = config.data_dir.join("worker");
                             h
                         }),
+                        stage: w.stage,
                     },
                     state,
                 )?;

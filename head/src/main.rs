@@ -220,6 +220,7 @@ fn main() -> ExitCode {
         };
         let worker = (!cli.no_worker).then(|| LocalWorker {
             shards: Some(shards),
+            stage: Some(cli.shards.stage_config(&cli.data_dir.join("worker"))),
             inventory: gpu::detect(parts.fake_gpus, &parts.node_name),
             node_name: parts.node_name,
             labels: parts.labels,

@@ -108,6 +108,9 @@ pub struct StoredDeployment {
     /// The spec of the revision before (for a rollback).
     #[serde(default)]
     pub previous: Option<Box<StoredDeployment>>,
+    /// Weight staging (false in records written before it existed: they ran without).
+    #[serde(default)]
+    pub staging: bool,
     pub generation: u64,
     pub restarts: u32,
     /// Unix milliseconds of the restarts counted against max_restarts.
@@ -387,6 +390,7 @@ mod tests {
             drain_timeout_s: 0,
             revision: 0,
             previous: None,
+            staging: false,
             generation: 3,
             restarts: 2,
             restart_times_unix_ms: vec![1, 2],

@@ -61,6 +61,7 @@ impl TestCluster {
                 connect_timeout: Duration::from_secs(2),
                 leave_timeout: Duration::from_secs(2),
                 shards: Some(host_config(&self.dir.path().join(name))),
+                stage: Some(stage_config(&self.dir.path().join(name))),
             },
             state,
         )
@@ -140,6 +141,7 @@ async fn start_head(
                 advertise_address: None,
                 inventory: std::sync::Arc::new(FakeInventory::new(spec, "head")),
                 shards: Some(host_config(&dir.path().join("head/worker"))),
+                stage: Some(stage_config(&dir.path().join("head/worker"))),
             }),
         },
         token.clone(),
@@ -160,5 +162,17 @@ pub fn host_config(state_dir: &std::path::Path) -> tessera_worker::shard::HostCo
         orphan_timeout: Duration::from_secs(5),
         log_max_bytes: 1 << 20,
         engine_user: None,
+        models_dir: Some(state_dir.join("cache/models")),
+    }
+}
+
+/// Weight staging of in-process workers: the cache in the state dir, the server on loopback.
+pub fn stage_config(state_dir: &std::path::Path) -> tessera_worker::stage::StageConfig {
+    tessera_worker::stage::StageConfig {
+        cache_dir: state_dir.join("cache"),
+        max_bytes: 0,
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        state_dir: state_dir.to_path_buf(),
+        max_rate: 0,
     }
 }

@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod deploy;
 pub mod loadgen;
+pub mod model;
 pub mod netns;
 pub mod process;
 pub mod vllm;

@@ -16,6 +16,9 @@ pub const PROMPT: &str = "the a of to and in is it";
 pub struct Vllm {
     pub bin: PathBuf,
     pub model: PathBuf,
+    /// The same model saved in five safetensors shards (about a layer each, the output head in
+    /// the first), with its index.
+    pub sharded: PathBuf,
 }
 
 pub fn repo() -> PathBuf {
@@ -47,7 +50,18 @@ pub fn vllm() -> &'static Vllm {
                 .expect("make the tiny model");
             assert!(st.success(), "make_tiny_model.py failed ({st})");
         }
-        Vllm { bin: venv.join("bin/vllm"), model }
+        // The same weights in several safetensors shards (for stage-aware staging).
+        let sharded = venv.join("tiny-llama-sharded");
+        if !sharded.join("model.safetensors.index.json").exists() {
+            let st = Command::new(venv.join("bin/python"))
+                .arg(repo().join("tests/vllm/shard_model.py"))
+                .arg(&model)
+                .arg(&sharded)
+                .status()
+                .expect("shard the tiny model");
+            assert!(st.success(), "shard_model.py failed ({st})");
+        }
+        Vllm { bin: venv.join("bin/vllm"), model, sharded }
     })
 }
 

@@ -66,9 +66,13 @@ async fn reference(dir: &Path) -> String {
 }
 
 fn create(name: &str, tp: u32, pp: u32) -> pb::CreateDeploymentRequest {
+    create_of(name, &vllm().model, tp, pp)
+}
+
+fn create_of(name: &str, model: &Path, tp: u32, pp: u32) -> pb::CreateDeploymentRequest {
     pb::CreateDeploymentRequest {
         name: name.into(),
-        model_path: vllm().model.display().to_string(),
+        model_path: model.display().to_string(),
         tp,
         pp,
         engine: pb::Engine::Vllm as i32,
@@ -83,7 +87,7 @@ fn create(name: &str, tp: u32, pp: u32) -> pb::CreateDeploymentRequest {
 /// Asks until the deployment answers (a just-ready server may still be warming up).
 async fn answer(d: &pb::Deployment) -> String {
     let (h, p) = endpoint(d);
-    let model = vllm().model.display().to_string();
+    let model = d.model_path.clone();
     let mut last = String::new();
     for _ in 0..20 {
         match complete(&h, p, &model).await {
@@ -168,9 +172,32 @@ async fn pp2_across_two_nodes_answers_like_one_node_and_survives_kill_and_hang()
 
     let events = collect_events(head.url.clone(), "pp2");
     let c: Client = deployments_client(&head.url).await;
-    c.clone().create(create("pp2", 1, 2)).await.expect("create");
+    // The model in five shards, on the head only: staging gives w1 (stage 1) only the files
+    // holding its layers, the output head and the final norm.
+    c.clone().create(create_of("pp2", &v.sharded, 1, 2)).await.expect("create");
     let g1 = wait_for_within(&c, "pp2", "running at generation 1", START, running_at(1)).await;
     assert!(g1.ranks.iter().any(|r| r.node == "head") && g1.ranks.iter().any(|r| r.node == "w1"), "{g1:?}");
+    let staged = std::fs::read_dir(dir.path().join("w1-state/cache/models"))
+        .expect("w1's model cache")
+        .next()
+        .expect("a staged model")
+        .expect("entry")
+        .path();
+    let shards = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .expect("dir")
+            .map(|e| e.expect("e").file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".safetensors"))
+            .collect();
+        v.sort();
+        v
+    };
+    let (mine, all) = (shards(&staged), shards(&v.sharded));
+    assert!(!mine.is_empty() && mine.len() < all.len(), "w1 holds only its stage's shards: {mine:?} of {all:?}");
+    let w1_rank = g1.ranks.iter().find(|r| r.node == "w1").expect("rank on w1").pid;
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{w1_rank}/cmdline")).expect("cmdline"))
+        .replace('\0', " ");
+    assert!(cmdline.contains(&staged.display().to_string()), "w1's vLLM loads the staged directory: {cmdline}");
     assert_eq!(endpoint(&g1).0, advertise, "the endpoint is node rank 0's address");
     assert_eq!(answer(&g1).await, expected, "PP 2 across two nodes answers like one node");
     if let Some(n) = &ns {
@@ -208,9 +235,12 @@ async fn pp2_across_two_nodes_answers_like_one_node_and_survives_kill_and_hang()
 
     // delete: nothing of it is left on either node.
     tessera_tests::deploy::delete_and_wait(&c, "pp2").await;
-    let model = v.model.display().to_string();
-    wait_until("no vllm process left", || async { pids_with(&["vllm", "serve", &model]).is_empty().then_some(()) })
-        .await;
+    let (model, cache) = (v.sharded.display().to_string(), dir.path().display().to_string());
+    wait_until("no vllm process left", || async {
+        (pids_with(&["vllm", "serve", &model]).is_empty() && pids_with(&["vllm", "serve", &cache]).is_empty())
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -95,6 +95,30 @@ pub struct ShardArgs {
     /// state. Needs the worker to run as root. Default: the daemon's own user
     #[arg(long, env = "TESSERA_ENGINE_USER", value_name = "USER")]
     pub engine_user: Option<String>,
+
+    /// The model cache: staged model files by sha256, shared by every deployment [default:
+    /// STATE_DIR/cache]
+    #[arg(long, env = "TESSERA_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Most bytes the model cache may hold (e.g. 500GiB); files no running deployment uses are
+    /// evicted, least recently used first. Default: no limit but the disk (1 GiB is left free)
+    #[arg(long, env = "TESSERA_CACHE_MAX_BYTES", value_name = "SIZE", value_parser = parse_cache_size)]
+    pub cache_max_bytes: Option<u64>,
+
+    /// Address of this node's model transfer server, which other nodes of a staging fetch files
+    /// from (a token per staging; only that staging's files). Port 0 picks a free one
+    #[arg(long, env = "TESSERA_TRANSFER_LISTEN", value_name = "ADDR:PORT", default_value = "0.0.0.0:0")]
+    pub transfer_listen: std::net::SocketAddr,
+
+    /// Most bytes per second this node fetches when staging models (e.g. 500MiB), so that staging
+    /// leaves room on the network for serving. Default: no limit
+    #[arg(long, env = "TESSERA_TRANSFER_MAX_RATE", value_name = "SIZE", value_parser = parse_cache_size)]
+    pub transfer_max_rate: Option<u64>,
+}
+
+fn parse_cache_size(s: &str) -> Result<u64, String> {
+    tessera_common::size::parse_size(s).map_err(|e| e.to_string())
 }
 
 impl ShardArgs {
@@ -115,7 +139,23 @@ impl ShardArgs {
             orphan_timeout: self.orphan_timeout,
             log_max_bytes: 16 << 20,
             engine_user,
+            models_dir: Some(self.cache_root(state_dir).join("models")),
         })
+    }
+
+    fn cache_root(&self, state_dir: &std::path::Path) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(|| state_dir.join("cache"))
+    }
+
+    /// Staging's settings, with the cache under `state_dir` unless --cache-dir says otherwise.
+    pub fn stage_config(&self, state_dir: &std::path::Path) -> crate::stage::StageConfig {
+        crate::stage::StageConfig {
+            cache_dir: self.cache_root(state_dir),
+            max_bytes: self.cache_max_bytes.unwrap_or(0),
+            listen: self.transfer_listen,
+            state_dir: state_dir.to_path_buf(),
+            max_rate: self.transfer_max_rate.unwrap_or(0),
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 //! - [`args`]: the agent's flags, shared with `tessera-head`.
 //! - [`telemetry`]: logging set-up.
 //! - [`signals`]: SIGTERM/SIGINT to a cancellation token.
+//! - [`stage`]: weight staging: the model cache, the transfer server, fetching and indexing.
 
 pub mod agent;
 pub mod args;
@@ -21,5 +22,6 @@ pub mod notify;
 pub mod ops;
 pub mod shard;
 pub mod signals;
+pub mod stage;
 pub mod state;
 pub mod telemetry;

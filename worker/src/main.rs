@@ -157,6 +157,7 @@ fn main() -> ExitCode {
             token,
             tls,
             shards: Some(shards),
+            stage: Some(cli.shards.stage_config(state.path())),
             head,
             metrics: Some(metrics.clone()),
             inventory: inventory.clone(),

@@ -37,6 +37,8 @@ pub struct WorkerMetrics {
     processes: Family<ProcLabels, Gauge>,
     pub heartbeat_rtt: Histogram,
     pub joined: Gauge,
+    /// Weight staging's byte counts (shared with the stager).
+    pub stage: crate::stage::StageCounters,
 }
 
 impl WorkerMetrics {
@@ -52,7 +54,19 @@ impl WorkerMetrics {
             processes: Family::default(),
             heartbeat_rtt: Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
             joined: Gauge::default(),
+            stage: Default::default(),
         };
+        r.register(
+            "stage_served_bytes",
+            "Model bytes this node's transfer server sent to other nodes (weight staging)",
+            m.stage.served.clone(),
+        );
+        r.register("stage_fetched_bytes", "Model bytes this node fetched from other nodes", m.stage.fetched.clone());
+        r.register(
+            "stage_refetched_chunks",
+            "Chunks that failed their sha256 check when fetched and were fetched again",
+            m.stage.refetched.clone(),
+        );
         r.register("gpu_memory_used_bytes", "GPU memory in use, per GPU (NVML)", m.gpu_memory_used.clone());
         r.register("gpu_memory_total_bytes", "GPU memory installed, per GPU", m.gpu_memory_total.clone());
         r.register(

@@ -181,6 +181,8 @@ pub struct Dep {
     /// A durable write for this deployment is in flight; nothing is sent until it lands.
     pub parked: bool,
     pub drain: Option<Drain>,
+    /// The current generation's weight staging (see `staging.rs`), when the spec stages.
+    pub staging: Option<super::staging::Staging>,
 }
 
 impl Dep {
@@ -203,7 +205,21 @@ impl Dep {
             failing: None,
             parked: false,
             drain: None,
+            staging: None,
         }
+    }
+
+    /// The generation is placed and its nodes are still fetching the model.
+    pub fn staging_now(&self) -> bool {
+        self.state == DState::Starting && self.failing.is_none() && self.staging.as_ref().is_some_and(|s| !s.done)
+    }
+
+    pub fn staging_pb(&self) -> Vec<pb::NodeStaging> {
+        self.staging.as_ref().map(|s| s.to_pb()).unwrap_or_default()
+    }
+
+    pub fn state_pb(&self) -> pb::DeploymentState {
+        if self.staging_now() { pb::DeploymentState::Staging } else { self.state.to_pb() }
     }
 
     pub fn set_state(&mut self, state: DState, message: String, now: Instant) {
@@ -263,7 +279,7 @@ impl Dep {
         pb::Deployment {
             replicas: Vec::new(),
             name: self.spec.name.clone(),
-            state: self.state.to_pb() as i32,
+            state: self.state_pb() as i32,
             message: self.message.clone(),
             generation: self.generation.0,
             restarts: self.restarts,
@@ -291,6 +307,8 @@ impl Dep {
             revision: self.spec.revision,
             gpu_memory_utilization: self.spec.gpu_memory_utilization,
             max_model_len: self.spec.max_model_len.unwrap_or(0),
+            staging: if self.spec.staging { pb::StagingMode::On } else { pb::StagingMode::Off } as i32,
+            staging_nodes: self.staging_pb(),
         }
     }
 }

@@ -19,6 +19,7 @@ pub struct NodeMeta {
     pub name: String,
     pub address: IpAddr,
     pub state: NodeState,
+    pub is_head: bool,
     pub capabilities: Capabilities,
     /// Engines whose launch failed here for good, with why: kept until the node goes away (a
     /// restarted worker says afresh what it can run).
@@ -81,6 +82,11 @@ impl Inventory {
         &self.cluster
     }
 
+    /// The head's own node, when it is alive (it holds the models that staging sends).
+    pub fn head_node(&self) -> Option<&NodeMeta> {
+        self.meta.iter().find(|m| m.is_head && matches!(m.state, NodeState::Alive | NodeState::Draining))
+    }
+
     pub fn node(&self, id: NodeId) -> Option<&NodeMeta> {
         self.index.get(&id).map(|&i| &self.meta[i])
     }
@@ -98,6 +104,7 @@ impl Inventory {
             name: v.info.name.clone(),
             address: v.address,
             state: v.state,
+            is_head: v.info.is_head,
             capabilities: v.info.capabilities.clone(),
             unusable: match v.state {
                 NodeState::Dead | NodeState::Left => Vec::new(),

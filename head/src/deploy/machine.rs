@@ -33,6 +33,7 @@ use super::engine::{self, LaunchContext, NodeShare};
 use super::inventory::Inventory;
 use super::record::{self, At};
 use super::spec::{DeploymentSpec, LoadedModel, RESTART_WINDOW, STOP_GRACE_S};
+use super::staging::{self, NodeStage, Staging, StagingMsg};
 use crate::membership::NodeView;
 use crate::store::StoredDeployment;
 
@@ -83,6 +84,11 @@ pub enum Input {
     Report {
         node: NodeId,
         report: pb::ShardReport,
+    },
+    /// A worker's staging message: the source's index of the model, or a receiver's progress.
+    Staging {
+        node: NodeId,
+        msg: StagingMsg,
     },
     /// A node (re)joined and listed what it runs.
     NodeJoined {
@@ -339,6 +345,8 @@ impl Machine {
             Input::Delete { name, reply } => self.delete(name, reply, at),
             Input::Restart { name, reply } => self.restart(&name, reply, at),
             Input::Report { node, report } => self.report(node, report, at),
+            Input::Staging { node, msg: StagingMsg::Index(m) } => self.model_indexed(node, *m, at),
+            Input::Staging { node, msg: StagingMsg::Progress(p) } => self.stage_progress(node, *p, at),
             Input::Load { name, generation, in_flight } => self.load(&name, generation, in_flight, at),
             Input::NodeJoined { node, running } => self.node_joined(node, running, at),
             Input::NodeChanged(v) => self.node_changed(&v, at),
@@ -416,6 +424,11 @@ impl Machine {
                 self.out.push(Effect::Reply(reply, Err(DeployError::InvalidPlan(fatal.join("; ")))));
                 return;
             }
+        }
+        if spec.staging && self.inventory.head_node().is_none_or(|h| h.capabilities.transfer_port == 0) {
+            let e = "[staging] the model is staged from the head's own node, which is not connected or has no transfer server (the head runs with --no-worker?); deploy with --staging off when every node has the model at its path";
+            self.out.push(Effect::Reply(reply, Err(DeployError::InvalidPlan(e.into()))));
+            return;
         }
         let name = spec.name.clone();
         info!(deployment = %name, tp = spec.tp, pp = spec.pp, engine = ?spec.engine, "deployment created");
@@ -585,6 +598,19 @@ impl Machine {
     /// A node (re)joined: its reports count as usual, and every process the head expects on it
     /// that it did not list is gone (its state dir was lost, or the launch never arrived).
     fn node_joined(&mut self, node: NodeId, running: Vec<pb::ShardReport>, at: At) {
+        // A node that (re)joins mid-staging may have lost its part (a restarted worker): it is told
+        // again, and resumes from what its cache holds.
+        let mut again = Vec::new();
+        for (name, d) in self.deps.iter().filter(|(_, d)| d.staging_now()) {
+            let Some(s) = d.staging.as_ref() else { continue };
+            if let Some(n) = s.nodes.get(&node).filter(|n| !n.done) {
+                again.push((name.clone(), pb::head_message::Msg::StageModel(n.msg.clone())));
+            }
+        }
+        for (name, msg) in again {
+            info!(deployment = %name, node_id = %node, "node rejoined while staging: telling it its part again");
+            self.out.push(Effect::Send(node, msg));
+        }
         let listed: HashSet<(String, u64, String)> =
             running.iter().map(|r| (r.deployment.clone(), r.generation, r.key.clone())).collect();
         for r in running {
@@ -773,7 +799,12 @@ impl Machine {
             permanent: false,
         });
         dep.recover_deadline = None;
-        let nodes: HashSet<NodeId> = dep.procs.values().filter(|p| p.launched && !p.gone).map(|p| p.node_id).collect();
+        let mut nodes: HashSet<NodeId> =
+            dep.procs.values().filter(|p| p.launched && !p.gone).map(|p| p.node_id).collect();
+        // Nodes still staging this generation stop fetching (and serving it).
+        if let Some(s) = dep.staging.as_ref().filter(|s| !s.done) {
+            nodes.extend(s.participants());
+        }
         let stop = pb::StopShards {
             deployment: name.to_string(),
             below_generation: dep.generation.0 + 1,
@@ -871,6 +902,7 @@ impl Machine {
             return false;
         };
         let req = plan_request(&dep.spec);
+        let model_path = dep.spec.model_path.display().to_string();
         let own = dep.gpus().to_vec();
         let report = match report {
             Some(r) => r,
@@ -928,6 +960,7 @@ impl Machine {
                     address: meta.address,
                     node_rank: r.node_rank,
                     ranks: Vec::new(),
+                    model: model_path.clone(),
                 });
             }
             if let Some(s) = shares.last_mut() {
@@ -935,6 +968,23 @@ impl Machine {
             }
         }
         let Some(master_addr) = shares.first().map(|s| s.address) else { return false };
+        // Staging: the head's node reads the model where it is; every other node reads the copy
+        // of its stages' files that staging makes in its cache.
+        let staging = match (self.deps[name].spec.staging, self.inventory.head_node()) {
+            (false, _) => None,
+            (true, Some(h)) if h.capabilities.transfer_port > 0 => Some(Staging::new(h.id, h.name.clone())),
+            (true, _) => {
+                let why = "cannot stage the model: the head's own node, which reads it, is not connected or has no transfer server (--no-worker); deploy with --staging off when every node has the model at its path";
+                self.set_state_and_emit(name, DState::Failed, why.into(), at);
+                self.release(name);
+                return false;
+            }
+        };
+        if let Some(st) = &staging {
+            for s in shares.iter_mut().filter(|s| s.node_id != st.source) {
+                s.model = "{staged_model}".into();
+            }
+        }
         // Take the new GPUs, give back those of the old placement it no longer uses.
         let gpus: Vec<String> = report.placement.iter().map(|r| r.gpu_uuid.clone()).collect();
         let keep: HashSet<&String> = gpus.iter().collect();
@@ -968,6 +1018,7 @@ impl Machine {
             rest_sent: false,
         });
         dep.procs = procs;
+        dep.staging = staging;
         dep.next_attempt = None;
         let message =
             format!("generation {generation}: launching {} process(es) on {} node(s)", dep.procs.len(), shares.len());
@@ -976,15 +1027,180 @@ impl Machine {
         true
     }
 
-    /// Node rank 0 of the current generation is told to launch; it picks the ports.
+    /// The generation is durable: it stages the model first when its spec says so, else node
+    /// rank 0 is told to launch.
     fn send_first(&mut self, name: &str, at: At) {
+        let staging = self.deps.get(name).is_some_and(|d| d.staging.as_ref().is_some_and(|s| !s.done));
+        if staging { self.start_staging(name, at) } else { self.launch_first(name, at) }
+    }
+
+    /// Staging begins: the source (the head's node) is asked to index the model.
+    fn start_staging(&mut self, name: &str, at: At) {
+        let Some(dep) = self.deps.get_mut(name) else { return };
+        let Some(s) = dep.staging.as_ref() else { return };
+        let msg = pb::IndexModel {
+            deployment: name.to_string(),
+            deployment_uid: dep.uid.to_wire(),
+            generation: dep.generation.0,
+            path: dep.spec.model_path.display().to_string(),
+            token: s.token.clone(),
+        };
+        let source = s.source;
+        dep.message =
+            format!("generation {}: staging the model: {} reads and hashes it", dep.generation, s.source_name);
+        self.out.push(Effect::Send(source, pb::head_message::Msg::IndexModel(msg)));
+        self.emit(name, at);
+    }
+
+    /// The source described (or could not read) the model: each node is told what to fetch.
+    fn model_indexed(&mut self, node: NodeId, m: pb::ModelIndex, at: At) {
+        let name = m.deployment.clone();
+        let Some(dep) = staging_group(&mut self.deps, &m.deployment, &m.deployment_uid, m.generation) else { return };
+        let Some(s) = dep.staging.as_mut().filter(|s| s.source == node && !s.indexed) else {
+            warn!(deployment = %name, node_id = %node, "a model index from a node that was not asked for one ignored");
+            return;
+        };
+        if !m.done {
+            s.hashed = (m.bytes_hashed, m.bytes_total);
+            return;
+        }
+        let source_name = s.source_name.clone();
+        let bad = if !m.error.is_empty() { Some(clean(&m.error, 2048)) } else { staging::check_index(&m.files).err() };
+        if let Some(why) = bad {
+            let why = format!("staging: the model on {source_name} cannot be staged: {why}");
+            self.fail(&name, why, Blame::other(at.unix_ms), true, at);
+            return;
+        }
+        let total: u64 = m.files.iter().map(|f| f.size_bytes).sum();
+        s.indexed = true;
+        s.hashed = (total, total);
+        s.model_bytes = total;
+        let (source, token) = (s.source, s.token.clone());
+        let Some(l) = dep.launch.as_ref() else { return };
+        let (layers, tied) =
+            dep.model.as_ref().map(|m| (m.desc.num_hidden_layers, m.desc.tie_word_embeddings)).unwrap_or((0, false));
+        let stages = l.stages.clone();
+        let mut receivers = Vec::new();
+        let mut refused = Vec::new();
+        for (id, _) in l.per_node.iter().filter(|(id, _)| *id != source) {
+            let Some(meta) = self.inventory.node(*id) else { continue };
+            if meta.capabilities.transfer_port == 0 {
+                refused.push(meta.name.clone());
+                continue;
+            }
+            let mut pp_ranks: Vec<u64> =
+                l.placement.iter().filter(|r| r.node_id == id.to_string()).map(|r| r.pp_rank).collect();
+            pp_ranks.dedup();
+            receivers.push(staging::Receiver {
+                id: *id,
+                name: meta.name.clone(),
+                address: meta.address,
+                port: meta.capabilities.transfer_port,
+                pp_ranks,
+            });
+        }
+        if !refused.is_empty() {
+            let why = format!(
+                "staging: node(s) {} cannot receive a staged model: their worker has no transfer server (a worker older than staging); upgrade them, or deploy with --staging off when every node has the model at {}",
+                refused.join(", "),
+                dep.spec.model_path.display()
+            );
+            self.fail(&name, why, Blame::other(at.unix_ms), true, at);
+            return;
+        }
+        let Some(src_meta) = self.inventory.node(source) else { return };
+        let src = pb::StageSource {
+            node: src_meta.name.clone(),
+            address: src_meta.address.to_string(),
+            port: src_meta.capabilities.transfer_port as u32,
+        };
+        let assigned = staging::assign(&m.files, &stages, layers, tied, &src, &receivers);
+        let Some(dep) = self.deps.get_mut(&name) else { return };
+        let (uid, generation) = (dep.uid.to_wire(), dep.generation);
+        let Some(s) = dep.staging.as_mut() else { return };
+        let mut sends = Vec::new();
+        for ((id, key, files), r) in assigned.into_iter().zip(&receivers) {
+            let bytes_needed: u64 = files.iter().filter_map(|f| f.file.as_ref()).map(|f| f.size_bytes).sum();
+            s.nodes.insert(
+                id,
+                NodeStage {
+                    name: r.name.clone(),
+                    key: key.clone(),
+                    bytes_needed,
+                    files_needed: files.len() as u32,
+                    bytes_done: 0,
+                    files_done: 0,
+                    chunks_refetched: 0,
+                    rate: 0,
+                    last: None,
+                    done: false,
+                    msg: pb::StageModel {
+                        deployment: name.clone(),
+                        deployment_uid: uid.clone(),
+                        generation: generation.0,
+                        token: token.clone(),
+                        key,
+                        files,
+                    },
+                },
+            );
+            sends.push((id, s.nodes[&id].msg.clone()));
+        }
+        if s.nodes.is_empty() {
+            s.done = true;
+            dep.message = format!("generation {generation}: every process runs on {source_name}, which has the model");
+            self.launch_first(&name, at);
+            self.emit(&name, at);
+            return;
+        }
+        dep.message = format!(
+            "generation {generation}: staging the model ({}) from {source_name} to {} node(s)",
+            tessera_common::size::HumanBytes(total),
+            sends.len()
+        );
+        info!(deployment = %name, %generation, nodes = sends.len(), bytes = total, "staging the model");
+        for (id, msg) in sends {
+            self.out.push(Effect::Send(id, pb::head_message::Msg::StageModel(msg)));
+        }
+        self.emit(&name, at);
+    }
+
+    /// A node's staging progress; the generation launches once every node has its files.
+    fn stage_progress(&mut self, node: NodeId, p: pb::StageProgress, at: At) {
+        let name = p.deployment.clone();
+        let Some(dep) = staging_group(&mut self.deps, &p.deployment, &p.deployment_uid, p.generation) else { return };
+        let generation = dep.generation;
+        let Some(s) = dep.staging.as_mut() else { return };
+        let Some(node_name) = s.nodes.get(&node).map(|n| n.name.clone()) else {
+            warn!(deployment = %name, node_id = %node, "staging progress from a node that is not staging it ignored");
+            return;
+        };
+        if p.done && !p.error.is_empty() {
+            let why = format!("staging to {node_name} failed: {}", clean(&p.error, 2048));
+            self.fail(&name, why, Blame::other(at.unix_ms), true, at);
+            return;
+        }
+        if s.progress(node, &p, at.now) && s.all_done() {
+            s.done = true;
+            let nodes = s.nodes.len();
+            let procs = dep.procs.len();
+            dep.message =
+                format!("generation {generation}: model staged to {nodes} node(s); launching {procs} process(es)");
+            info!(deployment = %name, %generation, nodes, "model staged; launching");
+            self.launch_first(&name, at);
+            self.emit(&name, at);
+        }
+    }
+
+    /// Node rank 0 of the current generation is told to launch; it picks the ports.
+    fn launch_first(&mut self, name: &str, at: At) {
         let Some(dep) = self.deps.get_mut(name) else { return };
         let Some(l) = dep.launch.as_ref() else { return };
         let Some((node, procs)) = l.per_node.first().cloned() else { return };
         for p in dep.procs.values_mut().filter(|p| p.node_id == node) {
             p.launched = true;
         }
-        let msg = launch_msg(dep, procs, true, 0, 0);
+        let msg = launch_msg(dep, node, procs, true, 0, 0);
         self.launch(name, node, msg, at);
     }
 
@@ -1003,7 +1219,7 @@ impl Machine {
             p.launched = true;
         }
         let msgs: Vec<(NodeId, pb::LaunchShards)> =
-            rest.into_iter().map(|(n, ps)| (n, launch_msg(dep, ps, false, mp, hp))).collect();
+            rest.into_iter().map(|(n, ps)| (n, launch_msg(dep, n, ps, false, mp, hp))).collect();
         for (node, msg) in msgs {
             self.launch(name, node, msg, at);
         }
@@ -1172,6 +1388,9 @@ impl Machine {
         }
         let mut nodes: Vec<NodeId> =
             dep.procs.values().filter(|p| p.launched && !p.exited() && !p.gone).map(|p| p.node_id).collect();
+        if let Some(s) = dep.staging.as_ref().filter(|s| !s.done) {
+            nodes.extend(s.participants());
+        }
         nodes.sort();
         nodes.dedup();
         dep.failing = None;
@@ -1322,11 +1541,6 @@ impl Machine {
     }
 }
 
-/// How likely a failure is the cause of a group's other failures: the lowest class wins, then
-/// the earliest time. A node that died or the head's own verdict explains everything (0); a
-/// process killed by a signal (an OOM kill, a segfault, a `kill -9`) is a likelier cause than its
-/// peers exiting with an error because it went away (1); an error exit (2); a clean exit (3).
-/// Exit times come from the shims (each node's clock), to the millisecond.
 /// One group as a replica of its deployment.
 fn replica_of(g: &Dep, now: Instant) -> pb::Replica {
     let d = g.to_pb(now);
@@ -1340,9 +1554,15 @@ fn replica_of(g: &Dep, now: Instant) -> pb::Replica {
         endpoint: d.endpoint,
         ranks: d.ranks,
         state_since_ms_ago: d.state_since_ms_ago,
+        staging_nodes: d.staging_nodes,
     }
 }
 
+/// How likely a failure is the cause of a group's other failures: the lowest class wins, then
+/// the earliest time. A node that died or the head's own verdict explains everything (0); a
+/// process killed by a signal (an OOM kill, a segfault, a `kill -9`) is a likelier cause than its
+/// peers exiting with an error because it went away (1); an error exit (2); a clean exit (3).
+/// Exit times come from the shims (each node's clock), to the millisecond.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Blame {
     pub class: u8,
@@ -1380,8 +1600,27 @@ impl Blame {
     }
 }
 
-fn launch_msg(dep: &Dep, processes: Vec<pb::ShardProcess>, pick_ports: bool, mp: u32, hp: u32) -> pb::LaunchShards {
+/// The group a staging message is about, when it is the current generation's and still stages.
+fn staging_group<'a>(
+    deps: &'a mut BTreeMap<String, Dep>,
+    deployment: &str,
+    uid: &str,
+    generation: u64,
+) -> Option<&'a mut Dep> {
+    deps.get_mut(deployment).filter(|d| d.uid.to_wire() == uid && d.generation.0 == generation && d.staging_now())
+}
+
+fn launch_msg(
+    dep: &Dep,
+    node: NodeId,
+    processes: Vec<pb::ShardProcess>,
+    pick_ports: bool,
+    mp: u32,
+    hp: u32,
+) -> pb::LaunchShards {
+    let staged_model = dep.staging.as_ref().and_then(|s| s.nodes.get(&node)).map(|n| n.key.clone()).unwrap_or_default();
     pb::LaunchShards {
+        staged_model,
         deployment: dep.spec.name.clone(),
         generation: dep.generation.0,
         processes,

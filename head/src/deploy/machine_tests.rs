@@ -586,7 +586,12 @@ fn with_caps(mut n: NodeView, caps: tessera_common::node::Capabilities) -> NodeV
 }
 
 fn no_vllm() -> tessera_common::node::Capabilities {
-    tessera_common::node::Capabilities { vllm: Err("no `vllm` on PATH".into()), command_allowed: false, reported: true }
+    tessera_common::node::Capabilities {
+        vllm: Err("no `vllm` on PATH".into()),
+        command_allowed: false,
+        reported: true,
+        transfer_port: 0,
+    }
 }
 
 fn vllm_spec(name: &str, tp: u64) -> DeploymentSpec {
@@ -881,4 +886,187 @@ fn a_record_keeps_the_revision_and_the_spec_before_it() {
     let old = crate::store::StoredDeployment { revision: 0, previous: None, ..rec };
     let s = record::to_spec(&old).expect("spec");
     assert_eq!((s.revision, s.previous.is_none()), (1, true));
+}
+
+// ---- weight staging ----
+
+/// A node whose worker has a transfer server (port 7000 + i).
+fn staging_node(i: u128, name: &str, gpus: u32, is_head: bool) -> NodeView {
+    let mut v = node(i, name, gpus, is_head);
+    let mut info = (*v.info).clone();
+    info.capabilities.transfer_port = 7000 + i as u16;
+    v.info = Arc::new(info);
+    v
+}
+
+fn model_file(name: &str, size: u64, layers: std::ops::Range<u32>, embedding: bool, last: bool) -> pb::ModelFile {
+    pb::ModelFile {
+        name: name.into(),
+        size_bytes: size,
+        sha256: vec![name.len() as u8; 32],
+        chunk_bytes: 16 << 20,
+        chunk_sha256: vec![vec![1; 32]; size.div_ceil(16 << 20) as usize],
+        weights: name.ends_with(".safetensors"),
+        layers: layers.collect(),
+        embedding,
+        last,
+        other: false,
+    }
+}
+
+/// Llama 3.1 8B (32 layers) in two shards, with a config.
+fn llama_files() -> Vec<pb::ModelFile> {
+    vec![
+        model_file("config.json", 900, 0..0, false, false),
+        model_file("model-1.safetensors", 100 << 20, 0..17, true, false),
+        model_file("model-2.safetensors", 90 << 20, 17..32, false, true),
+    ]
+}
+
+fn sends<T>(effects: &[Effect], f: impl Fn(&pb::head_message::Msg) -> Option<T>) -> Vec<(NodeId, T)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send(n, m) => f(m).map(|x| (*n, x)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn stage_models(effects: &[Effect]) -> Vec<(NodeId, pb::StageModel)> {
+    sends(effects, |m| match m {
+        pb::head_message::Msg::StageModel(s) => Some(s.clone()),
+        _ => None,
+    })
+}
+
+/// Created with staging on a head and a worker (TP 4 x PP 2): the index asked, then given.
+fn staged_pair() -> (H, pb::IndexModel, Vec<Effect>) {
+    let mut h = H::new(vec![staging_node(1, "head", 4, true), staging_node(2, "w1", 4, false)]);
+    let mut s = spec("st", 4, 2);
+    s.staging = true;
+    let e = h.create(s);
+    let asked = sends(&e, |m| match m {
+        pb::head_message::Msg::IndexModel(i) => Some(i.clone()),
+        _ => None,
+    });
+    assert_eq!(asked.len(), 1, "{e:?}");
+    assert_eq!(asked[0].0, nid(1), "the head's node reads the model");
+    assert!(launches(&e).is_empty(), "nothing launches before the model is staged");
+    (h, asked[0].1.clone(), e)
+}
+
+fn index_of(asked: &pb::IndexModel, files: Vec<pb::ModelFile>) -> Input {
+    Input::Staging {
+        node: nid(1),
+        msg: StagingMsg::Index(Box::new(pb::ModelIndex {
+            deployment: asked.deployment.clone(),
+            deployment_uid: asked.deployment_uid.clone(),
+            generation: asked.generation,
+            files,
+            done: true,
+            ..Default::default()
+        })),
+    }
+}
+
+fn progress(node: NodeId, st: &pb::StageModel, done: u64, finished: bool, error: &str) -> Input {
+    Input::Staging {
+        node,
+        msg: StagingMsg::Progress(Box::new(pb::StageProgress {
+            deployment: st.deployment.clone(),
+            deployment_uid: st.deployment_uid.clone(),
+            generation: st.generation,
+            bytes_done: done,
+            bytes_needed: 0,
+            done: finished,
+            error: error.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+#[test]
+fn a_staged_generation_launches_once_every_node_has_its_stage_files() {
+    let (mut h, asked, _) = staged_pair();
+    assert_eq!(h.dep("st").state, pb::DeploymentState::Staging as i32);
+    assert_eq!(asked.path, "/models/llama");
+    // An index from a node that was not asked is ignored.
+    let mut from_w1 = index_of(&asked, llama_files());
+    if let Input::Staging { node, .. } = &mut from_w1 {
+        *node = nid(2);
+    }
+    assert!(stage_models(&h.feed(from_w1)).is_empty());
+    // The source's index: w1 (stage 1: layers 16-31) gets the config and both shards (layer 16
+    // is in the first), from the head's transfer server.
+    let e = h.feed(index_of(&asked, llama_files()));
+    let st = stage_models(&e);
+    assert_eq!(st.len(), 1, "{e:?}");
+    let (n, st) = st[0].clone();
+    assert_eq!(n, nid(2));
+    let names: Vec<&str> = st.files.iter().filter_map(|f| f.file.as_ref()).map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["config.json", "model-1.safetensors", "model-2.safetensors"]);
+    assert_eq!((st.files[0].sources[0].node.as_str(), st.files[0].sources[0].port), ("head", 7001));
+    assert_eq!(st.token.len(), 64);
+    assert!(launches(&e).is_empty());
+    // Progress shows; the generation launches once w1 is done, node rank 0 first.
+    assert!(launches(&h.feed(progress(nid(2), &st, 50 << 20, false, ""))).is_empty());
+    let d = h.dep("st");
+    let w1 = d.staging_nodes.iter().find(|n| n.node == "w1").expect("w1 shown");
+    assert_eq!((w1.bytes_done, w1.bytes_needed, w1.phase.as_str()), (50 << 20, (190 << 20) + 900, "fetching"));
+    let e = h.feed(progress(nid(2), &st, 190 << 20, true, ""));
+    let first = launches(&e);
+    assert_eq!(first.len(), 1);
+    assert_eq!((first[0].0, first[0].1.staged_model.as_str()), (nid(1), ""), "the head reads the model in place");
+    let all = h.run_launches(e);
+    let ls = launches(&all);
+    let w1_launch = ls.iter().find(|(n, _)| *n == nid(2)).expect("w1 launched");
+    assert_eq!(w1_launch.1.staged_model, st.key, "w1's engine reads the staged directory");
+    h.all_ready(&ls);
+    assert_eq!(h.dep("st").state, pb::DeploymentState::Running as i32);
+}
+
+#[test]
+fn a_failed_staging_stops_every_participant_and_restarts_the_group() {
+    let (mut h, asked, _) = staged_pair();
+    let st = stage_models(&h.feed(index_of(&asked, llama_files())))[0].1.clone();
+    // A restarted worker rejoins mid-staging: it is told its part again (it resumes).
+    let again = stage_models(&h.feed(Input::NodeJoined { node: nid(2), running: Vec::new() }));
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].1.key, st.key);
+    // It fails: the head's node and w1 stop their part at once; one event names why.
+    let e = h.feed(progress(nid(2), &st, 0, true, "the disk is full"));
+    let stopped: Vec<NodeId> = stops(&e).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(stopped, [nid(1), nid(2)]);
+    let e = h.tick_after(SETTLE);
+    let ev = emits(&e);
+    assert!(ev.iter().any(|(s, m)| *s == pb::DeploymentState::Restarting && m.contains("staging to w1 failed: the disk is full")), "{ev:?}");
+    // A bad index (a path in a file name) fails the generation too.
+    let (mut h, asked, _) = staged_pair();
+    let mut files = llama_files();
+    files[0].name = "../../etc/shadow".into();
+    h.feed(index_of(&asked, files));
+    let ev = emits(&h.tick_after(SETTLE));
+    assert!(ev.iter().any(|(_, m)| m.contains("not a plain file name")), "{ev:?}");
+}
+
+#[test]
+fn staging_needs_the_heads_node_and_workers_that_can_receive() {
+    // No transfer server on the head's node: refused at create, naming the way out.
+    let mut h = H::new(vec![node(1, "head", 4, true), staging_node(2, "w1", 4, false)]);
+    let mut s = spec("st", 4, 2);
+    s.staging = true;
+    let e = h.create(s.clone());
+    let r = replies(&e);
+    assert!(matches!(&r[0], Err(DeployError::InvalidPlan(m)) if m.contains("--staging off")), "{r:?}");
+    // A worker without one: the generation fails with its name.
+    let mut h = H::new(vec![staging_node(1, "head", 4, true), node(2, "old", 4, false)]);
+    let e = h.create(s);
+    let asked = sends(&e, |m| match m {
+        pb::head_message::Msg::IndexModel(i) => Some(i.clone()),
+        _ => None,
+    });
+    h.feed(index_of(&asked[0].1, llama_files()));
+    let ev = emits(&h.tick_after(SETTLE));
+    assert!(ev.iter().any(|(_, m)| m.contains("old cannot receive a staged model")), "{ev:?}");
 }

@@ -19,12 +19,14 @@ pub mod inventory;
 pub mod machine;
 pub mod record;
 pub mod spec;
+pub mod staging;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use staging::StagingMsg;
 use tessera_common::ids::NodeId;
 use tessera_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -60,6 +62,7 @@ enum Cmd {
     List { reply: oneshot::Sender<Vec<pb::Deployment>> },
     Reserved { reply: oneshot::Sender<(usize, usize)> },
     Report { node: NodeId, report: pb::ShardReport },
+    Staging { node: NodeId, msg: StagingMsg },
     NodeJoined { node: NodeId, running: Vec<pb::ShardReport> },
     Logs { req: pb::LogsRequest, reply: oneshot::Sender<Result<(u64, LogStream), DeployError>> },
     LogData { node: NodeId, data: pb::LogData },
@@ -406,6 +409,11 @@ impl Deployments {
         self.ask(|reply| Cmd::Reserved { reply }).await
     }
 
+    /// A worker's staging message (an index of a model, or progress).
+    pub async fn staging(&self, node: NodeId, msg: StagingMsg) {
+        let _ = self.tx.send(Cmd::Staging { node, msg }).await;
+    }
+
     pub async fn report(&self, node: NodeId, report: pb::ShardReport) {
         let _ = self.tx.send(Cmd::Report { node, report }).await;
     }
@@ -525,6 +533,7 @@ impl Shell {
                 let _ = reply.send(self.machine.reservation_counts());
             }
             Cmd::Report { node, report } => self.feed(Input::Report { node, report }).await,
+            Cmd::Staging { node, msg } => self.feed(Input::Staging { node, msg }).await,
             Cmd::Load { name, generation, in_flight } => self.feed(Input::Load { name, generation, in_flight }).await,
             Cmd::NodeJoined { node, running } => self.feed(Input::NodeJoined { node, running }).await,
             Cmd::Logs { req, reply } => {

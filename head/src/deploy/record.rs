@@ -87,6 +87,7 @@ fn spec_record(s: &DeploymentSpec) -> StoredDeployment {
         drain_timeout_s: check_to_wire(s.drain_timeout),
         revision: s.revision,
         previous: None,
+        staging: s.staging,
         generation: 0,
         restarts: 0,
         restart_times_unix_ms: Vec::new(),
@@ -127,6 +128,7 @@ pub fn to_spec(r: &StoredDeployment) -> Result<DeploymentSpec, String> {
             Some(p) => Some(Box::new(to_spec(p)?)),
             None => None,
         },
+        staging: r.staging,
     };
     // Records of older versions may hold engine args this version refuses at Create: they keep
     // running as they were launched (their args pass through unread) rather than be dropped.

@@ -91,6 +91,8 @@ pub struct DeploymentSpec {
     pub revision: u32,
     /// The revision before (for a rollback); its own `previous` is not kept.
     pub previous: Option<Box<DeploymentSpec>>,
+    /// Weight staging: the model is read on the head and each other node gets its stages' files.
+    pub staging: bool,
 }
 
 impl DeploymentSpec {
@@ -230,6 +232,28 @@ pub fn check_name(name: &str) -> Result<(), Status> {
     }
 }
 
+/// Whether a request stages its model: on for the vllm and command engines when the model is a
+/// directory (the probe reads no weights); `STAGING_MODE_ON` needs a directory.
+fn staging_from_request(
+    r: &pb::CreateDeploymentRequest,
+    model: &std::path::Path,
+    engine: Engine,
+) -> Result<bool, Status> {
+    let is_dir = std::fs::metadata(model).is_ok_and(|m| m.is_dir());
+    match pb::StagingMode::try_from(r.staging).unwrap_or(pb::StagingMode::Unspecified) {
+        pb::StagingMode::Off => Ok(false),
+        pb::StagingMode::On if !is_dir => Err(bad(
+            "staging",
+            format!(
+                "{} is not a directory on the head: staging sends a model directory (use staging off when every node has the model at this path)",
+                model.display()
+            ),
+        )),
+        pb::StagingMode::On => Ok(true),
+        pb::StagingMode::Unspecified => Ok(is_dir && engine != Engine::Probe),
+    }
+}
+
 impl DeploymentSpec {
     pub fn from_request(r: &pb::CreateDeploymentRequest) -> Result<Self, Status> {
         check_name(&r.name)?;
@@ -333,6 +357,7 @@ impl DeploymentSpec {
             n if n > 1000 => return Err(bad("max_restarts", format!("{n} is more than 1000"))),
             n => n as u32,
         };
+        let staging = staging_from_request(r, &model_path, engine)?;
         let mut spec = DeploymentSpec {
             name: r.name.clone(),
             model_path,
@@ -354,6 +379,7 @@ impl DeploymentSpec {
             drain_timeout,
             revision: 1,
             previous: None,
+            staging,
         };
         spec.read_engine_settings(util != 0.0).map_err(Status::invalid_argument)?;
         Ok(spec)

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::deploy::Deployments;
+use crate::deploy::staging::StagingMsg;
 use crate::membership::{Admitted, ConnInfo, JoinError, Membership};
 
 /// Join refusals as gRPC codes.
@@ -138,6 +139,12 @@ async fn pump(
                 }
                 Some(pb::worker_message::Msg::Shard(report)) => deployments.report(node_id, report).await,
                 Some(pb::worker_message::Msg::LogData(data)) => deployments.log_data(node_id, data).await,
+                Some(pb::worker_message::Msg::ModelIndex(m)) => {
+                    deployments.staging(node_id, StagingMsg::Index(Box::new(m))).await
+                }
+                Some(pb::worker_message::Msg::StageProgress(p)) => {
+                    deployments.staging(node_id, StagingMsg::Progress(Box::new(p))).await
+                }
                 Some(pb::worker_message::Msg::Leave(leave)) => {
                     membership.leave(node_id, session_id, leave.reason).await;
                     let _ = tx.send(Ok(msg(pb::head_message::Msg::Left(pb::Left {})))).await;

@@ -403,6 +403,7 @@ async fn metrics_scrape_bench(nodes: usize) -> anyhow::Result<()> {
                 connect_timeout: Duration::from_secs(5),
                 leave_timeout: Duration::from_secs(1),
                 shards: None,
+                stage: None,
             },
             state,
         )?;

@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
     /// Hosts shard processes; `None` for a node that runs no shards (tests of membership alone).
     pub shards: Option<crate::shard::HostConfig>,
+    /// Weight staging (the model cache and the transfer server); needs `shards`.
+    pub stage: Option<crate::stage::StageConfig>,
 }
 
 /// What the agent knows about its membership, for whoever embeds it.
@@ -63,6 +65,8 @@ pub enum AgentError {
     Refused(String),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error("model staging: {0}")]
+    Stage(String),
     #[error("invalid head URL {url:?}: {why}; write e.g. http://10.0.0.1:7470")]
     BadHeadUrl { url: String, why: String },
 }
@@ -87,6 +91,7 @@ pub struct Agent {
     credential_refused: std::sync::atomic::AtomicBool,
     /// What this node can run, found at start.
     capabilities: tessera_common::node::Capabilities,
+    stager: Option<crate::stage::Stager>,
 }
 
 impl Agent {
@@ -104,11 +109,22 @@ impl Agent {
             }
             None => (None, None),
         };
-        let capabilities = match &config.shards {
+        let mut capabilities = match &config.shards {
             Some(cfg) => crate::shard::capabilities::detect(cfg),
             None => tessera_common::node::Capabilities::default(),
         };
-        Ok(Agent { config, state, status, host, up_rx, credential_refused: Default::default(), capabilities })
+        let stager = match (&host, &config.stage) {
+            (Some(h), Some(cfg)) => {
+                let h2 = h.clone();
+                let counters = config.metrics.as_ref().map(|m| m.stage.clone()).unwrap_or_default();
+                let in_use = std::sync::Arc::new(move || h2.models_in_use());
+                let s = crate::stage::Stager::start(cfg, h.up_sender(), in_use, counters).map_err(AgentError::Stage)?;
+                capabilities.transfer_port = s.port();
+                Some(s)
+            }
+            _ => None,
+        };
+        Ok(Agent { config, state, status, host, up_rx, credential_refused: Default::default(), capabilities, stager })
     }
 
     /// The shard host, when this agent hosts shards.
@@ -345,10 +361,21 @@ impl Agent {
                                 None => warn!(deployment = %l.deployment, "asked to launch shards, but this node hosts none"),
                             },
                             Some(pb::head_message::Msg::Stop(s)) => {
+                                if let Some(st) = &self.stager {
+                                    st.stop(&s.deployment, &s.deployment_uid, s.below_generation);
+                                }
                                 if let Some(h) = &self.host {
                                     h.stop(s);
                                 }
                             }
+                            Some(pb::head_message::Msg::IndexModel(m)) => match &self.stager {
+                                Some(st) => st.index(m),
+                                None => warn!(deployment = %m.deployment, "asked to index a model, but staging is off on this node"),
+                            },
+                            Some(pb::head_message::Msg::StageModel(m)) => match &self.stager {
+                                Some(st) => st.stage(m),
+                                None => warn!(deployment = %m.deployment, "asked to stage a model, but staging is off on this node"),
+                            },
                             Some(pb::head_message::Msg::LogRequest(r)) => {
                                 if let Some(h) = &self.host {
                                     h.logs(r);

@@ -32,7 +32,7 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
 /// Finds what this node can run (blocks up to [`VERSION_TIMEOUT`]).
 pub fn detect(cfg: &HostConfig) -> Capabilities {
     let vllm = vllm_bin(cfg).map(|bin| version(&bin).unwrap_or_else(|| "unknown".into()));
-    Capabilities { vllm, command_allowed: cfg.allow_command, reported: true }
+    Capabilities { vllm, command_allowed: cfg.allow_command, reported: true, transfer_port: 0 }
 }
 
 /// vLLM's version, read from its package metadata by the interpreter its `vllm` script names
@@ -93,6 +93,7 @@ mod tests {
             orphan_timeout: Duration::from_secs(1),
             log_max_bytes: 1,
             engine_user: None,
+            models_dir: None,
         }
     }
 

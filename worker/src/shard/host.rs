@@ -37,6 +37,8 @@ pub struct HostConfig {
     pub log_max_bytes: u64,
     /// `--engine-user`: engines run as this user.
     pub engine_user: Option<spec::EngineUser>,
+    /// The model cache's `models/` directory, where `{staged_model}` points.
+    pub models_dir: Option<PathBuf>,
 }
 
 /// A process: deployment name, incarnation, generation, process key.
@@ -63,6 +65,8 @@ struct Proc {
     exited: bool,
     /// Told to stop: its checks end (a stopping engine is not a sick one).
     stopping: bool,
+    /// The staged model directory (its key) the process reads, kept from eviction while it lives.
+    model: String,
 }
 
 #[derive(Clone)]
@@ -114,6 +118,15 @@ impl ShardHost {
 
         let (master_port, health_port) =
             if l.pick_ports { free_ports().unwrap_or((0, 0)) } else { (l.master_port as u16, l.health_port as u16) };
+        // `{staged_model}`: the model directory staging made in this node's cache.
+        let staged = self.staged_dir(&l.staged_model);
+        let subst = |s: &str| -> String {
+            let s = subst(s, master_port, health_port);
+            match &staged {
+                Ok(Some(dir)) => s.replace("{staged_model}", &dir.display().to_string()),
+                _ => s,
+            }
+        };
         for p in l.processes {
             let key = Key {
                 deployment: l.deployment.clone(),
@@ -136,10 +149,11 @@ impl ShardHost {
                 health_port: health_port as u32,
                 ..Default::default()
             };
-            let argv = match self.program(&p).and_then(|prog| self.check_env(&p).map(|()| prog)) {
+            let ready = staged.clone().map(|_| ());
+            let argv = match ready.and_then(|()| self.program(&p)).and_then(|prog| self.check_env(&p).map(|()| prog)) {
                 Ok(prog) => {
                     let mut v = prog;
-                    v.extend(p.args.iter().map(|a| subst(a, master_port, health_port)));
+                    v.extend(p.args.iter().map(|a| subst(a)));
                     v
                 }
                 Err(why) => {
@@ -149,12 +163,19 @@ impl ShardHost {
                     report.exit_code = Some(127);
                     report.error = why.clone();
                     report.log_tail = why;
-                    report.permanent = true;
+                    report.permanent = staged.is_ok();
                     report.exited_unix_ms = spec::unix_ms();
-                    self.procs
-                        .lock()
-                        .expect("lock")
-                        .insert(key, Proc { dir, last: report.clone(), cmd: None, exited: true, stopping: false });
+                    self.procs.lock().expect("lock").insert(
+                        key,
+                        Proc {
+                            dir,
+                            last: report.clone(),
+                            cmd: None,
+                            exited: true,
+                            stopping: false,
+                            model: String::new(),
+                        },
+                    );
                     let _ = self.up.send(shard_msg(report));
                     continue;
                 }
@@ -172,17 +193,14 @@ impl ShardHost {
                 ranks: p.ranks.clone(),
                 argv,
                 env: {
-                    let mut env = p
-                        .env
-                        .iter()
-                        .map(|(k, v)| (k.clone(), subst(v, master_port, health_port)))
-                        .collect::<BTreeMap<_, _>>();
+                    let mut env = p.env.iter().map(|(k, v)| (k.clone(), subst(v))).collect::<BTreeMap<_, _>>();
                     socket_ifname(&mut env, &p.socket_ifname_of);
                     env
                 },
                 stop_grace_s: grace.as_secs(),
                 orphan_timeout_s: self.cfg.orphan_timeout.as_secs().max(1),
                 log_max_bytes: self.cfg.log_max_bytes,
+                staged_model: l.staged_model.clone(),
                 health_port: health,
                 master_port: Some(master_port),
                 run_as: self.cfg.engine_user.clone(),
@@ -204,16 +222,23 @@ impl ShardHost {
                 report.exit_code = Some(127);
                 report.error = format!("cannot write {}: {e}", dir.display());
                 report.exited_unix_ms = spec::unix_ms();
-                self.procs
-                    .lock()
-                    .expect("lock")
-                    .insert(key, Proc { dir, last: report.clone(), cmd: None, exited: true, stopping: false });
+                self.procs.lock().expect("lock").insert(
+                    key,
+                    Proc { dir, last: report.clone(), cmd: None, exited: true, stopping: false, model: String::new() },
+                );
                 let _ = self.up.send(shard_msg(report));
                 continue;
             }
             self.procs.lock().expect("lock").insert(
                 key.clone(),
-                Proc { dir: dir.clone(), last: report.clone(), cmd: None, exited: false, stopping: false },
+                Proc {
+                    dir: dir.clone(),
+                    last: report.clone(),
+                    cmd: None,
+                    exited: false,
+                    stopping: false,
+                    model: l.staged_model.clone(),
+                },
             );
             let _ = self.up.send(shard_msg(report));
             match tokio::process::Command::new(&self.cfg.exe)
@@ -293,6 +318,40 @@ impl ShardHost {
 
     /// A deployment's env may not hook loaders or interpreters (`LD_PRELOAD`, `PYTHONSTARTUP`,
     /// `BROWSER` ...) unless this worker runs arbitrary commands anyway (`--allow-command`).
+    /// The model directory `key` names (None for no key); Err when it is not there.
+    fn staged_dir(&self, key: &str) -> Result<Option<PathBuf>, String> {
+        if key.is_empty() {
+            return Ok(None);
+        }
+        let Some(root) = &self.cfg.models_dir else {
+            return Err("this node has no model cache (staging is off on its worker)".into());
+        };
+        if key.len() != 32 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("staged model key {key:?} is not 32 hex digits"));
+        }
+        let dir = root.join(key);
+        if !dir.is_dir() {
+            return Err(format!("the staged model {} is not in this node's cache", dir.display()));
+        }
+        Ok(Some(dir))
+    }
+
+    /// Model directories (keys) that live processes read.
+    pub fn models_in_use(&self) -> std::collections::HashSet<String> {
+        self.procs
+            .lock()
+            .expect("lock")
+            .values()
+            .filter(|p| !p.exited && !p.model.is_empty())
+            .map(|p| p.model.clone())
+            .collect()
+    }
+
+    /// Where this host's messages to the head go (shared with staging).
+    pub fn up_sender(&self) -> mpsc::UnboundedSender<pb::WorkerMessage> {
+        self.up.clone()
+    }
+
     fn check_env(&self, p: &pb::ShardProcess) -> Result<(), String> {
         if self.cfg.allow_command {
             return Ok(());
@@ -619,7 +678,14 @@ impl ShardHost {
             };
             self.procs.lock().expect("lock").insert(
                 key.clone(),
-                Proc { dir: dir.clone(), last: report, cmd: None, exited: false, stopping: false },
+                Proc {
+                    dir: dir.clone(),
+                    last: report,
+                    cmd: None,
+                    exited: false,
+                    stopping: false,
+                    model: s.staged_model.clone(),
+                },
             );
             info!(deployment = %s.deployment, generation = s.generation, key = %s.key, pid = ?st.pid, "adopted a running shim");
             self.attach(key, dir, Watch::of(&s, s.health_port));
@@ -882,6 +948,7 @@ mod tests {
             orphan_timeout: Duration::from_secs(1),
             log_max_bytes: 1,
             engine_user: None,
+            models_dir: None,
         };
         let p = |args: &[&str]| pb::ShardProcess {
             program: pb::ShardProgram::Vllm as i32,
@@ -958,16 +1025,24 @@ mod fencing_tests {
             orphan_timeout: Duration::from_secs(1),
             log_max_bytes: 1 << 20,
             engine_user: None,
+            models_dir: None,
         };
         let (host, _rx) = ShardHost::new(cfg);
         let add = |uid: &str, generation: u64, exited: bool| {
             let p = spec::process_dir(dir.path(), "llama", uid, generation, "rank-0");
             std::fs::create_dir_all(&p).expect("mkdir");
             let key = Key { deployment: "llama".into(), uid: uid.into(), generation, key: "rank-0".into() };
-            host.procs
-                .lock()
-                .expect("lock")
-                .insert(key, Proc { dir: p, last: pb::ShardReport::default(), cmd: None, exited, stopping: false });
+            host.procs.lock().expect("lock").insert(
+                key,
+                Proc {
+                    dir: p,
+                    last: pb::ShardReport::default(),
+                    cmd: None,
+                    exited,
+                    stopping: false,
+                    model: String::new(),
+                },
+            );
         };
         add("old", 9, true);
         for g in 1..=4 {

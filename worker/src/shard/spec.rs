@@ -43,6 +43,9 @@ pub struct ShimSpec {
     /// Checks of a ready engine (node rank 0 of vllm).
     #[serde(default)]
     pub liveness: Option<LivenessSpec>,
+    /// The staged model directory's key (kept from cache eviction while the process lives).
+    #[serde(default)]
+    pub staged_model: String,
 }
 
 /// `pb::Liveness`, as kept in `spec.json`.

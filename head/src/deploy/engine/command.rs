@@ -23,7 +23,7 @@ fn fill(ctx: &LaunchContext<'_>, share: &NodeShare, rank: Option<&RankPlacement>
     let args: Vec<String> = s.engine_args.iter().map(|a| shell_quote(a)).collect();
     let mut t = s
         .command
-        .replace("{model}", &shell_quote(&s.model_path.display().to_string()))
+        .replace("{model}", &shell_quote(&share.model))
         .replace("{tp}", &s.tp.to_string())
         .replace("{pp}", &s.pp.to_string())
         .replace("{world_size}", &(s.tp * s.pp).to_string())
@@ -92,7 +92,7 @@ mod tests {
         assert_eq!(procs.len(), 2);
         let p = &procs[1];
         assert_eq!(p.key, "rank-3");
-        assert_eq!(p.args, vec!["run /models/llama rank=3 tp=1 pp=1 node=1/2 at 10.0.0.1".to_string()]);
+        assert_eq!(p.args, vec!["run '{staged_model}' rank=3 tp=1 pp=1 node=1/2 at 10.0.0.1".to_string()]);
         let env = |k: &str| p.env.get(k).cloned().unwrap_or_default();
         for (k, v) in [
             ("RANK", "3"),

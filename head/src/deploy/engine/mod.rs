@@ -29,6 +29,9 @@ pub struct NodeShare {
     pub address: IpAddr,
     pub node_rank: u64,
     pub ranks: Vec<RankPlacement>,
+    /// The model path this node's engine reads: the deployment's, or `{staged_model}` (the
+    /// directory staging made in the node's cache, filled in by its worker).
+    pub model: String,
 }
 
 impl NodeShare {
@@ -175,6 +178,7 @@ pub(crate) mod fixture {
                 address: "10.0.0.1".parse().expect("ip"),
                 node_rank: 0,
                 ranks: vec![rank(0, "a", a, 0, 2), rank(1, "a", a, 0, 3)],
+                model: "/models/llama".into(),
             },
             NodeShare {
                 node_id: b,
@@ -182,6 +186,7 @@ pub(crate) mod fixture {
                 address: "10.0.0.2".parse().expect("ip"),
                 node_rank: 1,
                 ranks: vec![rank(2, "b", b, 1, 0), rank(3, "b", b, 1, 1)],
+                model: "{staged_model}".into(),
             },
         ];
         let stages = vec![

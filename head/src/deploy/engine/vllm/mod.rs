@@ -24,7 +24,7 @@ pub fn processes(ctx: &LaunchContext<'_>, share: &NodeShare) -> Vec<pb::ShardPro
     let a = s.vllm_args();
     let mut args = vec![
         "serve".to_string(),
-        s.model_path.display().to_string(),
+        share.model.clone(),
         "--tensor-parallel-size".into(),
         s.tp.to_string(),
         "--pipeline-parallel-size".into(),

@@ -1,0 +1,352 @@
+//! Weight staging on a node: the model is read on one node (the source) and every other node of a
+//! generation fetches, into its own content-addressed cache, only the files its pipeline stages
+//! need, from the source or from a peer that has them already (see `proto/.../cluster.proto`).
+//!
+//! # Layout
+//! - [`index`]: the source's side: which files a model has, their hashes (kept), what each holds.
+//! - [`cache`]: the cache: blobs by sha256, partial files, model directories of links, eviction.
+//! - [`serve`]: the transfer server (HTTP with range requests, per-staging bearer tokens).
+//! - [`fetch`]: one file from its sources, every chunk checked, resumed after its last good chunk.
+
+pub mod cache;
+pub mod fetch;
+pub mod index;
+pub mod serve;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tessera_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use cache::Cache;
+use index::HashCache;
+use serve::{Grant, Grants, ServeState};
+
+/// Files fetched at once by one staging.
+pub const PARALLEL_FILES: usize = 4;
+/// How often progress goes to the head.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Byte counts for the worker's metrics.
+#[derive(Clone, Default, Debug)]
+pub struct StageCounters {
+    pub served: prometheus_client::metrics::counter::Counter,
+    pub fetched: prometheus_client::metrics::counter::Counter,
+    pub refetched: prometheus_client::metrics::counter::Counter,
+}
+
+/// Settings, from the worker's flags.
+#[derive(Debug, Clone)]
+pub struct StageConfig {
+    /// `--cache-dir`.
+    pub cache_dir: PathBuf,
+    /// `--cache-max-bytes` (0: no limit but the disk).
+    pub max_bytes: u64,
+    /// `--transfer-listen`.
+    pub listen: SocketAddr,
+    /// Where the source keeps its hashes.
+    pub state_dir: PathBuf,
+    /// `--transfer-max-rate`: bytes per second this node fetches at most (0: no limit).
+    pub max_rate: u64,
+}
+
+struct Task {
+    uid: String,
+    generation: u64,
+    cancel: CancellationToken,
+    /// The model directory it makes (a staging), kept from eviction.
+    key: String,
+}
+
+/// Model directories that live processes use (their keys): kept from eviction.
+pub type InUse = Arc<dyn Fn() -> HashSet<String> + Send + Sync>;
+
+#[derive(Clone)]
+pub struct Stager {
+    cache: Arc<Cache>,
+    hashes: Arc<HashCache>,
+    grants: Arc<Mutex<Grants>>,
+    /// By (deployment, is the source's indexing).
+    tasks: Arc<Mutex<HashMap<(String, bool), Task>>>,
+    up: mpsc::UnboundedSender<pb::WorkerMessage>,
+    port: u16,
+    counters: StageCounters,
+    in_use: InUse,
+    limit: Arc<fetch::Limit>,
+}
+
+impl Stager {
+    /// Opens the cache and starts the transfer server. Must run inside the runtime.
+    pub fn start(
+        cfg: &StageConfig,
+        up: mpsc::UnboundedSender<pb::WorkerMessage>,
+        in_use: InUse,
+        counters: StageCounters,
+    ) -> Result<Stager, String> {
+        let cache = Cache::open(cfg.cache_dir.clone(), cfg.max_bytes)
+            .map_err(|e| format!("--cache-dir {}: {e}", cfg.cache_dir.display()))?;
+        let _ = std::fs::create_dir_all(cfg.state_dir.join("stage"));
+        let hashes = Arc::new(HashCache::open(cfg.state_dir.join("stage").join("hashes.json")));
+        let listener = std::net::TcpListener::bind(cfg.listen)
+            .map_err(|e| format!("--transfer-listen {}: cannot listen: {e}", cfg.listen))?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+        let grants = Arc::new(Mutex::new(Grants::default()));
+        let state = ServeState {
+            cache: cache.clone(),
+            grants: grants.clone(),
+            serving: Arc::new(tokio::sync::Semaphore::new(serve::MAX_SERVING)),
+            served_bytes: counters.served.clone(),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, serve::router(state)).await {
+                warn!(error = %e, "the transfer server stopped");
+            }
+        });
+        info!(port, cache = %cfg.cache_dir.display(), "model transfer server listening");
+        Ok(Stager {
+            cache,
+            hashes,
+            grants,
+            tasks: Default::default(),
+            up,
+            port,
+            counters,
+            in_use,
+            limit: Arc::new(fetch::Limit::new(cfg.max_rate)),
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Bytes this node has served to peers.
+    pub fn served_bytes(&self) -> u64 {
+        self.counters.served.get()
+    }
+
+    /// Where the model directory `key` is.
+    pub fn model_dir(&self, key: &str) -> PathBuf {
+        self.cache.model_dir(key)
+    }
+
+    fn begin(&self, deployment: &str, index: bool, uid: &str, generation: u64, key: &str) -> CancellationToken {
+        let cancel = CancellationToken::new();
+        let old = self.tasks.lock().expect("lock").insert(
+            (deployment.to_string(), index),
+            Task { uid: uid.to_string(), generation, cancel: cancel.clone(), key: key.to_string() },
+        );
+        if let Some(old) = old {
+            old.cancel.cancel();
+        }
+        cancel
+    }
+
+    /// Forgets a finished task, unless a newer one took its place.
+    fn end(&self, deployment: &str, index: bool, cancel: &CancellationToken) {
+        let mut t = self.tasks.lock().expect("lock");
+        let k = (deployment.to_string(), index);
+        if !cancel.is_cancelled() && t.get(&k).is_some_and(|t| !t.cancel.is_cancelled()) {
+            // Ours is not cancelled, so it was not replaced (a replacement cancels the old one).
+            t.remove(&k);
+        }
+    }
+
+    /// Stops stagings and ends grants of `deployment`: every incarnation but `keep_uid` (when not
+    /// empty), and generations below `below` (0: all).
+    pub fn stop(&self, deployment: &str, keep_uid: &str, below: u64) {
+        let mut t = self.tasks.lock().expect("lock");
+        t.retain(|(d, _), task| {
+            let stop = d == deployment
+                && (below == 0 || task.generation < below || (!keep_uid.is_empty() && task.uid != keep_uid));
+            if stop {
+                task.cancel.cancel();
+            }
+            !stop
+        });
+        self.grants.lock().expect("lock").end(deployment, below);
+    }
+
+    /// The source's part: hash the model, answer with its files, serve them to the token.
+    pub fn index(&self, m: pb::IndexModel) {
+        let cancel = self.begin(&m.deployment, true, &m.deployment_uid, m.generation, "");
+        let me = self.clone();
+        tokio::spawn(async move {
+            let total = Arc::new(AtomicU64::new(0));
+            let hashed = Arc::new(AtomicU64::new(0));
+            let (hashes, path) = (me.hashes.clone(), PathBuf::from(&m.path));
+            let (t2, h2) = (total.clone(), hashed.clone());
+            let mut job = tokio::task::spawn_blocking(move || index::index(&hashes, &path, &t2, &h2));
+            let msg = |files: Vec<pb::ModelFile>, done: bool, error: String| pb::ModelIndex {
+                deployment: m.deployment.clone(),
+                deployment_uid: m.deployment_uid.clone(),
+                generation: m.generation,
+                files,
+                done,
+                error,
+                bytes_hashed: hashed.load(Ordering::Relaxed),
+                bytes_total: total.load(Ordering::Relaxed),
+            };
+            let mut tick = tokio::time::interval(PROGRESS_EVERY);
+            tick.tick().await;
+            let result = loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => { job.abort(); return; }
+                    _ = tick.tick() => me.send(pb::worker_message::Msg::ModelIndex(msg(Vec::new(), false, String::new()))),
+                    r = &mut job => break r.map_err(|e| e.to_string()).and_then(|r| r),
+                }
+            };
+            let reply = match result {
+                Ok(files) => {
+                    let grant = Grant {
+                        deployment: m.deployment.clone(),
+                        generation: m.generation,
+                        files: files
+                            .iter()
+                            .map(|(f, p)| (index::hex(&f.sha256), Some((p.clone(), f.size_bytes))))
+                            .collect(),
+                        expires: Instant::now() + serve::GRANT_TTL,
+                    };
+                    me.grants.lock().expect("lock").insert(&m.token, grant);
+                    info!(deployment = %m.deployment, files = files.len(), "model indexed; serving it to the staging's nodes");
+                    msg(files.into_iter().map(|(f, _)| f).collect(), true, String::new())
+                }
+                Err(e) => {
+                    warn!(deployment = %m.deployment, error = %e, "cannot index the model");
+                    msg(Vec::new(), true, e)
+                }
+            };
+            if !cancel.is_cancelled() {
+                me.send(pb::worker_message::Msg::ModelIndex(reply));
+            }
+            me.end(&m.deployment, true, &cancel);
+        });
+    }
+
+    /// A receiver's part: fetch the files, make the model directory, report progress.
+    pub fn stage(&self, m: pb::StageModel) {
+        let cancel = self.begin(&m.deployment, false, &m.deployment_uid, m.generation, &m.key);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let counters = Arc::new(fetch::Counters::default());
+            let needed: u64 = m.files.iter().filter_map(|f| f.file.as_ref()).map(|f| f.size_bytes).sum();
+            let progress = |done: bool, error: String| pb::StageProgress {
+                deployment: m.deployment.clone(),
+                deployment_uid: m.deployment_uid.clone(),
+                generation: m.generation,
+                bytes_done: counters.done.load(Ordering::Relaxed).min(needed),
+                bytes_needed: needed,
+                files_done: counters.files_done.load(Ordering::Relaxed),
+                files_needed: m.files.len() as u32,
+                done,
+                error,
+                bytes_fetched: counters.fetched.load(Ordering::Relaxed),
+                chunks_refetched: counters.refetched.load(Ordering::Relaxed),
+            };
+            let work = me.stage_files(&m, &counters, &cancel);
+            tokio::pin!(work);
+            let mut tick = tokio::time::interval(PROGRESS_EVERY);
+            tick.tick().await;
+            let result = loop {
+                tokio::select! {
+                    _ = tick.tick() => me.send(pb::worker_message::Msg::StageProgress(progress(false, String::new()))),
+                    r = &mut work => break r,
+                }
+            };
+            me.counters.fetched.inc_by(counters.fetched.load(Ordering::Relaxed));
+            me.counters.refetched.inc_by(counters.refetched.load(Ordering::Relaxed) as u64);
+            if cancel.is_cancelled() {
+                return;
+            }
+            match result {
+                Ok(dir) => {
+                    info!(deployment = %m.deployment, generation = m.generation, dir = %dir.display(), bytes = needed, "model staged");
+                    me.send(pb::worker_message::Msg::StageProgress(progress(true, String::new())));
+                }
+                Err(e) => {
+                    warn!(deployment = %m.deployment, generation = m.generation, error = %e, "staging failed");
+                    me.send(pb::worker_message::Msg::StageProgress(progress(true, e)));
+                }
+            }
+            me.end(&m.deployment, false, &cancel);
+        });
+    }
+
+    async fn stage_files(
+        &self,
+        m: &pb::StageModel,
+        c: &Arc<fetch::Counters>,
+        cancel: &CancellationToken,
+    ) -> Result<PathBuf, String> {
+        if m.key.len() != 32 || !m.key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("model directory key {:?} is not 32 hex digits", m.key));
+        }
+        let mut names = HashSet::new();
+        for f in &m.files {
+            let file = f.file.as_ref().ok_or("a staged file without its description")?;
+            fetch::check(file)?;
+            if !names.insert(file.name.clone()) {
+                return Err(format!("file {:?} is listed twice", file.name));
+            }
+        }
+        let shas: Vec<(String, String)> =
+            m.files.iter().filter_map(|f| f.file.as_ref()).map(|f| (f.name.clone(), index::hex(&f.sha256))).collect();
+        // Peers may fetch these from here as they arrive.
+        let grant = Grant {
+            deployment: m.deployment.clone(),
+            generation: m.generation,
+            files: shas.iter().map(|(_, s)| (s.clone(), None)).collect(),
+            expires: Instant::now() + serve::GRANT_TTL,
+        };
+        self.grants.lock().expect("lock").insert(&m.token, grant);
+        // Room in the cache for what is not there yet.
+        let need: u64 = m
+            .files
+            .iter()
+            .filter_map(|f| f.file.as_ref())
+            .filter(|f| !self.cache.has(&index::hex(&f.sha256), f.size_bytes))
+            .map(|f| f.size_bytes)
+            .sum();
+        let keep: HashSet<String> = shas.iter().map(|(_, s)| s.clone()).collect();
+        let mut keep_models = (self.in_use)();
+        keep_models.extend(self.tasks.lock().expect("lock").values().map(|t| t.key.clone()));
+        let cache = self.cache.clone();
+        tokio::task::spawn_blocking(move || cache.make_room(need, &keep, &keep_models))
+            .await
+            .map_err(|e| e.to_string())??;
+        let jobs: Vec<_> = m
+            .files
+            .iter()
+            .map(|f| {
+                let (cache, token, f, c, cancel, limit) =
+                    (self.cache.clone(), m.token.clone(), f.clone(), c.clone(), cancel.clone(), self.limit.clone());
+                async move { fetch::fetch_file(&cache, &token, &f, &c, &cancel, &limit).await }
+            })
+            .collect();
+        let results: Vec<Result<(), String>> =
+            futures_util::stream::iter(jobs).buffer_unordered(PARALLEL_FILES).collect().await;
+        if let Some(e) = results.into_iter().find_map(|r| r.err()) {
+            return Err(e);
+        }
+        let cache = self.cache.clone();
+        let key = m.key.clone();
+        tokio::task::spawn_blocking(move || cache.make_model_dir(&key, &shas)).await.map_err(|e| e.to_string())?
+    }
+
+    fn send(&self, msg: pb::worker_message::Msg) {
+        let _ = self.up.send(pb::WorkerMessage { msg: Some(msg) });
+    }
+}
