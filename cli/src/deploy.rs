@@ -37,6 +37,7 @@ pub struct DeployArgs {
     /// Negative: no drain.
     pub drain_timeout_s: i32,
     pub staging: StagingArg,
+    pub model_from: Option<String>,
     pub engine_args: Vec<String>,
     pub output: Output,
 }
@@ -170,6 +171,7 @@ pub fn deployment_json(d: &pb::Deployment) -> Value {
         "state": state_name(d.state),
         "staging": staging,
         "staging_nodes": staging_nodes,
+        "model_from": (!d.model_from.is_empty()).then_some(&d.model_from),
         "message": d.message,
         "generation": d.generation,
         "restarts": d.restarts,
@@ -207,6 +209,13 @@ pub fn deployment_json(d: &pb::Deployment) -> Value {
 }
 
 pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
+    if a.model_from.is_some() && !a.model.is_absolute() {
+        eprintln!(
+            "error: --model {}: with --model-from give the model's absolute path on that node",
+            a.model.display()
+        );
+        return Ok(2);
+    }
     let model = std::path::absolute(&a.model)?;
     let req = pb::CreateDeploymentRequest {
         name: a.name.clone(),
@@ -227,6 +236,7 @@ pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
         replicas: a.replicas,
         drain_timeout_s: a.drain_timeout_s,
         staging: a.staging.to_pb() as i32,
+        model_from: a.model_from.clone().unwrap_or_default(),
     };
     // Watch before creating, so no event of the new deployment is missed.
     let mut events = if a.wait {
@@ -445,7 +455,11 @@ pub async fn get(head: &str, name: String, output: Output) -> anyhow::Result<u8>
                 d.max_restarts
             );
             println!("message     {}", d.message);
-            println!("model       {}", d.model_path);
+            if d.model_from.is_empty() {
+                println!("model       {}", d.model_path);
+            } else {
+                println!("model       {} (on {})", d.model_path, d.model_from);
+            }
             println!("shape       TP {} x PP {} on {} node(s), engine {}", d.tp, d.pp, d.nnodes, engine_name(d.engine));
             if !d.endpoint.is_empty() {
                 println!("endpoint    {}", d.endpoint);
@@ -591,6 +605,7 @@ fn spec_of(d: &pb::Deployment) -> pb::CreateDeploymentRequest {
         replicas: 0,
         drain_timeout_s: d.drain_timeout_s,
         staging: d.staging,
+        model_from: d.model_from.clone(),
     }
 }
 

@@ -260,6 +260,11 @@ enum Cmd {
         /// command when MODEL is a directory, off for the probe
         #[arg(long, env = "TESSERA_STAGING", value_enum, default_value_t = deploy::StagingArg::Auto)]
         staging: deploy::StagingArg,
+        /// The node (name or id) that holds the model at MODEL, when it is not the head: the head
+        /// asks it for the model's config to plan, and staging reads the model there. MODEL is then
+        /// the absolute path on that node
+        #[arg(long, value_name = "NODE")]
+        model_from: Option<String>,
         #[arg(short, long, env = env::OUTPUT, value_enum, default_value_t = Output::Text)]
         output: Output,
         /// Arguments for the engine (after `--`)
@@ -504,6 +509,7 @@ fn main() -> ExitCode {
                 canary_interval,
                 drain_timeout,
                 staging,
+                model_from,
                 output,
                 engine_args,
             } => {
@@ -532,6 +538,7 @@ fn main() -> ExitCode {
                     canary_interval_s: canary_interval,
                     drain_timeout_s: drain_timeout,
                     staging,
+                    model_from,
                     engine_args,
                     output,
                 };

@@ -111,6 +111,11 @@ pub struct StoredDeployment {
     /// Weight staging (false in records written before it existed: they ran without).
     #[serde(default)]
     pub staging: bool,
+    /// `--model-from`: the node holding the model, and what it said of it.
+    #[serde(default)]
+    pub model_from: String,
+    #[serde(default)]
+    pub described: Option<String>,
     pub generation: u64,
     pub restarts: u32,
     /// Unix milliseconds of the restarts counted against max_restarts.
@@ -391,6 +396,8 @@ mod tests {
             revision: 0,
             previous: None,
             staging: false,
+            model_from: String::new(),
+            described: None,
             generation: 3,
             restarts: 2,
             restart_times_unix_ms: vec![1, 2],

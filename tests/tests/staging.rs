@@ -215,3 +215,34 @@ async fn a_worker_killed_mid_transfer_resumes_after_its_last_good_chunk() {
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+#[tokio::test]
+async fn a_model_on_a_worker_is_planned_from_what_it_says_and_staged_from_there() {
+    let s = cluster(&[], 1 << 20).await;
+    let mut c = tessera_tests::deployments_client(&s.head.url).await;
+    // Named wrong, or a path that node cannot read: refused, naming the value.
+    let mut req = request(&s.model);
+    req.model_from = "nope".into();
+    let e = c.create(req.clone()).await.expect_err("no such node");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("\"nope\""), "{e:?}");
+    req.model_from = "w1".into();
+    req.model_path = "/nonexistent/model".into();
+    let e = c.create(req.clone()).await.expect_err("unreadable");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("w1 cannot read the model at /nonexistent/model"), "{e:?}");
+
+    req.model_path = s.model.display().to_string();
+    c.create(req).await.expect("create");
+    let d = wait_for(&c, "staged", "running at generation 1", running_at(1)).await;
+    assert_eq!(d.model_from, "w1");
+    let src = d.staging_nodes.first().expect("the source");
+    assert_eq!((src.node.as_str(), src.phase.as_str()), ("w1", "source"));
+    // The head's node (stage 0) got its files from w1; w2 from w1 or the head.
+    let head_dir = s.head.data_dir.join("worker/cache/models");
+    let staged = std::fs::read_dir(&head_dir).expect("the head's cache").count();
+    assert_eq!(staged, 1, "the head's node staged its stage's files");
+    let served = |dir: &Path| metric(&metrics_addr(dir), "tessera_worker_stage_served_bytes_total");
+    assert!(served(&state(s.dir.path(), "w1")) > 0.0, "w1 served the model");
+    delete_and_wait(&c, "staged").await;
+}

@@ -159,7 +159,7 @@ pub fn is_replicated(name: &str) -> bool {
 }
 
 /// Exact weight bytes, attributed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct WeightBytes {
     /// Bytes of each decoder layer `0..num_hidden_layers`.
     pub per_layer: Vec<u64>,

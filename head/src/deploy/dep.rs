@@ -309,6 +309,7 @@ impl Dep {
             max_model_len: self.spec.max_model_len.unwrap_or(0),
             staging: if self.spec.staging { pb::StagingMode::On } else { pb::StagingMode::Off } as i32,
             staging_nodes: self.staging_pb(),
+            model_from: self.spec.model_from.clone(),
         }
     }
 }

@@ -87,6 +87,18 @@ impl Inventory {
         self.meta.iter().find(|m| m.is_head && matches!(m.state, NodeState::Alive | NodeState::Draining))
     }
 
+    /// The node that holds a deployment's model, when it is alive: the head's own, or the one
+    /// `--model-from` names (by name or id).
+    pub fn source_of(&self, model_from: &str) -> Option<&NodeMeta> {
+        if model_from.is_empty() {
+            return self.head_node();
+        }
+        self.meta.iter().find(|m| {
+            (m.name == model_from || m.id.to_string() == model_from)
+                && matches!(m.state, NodeState::Alive | NodeState::Draining)
+        })
+    }
+
     pub fn node(&self, id: NodeId) -> Option<&NodeMeta> {
         self.index.get(&id).map(|&i| &self.meta[i])
     }

@@ -218,12 +218,12 @@ impl Machine {
     pub fn recover(
         &mut self,
         records: Vec<StoredDeployment>,
-        load: impl Fn(&std::path::Path) -> Option<LoadedModel>,
+        load: impl Fn(&StoredDeployment) -> Option<LoadedModel>,
         at: At,
     ) {
         for r in records {
             let name = r.name.clone();
-            let model = load(&r.model_path);
+            let model = load(&r);
             match record::recover(r, model, at, self.recovery_window) {
                 Ok(dep) => {
                     for g in dep.gpus().to_vec() {
@@ -425,9 +425,13 @@ impl Machine {
                 return;
             }
         }
-        if spec.staging && self.inventory.head_node().is_none_or(|h| h.capabilities.transfer_port == 0) {
-            let e = "[staging] the model is staged from the head's own node, which is not connected or has no transfer server (the head runs with --no-worker?); deploy with --staging off when every node has the model at its path";
-            self.out.push(Effect::Reply(reply, Err(DeployError::InvalidPlan(e.into()))));
+        if spec.staging && self.inventory.source_of(&spec.model_from).is_none_or(|h| h.capabilities.transfer_port == 0)
+        {
+            let e = format!(
+                "[staging] the model is staged from {}, which is not connected or has no transfer server; deploy with --staging off when every node has the model at its path",
+                source_name(&spec.model_from)
+            );
+            self.out.push(Effect::Reply(reply, Err(DeployError::InvalidPlan(e))));
             return;
         }
         let name = spec.name.clone();
@@ -970,12 +974,16 @@ impl Machine {
         let Some(master_addr) = shares.first().map(|s| s.address) else { return false };
         // Staging: the head's node reads the model where it is; every other node reads the copy
         // of its stages' files that staging makes in its cache.
-        let staging = match (self.deps[name].spec.staging, self.inventory.head_node()) {
+        let from = self.deps[name].spec.model_from.clone();
+        let staging = match (self.deps[name].spec.staging, self.inventory.source_of(&from)) {
             (false, _) => None,
             (true, Some(h)) if h.capabilities.transfer_port > 0 => Some(Staging::new(h.id, h.name.clone())),
             (true, _) => {
-                let why = "cannot stage the model: the head's own node, which reads it, is not connected or has no transfer server (--no-worker); deploy with --staging off when every node has the model at its path";
-                self.set_state_and_emit(name, DState::Failed, why.into(), at);
+                let why = format!(
+                    "cannot stage the model: {}, which holds it, is not connected or has no transfer server; deploy with --staging off when every node has the model at its path",
+                    source_name(&from)
+                );
+                self.set_state_and_emit(name, DState::Failed, why, at);
                 self.release(name);
                 return false;
             }
@@ -1597,6 +1605,15 @@ impl Blame {
             at_unix_ms: if r.exited_unix_ms > 0 { r.exited_unix_ms } else { at.unix_ms },
             foreign_signal: r.signal.is_some_and(|s| s != SIGTERM),
         }
+    }
+}
+
+/// Who holds a deployment's model, in words.
+fn source_name(model_from: &str) -> String {
+    if model_from.is_empty() {
+        "the head's own node (not with --no-worker)".into()
+    } else {
+        format!("node {model_from}")
     }
 }
 

@@ -477,7 +477,7 @@ fn after_a_head_restart_running_processes_are_adopted_without_a_launch() {
     let (h, ls) = running_pair();
     let rec = record::to_stored(&h.m.deps["p1"], h.at());
     let mut h2 = H::new(h.nodes.clone());
-    h2.m.recover(vec![rec], |_| Some(llama()), h2.at());
+    h2.m.recover(vec![rec], |_: &StoredDeployment| Some(llama()), h2.at());
     assert_eq!(h2.dep("p1").state, pb::DeploymentState::Starting as i32);
     assert_eq!(h2.m.reservation_counts(), (8, 8));
     let mut effects = Vec::new();

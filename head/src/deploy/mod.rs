@@ -70,6 +70,10 @@ enum Cmd {
     Load { name: String, generation: u64, in_flight: Option<u64> },
 }
 
+/// Model descriptions asked at once (`--model-from`), and how long one may take.
+const MAX_DESCRIBES: usize = 64;
+const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Handle to the deployment task. Cheap to clone.
 #[derive(Clone)]
 pub struct Deployments {
@@ -79,6 +83,10 @@ pub struct Deployments {
     replica_ops: Arc<tokio::sync::Mutex<()>>,
     /// Deployments with an update rolling (one roll at a time each).
     rolling: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    membership: Membership,
+    /// Model descriptions asked of nodes (`--model-from`), by request id.
+    #[allow(clippy::type_complexity)]
+    describes: Arc<std::sync::Mutex<HashMap<u64, (NodeId, oneshot::Sender<pb::ModelDescription>)>>>,
 }
 
 impl Deployments {
@@ -93,8 +101,19 @@ impl Deployments {
     ) -> Result<Deployments, crate::store::StoreError> {
         let (tx, rx) = mpsc::channel(1024);
         let (events, _) = broadcast::channel(4096);
+        let membership2 = membership.clone();
         let mut machine = Machine::new(recovery_window);
-        let load = |p: &std::path::Path| tessera_common::model::load_model(p).ok().map(|m| LoadedModel::of(&m));
+        // A model another node holds (--model-from) is planned from what that node said of it.
+        let load = |r: &crate::store::StoredDeployment| match &r.described {
+            Some(d) if !r.model_from.is_empty() => serde_json::from_str::<spec::Described>(d)
+                .map_err(|e| e.to_string())
+                .and_then(|d| d.load(&r.model_path))
+                .inspect_err(
+                    |e| tracing::warn!(deployment = %r.name, error = %e, "cannot read the stored model description"),
+                )
+                .ok(),
+            _ => tessera_common::model::load_model(&r.model_path).ok().map(|m| LoadedModel::of(&m)),
+        };
         machine.recover(store.load()?, load, at_now());
         let shell = Shell {
             machine,
@@ -108,7 +127,14 @@ impl Deployments {
             back: tx.downgrade(),
         };
         tokio::spawn(shell.run(rx, shutdown));
-        Ok(Deployments { tx, events, replica_ops: Arc::new(tokio::sync::Mutex::new(())), rolling: Default::default() })
+        Ok(Deployments {
+            tx,
+            events,
+            replica_ops: Arc::new(tokio::sync::Mutex::new(())),
+            rolling: Default::default(),
+            membership: membership2,
+            describes: Default::default(),
+        })
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<pb::Event>> {
@@ -407,6 +433,70 @@ impl Deployments {
     /// (GPUs reserved, GPUs held by live deployments' assignments): always equal.
     pub async fn reservation_counts(&self) -> Result<(usize, usize), DeployError> {
         self.ask(|reply| Cmd::Reserved { reply }).await
+    }
+
+    /// Asks `node` (name or id) to describe the model at `path` (`--model-from`): its config and
+    /// weight sizes, for planning.
+    pub async fn describe(&self, node: &str, path: &std::path::Path) -> Result<spec::Described, tonic::Status> {
+        use tonic::Status;
+        let nodes = self.membership.list().await;
+        let Some(n) = nodes.iter().find(|v| v.id.to_string() == node || v.info.name == node) else {
+            return Err(Status::invalid_argument(format!("model_from: no node {node:?}; `tessera nodes` lists them")));
+        };
+        if !matches!(n.state, tessera_common::node::NodeState::Alive | tessera_common::node::NodeState::Draining) {
+            return Err(Status::failed_precondition(format!(
+                "model_from: node {} is {}; it must be alive to read the model",
+                n.info.name, n.state
+            )));
+        }
+        let (id, rx) = {
+            let mut d = self.describes.lock().expect("lock");
+            if d.len() >= MAX_DESCRIBES {
+                return Err(Status::resource_exhausted("too many model descriptions asked at once; try again"));
+            }
+            let mut id = rand::random::<u64>();
+            while d.contains_key(&id) {
+                id = rand::random::<u64>();
+            }
+            let (tx, rx) = oneshot::channel();
+            d.insert(id, (n.id, tx));
+            (id, rx)
+        };
+        let msg = pb::DescribeModel { request_id: id, path: path.display().to_string() };
+        let sent =
+            self.membership.send(n.id, pb::HeadMessage { msg: Some(pb::head_message::Msg::DescribeModel(msg)) }).await;
+        let answer =
+            if sent { tokio::time::timeout(DESCRIBE_TIMEOUT, rx).await.ok().and_then(|r| r.ok()) } else { None };
+        self.describes.lock().expect("lock").remove(&id);
+        let Some(d) = answer else {
+            return Err(Status::unavailable(format!(
+                "model_from: node {} did not describe {} within {DESCRIBE_TIMEOUT:?} (not connected, or its disk hangs)",
+                n.info.name,
+                path.display()
+            )));
+        };
+        if !d.error.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "model_from: node {} cannot read the model at {}: {}",
+                n.info.name,
+                path.display(),
+                d.error.chars().take(1024).collect::<String>()
+            )));
+        }
+        Ok(spec::Described { config_json: d.config_json, weights_json: d.weights_json })
+    }
+
+    /// A node's answer to [`Deployments::describe`]: it counts only from the node that was asked.
+    pub fn described(&self, node: NodeId, d: pb::ModelDescription) {
+        let mut m = self.describes.lock().expect("lock");
+        match m.get(&d.request_id) {
+            Some((asked, _)) if *asked == node => {
+                if let Some((_, tx)) = m.remove(&d.request_id) {
+                    let _ = tx.send(d);
+                }
+            }
+            _ => tracing::warn!(node_id = %node, "a model description nobody asked this node for ignored"),
+        }
     }
 
     /// A worker's staging message (an index of a model, or progress).

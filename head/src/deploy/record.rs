@@ -88,6 +88,8 @@ fn spec_record(s: &DeploymentSpec) -> StoredDeployment {
         revision: s.revision,
         previous: None,
         staging: s.staging,
+        model_from: s.model_from.clone(),
+        described: s.described.clone(),
         generation: 0,
         restarts: 0,
         restart_times_unix_ms: Vec::new(),
@@ -129,6 +131,8 @@ pub fn to_spec(r: &StoredDeployment) -> Result<DeploymentSpec, String> {
             None => None,
         },
         staging: r.staging,
+        model_from: r.model_from.clone(),
+        described: r.described.clone(),
     };
     // Records of older versions may hold engine args this version refuses at Create: they keep
     // running as they were launched (their args pass through unread) rather than be dropped.

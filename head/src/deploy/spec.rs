@@ -93,6 +93,51 @@ pub struct DeploymentSpec {
     pub previous: Option<Box<DeploymentSpec>>,
     /// Weight staging: the model is read on the head and each other node gets its stages' files.
     pub staging: bool,
+    /// The node holding the model (name or id) when it is not the head (`--model-from`).
+    pub model_from: String,
+    /// What that node said of the model (see [`Described`]), kept so that a restarted head can plan
+    /// it again.
+    pub described: Option<String>,
+}
+
+/// A model described by the node holding it (`--model-from`): its config.json and weight sizes.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Described {
+    pub config_json: String,
+    pub weights_json: String,
+}
+
+impl Described {
+    /// The model, checked like any bytes from a worker: the config parsed as the head parses its
+    /// own, the weight sizes consistent with it.
+    pub fn load(&self, path: &std::path::Path) -> Result<LoadedModel, String> {
+        let desc = tessera_common::model::config::parse_config(&path.display().to_string(), &self.config_json)
+            .map_err(|e| e.to_string())?;
+        let weights: Option<tessera_common::model::safetensors::WeightBytes> = if self.weights_json.is_empty() {
+            None
+        } else {
+            let w: tessera_common::model::safetensors::WeightBytes =
+                serde_json::from_str(&self.weights_json).map_err(|e| format!("weight sizes: {e}"))?;
+            let layers = desc.num_hidden_layers as usize;
+            if w.per_layer.len() != layers || w.per_layer_replicated.len() != layers {
+                return Err(format!("weight sizes for {} layers, the config has {layers}", w.per_layer.len()));
+            }
+            // At most 1 PiB each: sums of these never overflow.
+            let limit = 1u64 << 50;
+            let all = w.per_layer.iter().chain(&w.per_layer_replicated).chain([
+                &w.embedding,
+                &w.lm_head,
+                &w.first_stage_other,
+                &w.last_stage_other,
+                &w.unused,
+            ]);
+            if all.into_iter().any(|&b| b > limit) {
+                return Err("weight sizes over 1 PiB".into());
+            }
+            Some(w)
+        };
+        Ok(LoadedModel::of(&tessera_common::model::load::Model { path: path.to_path_buf(), desc, weights }))
+    }
 }
 
 impl DeploymentSpec {
@@ -242,6 +287,9 @@ fn staging_from_request(
     let is_dir = std::fs::metadata(model).is_ok_and(|m| m.is_dir());
     match pb::StagingMode::try_from(r.staging).unwrap_or(pb::StagingMode::Unspecified) {
         pb::StagingMode::Off => Ok(false),
+        // On another node (--model-from): what it is, that node says when it is asked.
+        _ if !r.model_from.is_empty() => Ok(r.staging != pb::StagingMode::Off as i32
+            && (r.staging == pb::StagingMode::On as i32 || engine != Engine::Probe)),
         pb::StagingMode::On if !is_dir => Err(bad(
             "staging",
             format!(
@@ -357,6 +405,9 @@ impl DeploymentSpec {
             n if n > 1000 => return Err(bad("max_restarts", format!("{n} is more than 1000"))),
             n => n as u32,
         };
+        if r.model_from.len() > 253 || r.model_from.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(bad("model_from", "not a node name or id; `tessera nodes` lists them"));
+        }
         let staging = staging_from_request(r, &model_path, engine)?;
         let mut spec = DeploymentSpec {
             name: r.name.clone(),
@@ -380,6 +431,8 @@ impl DeploymentSpec {
             revision: 1,
             previous: None,
             staging,
+            model_from: r.model_from.clone(),
+            described: None,
         };
         spec.read_engine_settings(util != 0.0).map_err(Status::invalid_argument)?;
         Ok(spec)

@@ -59,6 +59,27 @@ pub struct DeploymentsService {
     pub log_streams: super::streams::StreamLimits,
 }
 
+impl DeploymentsService {
+    /// The model of `spec`: read on the head, or described by the node holding it (`--model-from`),
+    /// what that node said kept in the spec for a restarted head.
+    async fn load(&self, spec: &mut DeploymentSpec) -> Result<LoadedModel, Status> {
+        if spec.model_from.is_empty() {
+            let m = crate::server::planner::load_model_bounded(spec.model_path.clone()).await?;
+            return Ok(LoadedModel::of(&m));
+        }
+        let d = self.deployments.describe(&spec.model_from, &spec.model_path).await?;
+        let loaded = d.load(&spec.model_path).map_err(|e| {
+            Status::failed_precondition(format!(
+                "model_from: what {} said of {} is not a usable model: {e}",
+                spec.model_from,
+                spec.model_path.display()
+            ))
+        })?;
+        spec.described = serde_json::to_string(&d).ok();
+        Ok(loaded)
+    }
+}
+
 /// Log streams a head serves at once, and from one peer address.
 pub const MAX_LOG_STREAMS: usize = 256;
 pub const MAX_LOG_STREAMS_PER_PEER: usize = 32;
@@ -68,11 +89,10 @@ type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>
 #[tonic::async_trait]
 impl pb::deployments_server::Deployments for DeploymentsService {
     async fn create(&self, request: Request<pb::CreateDeploymentRequest>) -> Result<Response<pb::Deployment>, Status> {
-        let spec = DeploymentSpec::from_request(request.get_ref())?;
+        let mut spec = DeploymentSpec::from_request(request.get_ref())?;
         let replicas = crate::deploy::spec::replicas_from_wire(request.get_ref().replicas)?;
-        let path = spec.model_path.clone();
-        let loaded = crate::server::planner::load_model_bounded(path).await?;
-        let d = self.deployments.create(spec, LoadedModel::of(&loaded), replicas).await?;
+        let loaded = self.load(&mut spec).await?;
+        let d = self.deployments.create(spec, loaded, replicas).await?;
         Ok(Response::new(d))
     }
 
@@ -126,9 +146,9 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         let Some(spec_req) = req.spec else {
             return Err(Status::invalid_argument("spec: give the new spec (the fields of Create)"));
         };
-        let spec = DeploymentSpec::from_request(&spec_req)?;
-        let loaded = crate::server::planner::load_model_bounded(spec.model_path.clone()).await?;
-        Ok(Response::new(self.deployments.update(spec, LoadedModel::of(&loaded), surge).await?))
+        let mut spec = DeploymentSpec::from_request(&spec_req)?;
+        let loaded = self.load(&mut spec).await?;
+        Ok(Response::new(self.deployments.update(spec, loaded, surge).await?))
     }
 
     async fn rollback(
@@ -147,8 +167,8 @@ impl pb::deployments_server::Deployments for DeploymentsService {
         };
         let mut spec = *previous;
         spec.name = req.name;
-        let loaded = crate::server::planner::load_model_bounded(spec.model_path.clone()).await?;
-        Ok(Response::new(self.deployments.update(spec, LoadedModel::of(&loaded), surge).await?))
+        let loaded = self.load(&mut spec).await?;
+        Ok(Response::new(self.deployments.update(spec, loaded, surge).await?))
     }
 
     type LogsStream = LogStream;

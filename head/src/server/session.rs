@@ -142,6 +142,7 @@ async fn pump(
                 Some(pb::worker_message::Msg::ModelIndex(m)) => {
                     deployments.staging(node_id, StagingMsg::Index(Box::new(m))).await
                 }
+                Some(pb::worker_message::Msg::ModelDescription(d)) => deployments.described(node_id, d),
                 Some(pb::worker_message::Msg::StageProgress(p)) => {
                     deployments.staging(node_id, StagingMsg::Progress(Box::new(p))).await
                 }

@@ -13,10 +13,15 @@
 //! cargo run --release -p tessera-tests --bin tessera-bench -- bring-up --runs 5
 //! cargo run --release -p tessera-tests --bin tessera-bench -- vllm --runs 2
 //! cargo run --release -p tessera-tests --bin tessera-bench -- gateway
+//! cargo run --release -p tessera-tests --bin tessera-bench -- staging egress
+//! cargo run --release -p tessera-tests --bin tessera-bench -- staging veth --gib 4
+//! cargo run --release -p tessera-tests --bin tessera-bench -- staging big --gib 16
 //! ```
 
 #[path = "bench/gateway.rs"]
 mod gateway_bench;
+#[path = "bench/staging.rs"]
+mod staging_bench;
 
 use std::time::{Duration, Instant};
 
@@ -52,9 +57,11 @@ async fn main() -> anyhow::Result<()> {
         Some("bring-up") => bring_up_bench(runs).await,
         Some("vllm") => vllm_bench(runs).await,
         Some("gateway") => gateway_bench::gateway_bench().await,
+        Some("staging") => staging_bench::staging_bench(&args).await,
+        Some("copy-recv") => staging_bench::copy_recv(&args[2], &args[3]),
         _ => {
             eprintln!(
-                "usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N] | deploy [--runs N] | head-restart [--runs N] | head-pause [--runs N] | metrics-scrape | bring-up | vllm [--runs N] | gateway"
+                "usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N] | deploy [--runs N] | head-restart [--runs N] | head-pause [--runs N] | metrics-scrape | bring-up | vllm [--runs N] | gateway | staging egress|veth|big [--gib G]"
             );
             std::process::exit(2);
         }

@@ -372,6 +372,10 @@ impl Agent {
                                 Some(st) => st.index(m),
                                 None => warn!(deployment = %m.deployment, "asked to index a model, but staging is off on this node"),
                             },
+                            Some(pb::head_message::Msg::DescribeModel(m)) => match &self.stager {
+                                Some(st) => st.describe(m),
+                                None => warn!(path = %m.path, "asked to describe a model, but staging is off on this node"),
+                            },
                             Some(pb::head_message::Msg::StageModel(m)) => match &self.stager {
                                 Some(st) => st.stage(m),
                                 None => warn!(deployment = %m.deployment, "asked to stage a model, but staging is off on this node"),

@@ -15,6 +15,21 @@ pub mod serve;
 #[cfg(test)]
 mod tests;
 
+/// A model's `config.json` text and its weight sizes (JSON; empty without safetensors files).
+fn describe(path: &std::path::Path) -> Result<(String, String), String> {
+    use std::io::Read;
+    let model = tessera_common::model::load_model(path).map_err(|e| e.to_string())?;
+    let config = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+    let f = tessera_common::model::load::open_regular(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+    let mut text = String::new();
+    f.take(tessera_common::model::load::MAX_CONFIG_BYTES).read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let weights = match &model.weights {
+        Some(w) => serde_json::to_string(w).map_err(|e| e.to_string())?,
+        None => String::new(),
+    };
+    Ok((text, weights))
+}
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -344,6 +359,26 @@ impl Stager {
         let cache = self.cache.clone();
         let key = m.key.clone();
         tokio::task::spawn_blocking(move || cache.make_model_dir(&key, &shas)).await.map_err(|e| e.to_string())?
+    }
+
+    /// The head asks for a model it cannot read (`--model-from` this node): its config as it is,
+    /// and the weight sizes from its safetensors headers.
+    pub fn describe(&self, m: pb::DescribeModel) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let path = PathBuf::from(&m.path);
+            let r =
+                tokio::task::spawn_blocking(move || describe(&path)).await.map_err(|e| e.to_string()).and_then(|r| r);
+            let mut out = pb::ModelDescription { request_id: m.request_id, ..Default::default() };
+            match r {
+                Ok((config, weights)) => {
+                    out.config_json = config;
+                    out.weights_json = weights;
+                }
+                Err(e) => out.error = e,
+            }
+            me.send(pb::worker_message::Msg::ModelDescription(out));
+        });
     }
 
     fn send(&self, msg: pb::worker_message::Msg) {
