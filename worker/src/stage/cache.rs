@@ -176,17 +176,32 @@ impl Cache {
         out
     }
 
-    /// Makes the model directory `key` of `files` (name, sha256), all in blobs.
+    /// Makes the model directory `key` of `files` (name, sha256), all in blobs: links to the
+    /// blobs, except a safetensors index (`*.safetensors.index.json`), which is written with only
+    /// the tensors of the files that are here (vLLM refuses an index naming files it cannot find).
     pub fn make_model_dir(&self, key: &str, files: &[(String, String)]) -> Result<PathBuf, String> {
         let dir = self.model_dir(key);
-        let complete = files.iter().all(|(n, sha)| std::fs::read_link(dir.join(n)).is_ok_and(|t| t.ends_with(sha)));
+        let complete = files.iter().all(|(n, sha)| {
+            if is_index(n) {
+                dir.join(n).is_file()
+            } else {
+                std::fs::read_link(dir.join(n)).is_ok_and(|t| t.ends_with(sha))
+            }
+        });
         if complete {
             return Ok(dir);
         }
         let tmp = self.root.join("models").join(format!(".{key}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let names: HashSet<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
         for (name, sha) in files {
+            if is_index(name)
+                && let Some(text) = filtered_index(&self.blob(sha), &names)
+            {
+                std::fs::write(tmp.join(name), text).map_err(|e| format!("{}: {e}", tmp.join(name).display()))?;
+                continue;
+            }
             std::os::unix::fs::symlink(Path::new("../../blobs").join(sha), tmp.join(name))
                 .map_err(|e| format!("{}: {e}", tmp.join(name).display()))?;
         }
@@ -196,6 +211,20 @@ impl Cache {
         std::fs::rename(&tmp, &dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(dir)
     }
+}
+
+fn is_index(name: &str) -> bool {
+    name.ends_with(".safetensors.index.json")
+}
+
+/// A safetensors index with only the entries of its `weight_map` whose file is in `present`;
+/// `None` when it is not an index this understands (it is then linked as it is).
+fn filtered_index(path: &Path, present: &HashSet<&str>) -> Option<String> {
+    let text = std::fs::read(path).ok()?;
+    let mut v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    let map = v.get_mut("weight_map")?.as_object_mut()?;
+    map.retain(|_, f| f.as_str().is_some_and(|f| present.contains(f)));
+    serde_json::to_string_pretty(&v).ok()
 }
 
 /// Free bytes on the filesystem holding `p`.
@@ -322,5 +351,23 @@ mod tests {
         let keep: HashSet<String> = ["c".to_string()].into();
         let e = c.make_room(2500, &keep, &keep_models).expect_err("full");
         assert!(e.contains("--cache-max-bytes 3000"), "{e}");
+    }
+
+    #[test]
+    fn a_staged_index_names_only_the_files_that_are_here() {
+        let d = tempfile::tempdir().expect("tmp");
+        let c = Cache::open(d.path().join("cache"), 0).expect("open");
+        let index = r#"{"metadata": {"total_size": 3}, "weight_map": {"a.w": "m-1.safetensors", "b.w": "m-2.safetensors"}}"#;
+        std::fs::write(c.blob("idx"), index).expect("w");
+        std::fs::write(c.blob("two"), b"x").expect("w");
+        let files = [("model.safetensors.index.json".to_string(), "idx".to_string()), ("m-2.safetensors".into(), "two".into())];
+        let dir = c.make_model_dir("k", &files).expect("dir");
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).expect("index")).expect("json");
+        assert_eq!(v["weight_map"], serde_json::json!({"b.w": "m-2.safetensors"}));
+        assert_eq!(v["metadata"]["total_size"], 3);
+        assert!(std::fs::read_link(dir.join("m-2.safetensors")).is_ok(), "weights are links to the blobs");
+        // Made once: a second call finds it complete.
+        assert_eq!(c.make_model_dir("k", &files).expect("again"), dir);
     }
 }
