@@ -104,7 +104,8 @@ async fn each_node_gets_only_its_stage_files_and_every_file_leaves_the_head_once
                 let v: serde_json::Value = serde_json::from_slice(&a).expect("index");
                 let named: BTreeSet<&str> =
                     v["weight_map"].as_object().expect("map").values().filter_map(|f| f.as_str()).collect();
-                let shards: BTreeSet<&str> = got.iter().map(String::as_str).filter(|n| n.ends_with(".safetensors")).collect();
+                let shards: BTreeSet<&str> =
+                    got.iter().map(String::as_str).filter(|n| n.ends_with(".safetensors")).collect();
                 assert_eq!(named, shards, "{w}'s index names exactly its shards");
                 continue;
             }
@@ -179,12 +180,22 @@ async fn a_worker_killed_mid_transfer_resumes_after_its_last_good_chunk() {
     let mut bytes = std::fs::read(&victim).expect("read");
     bytes[(CHUNK + 100) as usize] ^= 0xff;
     std::fs::write(&victim, &bytes).expect("corrupt");
-    // The surviving bytes that are right (the test knows every file's content by its hash).
+    // The surviving bytes that are right (the test knows every file's content, and so its name in
+    // the cache: a hash of its chunk hashes).
     let by_sha: std::collections::HashMap<String, Vec<u8>> = s
         .files
         .iter()
         .map(|f| std::fs::read(s.model.join(&f.name)).expect("src"))
-        .map(|b| (hex(&Sha256::digest(&b)), b))
+        .map(|b| {
+            let cb = tessera_worker::stage::index::chunk_bytes(b.len() as u64);
+            let f = pb::ModelFile {
+                size_bytes: b.len() as u64,
+                chunk_bytes: cb,
+                chunk_sha256: b.chunks(cb as usize).map(|c| Sha256::digest(c).to_vec()).collect(),
+                ..Default::default()
+            };
+            (tessera_worker::stage::index::blob_id(&f), b)
+        })
         .collect();
     let mut resumed = 0;
     for e in std::fs::read_dir(cache.join("blobs")).expect("blobs") {
@@ -218,10 +229,6 @@ async fn a_worker_killed_mid_transfer_resumes_after_its_last_good_chunk() {
         assert!(std::fs::read(dir.join(f)).expect("staged") == std::fs::read(s.model.join(f)).expect("src"), "{f}");
     }
     delete_and_wait(&c, "staged").await;
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[tokio::test]

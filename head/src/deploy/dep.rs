@@ -143,6 +143,9 @@ pub struct Failing {
     /// The blamed failure will not heal by itself (the engine is missing or not allowed on a
     /// node): the deployment fails at once instead of restarting.
     pub permanent: bool,
+    /// The group cannot run as asked and no restart changes that (a model that cannot be staged):
+    /// it fails at once with the reason.
+    pub fatal: bool,
 }
 
 /// A group draining before its stop: gateways stop sending it requests (they read the state every

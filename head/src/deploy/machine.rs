@@ -52,6 +52,8 @@ pub const PENDING_RETRY: Duration = Duration::from_secs(2);
 pub const DRAIN_NOTICE: Duration = Duration::from_secs(2);
 /// How often a draining group's engine is asked how many requests it holds.
 pub const LOAD_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// A staging in which no node moved a byte for this long fails its generation.
+pub const STAGING_STALL: Duration = Duration::from_secs(300);
 /// The largest launch message sent to a worker; workers accept 4 MiB messages.
 pub const MAX_LAUNCH_BYTES: usize = 3 * 1024 * 1024;
 
@@ -326,6 +328,11 @@ impl Machine {
             }
             at(d.recover_deadline);
             at(d.delete_deadline);
+            if d.staging_now()
+                && let Some(s) = &d.staging
+            {
+                at(Some(s.last_progress + STAGING_STALL));
+            }
             if let Some(dr) = &d.drain {
                 at(Some(dr.deadline));
                 at(Some(dr.next_check.max(dr.notice_until)));
@@ -610,6 +617,16 @@ impl Machine {
             if let Some(n) = s.nodes.get(&node).filter(|n| !n.done) {
                 again.push((name.clone(), pb::head_message::Msg::StageModel(n.msg.clone())));
             }
+            if s.source == node && !s.indexed {
+                let msg = pb::IndexModel {
+                    deployment: name.clone(),
+                    deployment_uid: d.uid.to_wire(),
+                    generation: d.generation.0,
+                    path: d.spec.model_path.display().to_string(),
+                    token: s.token.clone(),
+                };
+                again.push((name.clone(), pb::head_message::Msg::IndexModel(msg)));
+            }
         }
         for (name, msg) in again {
             info!(deployment = %name, node_id = %node, "node rejoined while staging: telling it its part again");
@@ -689,7 +706,10 @@ impl Machine {
         let affected: Vec<String> = self
             .deps
             .iter()
-            .filter(|(_, d)| d.procs.values().any(|p| p.node_id == id && !p.gone))
+            .filter(|(_, d)| {
+                d.procs.values().any(|p| p.node_id == id && !p.gone)
+                    || (d.staging_now() && d.staging.as_ref().is_some_and(|s| s.participants().contains(&id)))
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for name in affected {
@@ -712,6 +732,21 @@ impl Machine {
 
     fn tick(&mut self, at: At) {
         let now = at.now;
+        // A staging that makes no progress at all (a peer that hangs, a source that went quiet)
+        // fails its generation rather than wait forever.
+        let stalled: Vec<String> = self
+            .deps
+            .iter()
+            .filter(|(_, d)| {
+                d.staging_now() && d.staging.as_ref().is_some_and(|s| now >= s.last_progress + STAGING_STALL)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in stalled {
+            let why =
+                format!("staging made no progress for {}", tessera_common::duration::format_duration(STAGING_STALL));
+            self.fail(&name, why, Blame::head(), true, at);
+        }
         let settle: Vec<String> = self
             .deps
             .iter()
@@ -801,6 +836,7 @@ impl Machine {
             reason,
             counted,
             permanent: false,
+            fatal: false,
         });
         dep.recover_deadline = None;
         let mut nodes: HashSet<NodeId> =
@@ -822,6 +858,14 @@ impl Machine {
         }
     }
 
+    /// A failure no restart can heal: the group stops like any failing group and then fails.
+    fn fail_fatal(&mut self, name: &str, reason: String, at: At) {
+        self.fail(name, reason, Blame::head(), true, at);
+        if let Some(f) = self.deps.get_mut(name).and_then(|d| d.failing.as_mut()) {
+            f.fatal = true;
+        }
+    }
+
     /// The failure is settled: one event, then backoff (or `failed` after max_restarts).
     fn settle(&mut self, name: &str, at: At) {
         let Some(dep) = self.deps.get_mut(name) else { return };
@@ -836,7 +880,18 @@ impl Machine {
         let recent = dep.restart_times.len() as u32;
         let next = dep.generation.next();
         let no_capable_node = f.permanent && self.inventory.incapable(dep.spec.engine).1 == 0;
-        if no_capable_node {
+        if f.fatal {
+            dep.set_state(
+                DState::Failed,
+                format!(
+                    "{}; not restarted: this will not change by itself (fix it, then `tessera restart {name}`)",
+                    f.reason
+                ),
+                now,
+            );
+            dep.next_attempt = None;
+            self.release(name);
+        } else if no_capable_node {
             dep.set_state(
                 DState::Failed,
                 format!(
@@ -977,7 +1032,7 @@ impl Machine {
         let from = self.deps[name].spec.model_from.clone();
         let staging = match (self.deps[name].spec.staging, self.inventory.source_of(&from)) {
             (false, _) => None,
-            (true, Some(h)) if h.capabilities.transfer_port > 0 => Some(Staging::new(h.id, h.name.clone())),
+            (true, Some(h)) if h.capabilities.transfer_port > 0 => Some(Staging::new(h.id, h.name.clone(), at.now)),
             (true, _) => {
                 let why = format!(
                     "cannot stage the model: {}, which holds it, is not connected or has no transfer server; deploy with --staging off when every node has the model at its path",
@@ -1069,6 +1124,9 @@ impl Machine {
             return;
         };
         if !m.done {
+            if m.bytes_hashed > s.hashed.0 {
+                s.last_progress = at.now;
+            }
             s.hashed = (m.bytes_hashed, m.bytes_total);
             return;
         }
@@ -1076,7 +1134,7 @@ impl Machine {
         let bad = if !m.error.is_empty() { Some(clean(&m.error, 2048)) } else { staging::check_index(&m.files).err() };
         if let Some(why) = bad {
             let why = format!("staging: the model on {source_name} cannot be staged: {why}");
-            self.fail(&name, why, Blame::other(at.unix_ms), true, at);
+            self.fail_fatal(&name, why, at);
             return;
         }
         let total: u64 = m.files.iter().map(|f| f.size_bytes).sum();
@@ -1084,7 +1142,11 @@ impl Machine {
         s.hashed = (total, total);
         s.model_bytes = total;
         let (source, token) = (s.source, s.token.clone());
-        let Some(l) = dep.launch.as_ref() else { return };
+        s.last_progress = at.now;
+        let Some(l) = dep.launch.as_ref() else {
+            self.fail(&name, "staging: the generation has no placement".into(), Blame::head(), true, at);
+            return;
+        };
         let (layers, tied) =
             dep.model.as_ref().map(|m| (m.desc.num_hidden_layers, m.desc.tie_word_embeddings)).unwrap_or((0, false));
         let stages = l.stages.clone();
@@ -1113,10 +1175,13 @@ impl Machine {
                 refused.join(", "),
                 dep.spec.model_path.display()
             );
-            self.fail(&name, why, Blame::other(at.unix_ms), true, at);
+            self.fail_fatal(&name, why, at);
             return;
         }
-        let Some(src_meta) = self.inventory.node(source) else { return };
+        let Some(src_meta) = self.inventory.node(source) else {
+            self.fail(&name, format!("staging: {source_name} is no longer a member"), Blame::head(), true, at);
+            return;
+        };
         let src = pb::StageSource {
             node: src_meta.name.clone(),
             address: src_meta.address.to_string(),
@@ -1166,6 +1231,14 @@ impl Machine {
             tessera_common::size::HumanBytes(total),
             sends.len()
         );
+        let too_big = sends.iter().map(|(_, m)| prost::Message::encoded_len(m)).max().filter(|&n| n > MAX_LAUNCH_BYTES);
+        if let Some(n) = too_big {
+            let why = format!(
+                "staging: a node's part of the model's index is {n} bytes, more than the {MAX_LAUNCH_BYTES} a session message may carry (a model of this many files and chunks cannot be staged); deploy with --staging off"
+            );
+            self.fail_fatal(&name, why, at);
+            return;
+        }
         info!(deployment = %name, %generation, nodes = sends.len(), bytes = total, "staging the model");
         for (id, msg) in sends {
             self.out.push(Effect::Send(id, pb::head_message::Msg::StageModel(msg)));
@@ -1187,6 +1260,9 @@ impl Machine {
             let why = format!("staging to {node_name} failed: {}", clean(&p.error, 2048));
             self.fail(&name, why, Blame::other(at.unix_ms), true, at);
             return;
+        }
+        if s.nodes.get(&node).is_some_and(|n| p.bytes_done > n.bytes_done || (p.done && !n.done)) {
+            s.last_progress = at.now;
         }
         if s.progress(node, &p, at.now) && s.all_done() {
             s.done = true;

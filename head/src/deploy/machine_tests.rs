@@ -1047,7 +1047,31 @@ fn a_failed_staging_stops_every_participant_and_restarts_the_group() {
     files[0].name = "../../etc/shadow".into();
     h.feed(index_of(&asked, files));
     let ev = emits(&h.tick_after(SETTLE));
-    assert!(ev.iter().any(|(_, m)| m.contains("not a plain file name")), "{ev:?}");
+    assert!(ev.iter().any(|(s, m)| *s == pb::DeploymentState::Failed && m.contains("not a plain file name")), "{ev:?}");
+    assert_eq!(h.m.reservation_counts(), (0, 0), "a failed deployment holds nothing");
+}
+
+#[test]
+fn a_staging_that_makes_no_progress_fails_its_generation_and_a_source_that_rejoins_is_asked_again() {
+    let (mut h, asked, _) = staged_pair();
+    // The head's node reconnects while it hashes: it is asked again.
+    let e = h.feed(Input::NodeJoined { node: nid(1), running: Vec::new() });
+    let again = sends(&e, |m| match m {
+        pb::head_message::Msg::IndexModel(i) => Some(i.clone()),
+        _ => None,
+    });
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].1.token, asked.token);
+    let st = stage_models(&h.feed(index_of(&asked, llama_files())))[0].1.clone();
+    // Progress keeps it alive; then nothing for STAGING_STALL: the generation fails.
+    h.advance(STAGING_STALL - Duration::from_secs(1));
+    h.feed(progress(nid(2), &st, 10, false, ""));
+    assert!(emits(&h.tick_after(Duration::from_secs(2))).is_empty(), "it moved a minute ago");
+    assert_eq!(h.m.next_deadline(), Some(h.now - Duration::from_secs(2) + STAGING_STALL));
+    let e = h.tick_after(STAGING_STALL);
+    assert_eq!(stops(&e).len(), 2, "both nodes stop their part");
+    let ev = emits(&h.tick_after(SETTLE));
+    assert!(ev.iter().any(|(s, m)| *s == pb::DeploymentState::Restarting && m.contains("no progress")), "{ev:?}");
 }
 
 #[test]

@@ -27,6 +27,10 @@ pub enum StagingMsg {
     Progress(Box<pb::StageProgress>),
 }
 
+/// The largest file and chunk a model may have (1 PiB, 1 GiB): sums of sizes never overflow.
+pub const MAX_FILE_BYTES: u64 = 1 << 50;
+pub const MAX_CHUNK_BYTES: u64 = 1 << 30;
+
 /// Most files a model may have (the source refuses more, too).
 pub const MAX_FILES: usize = 4096;
 
@@ -60,10 +64,12 @@ pub struct Staging {
     pub nodes: BTreeMap<NodeId, NodeStage>,
     /// Every node has its files: the generation launches.
     pub done: bool,
+    /// The last time any node moved (hashed or staged more bytes).
+    pub last_progress: Instant,
 }
 
 impl Staging {
-    pub fn new(source: NodeId, source_name: String) -> Staging {
+    pub fn new(source: NodeId, source_name: String, now: Instant) -> Staging {
         use rand::Rng;
         let bytes: [u8; 32] = rand::rng().random();
         Staging {
@@ -75,6 +81,7 @@ impl Staging {
             model_bytes: 0,
             nodes: BTreeMap::new(),
             done: false,
+            last_progress: now,
         }
     }
 
@@ -177,6 +184,9 @@ pub fn check_index(files: &[pb::ModelFile]) -> Result<(), String> {
         }
         if f.sha256.len() != 32 || f.chunk_sha256.iter().any(|c| c.len() != 32) {
             return Err(format!("{n}: hashes must be 32-byte SHA-256 values"));
+        }
+        if f.size_bytes > MAX_FILE_BYTES || f.chunk_bytes > MAX_CHUNK_BYTES {
+            return Err(format!("{n}: {} bytes in chunks of {}: too large", f.size_bytes, f.chunk_bytes));
         }
         if f.chunk_bytes == 0 || f.size_bytes.div_ceil(f.chunk_bytes) != f.chunk_sha256.len() as u64 {
             return Err(format!("{n}: the chunk hashes do not cover the file"));

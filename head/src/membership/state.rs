@@ -212,6 +212,12 @@ impl Table {
     ) -> Result<Admitted, JoinError> {
         let live = |e: &Entry| matches!(e.health, NodeState::Alive | NodeState::Suspect);
         // Which entry is this worker? Only its node id says so, and only with the node's credential.
+        // Only the head's own worker (over loopback) is the head's node: staging reads models there.
+        let mut info = info;
+        if info.is_head && !conn.peer.is_loopback() {
+            warn!(name = %info.name, peer = %conn.peer, "a node joining from elsewhere claims to be the head's own; it is not");
+            info.is_head = false;
+        }
         let existing = info.node_id.filter(|id| self.nodes.contains_key(id));
         let mut issue = true;
         if let Some(id) = info.node_id {

@@ -70,15 +70,16 @@ impl Cache {
     }
 
     /// Claims the fetch of `sha`: `None` when another staging on this node fetches it already (wait
-    /// on [`Cache::growing`] instead).
-    pub fn claim(self: &Arc<Self>, sha: &str, start: u64) -> Option<Claim> {
+    /// on [`Cache::growing`] instead). The claim lasts until every clone of it is dropped (the
+    /// writer thread holds one: a cancelled fetch's writer finishes before anyone else may start).
+    pub fn claim(self: &Arc<Self>, sha: &str, start: u64) -> Option<Arc<Claim>> {
         let mut g = self.growing.lock().expect("lock");
         if g.contains_key(sha) {
             return None;
         }
         let (tx, _) = watch::channel(Have::Prefix(start));
         g.insert(sha.to_string(), tx.clone());
-        Some(Claim { cache: self.clone(), sha: sha.to_string(), tx })
+        Some(Arc::new(Claim { cache: self.clone(), sha: sha.to_string(), tx }))
     }
 
     /// Marks a blob used now (eviction goes by least recent use).
@@ -357,13 +358,16 @@ mod tests {
     fn a_staged_index_names_only_the_files_that_are_here() {
         let d = tempfile::tempdir().expect("tmp");
         let c = Cache::open(d.path().join("cache"), 0).expect("open");
-        let index = r#"{"metadata": {"total_size": 3}, "weight_map": {"a.w": "m-1.safetensors", "b.w": "m-2.safetensors"}}"#;
+        let index =
+            r#"{"metadata": {"total_size": 3}, "weight_map": {"a.w": "m-1.safetensors", "b.w": "m-2.safetensors"}}"#;
         std::fs::write(c.blob("idx"), index).expect("w");
         std::fs::write(c.blob("two"), b"x").expect("w");
-        let files = [("model.safetensors.index.json".to_string(), "idx".to_string()), ("m-2.safetensors".into(), "two".into())];
+        let files =
+            [("model.safetensors.index.json".to_string(), "idx".to_string()), ("m-2.safetensors".into(), "two".into())];
         let dir = c.make_model_dir("k", &files).expect("dir");
         let v: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).expect("index")).expect("json");
+            serde_json::from_slice(&std::fs::read(dir.join("model.safetensors.index.json")).expect("index"))
+                .expect("json");
         assert_eq!(v["weight_map"], serde_json::json!({"b.w": "m-2.safetensors"}));
         assert_eq!(v["metadata"]["total_size"], 3);
         assert!(std::fs::read_link(dir.join("m-2.safetensors")).is_ok(), "weights are links to the blobs");

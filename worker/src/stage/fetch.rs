@@ -18,7 +18,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{self, Cache, Have};
-use super::index::hex;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// No byte for this long from a source: try the next.
@@ -75,6 +74,9 @@ pub fn check(f: &pb::ModelFile) -> Result<(), String> {
     if f.sha256.len() != 32 || f.chunk_sha256.iter().any(|c| c.len() != 32) {
         return Err(format!("{n}: hashes must be 32-byte SHA-256 values"));
     }
+    if f.size_bytes > 1 << 50 || f.chunk_bytes > 1 << 30 {
+        return Err(format!("{n}: {} bytes in chunks of {}: too large", f.size_bytes, f.chunk_bytes));
+    }
     if f.chunk_bytes == 0 || f.size_bytes.div_ceil(f.chunk_bytes) != f.chunk_sha256.len() as u64 {
         return Err(format!(
             "{n}: {} chunk hashes do not cover {} bytes in chunks of {}",
@@ -96,7 +98,7 @@ pub async fn fetch_file(
     limit: &Limit,
 ) -> Result<(), String> {
     let f = job.file.as_ref().ok_or("a staged file without its description")?;
-    let sha = hex(&f.sha256);
+    let sha = super::index::blob_id(f);
     let size = f.size_bytes;
     // Another staging on this node may be fetching the same file: wait for it.
     let claim = loop {
@@ -183,7 +185,7 @@ async fn fetch_range(
     sha: &str,
     src: &pb::StageSource,
     start: u64,
-    claim: &cache::Claim,
+    claim: &Arc<cache::Claim>,
     c: &Arc<Counters>,
     limit: &Limit,
 ) -> Result<u64, (u64, String)> {
@@ -204,13 +206,19 @@ async fn fetch_range(
         .header("range", format!("bytes={start}-{}", f.size_bytes - 1))
         .body(Empty::new())
         .map_err(|e| fail(e.to_string()))?;
-    let resp = tokio::time::timeout(READ_TIMEOUT, send.send_request(req))
+    // A peer that has not started on the file yet answers once it has (up to serve::NOT_YET).
+    let resp = tokio::time::timeout(super::serve::NOT_YET + READ_TIMEOUT, send.send_request(req))
         .await
         .map_err(|_| fail("no answer".into()))?
         .map_err(|e| fail(e.to_string()))?;
     if !resp.status().is_success() {
         let status = resp.status();
-        let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect()).await;
+        // A few KiB of the error's text at most: a peer's error body is not read to its end.
+        let body = tokio::time::timeout(
+            Duration::from_secs(5),
+            http_body_util::Limited::new(resp.into_body(), 4096).collect(),
+        )
+        .await;
         let text = body.ok().and_then(|b| b.ok()).map(|b| String::from_utf8_lossy(&b.to_bytes()).to_string());
         driver.abort();
         return Err(fail(format!("{status}: {}", text.unwrap_or_default().chars().take(200).collect::<String>())));
@@ -219,9 +227,10 @@ async fn fetch_range(
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let path = cache.partial(sha);
     let (cb, chunks, size) = (f.chunk_bytes, f.chunk_sha256.clone(), f.size_bytes);
-    let publish = claim_publisher(claim);
+    let held = claim.clone();
     let counters = c.clone();
     let writer = tokio::task::spawn_blocking(move || {
+        let publish = |n: u64| held.publish(Have::Prefix(n));
         write_chunks(&path, start, cb, &chunks, size, rx, &publish, &counters.done)
     });
     let mut body = resp.into_body();
@@ -259,13 +268,6 @@ async fn fetch_range(
             Err((at, format!("chunk {chunk} does not match its sha256 (a corrupt copy); fetching it again elsewhere")))
         }
         Err(WriteError::Io(at, e)) => Err((at, format!("cannot write the cache: {e}"))),
-    }
-}
-
-fn claim_publisher(claim: &cache::Claim) -> impl Fn(u64) + Send + 'static {
-    let tx = claim.sender();
-    move |n| {
-        tx.send_replace(Have::Prefix(n));
     }
 }
 

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -30,6 +30,21 @@ pub const MAX_FILES: usize = 4096;
 pub fn chunk_bytes(size: u64) -> u64 {
     let per = size.div_ceil(MAX_CHUNKS).div_ceil(1 << 20) << 20;
     per.max(MIN_CHUNK_BYTES)
+}
+
+/// A file's name in the cache: a SHA-256 over its size, chunk size and chunk hashes. A node checks
+/// every chunk it receives against those hashes, so what it keeps under this name is what the name
+/// says, whoever sent the list (a whole-file hash from a source would bind nothing: the chunks are
+/// what is checked).
+pub fn blob_id(f: &pb::ModelFile) -> String {
+    let mut h = Sha256::new();
+    h.update(b"tessera-blob-v1\0");
+    h.update(f.size_bytes.to_le_bytes());
+    h.update(f.chunk_bytes.to_le_bytes());
+    for c in &f.chunk_sha256 {
+        h.update(c);
+    }
+    hex(&h.finalize())
 }
 
 /// Hex of a hash, as the cache names files.
@@ -114,7 +129,7 @@ pub fn list(dir: &Path) -> Result<Vec<(String, u64)>, String> {
 }
 
 /// Hashes one file (or takes its hashes from the cache). `progress` counts the bytes read.
-fn hash_file(cache: &HashCache, path: &Path, progress: &AtomicU64) -> Result<Hashed, String> {
+fn hash_file(cache: &HashCache, path: &Path, progress: &AtomicU64, stop: &AtomicBool) -> Result<Hashed, String> {
     let f = tessera_common::model::load::open_regular(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let m = f.metadata().map_err(|e| format!("{}: {e}", path.display()))?;
     let (size, mt) = (m.len(), mtime_ns(&m));
@@ -132,6 +147,9 @@ fn hash_file(cache: &HashCache, path: &Path, progress: &AtomicU64) -> Result<Has
     let mut total = 0u64;
     loop {
         let want = buf.len().min((cb - in_chunk) as usize);
+        if stop.load(Ordering::Relaxed) {
+            return Err("cancelled".into());
+        }
         let n = r.read(&mut buf[..want]).map_err(|e| format!("{}: {e}", path.display()))?;
         if n == 0 {
             break;
@@ -189,13 +207,14 @@ pub fn index(
     dir: &Path,
     total: &AtomicU64,
     progress: &AtomicU64,
+    stop: &AtomicBool,
 ) -> Result<Vec<(pb::ModelFile, PathBuf)>, String> {
     let files = list(dir)?;
     total.store(files.iter().map(|(_, s)| s).sum(), Ordering::Relaxed);
     let mut out = Vec::with_capacity(files.len());
     for (name, _) in files {
         let path = dir.join(&name);
-        let h = hash_file(cache, &path, progress)?;
+        let h = hash_file(cache, &path, progress, stop)?;
         let mut f = pb::ModelFile {
             name: name.clone(),
             size_bytes: h.size,
@@ -241,7 +260,7 @@ mod tests {
         let state = tempfile::tempdir().expect("tmp");
         let cache = HashCache::open(state.path().join("hashes.json"));
         let (t, p) = (AtomicU64::new(0), AtomicU64::new(0));
-        let files = index(&cache, d.path(), &t, &p).expect("index");
+        let files = index(&cache, d.path(), &t, &p, &AtomicBool::new(false)).expect("index");
         let names: Vec<&str> = files.iter().map(|(f, _)| f.name.as_str()).collect();
         assert_eq!(names, ["config.json", "model-00001-of-00001.safetensors"]);
         let w = &files[1].0;
@@ -259,7 +278,7 @@ mod tests {
         changed[n - 1] ^= 0xff;
         std::fs::write(&path, &changed).expect("w");
         std::fs::File::options().append(true).open(&path).expect("o").set_modified(mtime).expect("t");
-        let again = index(&cache, d.path(), &t, &AtomicU64::new(0)).expect("index");
+        let again = index(&cache, d.path(), &t, &AtomicU64::new(0), &AtomicBool::new(false)).expect("index");
         assert_eq!(again[1].0, files[1].0, "taken from the kept hashes");
         std::fs::File::options()
             .append(true)
@@ -267,7 +286,7 @@ mod tests {
             .expect("o")
             .set_modified(mtime + std::time::Duration::from_secs(1))
             .expect("t");
-        let third = index(&cache, d.path(), &t, &AtomicU64::new(0)).expect("index");
+        let third = index(&cache, d.path(), &t, &AtomicU64::new(0), &AtomicBool::new(false)).expect("index");
         assert_eq!(hex(&third[1].0.sha256), hex(&Sha256::digest(&changed)), "hashed again");
     }
 }

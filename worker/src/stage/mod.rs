@@ -48,6 +48,9 @@ use cache::Cache;
 use index::HashCache;
 use serve::{Grant, Grants, ServeState};
 
+/// The largest index sent to the head (sessions carry messages of at most 4 MiB).
+pub const MAX_INDEX_BYTES: usize = 3 << 20;
+
 /// Files fetched at once by one staging.
 pub const PARALLEL_FILES: usize = 4;
 /// How often progress goes to the head.
@@ -80,8 +83,11 @@ struct Task {
     uid: String,
     generation: u64,
     cancel: CancellationToken,
-    /// The model directory it makes (a staging), kept from eviction.
+    /// The model directory it makes (a staging), and its files: kept from eviction.
     key: String,
+    blobs: Vec<String>,
+    /// It ran to its end (its last report went out).
+    finished: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Model directories that live processes use (their keys): kept from eviction.
@@ -99,6 +105,8 @@ pub struct Stager {
     counters: StageCounters,
     in_use: InUse,
     limit: Arc<fetch::Limit>,
+    /// Eviction and the making of model directories, one at a time.
+    evict: Arc<Mutex<()>>,
 }
 
 impl Stager {
@@ -141,6 +149,7 @@ impl Stager {
             counters,
             in_use,
             limit: Arc::new(fetch::Limit::new(cfg.max_rate)),
+            evict: Default::default(),
         })
     }
 
@@ -158,24 +167,53 @@ impl Stager {
         self.cache.model_dir(key)
     }
 
-    fn begin(&self, deployment: &str, index: bool, uid: &str, generation: u64, key: &str) -> CancellationToken {
+    /// Starts a task, replacing (cancelling) the deployment's older one; `None` when the same
+    /// incarnation and generation runs already (the head told this node again after a session
+    /// blip: the running task goes on).
+    fn begin(
+        &self,
+        deployment: &str,
+        index: bool,
+        uid: &str,
+        generation: u64,
+        key: &str,
+        blobs: Vec<String>,
+    ) -> Option<(CancellationToken, Arc<std::sync::atomic::AtomicBool>)> {
+        let mut tasks = self.tasks.lock().expect("lock");
+        let k = (deployment.to_string(), index);
+        let running = |t: &Task| {
+            t.uid == uid
+                && t.generation == generation
+                && !t.cancel.is_cancelled()
+                && !t.finished.load(Ordering::Relaxed)
+        };
+        if tasks.get(&k).is_some_and(running) {
+            return None;
+        }
+        // A finished one is done again (from the cache: at once), so that its report, which may
+        // have been lost with the session, goes out again.
         let cancel = CancellationToken::new();
-        let old = self.tasks.lock().expect("lock").insert(
-            (deployment.to_string(), index),
-            Task { uid: uid.to_string(), generation, cancel: cancel.clone(), key: key.to_string() },
-        );
-        if let Some(old) = old {
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = Task {
+            uid: uid.to_string(),
+            generation,
+            cancel: cancel.clone(),
+            key: key.to_string(),
+            blobs,
+            finished: finished.clone(),
+        };
+        if let Some(old) = tasks.insert(k, task) {
             old.cancel.cancel();
         }
-        cancel
+        Some((cancel, finished))
     }
 
-    /// Forgets a finished task, unless a newer one took its place.
-    fn end(&self, deployment: &str, index: bool, cancel: &CancellationToken) {
+    /// A task that failed is forgotten (the head stages the next generation afresh); one that
+    /// finished stays until the head stops it, keeping its files from eviction meanwhile.
+    fn failed(&self, deployment: &str, index: bool, cancel: &CancellationToken) {
         let mut t = self.tasks.lock().expect("lock");
         let k = (deployment.to_string(), index);
         if !cancel.is_cancelled() && t.get(&k).is_some_and(|t| !t.cancel.is_cancelled()) {
-            // Ours is not cancelled, so it was not replaced (a replacement cancels the old one).
             t.remove(&k);
         }
     }
@@ -192,19 +230,24 @@ impl Stager {
             }
             !stop
         });
-        self.grants.lock().expect("lock").end(deployment, below);
+        self.grants.lock().expect("lock").end(deployment, keep_uid, below);
     }
 
     /// The source's part: hash the model, answer with its files, serve them to the token.
     pub fn index(&self, m: pb::IndexModel) {
-        let cancel = self.begin(&m.deployment, true, &m.deployment_uid, m.generation, "");
+        let Some((cancel, finished)) = self.begin(&m.deployment, true, &m.deployment_uid, m.generation, "", Vec::new())
+        else {
+            return;
+        };
         let me = self.clone();
         tokio::spawn(async move {
             let total = Arc::new(AtomicU64::new(0));
             let hashed = Arc::new(AtomicU64::new(0));
             let (hashes, path) = (me.hashes.clone(), PathBuf::from(&m.path));
             let (t2, h2) = (total.clone(), hashed.clone());
-            let mut job = tokio::task::spawn_blocking(move || index::index(&hashes, &path, &t2, &h2));
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stop2 = stop.clone();
+            let mut job = tokio::task::spawn_blocking(move || index::index(&hashes, &path, &t2, &h2, &stop2));
             let msg = |files: Vec<pb::ModelFile>, done: bool, error: String| pb::ModelIndex {
                 deployment: m.deployment.clone(),
                 deployment_uid: m.deployment_uid.clone(),
@@ -219,25 +262,36 @@ impl Stager {
             tick.tick().await;
             let result = loop {
                 tokio::select! {
-                    _ = cancel.cancelled() => { job.abort(); return; }
+                    _ = cancel.cancelled() => { stop.store(true, Ordering::Relaxed); return; }
                     _ = tick.tick() => me.send(pb::worker_message::Msg::ModelIndex(msg(Vec::new(), false, String::new()))),
                     r = &mut job => break r.map_err(|e| e.to_string()).and_then(|r| r),
                 }
             };
+            let ok = result.is_ok();
             let reply = match result {
                 Ok(files) => {
                     let grant = Grant {
                         deployment: m.deployment.clone(),
+                        uid: m.deployment_uid.clone(),
                         generation: m.generation,
                         files: files
                             .iter()
-                            .map(|(f, p)| (index::hex(&f.sha256), Some((p.clone(), f.size_bytes))))
+                            .map(|(f, p)| (index::blob_id(f), Some((p.clone(), f.size_bytes))))
                             .collect(),
                         expires: Instant::now() + serve::GRANT_TTL,
                     };
-                    me.grants.lock().expect("lock").insert(&m.token, grant);
-                    info!(deployment = %m.deployment, files = files.len(), "model indexed; serving it to the staging's nodes");
-                    msg(files.into_iter().map(|(f, _)| f).collect(), true, String::new())
+                    let reply = msg(files.iter().map(|(f, _)| f.clone()).collect(), true, String::new());
+                    let size = prost::Message::encoded_len(&reply);
+                    if size > MAX_INDEX_BYTES {
+                        let why = format!(
+                            "the model's index (file list and chunk hashes) is {size} bytes, more than the {MAX_INDEX_BYTES} a session message may carry; stage it in parts or use --staging off"
+                        );
+                        msg(Vec::new(), true, why)
+                    } else {
+                        me.grants.lock().expect("lock").insert(&m.token, grant);
+                        info!(deployment = %m.deployment, files = files.len(), "model indexed; serving it to the staging's nodes");
+                        reply
+                    }
                 }
                 Err(e) => {
                     warn!(deployment = %m.deployment, error = %e, "cannot index the model");
@@ -247,13 +301,20 @@ impl Stager {
             if !cancel.is_cancelled() {
                 me.send(pb::worker_message::Msg::ModelIndex(reply));
             }
-            me.end(&m.deployment, true, &cancel);
+            finished.store(true, Ordering::Relaxed);
+            if !ok {
+                me.failed(&m.deployment, true, &cancel);
+            }
         });
     }
 
     /// A receiver's part: fetch the files, make the model directory, report progress.
     pub fn stage(&self, m: pb::StageModel) {
-        let cancel = self.begin(&m.deployment, false, &m.deployment_uid, m.generation, &m.key);
+        let blobs = m.files.iter().filter_map(|f| f.file.as_ref()).map(index::blob_id).collect();
+        let Some((cancel, finished)) = self.begin(&m.deployment, false, &m.deployment_uid, m.generation, &m.key, blobs)
+        else {
+            return;
+        };
         let me = self.clone();
         tokio::spawn(async move {
             let counters = Arc::new(fetch::Counters::default());
@@ -286,6 +347,7 @@ impl Stager {
             if cancel.is_cancelled() {
                 return;
             }
+            finished.store(true, Ordering::Relaxed);
             match result {
                 Ok(dir) => {
                     info!(deployment = %m.deployment, generation = m.generation, dir = %dir.display(), bytes = needed, "model staged");
@@ -294,9 +356,9 @@ impl Stager {
                 Err(e) => {
                     warn!(deployment = %m.deployment, generation = m.generation, error = %e, "staging failed");
                     me.send(pb::worker_message::Msg::StageProgress(progress(true, e)));
+                    me.failed(&m.deployment, false, &cancel);
                 }
             }
-            me.end(&m.deployment, false, &cancel);
         });
     }
 
@@ -318,10 +380,11 @@ impl Stager {
             }
         }
         let shas: Vec<(String, String)> =
-            m.files.iter().filter_map(|f| f.file.as_ref()).map(|f| (f.name.clone(), index::hex(&f.sha256))).collect();
+            m.files.iter().filter_map(|f| f.file.as_ref()).map(|f| (f.name.clone(), index::blob_id(f))).collect();
         // Peers may fetch these from here as they arrive.
         let grant = Grant {
             deployment: m.deployment.clone(),
+            uid: m.deployment_uid.clone(),
             generation: m.generation,
             files: shas.iter().map(|(_, s)| (s.clone(), None)).collect(),
             expires: Instant::now() + serve::GRANT_TTL,
@@ -332,16 +395,24 @@ impl Stager {
             .files
             .iter()
             .filter_map(|f| f.file.as_ref())
-            .filter(|f| !self.cache.has(&index::hex(&f.sha256), f.size_bytes))
+            .filter(|f| !self.cache.has(&index::blob_id(f), f.size_bytes))
             .map(|f| f.size_bytes)
             .sum();
-        let keep: HashSet<String> = shas.iter().map(|(_, s)| s.clone()).collect();
+        // Kept from eviction: the files of every staging this node has (running, or finished and
+        // not stopped yet: its generation may still be launching) and of every live process.
+        let mut keep: HashSet<String> = shas.iter().map(|(_, s)| s.clone()).collect();
         let mut keep_models = (self.in_use)();
-        keep_models.extend(self.tasks.lock().expect("lock").values().map(|t| t.key.clone()));
-        let cache = self.cache.clone();
-        tokio::task::spawn_blocking(move || cache.make_room(need, &keep, &keep_models))
-            .await
-            .map_err(|e| e.to_string())??;
+        for t in self.tasks.lock().expect("lock").values() {
+            keep.extend(t.blobs.iter().cloned());
+            keep_models.insert(t.key.clone());
+        }
+        let (cache, lock) = (self.cache.clone(), self.evict.clone());
+        tokio::task::spawn_blocking(move || {
+            let _one = lock.lock().expect("lock");
+            cache.make_room(need, &keep, &keep_models)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         let jobs: Vec<_> = m
             .files
             .iter()
@@ -356,9 +427,20 @@ impl Stager {
         if let Some(e) = results.into_iter().find_map(|r| r.err()) {
             return Err(e);
         }
-        let cache = self.cache.clone();
+        let (cache, lock) = (self.cache.clone(), self.evict.clone());
         let key = m.key.clone();
-        tokio::task::spawn_blocking(move || cache.make_model_dir(&key, &shas)).await.map_err(|e| e.to_string())?
+        let sizes: Vec<u64> = m.files.iter().filter_map(|f| f.file.as_ref()).map(|f| f.size_bytes).collect();
+        tokio::task::spawn_blocking(move || {
+            let _one = lock.lock().expect("lock");
+            // Every file must still be there (nothing evicted it meanwhile) before it is linked.
+            if let Some((n, _)) = shas.iter().zip(&sizes).find(|((_, id), size)| !cache.has(id, **size)).map(|(f, _)| f)
+            {
+                return Err(format!("{n} left the cache before its model directory was made; staging again"));
+            }
+            cache.make_model_dir(&key, &shas)
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 
     /// The head asks for a model it cannot read (`--model-from` this node): its config as it is,

@@ -37,6 +37,7 @@ const READ_BYTES: usize = 1 << 20;
 /// size) or `None` (from the cache).
 pub struct Grant {
     pub deployment: String,
+    pub uid: String,
     pub generation: u64,
     pub files: HashMap<String, Option<(PathBuf, u64)>>,
     pub expires: Instant,
@@ -72,14 +73,22 @@ impl Grants {
         }
     }
 
-    /// Ends the grants of `deployment` below generation `below` (0: every one).
-    pub fn end(&mut self, deployment: &str, below: u64) {
-        self.by_token.retain(|_, g| !(g.deployment == deployment && (below == 0 || g.generation < below)));
+    /// Ends the grants of `deployment` below generation `below` (0: every one), and those of any
+    /// incarnation but `keep_uid` (when not empty).
+    pub fn end(&mut self, deployment: &str, keep_uid: &str, below: u64) {
+        self.by_token.retain(|_, g| {
+            let stale = below == 0 || g.generation < below || (!keep_uid.is_empty() && g.uid != keep_uid);
+            !(g.deployment == deployment && stale)
+        });
     }
 
-    fn lookup(&self, token: &str, sha: &str) -> Option<Option<(PathBuf, u64)>> {
-        let g = self.by_token.get(&token_key(token)).filter(|g| g.expires > Instant::now())?;
-        g.files.get(sha).cloned()
+    /// What `token` may read of `sha`; a use keeps the grant alive (a staging may take hours).
+    fn lookup(&mut self, token: &str, sha: &str) -> Option<Option<(PathBuf, u64)>> {
+        let now = Instant::now();
+        let g = self.by_token.get_mut(&token_key(token)).filter(|g| g.expires > now)?;
+        let f = g.files.get(sha).cloned()?;
+        g.expires = now + GRANT_TTL;
+        Some(f)
     }
 }
 
@@ -263,16 +272,28 @@ mod tests {
         let files = |s: &str| [(s.to_string(), None)].into_iter().collect();
         g.insert(
             "t1",
-            Grant { deployment: "a".into(), generation: 1, files: files("x"), expires: Instant::now() + GRANT_TTL },
+            Grant {
+                deployment: "a".into(),
+                uid: String::new(),
+                generation: 1,
+                files: files("x"),
+                expires: Instant::now() + GRANT_TTL,
+            },
         );
         g.insert(
             "t2",
-            Grant { deployment: "b".into(), generation: 1, files: files("y"), expires: Instant::now() + GRANT_TTL },
+            Grant {
+                deployment: "b".into(),
+                uid: String::new(),
+                generation: 1,
+                files: files("y"),
+                expires: Instant::now() + GRANT_TTL,
+            },
         );
         assert!(g.lookup("t1", "x").is_some());
         assert!(g.lookup("t1", "y").is_none(), "a token reads only its own staging's files");
         assert!(g.lookup("t3", "x").is_none());
-        g.end("a", 2);
+        g.end("a", "", 2);
         assert!(g.lookup("t1", "x").is_none());
         assert!(g.lookup("t2", "y").is_some());
     }

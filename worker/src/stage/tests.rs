@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::cache::{Cache, Have};
 use super::fetch::{self, Counters, Limit};
-use super::index::hex;
 use super::serve::{self, Grant, Grants, ServeState};
 
 const CB: usize = 4096;
@@ -58,6 +57,7 @@ fn file(d: &[u8]) -> pb::ModelFile {
 fn grant(n: &Node, sha: &str, path: Option<(std::path::PathBuf, u64)>) {
     let g = Grant {
         deployment: "d".into(),
+        uid: String::new(),
         generation: 1,
         files: [(sha.to_string(), path)].into_iter().collect(),
         expires: tokio::time::Instant::now() + serve::GRANT_TTL,
@@ -73,7 +73,7 @@ fn src(n: &Node, name: &str) -> pb::StageSource {
 async fn a_corrupt_peer_copy_is_detected_and_the_chunk_comes_from_the_source() {
     let d = data();
     let f = file(&d);
-    let sha = hex(&f.sha256);
+    let sha = super::index::blob_id(&f);
     let (source, peer, me) = (node().await, node().await, node().await);
     // The source serves the model's own file; the peer has a copy with one byte flipped in chunk 2.
     let model = source._dir.path().join("model.safetensors");
@@ -98,7 +98,7 @@ async fn a_corrupt_peer_copy_is_detected_and_the_chunk_comes_from_the_source() {
 async fn a_partial_file_resumes_after_its_last_good_chunk_and_a_wrong_token_gets_nothing() {
     let d = data();
     let f = file(&d);
-    let sha = hex(&f.sha256);
+    let sha = super::index::blob_id(&f);
     let (source, me) = (node().await, node().await);
     let model = source._dir.path().join("m");
     std::fs::write(&model, &d).expect("w");
@@ -123,19 +123,19 @@ async fn a_partial_file_resumes_after_its_last_good_chunk_and_a_wrong_token_gets
 async fn a_peer_serves_a_file_while_it_is_still_arriving() {
     let d = data();
     let f = file(&d);
-    let sha = hex(&f.sha256);
+    let sha = super::index::blob_id(&f);
     let (peer, me) = (node().await, node().await);
     grant(&peer, &sha, None);
     // The peer's own fetch, chunk by chunk.
     let claim = peer.cache.claim(&sha, 0).expect("claim");
-    let (pc, dd) = (peer.cache.clone(), d.clone());
+    let (pc, dd, id) = (peer.cache.clone(), d.clone(), sha.clone());
     let writer = tokio::spawn(async move {
         for end in (CB..=dd.len()).step_by(CB).chain([dd.len()]) {
             tokio::time::sleep(std::time::Duration::from_millis(30)).await;
-            std::fs::write(pc.partial(&hex(&Sha256::digest(&dd))), &dd[..end]).expect("w");
+            std::fs::write(pc.partial(&id), &dd[..end]).expect("w");
             claim.publish(Have::Prefix(end as u64));
         }
-        super::cache::finish(&pc, &hex(&Sha256::digest(&dd))).expect("finish");
+        super::cache::finish(&pc, &id).expect("finish");
         claim.publish(Have::Whole);
     });
     let job = pb::StageFile { file: Some(f.clone()), sources: vec![src(&peer, "peer")] };
