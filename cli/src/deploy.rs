@@ -540,9 +540,16 @@ pub async fn get(head: &str, name: String, output: Output) -> anyhow::Result<u8>
     Ok(0)
 }
 
-pub async fn delete(head: &str, name: String, wait: bool) -> anyhow::Result<u8> {
+pub async fn delete(head: &str, name: String, wait: bool, ignore_not_found: bool) -> anyhow::Result<u8> {
     let mut c = client(head).await?;
-    c.delete(pb::DeleteDeploymentRequest { name: name.clone() }).await.or_status()?;
+    match c.delete(pb::DeleteDeploymentRequest { name: name.clone() }).await {
+        Ok(_) => {}
+        Err(s) if ignore_not_found && s.code() == tonic::Code::NotFound => {
+            println!("{name}: not found (nothing to delete)");
+            return Ok(0);
+        }
+        Err(s) => return Err(client::status_error(s)),
+    }
     if !wait {
         println!("{name}: stopping");
         return Ok(0);

@@ -288,6 +288,10 @@ enum Cmd {
         /// Return once the stop is under way, without waiting for the processes to be gone
         #[arg(long)]
         no_wait: bool,
+        /// A deployment that does not exist is not an error (exit 0): for scripts that make sure
+        /// it is gone
+        #[arg(long)]
+        ignore_not_found: bool,
     },
     /// Restart a deployment's groups (every replica) at their next generation
     Restart { name: String },
@@ -416,6 +420,7 @@ impl std::str::FromStr for LayerPartition {
 }
 
 fn main() -> ExitCode {
+    quiet_on_broken_pipe();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
@@ -546,7 +551,9 @@ fn main() -> ExitCode {
             }
             Cmd::Deployments { output } => deploy::list(&head, output).await,
             Cmd::Get { name, output } => deploy::get(&head, name, output).await,
-            Cmd::Delete { name, no_wait } => deploy::delete(&head, name, !no_wait).await,
+            Cmd::Delete { name, no_wait, ignore_not_found } => {
+                deploy::delete(&head, name, !no_wait, ignore_not_found).await
+            }
             Cmd::Restart { name } => deploy::restart(&head, name).await,
             Cmd::Update {
                 name,
@@ -599,9 +606,33 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(code) => ExitCode::from(code),
+        // The reader went away (`tessera events -f | head`): stop quietly, as other CLIs do.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
     }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+/// `println!` panics when stdout is a closed pipe (`tessera nodes | head -1`): such a panic ends
+/// the program quietly with status 0 instead of a panic message and status 101, like other CLIs.
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
 }

@@ -253,6 +253,8 @@ pub async fn events(head: &str, follow: bool, output: Output) -> anyhow::Result<
         let next = match tokio::time::timeout(wait, stream.next()).await {
             Ok(Some(Ok(e))) => e,
             Ok(Some(Err(s))) => return Err(client::status_error(s)),
+            // Following: the stream ends only when the head goes away (or shuts down).
+            Ok(None) if follow => anyhow::bail!("the head at {head} ended the event stream (it stopped or restarted)"),
             Ok(None) | Err(_) => return Ok(()),
         };
         if replaying && next.seq != 0 {

@@ -144,14 +144,16 @@ async fn run(
     println!("logs     {}", logs.display());
     let flag = if url == "http://127.0.0.1:7470" { String::new() } else { format!(" --head {url}") };
     let demo = if opts.deploy { Some(deploy_demo(opts, &url, nodes.len() as u32).await?) } else { None };
+    // The commands run as printed: `tessera` when PATH finds this very binary, else its full path.
+    let t = self_command();
     println!("\nTry, in another terminal (the admin token is in {}):", admin_token.display());
     println!("  export TESSERA_TOKEN_FILE={}", admin_token.display());
-    println!("  tessera{flag} nodes");
-    println!("  tessera{flag} status");
-    println!("  tessera{flag} events -f");
+    println!("  {t}{flag} nodes");
+    println!("  {t}{flag} status");
+    println!("  {t}{flag} events -f");
     if let Some(d) = &demo {
-        println!("  tessera{flag} get demo");
-        println!("  tessera{flag} logs demo --rank 0");
+        println!("  {t}{flag} get demo");
+        println!("  {t}{flag} logs demo --rank 0");
         if let Some(r) = d.ranks.last() {
             println!("  kill -9 {}   # rank {} dies; the whole group restarts at generation 2", r.pid, r.rank);
         }
@@ -160,7 +162,7 @@ async fn run(
                 "  curl -s http://{g}/v1/completions -H 'content-type: application/json' -d '{{\"model\": \"demo\", \"prompt\": \"hello\", \"max_tokens\": 8}}'"
             );
         }
-        println!("  tessera{flag} delete demo");
+        println!("  {t}{flag} delete demo");
     }
     println!(
         "  kill -9 {}   # a worker dies; watch it go dead within about a second",
@@ -414,5 +416,22 @@ impl BinDir {
             Some(d) => d.join(name),
             None => PathBuf::from(name),
         }
+    }
+}
+
+/// How to run this binary from a shell: `tessera` when the first `tessera` on PATH is this file,
+/// else its full path.
+fn self_command() -> String {
+    let me = std::env::current_exe().ok().and_then(|p| p.canonicalize().ok());
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("tessera"))
+            .find(|p| p.is_file())
+            .and_then(|p| p.canonicalize().ok())
+    });
+    match (me, on_path) {
+        (Some(me), Some(found)) if me == found => "tessera".into(),
+        (Some(me), _) => me.display().to_string(),
+        (None, _) => "tessera".into(),
     }
 }

@@ -147,9 +147,11 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     let mut url = None;
     let mut gateway = None;
     let mut deployed = false;
+    let mut banner = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("up prints its banner");
+        banner.push(line.clone());
         if let Some(u) = line.strip_prefix("head   ") {
             url = Some(u.trim().to_string());
         }
@@ -165,6 +167,10 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
         }
     }
     let url = url.expect("head URL printed");
+    // The follow-up commands run as printed: `tessera` is not on PATH here, so its full path.
+    let nodes_cmd = banner.iter().find(|l| l.trim_end().ends_with(" nodes")).expect("a nodes command printed");
+    let program = nodes_cmd.split_whitespace().next().expect("program");
+    assert!(std::path::Path::new(program).is_file(), "runs as printed: {nodes_cmd}");
     // The demo answers through the gateway `up` started (once the gateway has seen it running).
     let gateway = gateway.expect("gateway address printed");
     let body = r#"{"model": "demo", "prompt": "hello", "max_tokens": 4}"#;
@@ -213,6 +219,22 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     for key in ["rank", "tp_rank", "pp_rank", "node", "gpu_indices", "pid", "state", "exit_code"] {
         assert!(demo["ranks"][0].get(key).is_some(), "missing ranks[].{key}");
     }
+
+    // A reader that went away (`tessera nodes | head -1`): no panic, no message, status 0.
+    for args in [&["nodes"][..], &["get", "demo"], &["status"], &["deployments"], &["events"]] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = tessera().args(["--head", &url]).args(args).stdout(writer).output().expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && err.is_empty(), "{args:?} into a closed pipe: {:?} {err}", out.status);
+    }
+
+    // Deleting what is not there: an error naming it, unless --ignore-not-found.
+    let out = tessera().args(["--head", &url, "delete", "nope"]).output().expect("delete");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"nope\""), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tessera().args(["--head", &url, "delete", "nope", "--ignore-not-found"]).output().expect("delete");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 
     let out = tessera().args(["--head", &url, "nodes", "-o", "json"]).output().expect("nodes");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -280,6 +302,14 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     let up_pid = up.id() as i32;
     let children: Vec<i32> = pids_mentioning(&dir_s).into_iter().filter(|&p| p != up_pid).collect();
     assert_eq!(children.len(), 3 + 1 + 4, "a head, two workers, a gateway and the demo's four shims run: {children:?}");
+    // Following events while the head goes away: it says so and exits non-zero.
+    let mut follow = tessera()
+        .args(["--head", &url, "events", "-f"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("events -f");
+    std::thread::sleep(Duration::from_millis(500));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGINT)
         .expect("SIGINT");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -291,6 +321,18 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "up exits 0 on Ctrl-C: {status}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let followed = loop {
+        if let Some(s) = follow.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "events -f did not notice the head went away");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut follow.stderr.take().expect("stderr"), &mut err).expect("stderr");
+    assert_eq!(followed.code(), Some(1), "events -f when the head goes away: {err}");
+    assert!(err.contains("head"), "says what happened: {err}");
     let left: Vec<i32> = children.into_iter().filter(|&p| alive(p)).collect();
     assert!(left.is_empty(), "processes left behind: {left:?}");
     let worker_log = std::fs::read_to_string(dir.path().join("logs/worker-1.log")).expect("worker log");

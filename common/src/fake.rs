@@ -31,6 +31,10 @@ impl FromStr for FakeGpuSpec {
         if count as usize > MAX_GPUS_PER_NODE {
             return Err(err(format!("{count} GPUs; a node has at most {MAX_GPUS_PER_NODE}")));
         }
+        // `1x80` is not 80 bytes: a GPU's memory needs its unit.
+        if mem.trim().chars().all(|c| c.is_ascii_digit() || c == '.') {
+            return Err(err(format!("memory {:?} has no unit; write e.g. {count}x{}GiB", mem.trim(), mem.trim())));
+        }
         let memory_bytes = parse_size(mem).map_err(|e| err(e.to_string()))?;
         if memory_bytes == 0 && count > 0 {
             return Err(err("memory must be more than 0".into()));
@@ -88,10 +92,14 @@ mod tests {
         assert_eq!("4x80GiB".parse(), Ok(FakeGpuSpec { count: 4, memory_bytes: 80 << 30 }));
         assert_eq!("8X141GB".parse(), Ok(FakeGpuSpec { count: 8, memory_bytes: 141_000_000_000 }));
         assert_eq!("0x1GiB".parse::<FakeGpuSpec>().map(|s| s.count), Ok(0));
-        for bad in ["4", "x80GiB", "fourx80GiB", "4x", "4x0", "65x80GiB"] {
+        for bad in ["4", "x80GiB", "fourx80GiB", "4x", "4x0", "65x80GiB", "1x80"] {
             let e = bad.parse::<FakeGpuSpec>().expect_err(bad);
             assert!(e.to_string().contains("COUNTxMEMORY"), "{e}");
         }
+        let e = "1x80".parse::<FakeGpuSpec>().expect_err("no unit").to_string();
+        assert!(e.contains("no unit") && e.contains("1x80GiB"), "{e}");
+        assert_eq!("2x80G".parse(), Ok(FakeGpuSpec { count: 2, memory_bytes: 80 << 30 }));
+        assert_eq!("2x80Gi".parse(), Ok(FakeGpuSpec { count: 2, memory_bytes: 80 << 30 }));
     }
 
     #[test]

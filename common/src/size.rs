@@ -19,6 +19,10 @@ const UNITS: &[(&str, u64)] = &[
     ("mb", 1_000_000),
     ("gb", 1_000_000_000),
     ("tb", 1_000_000_000_000),
+    ("ki", 1 << 10),
+    ("mi", 1 << 20),
+    ("gi", 1 << 30),
+    ("ti", 1 << 40),
     ("k", 1 << 10),
     ("m", 1 << 20),
     ("g", 1 << 30),
@@ -27,7 +31,8 @@ const UNITS: &[(&str, u64)] = &[
     ("", 1),
 ];
 
-/// Parses a human size into bytes. Binary units (KiB, MiB, GiB, TiB and the short K, M, G, T) are
+/// Parses a human size into bytes. Binary units (KiB, MiB, GiB, TiB, Kubernetes' Ki, Mi, Gi, Ti and
+/// the short K, M, G, T) are
 /// powers of 1024; decimal units (KB, MB, GB, TB) powers of 1000.
 pub fn parse_size(value: &str) -> Result<u64, SizeError> {
     let err = |why| SizeError { value: value.to_string(), why };
