@@ -388,7 +388,7 @@ impl Machine {
         std::mem::take(&mut self.out)
     }
 
-    fn create(&mut self, spec: DeploymentSpec, model: LoadedModel, reply: ReplyId, at: At) {
+    fn create(&mut self, mut spec: DeploymentSpec, model: LoadedModel, reply: ReplyId, at: At) {
         // A new deployment's first group: no group of the name may be left (one still draining or
         // stopping after a delete would otherwise be taken for a replica of the new one).
         let leftover = (spec.replica() == 0)
@@ -432,8 +432,14 @@ impl Machine {
                 return;
             }
         }
-        if spec.staging && self.inventory.source_of(&spec.model_from).is_none_or(|h| h.capabilities.transfer_port == 0)
-        {
+        let no_source = self.inventory.source_of(&spec.model_from).is_none_or(|h| h.capabilities.transfer_port == 0);
+        if spec.staging && no_source && !spec.staging_asked {
+            // The default, with nobody to stage from (a head with --no-worker): as before staging,
+            // every node reads the model at its path.
+            info!(deployment = %spec.name, "no node to stage the model from: staging off");
+            spec.staging = false;
+        }
+        if spec.staging && no_source {
             let e = format!(
                 "[staging] the model is staged from {}, which is not connected or has no transfer server; deploy with --staging off when every node has the model at its path",
                 source_name(&spec.model_from)

@@ -1080,9 +1080,16 @@ fn staging_needs_the_heads_node_and_workers_that_can_receive() {
     let mut h = H::new(vec![node(1, "head", 4, true), staging_node(2, "w1", 4, false)]);
     let mut s = spec("st", 4, 2);
     s.staging = true;
+    s.staging_asked = true;
     let e = h.create(s.clone());
     let r = replies(&e);
     assert!(matches!(&r[0], Err(DeployError::InvalidPlan(m)) if m.contains("--staging off")), "{r:?}");
+    // Staging by default (not asked for): off, every node reads the model at its path.
+    let mut quiet = s.clone();
+    quiet.staging_asked = false;
+    let e = h.create(quiet);
+    assert!(launches(&e).len() == 1 && replies(&e)[0].is_ok(), "{e:?}");
+    assert_eq!(h.dep("st").staging, pb::StagingMode::Off as i32);
     // A worker without one: the generation fails with its name.
     let mut h = H::new(vec![staging_node(1, "head", 4, true), node(2, "old", 4, false)]);
     let e = h.create(s);

@@ -131,6 +131,7 @@ pub fn to_spec(r: &StoredDeployment) -> Result<DeploymentSpec, String> {
             None => None,
         },
         staging: r.staging,
+        staging_asked: false,
         model_from: r.model_from.clone(),
         described: r.described.clone(),
     };

@@ -93,6 +93,9 @@ pub struct DeploymentSpec {
     pub previous: Option<Box<DeploymentSpec>>,
     /// Weight staging: the model is read on the head and each other node gets its stages' files.
     pub staging: bool,
+    /// Staging was asked for (not the default): when the model's node cannot serve it, Create is
+    /// refused rather than staging turned off.
+    pub staging_asked: bool,
     /// The node holding the model (name or id) when it is not the head (`--model-from`).
     pub model_from: String,
     /// What that node said of the model (see [`Described`]), kept so that a restarted head can plan
@@ -431,6 +434,7 @@ impl DeploymentSpec {
             revision: 1,
             previous: None,
             staging,
+            staging_asked: r.staging == pb::StagingMode::On as i32,
             model_from: r.model_from.clone(),
             described: None,
         };
