@@ -36,6 +36,14 @@ pub struct Cache {
 
 impl Cache {
     pub fn open(root: PathBuf, max_bytes: u64) -> std::io::Result<Arc<Cache>> {
+        let c = Cache { root, max_bytes, growing: Mutex::new(HashMap::new()) };
+        c.ensure_dirs()?;
+        Ok(Arc::new(c))
+    }
+
+    /// Makes the cache's directories (again, when an operator emptied the cache).
+    pub fn ensure_dirs(&self) -> std::io::Result<()> {
+        let root = &self.root;
         for d in ["blobs", "partial", "models"] {
             std::fs::create_dir_all(root.join(d))?;
         }
@@ -44,7 +52,7 @@ impl Cache {
         for d in ["", "blobs", "models"] {
             let _ = std::fs::set_permissions(root.join(d), std::fs::Permissions::from_mode(0o755));
         }
-        Ok(Arc::new(Cache { root, max_bytes, growing: Mutex::new(HashMap::new()) }))
+        Ok(())
     }
 
     pub fn blob(&self, sha: &str) -> PathBuf {

@@ -381,6 +381,7 @@ impl Stager {
         }
         let shas: Vec<(String, String)> =
             m.files.iter().filter_map(|f| f.file.as_ref()).map(|f| (f.name.clone(), index::blob_id(f))).collect();
+        self.cache.ensure_dirs().map_err(|e| format!("the model cache at {}: {e}", self.cache.root.display()))?;
         // Peers may fetch these from here as they arrive.
         let grant = Grant {
             deployment: m.deployment.clone(),

@@ -35,11 +35,20 @@ pub async fn staging_bench(args: &[String]) -> anyhow::Result<()> {
     }
 }
 
-/// The receiving side of the plain copy: connect, write everything to OUT, sync, exit.
+/// The receiving side of the plain copy: connect, write everything to OUT in 1 MiB reads (as
+/// `nc | dd bs=1M` would), sync, exit.
 pub fn copy_recv(addr: &str, out: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     let mut f = std::fs::File::create(out)?;
-    std::io::copy(&mut s, &mut f)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        f.write_all(&buf[..n])?;
+    }
     f.sync_all()?;
     Ok(())
 }
