@@ -405,6 +405,48 @@ enum Cmd {
         #[arg(long)]
         no_gateway: bool,
     },
+    /// Print shell completions, e.g. `tessera completions bash > /etc/bash_completion.d/tessera`
+    /// (zsh: into a directory on $fpath as `_tessera`; fish: ~/.config/fish/completions/tessera.fish)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (tessera.1 and one per command, tessera-deploy.1 ...) into DIR; without
+    /// --dir, print tessera(1)
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// `tessera completions` and `tessera man`: from the command's own definition (clap's companions),
+/// so they never disagree with `--help`.
+fn self_docs(command: &Cmd) -> Option<ExitCode> {
+    use clap::CommandFactory;
+    match command {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "tessera", &mut std::io::stdout());
+            Some(ExitCode::SUCCESS)
+        }
+        Cmd::Man { dir: None } => {
+            let r = clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout());
+            Some(if r.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Cmd::Man { dir: Some(dir) } => {
+            let r = std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(Cli::command(), dir));
+            match r {
+                Ok(()) => {
+                    println!("man pages written to {}", dir.display());
+                    Some(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: --dir {}: {e}", dir.display());
+                    Some(ExitCode::from(1))
+                }
+            }
+        }
+        _ => None,
+    }
 }
 
 /// `--layer-partition 41,39`: one value holding a list (clap would otherwise take a Vec as
@@ -422,6 +464,9 @@ impl std::str::FromStr for LayerPartition {
 fn main() -> ExitCode {
     quiet_on_broken_pipe();
     let cli = Cli::parse();
+    if let Some(code) = self_docs(&cli.command) {
+        return code;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -602,6 +647,8 @@ fn main() -> ExitCode {
                 let gateway = (!no_gateway).then_some(gateway_listen);
                 up::up(up::UpOptions { workers, fake_gpus, listen, dir, bin_dir, deploy, gateway }).await.map(|()| 0)
             }
+            // Answered before the runtime started (self_docs).
+            Cmd::Completions { .. } | Cmd::Man { .. } => Ok(0),
         }
     });
     match result {

@@ -21,6 +21,25 @@ fn an_unreachable_head_is_a_clear_error_with_exit_1() {
 }
 
 #[test]
+fn completions_and_man_pages_come_from_the_commands_themselves() {
+    let out = tessera().args(["completions", "bash"]).output().expect("run");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("complete -F") && text.contains("--staging") && text.contains("deploy"), "bash completions");
+    for shell in ["zsh", "fish"] {
+        let out = tessera().args(["completions", shell]).output().expect("run");
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("model-from"), "{shell}");
+    }
+    let out = tessera().args(["man"]).output().expect("man");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(".ie"), "roff");
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = tessera().args(["man", "--dir"]).arg(dir.path()).output().expect("man --dir");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let page = std::fs::read_to_string(dir.path().join("tessera-deploy.1")).expect("a page per command");
+    assert!(page.contains("staging"), "{page}");
+}
+
+#[test]
 fn bad_usage_exits_2() {
     let out = tessera().args(["up", "--fake-gpus", "lots"]).output().expect("run");
     assert_eq!(out.status.code(), Some(2));

@@ -205,12 +205,19 @@ impl Head {
         ] {
             health.set_service_status(svc, tonic_health::ServingStatus::Serving).await;
         }
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| HeadError::Config(format!("reflection: {e}")))?;
+        // v1 and v1alpha (older grpcurl and Python's grpcio-reflection speak v1alpha), listing the
+        // health service too.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1().map_err(|e| HeadError::Config(format!("reflection: {e}")))?;
+        let reflection_v1alpha =
+            reflection().build_v1alpha().map_err(|e| HeadError::Config(format!("reflection: {e}")))?;
         let routes = tonic::service::Routes::new(health_service)
-            .add_service(reflection)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
             .add_service(pb::membership_server::MembershipServer::new(session))
             .add_service(pb::cluster_server::ClusterServer::new(cluster))
             .add_service(pb::tokens_server::TokensServer::new(server::tokens::TokensService {

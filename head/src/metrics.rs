@@ -39,6 +39,7 @@ pub struct HeadMetrics {
     joins: Counter,
     pub rpcs: Family<RpcLabels, Counter>,
     pub auth_refusals: Counter,
+    process: std::sync::OnceLock<Arc<tessera_worker::metrics::ProcessMetrics>>,
 }
 
 impl HeadMetrics {
@@ -55,6 +56,7 @@ impl HeadMetrics {
             joins: Counter::default(),
             rpcs: Family::default(),
             auth_refusals: Counter::default(),
+            process: std::sync::OnceLock::new(),
         };
         let mut r = Registry::with_prefix("tessera_head");
         r.register("membership_nodes", "Nodes by state (alive, suspect, dead, left, draining)", m.nodes.clone());
@@ -83,6 +85,7 @@ impl HeadMetrics {
             "Calls refused for a missing, unknown or wrong-role token",
             m.auth_refusals.clone(),
         );
+        let _ = m.process.set(tessera_worker::metrics::ProcessMetrics::register(&mut r));
         *m.registry.lock().expect("lock") = r;
         Arc::new(m)
     }
@@ -124,6 +127,9 @@ impl HeadMetrics {
 
     /// Reads the gauges from the membership table and the deployments, and renders everything.
     pub async fn render(&self, membership: &Membership, deployments: &Deployments) -> String {
+        if let Some(p) = self.process.get() {
+            p.update();
+        }
         let nodes = membership.list().await;
         self.nodes.clear();
         for s in [

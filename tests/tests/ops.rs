@@ -59,6 +59,17 @@ async fn head_and_worker_serve_metrics_health_and_readiness() {
     assert!(text.contains("tessera_head_membership_joins_total"), "{text}");
     assert!(text.contains("tessera_worker_gpu_memory_total_bytes{uuid=\"GPU-fake-"), "the head's own GPUs: {text}");
     assert_eq!(text.matches("# EOF").count(), 1, "one exposition");
+    // Build and process metrics, once (the head's own worker does not repeat them).
+    let version = format!("tessera_head_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    assert!(text.contains(&version), "{text}");
+    assert!(!text.contains("tessera_worker_build_info"), "{text}");
+    let value = |t: &str, name: &str| -> f64 {
+        t.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
+    };
+    assert!(value(&text, "tessera_head_process_resident_memory_bytes ") > 1e6, "{text}");
+    assert!(value(&text, "tessera_head_process_open_fds ") >= 3.0, "{text}");
+    assert!(value(&text, "tessera_head_process_start_time_seconds ") > 1.7e9, "{text}");
+    assert!(text.contains("tessera_head_process_cpu_seconds_total"), "{text}");
 
     // A refused call is counted.
     let mut anon = pb::cluster_client::ClusterClient::new(tessera_tests::conn_with(&head.url, None).await);
@@ -69,6 +80,8 @@ async fn head_and_worker_serve_metrics_health_and_readiness() {
     let (code, text) = get(&worker_ops, "/metrics");
     assert_eq!(code, 200);
     assert!(text.contains("tessera_worker_joined 1"), "{text}");
+    assert!(text.contains("tessera_worker_build_info{version="), "{text}");
+    assert!(text.contains("tessera_worker_process_resident_memory_bytes"), "{text}");
     assert!(text.contains("tessera_worker_gpu_memory_total_bytes{uuid=\"GPU-fake-"), "{text}");
     assert!(text.contains("index=\"3\""), "every GPU is labelled: {text}");
     wait_until("a heartbeat round trip was measured", || {
@@ -116,9 +129,30 @@ async fn grpc_health_and_reflection_answer_without_a_token() {
         panic!("unexpected {resp:?}")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for s in ["tessera.v1.Cluster", "tessera.v1.Deployments", "tessera.v1.Planner", "tessera.v1.Membership"] {
+    for s in [
+        "tessera.v1.Cluster",
+        "tessera.v1.Deployments",
+        "tessera.v1.Planner",
+        "tessera.v1.Membership",
+        "grpc.health.v1.Health",
+    ] {
         assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
     }
+    // v1alpha too (older grpcurl, Python's grpcio-reflection).
+    use tonic_reflection::pb::v1alpha as alpha;
+    let anon = tessera_tests::conn_with(&head.url, None).await;
+    let mut refl = alpha::server_reflection_client::ServerReflectionClient::new(anon);
+    let req = alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.expect("v1alpha").into_inner();
+    let resp = stream.message().await.expect("answer").expect("one message");
+    let Some(alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) = resp.message_response
+    else {
+        panic!("unexpected {resp:?}")
+    };
+    assert!(list.service.iter().any(|s| s.name == "tessera.v1.Deployments"), "{list:?}");
 }
 
 /// Reads datagrams from a notify socket until `want` has been seen in one of them.

@@ -152,7 +152,7 @@ fn main() -> ExitCode {
         };
         tessera_worker::ops::write_addr(&metrics_listener, &state.path().join("metrics.addr"));
         let inventory = gpu::detect(parts.fake_gpus, &parts.node_name);
-        let metrics = tessera_worker::metrics::WorkerMetrics::new();
+        let metrics = tessera_worker::metrics::WorkerMetrics::for_daemon();
         let config = AgentConfig {
             token,
             tls,
