@@ -387,3 +387,29 @@ async fn a_worker_agent_killed_and_restarted_at_once_restarts_nothing() {
     assert_eq!(d2.ranks.iter().map(|r| r.pid).collect::<Vec<_>>(), pids);
     assert!(pids.iter().all(|&p| alive(p)));
 }
+
+#[tokio::test]
+async fn logs_follow_ends_when_the_process_ends() {
+    let cluster = Cluster::start(&[]).await;
+    let c = cluster.client().await;
+    c.clone().create(probe("tail", 1, 1)).await.expect("create");
+    let d = wait_for(&c, "tail", "running", running_at(1)).await;
+    let mut follow = c
+        .clone()
+        .logs(pb::LogsRequest { name: "tail".into(), rank: 0, tail: 5, follow: true, replica: 0 })
+        .await
+        .expect("logs -f")
+        .into_inner();
+    let first = follow.message().await.expect("chunk").expect("the tail first");
+    assert!(!first.data.is_empty());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.ranks[0].pid as i32), nix::sys::signal::Signal::SIGKILL)
+        .expect("kill -9");
+    // The stream ends (the rank's generation is over); it does not hang on.
+    let ended = tokio::time::timeout(tessera_tests::HANG, async {
+        while let Some(_chunk) = follow.message().await.expect("no error") {}
+    })
+    .await;
+    assert!(ended.is_ok(), "logs -f went on after its process died");
+    wait_for(&c, "tail", "running again", running_at(2)).await;
+    delete_and_wait(&c, "tail").await;
+}

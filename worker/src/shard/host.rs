@@ -726,6 +726,10 @@ impl ShardHost {
             }
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
+                // A follow ends with its process: once it exited (or its dir is gone), what is
+                // left of the log is sent, then the end.
+                let st: Option<ShimState> = spec::read_json(&spec::state_path(&dir)).ok();
+                let ended = !dir.exists() || st.is_some_and(|s| s.exited);
                 let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                 if len < pos {
                     pos = 0; // rotated
@@ -738,6 +742,11 @@ impl ShardHost {
                     let _ = (&mut f).take(1 << 20).read_to_end(&mut buf).await;
                     pos += buf.len() as u64;
                     send(buf, false, String::new());
+                    continue; // more may be there: read it before ending
+                }
+                if ended {
+                    send(Vec::new(), true, String::new());
+                    return;
                 }
             }
         });
