@@ -395,7 +395,7 @@ fn progress_line(d: &pb::Deployment, tty: bool) -> String {
 
 fn print_summary(d: &pb::Deployment, output: Output) {
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&deployment_json(d)).unwrap_or_default()),
+        Output::Json | Output::Yaml => crate::output::print(output, &deployment_json(d)),
         Output::Text => {
             println!("{} is {} (generation {}): {}", d.name, state_name(d.state), d.generation, d.message);
         }
@@ -406,8 +406,8 @@ pub async fn list(head: &str, output: Output) -> anyhow::Result<u8> {
     let mut c = client(head).await?;
     let ds = c.list(pb::ListDeploymentsRequest {}).await.or_status()?.deployments;
     match output {
-        Output::Json => {
-            println!("{}", serde_json::to_string_pretty(&Value::Array(ds.iter().map(deployment_json).collect()))?)
+        Output::Json | Output::Yaml => {
+            crate::output::print(output, &Value::Array(ds.iter().map(deployment_json).collect()))
         }
         Output::Text if ds.is_empty() => println!("no deployments"),
         Output::Text => {
@@ -444,7 +444,7 @@ pub async fn get(head: &str, name: String, output: Output) -> anyhow::Result<u8>
     let mut c = client(head).await?;
     let d = c.get(pb::GetDeploymentRequest { name }).await.or_status()?;
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&deployment_json(&d))?),
+        Output::Json | Output::Yaml => crate::output::print(output, &deployment_json(&d)),
         Output::Text => {
             println!("name        {}", d.name);
             println!(

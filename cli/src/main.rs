@@ -3,6 +3,7 @@
 mod client;
 mod deploy;
 mod nodes;
+mod output;
 mod plan;
 mod table;
 mod up;
@@ -65,6 +66,8 @@ pub enum Output {
     Text,
     /// JSON for programs
     Json,
+    /// YAML, the same fields as JSON
+    Yaml,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

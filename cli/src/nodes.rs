@@ -143,8 +143,8 @@ pub async fn nodes(head: &str, output: Output) -> anyhow::Result<()> {
     let mut c = client::cluster(head).await?;
     let nodes = list_all(&mut c).await?;
     match output {
-        Output::Json => {
-            println!("{}", serde_json::to_string_pretty(&Value::Array(nodes.iter().map(node_json).collect()))?)
+        Output::Json | Output::Yaml => {
+            crate::output::print(output, &Value::Array(nodes.iter().map(node_json).collect()))
         }
         Output::Text if nodes.is_empty() => println!("no nodes have joined yet"),
         Output::Text => {
@@ -164,7 +164,7 @@ pub async fn status(head: &str, output: Output) -> anyhow::Result<()> {
     let mut c = client::cluster(head).await?;
     let s = c.get_status(pb::GetStatusRequest {}).await.or_status()?;
     match output {
-        Output::Json => {
+        Output::Json | Output::Yaml => {
             let v = json!({
                 "head": head,
                 "head_version": s.head_version,
@@ -181,7 +181,7 @@ pub async fn status(head: &str, output: Output) -> anyhow::Result<()> {
                     "reconnect_grace_ms": s.reconnect_grace_ms,
                 },
             });
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            crate::output::print(output, &v);
         }
         Output::Text => {
             println!("head       {head} (tessera {}, up {})", s.head_version, ago(s.head_uptime_ms));
@@ -262,6 +262,7 @@ pub async fn events(head: &str, follow: bool, output: Output) -> anyhow::Result<
         }
         match output {
             Output::Json => writeln!(out, "{}", event_json(&next))?,
+            Output::Yaml => write!(out, "---\n{}", crate::output::yaml(&event_json(&next)))?,
             Output::Text => {
                 let v = event_json(&next);
                 let name = v["node_name"].as_str().or(v["deployment"].as_str()).unwrap_or("?");

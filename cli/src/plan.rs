@@ -62,7 +62,7 @@ pub async fn run(head: &str, args: PlanArgs) -> anyhow::Result<u8> {
         }
     };
     match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Json | Output::Yaml => crate::output::print(args.output, &serde_json::to_value(&report)?),
         Output::Text => print!("{}", render(&report, &args.model.display().to_string(), args.gpus.is_some())),
     }
     Ok(if report.valid { 0 } else { 1 })

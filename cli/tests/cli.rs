@@ -238,6 +238,9 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     for key in ["rank", "tp_rank", "pp_rank", "node", "gpu_indices", "pid", "state", "exit_code"] {
         assert!(demo["ranks"][0].get(key).is_some(), "missing ranks[].{key}");
     }
+    let yaml = tessera().args(["--head", &url, "get", "demo", "-o", "yaml"]).output().expect("get -o yaml");
+    let yaml = String::from_utf8_lossy(&yaml.stdout);
+    assert!(yaml.contains("\nstate: \"running\"\n") && yaml.contains("\nranks:\n  - "), "{yaml}");
 
     // A reader that went away (`tessera nodes | head -1`): no panic, no message, status 0.
     for args in [&["nodes"][..], &["get", "demo"], &["status"], &["deployments"], &["events"]] {
