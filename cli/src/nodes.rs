@@ -217,30 +217,51 @@ pub fn event_json(e: &pb::Event) -> Value {
         pb::EventKind::DeploymentChanged => "deployment_changed",
         pb::EventKind::Unspecified => "unknown",
     };
+    // What is replayed first (the current members and deployments) carries no event time: when
+    // each entered its state.
+    let since = e.node.as_ref().map(|n| n.state_since_ms_ago).or(e.deployment.as_ref().map(|d| d.state_since_ms_ago));
+    let unix_ms = match (e.unix_ms, since) {
+        (0, Some(ago)) => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64);
+            now.unwrap_or(0).saturating_sub(ago)
+        }
+        (t, _) => t,
+    };
     if let Some(d) = &e.deployment {
         return json!({
             "seq": e.seq,
+            "time": rfc3339(unix_ms),
             "unix_ms": e.unix_ms,
             "kind": kind,
             "deployment": d.name,
             "state": crate::deploy::state_name(d.state),
             "generation": d.generation,
             "restarts": d.restarts,
-            "reason": e.reason,
+            "reason": (!e.reason.is_empty()).then_some(&e.reason),
         });
     }
     let node = e.node.as_ref();
     json!({
         "seq": e.seq,
+        "time": rfc3339(unix_ms),
         "unix_ms": e.unix_ms,
         "kind": kind,
         "node_id": node.map(|n| n.id.clone()),
         "node_name": node.map(|n| n.name.clone()),
         "state": node.map(|n| state_name(n.state)),
         "previous_state": (e.previous_state != 0).then(|| state_name(e.previous_state)),
-        "reason": e.reason,
+        "reason": (!e.reason.is_empty()).then_some(&e.reason),
         "rejoined": e.rejoined,
     })
+}
+
+/// RFC 3339 in UTC to the millisecond (`2026-11-28T03:56:12.345Z`); null for an unknown time.
+pub fn rfc3339(unix_ms: u64) -> Value {
+    if unix_ms == 0 {
+        return Value::Null;
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms);
+    Value::String(humantime::format_rfc3339_millis(t).to_string())
 }
 
 pub async fn events(head: &str, follow: bool, output: Output) -> anyhow::Result<()> {
@@ -275,7 +296,9 @@ pub async fn events(head: &str, follow: bool, output: Output) -> anyhow::Result<
                     Some("deployment_changed") => "deploy",
                     _ => "state",
                 };
-                writeln!(out, "{:<7} {:<20} {:<9} {}", what, name, state, next.reason)?;
+                // The time of day (UTC) to the second.
+                let time = v["time"].as_str().and_then(|t| t.get(11..19)).unwrap_or("-");
+                writeln!(out, "{time} {:<7} {:<20} {:<9} {}", what, name, state, next.reason)?;
             }
         }
         out.flush()?;

@@ -251,6 +251,20 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
         assert!(out.status.success() && err.is_empty(), "{args:?} into a closed pipe: {:?} {err}", out.status);
     }
 
+    // Events with their time: RFC 3339 in JSON (null, not "", where there is no reason), the
+    // time of day in text.
+    let out = tessera().args(["--head", &url, "events", "-o", "json"]).output().expect("events");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines() {
+        let e: serde_json::Value = serde_json::from_str(line).expect("a JSON event a line");
+        let t = e["time"].as_str().unwrap_or_else(|| panic!("no time: {line}"));
+        assert!(t.len() == 24 && t.ends_with('Z') && t.as_bytes()[10] == b'T', "{t}");
+        assert_ne!(e["reason"], "", "{e}");
+    }
+    let out = tessera().args(["--head", &url, "events"]).output().expect("events");
+    let first = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string();
+    assert!(first.as_bytes().get(2) == Some(&b':') && first.as_bytes().get(5) == Some(&b':'), "a time column: {first}");
+
     // Deleting what is not there: an error naming it, unless --ignore-not-found.
     let out = tessera().args(["--head", &url, "delete", "nope"]).output().expect("delete");
     assert_eq!(out.status.code(), Some(1));
