@@ -278,7 +278,7 @@ pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
         print_summary(&d, a.output);
         return Ok(0);
     };
-    let tty = std::io::stdout().is_terminal() && a.output == Output::Text;
+    let tty = std::io::stdout().is_terminal() && matches!(a.output, Output::Text | Output::Wide);
     let mut last_line = String::new();
     let mut current = d;
     loop {
@@ -286,7 +286,7 @@ pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
         if line != last_line {
             if tty {
                 print!("\r\x1b[2K{line}");
-            } else if a.output == Output::Text {
+            } else if matches!(a.output, Output::Text | Output::Wide) {
                 println!("{line}");
             }
             std::io::stdout().flush()?;
@@ -396,7 +396,7 @@ fn progress_line(d: &pb::Deployment, tty: bool) -> String {
 fn print_summary(d: &pb::Deployment, output: Output) {
     match output {
         Output::Json | Output::Yaml => crate::output::print(output, &deployment_json(d)),
-        Output::Text => {
+        Output::Text | Output::Wide => {
             println!("{} is {} (generation {}): {}", d.name, state_name(d.state), d.generation, d.message);
         }
     }
@@ -410,7 +410,7 @@ pub async fn list(head: &str, output: Output) -> anyhow::Result<u8> {
             crate::output::print(output, &Value::Array(ds.iter().map(deployment_json).collect()))
         }
         Output::Text if ds.is_empty() => println!("no deployments"),
-        Output::Text => {
+        Output::Text | Output::Wide => {
             let mut t = Table::new(&[
                 "NAME", "STATE", "READY", "GEN", "RESTARTS", "TPxPP", "ENGINE", "NODES", "ENDPOINT", "MESSAGE",
             ]);
@@ -445,7 +445,7 @@ pub async fn get(head: &str, name: String, output: Output) -> anyhow::Result<u8>
     let d = c.get(pb::GetDeploymentRequest { name }).await.or_status()?;
     match output {
         Output::Json | Output::Yaml => crate::output::print(output, &deployment_json(&d)),
-        Output::Text => {
+        Output::Text | Output::Wide => {
             println!("name        {}", d.name);
             println!(
                 "state       {} (generation {}, {} restart(s), max {} in 10 min)",

@@ -68,6 +68,8 @@ pub enum Output {
     Json,
     /// YAML, the same fields as JSON
     Yaml,
+    /// The table with more columns (nodes: which deployment holds each GPU)
+    Wide,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -146,7 +146,46 @@ pub async fn nodes(head: &str, output: Output) -> anyhow::Result<()> {
         Output::Json | Output::Yaml => {
             crate::output::print(output, &Value::Array(nodes.iter().map(node_json).collect()))
         }
-        Output::Text if nodes.is_empty() => println!("no nodes have joined yet"),
+        Output::Text | Output::Wide if nodes.is_empty() => println!("no nodes have joined yet"),
+        Output::Wide => {
+            // Which deployment (replica) holds each GPU, from the deployments' ranks.
+            let mut held: std::collections::BTreeMap<(String, u32), String> = Default::default();
+            if let Ok(conn) = client::connect(head).await {
+                let mut d = pb::deployments_client::DeploymentsClient::new(conn);
+                if let Ok(list) = d.list(pb::ListDeploymentsRequest {}).await {
+                    for dep in list.into_inner().deployments {
+                        let groups: Vec<(String, &Vec<pb::Rank>)> = if dep.replicas.len() > 1 {
+                            dep.replicas.iter().map(|r| (format!("{}.{}", dep.name, r.index), &r.ranks)).collect()
+                        } else {
+                            vec![(dep.name.clone(), &dep.ranks)]
+                        };
+                        for (name, ranks) in groups {
+                            for r in ranks.iter() {
+                                for g in &r.gpu_indices {
+                                    held.insert((r.node.clone(), *g), name.clone());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let mut t = Table::new(&["NAME", "STATE", "GPU", "MEMORY", "USED", "HELD BY"]);
+            for n in &nodes {
+                for g in n.inventory.as_ref().map(|i| i.gpus.as_slice()).unwrap_or_default() {
+                    t.row(vec![
+                        n.name.clone(),
+                        state_name(n.state).to_string(),
+                        g.index.to_string(),
+                        HumanBytes(g.memory_total_bytes).to_string(),
+                        HumanBytes(g.memory_used_bytes).to_string(),
+                        held.get(&(n.name.clone(), g.index)).cloned().unwrap_or_else(|| "-".into()),
+                    ]);
+                }
+            }
+            print!("{}", nodes_table(&nodes));
+            println!();
+            print!("{}", t.render());
+        }
         Output::Text => {
             print!("{}", nodes_table(&nodes));
             for n in nodes
@@ -160,9 +199,37 @@ pub async fn nodes(head: &str, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// GPUs held by deployments (every rank of every replica that holds its GPUs), and the pending
+/// deployments with why; `None` when the token may not list deployments.
+async fn holdings(head: &str) -> Option<(u32, Vec<(String, String)>)> {
+    let mut d = pb::deployments_client::DeploymentsClient::new(client::connect(head).await.ok()?);
+    let list = d.list(pb::ListDeploymentsRequest {}).await.ok()?.into_inner().deployments;
+    let holds = |s: i32| {
+        !matches!(
+            pb::DeploymentState::try_from(s).unwrap_or(pb::DeploymentState::Unspecified),
+            pb::DeploymentState::Pending | pb::DeploymentState::Failed | pb::DeploymentState::Stopped
+        )
+    };
+    let mut reserved = 0u32;
+    let mut pending = Vec::new();
+    for dep in &list {
+        let replicas: Vec<(i32, usize)> = if dep.replicas.is_empty() {
+            vec![(dep.state, dep.ranks.iter().map(|r| r.gpu_indices.len().max(1)).sum())]
+        } else {
+            dep.replicas.iter().map(|r| (r.state, r.ranks.iter().map(|r| r.gpu_indices.len().max(1)).sum())).collect()
+        };
+        reserved += replicas.iter().filter(|(s, _)| holds(*s)).map(|(_, n)| *n as u32).sum::<u32>();
+        if dep.state == pb::DeploymentState::Pending as i32 {
+            pending.push((dep.name.clone(), dep.message.clone()));
+        }
+    }
+    Some((reserved, pending))
+}
+
 pub async fn status(head: &str, output: Output) -> anyhow::Result<()> {
     let mut c = client::cluster(head).await?;
     let s = c.get_status(pb::GetStatusRequest {}).await.or_status()?;
+    let held = holdings(head).await;
     match output {
         Output::Json | Output::Yaml => {
             let v = json!({
@@ -174,7 +241,12 @@ pub async fn status(head: &str, output: Output) -> anyhow::Result<()> {
                     "total": s.nodes_total, "alive": s.nodes_alive, "suspect": s.nodes_suspect,
                     "dead": s.nodes_dead, "left": s.nodes_left, "draining": s.nodes_draining,
                 },
-                "gpus": { "total": s.gpus_total, "fake": s.gpus_fake, "memory_total_bytes": s.gpu_memory_total_bytes },
+                "gpus": {
+                    "total": s.gpus_total, "fake": s.gpus_fake, "memory_total_bytes": s.gpu_memory_total_bytes,
+                    "reserved": held.as_ref().map(|h| h.0),
+                    "free": held.as_ref().map(|h| s.gpus_total.saturating_sub(h.0)),
+                },
+                "pending": held.as_ref().map(|h| h.1.iter().map(|(n, m)| json!({"name": n, "why": m})).collect::<Vec<_>>()),
                 "failure_detection": {
                     "heartbeat_interval_ms": s.heartbeat_interval_ms,
                     "node_timeout_ms": s.node_timeout_ms,
@@ -183,7 +255,7 @@ pub async fn status(head: &str, output: Output) -> anyhow::Result<()> {
             });
             crate::output::print(output, &v);
         }
-        Output::Text => {
+        Output::Text | Output::Wide => {
             println!("head       {head} (tessera {}, up {})", s.head_version, ago(s.head_uptime_ms));
             let mut parts = vec![format!("{} alive", s.nodes_alive)];
             for (n, what) in [
@@ -199,6 +271,15 @@ pub async fn status(head: &str, output: Output) -> anyhow::Result<()> {
             println!("nodes      {} ({})", s.nodes_total, parts.join(", "));
             let fake = if s.gpus_fake > 0 { format!(", {} of them fake", s.gpus_fake) } else { String::new() };
             println!("gpus       {} with {} in all{fake}", s.gpus_total, HumanBytes(s.gpu_memory_total_bytes));
+            if let Some((reserved, pending)) = &held {
+                println!(
+                    "           {reserved} reserved by deployments, {} free",
+                    s.gpus_total.saturating_sub(*reserved)
+                );
+                for (name, why) in pending {
+                    println!("pending    {name}: {why}");
+                }
+            }
             println!(
                 "detection  heartbeat every {}ms; dead after {}ms of silence or {}ms without a session",
                 s.heartbeat_interval_ms, s.node_timeout_ms, s.reconnect_grace_ms
@@ -284,7 +365,7 @@ pub async fn events(head: &str, follow: bool, output: Output) -> anyhow::Result<
         match output {
             Output::Json => writeln!(out, "{}", event_json(&next))?,
             Output::Yaml => write!(out, "---\n{}", crate::output::yaml(&event_json(&next)))?,
-            Output::Text => {
+            Output::Text | Output::Wide => {
                 let v = event_json(&next);
                 let name = v["node_name"].as_str().or(v["deployment"].as_str()).unwrap_or("?");
                 let state = v["state"].as_str().unwrap_or("?");

@@ -63,7 +63,9 @@ pub async fn run(head: &str, args: PlanArgs) -> anyhow::Result<u8> {
     };
     match args.output {
         Output::Json | Output::Yaml => crate::output::print(args.output, &serde_json::to_value(&report)?),
-        Output::Text => print!("{}", render(&report, &args.model.display().to_string(), args.gpus.is_some())),
+        Output::Text | Output::Wide => {
+            print!("{}", render(&report, &args.model.display().to_string(), args.gpus.is_some()))
+        }
     }
     Ok(if report.valid { 0 } else { 1 })
 }

@@ -297,6 +297,10 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     let text = tessera().args(["--head", &url, "status"]).output().expect("status");
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("3 (3 alive)") && text.contains("6 of them fake"), "{text}");
+    assert!(text.contains("4 reserved by deployments, 2 free"), "the demo holds 4 of the 6 GPUs: {text}");
+    let wide = tessera().args(["--head", &url, "nodes", "-o", "wide"]).output().expect("nodes -o wide");
+    let wide = String::from_utf8_lossy(&wide.stdout);
+    assert_eq!(wide.lines().filter(|l| l.trim_end().ends_with(" demo")).count(), 4, "which GPU the demo holds: {wide}");
 
     // Planning against the live cluster: 3 nodes x 2 GPUs, TP 2 x PP 3, stage 0 on the head.
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/model-configs/Llama-3.1-8B-Instruct.json");
