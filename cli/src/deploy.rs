@@ -402,6 +402,52 @@ fn print_summary(d: &pb::Deployment, output: Output) {
     }
 }
 
+/// `get NAME` or `deployments`, once, or again after every change of it (`-w`).
+pub async fn watching(head: &str, name: Option<String>, watch: bool, output: Output) -> anyhow::Result<u8> {
+    let show = |name: Option<String>| async move {
+        match name {
+            Some(n) => get(head, n, output).await,
+            None => list(head, output).await,
+        }
+    };
+    if !watch {
+        return show(name).await;
+    }
+    // Subscribe first, so that no change between the first print and the watch is missed.
+    let mut c = client::cluster(head).await?;
+    let mut events = c.watch_events(pb::WatchEventsRequest { include_current: false }).await.or_status()?;
+    let code = show(name.clone()).await?;
+    if code != 0 {
+        return Ok(code);
+    }
+    let group = name.as_ref().map(|n| format!("{n}."));
+    loop {
+        match events.next().await {
+            Some(Ok(e)) => {
+                let Some(d) = e.deployment else { continue };
+                let ours = match (&name, &group) {
+                    (Some(n), Some(g)) => d.name == *n || d.name.starts_with(g.as_str()),
+                    _ => true,
+                };
+                if !ours {
+                    continue;
+                }
+                if let Some(n) = &name {
+                    let gone = client(head).await?.get(pb::GetDeploymentRequest { name: n.clone() }).await;
+                    if matches!(&gone, Err(s) if s.code() == tonic::Code::NotFound) {
+                        println!("\n{n}: deleted");
+                        return Ok(0);
+                    }
+                }
+                println!();
+                show(name.clone()).await?;
+            }
+            Some(Err(s)) => return Err(client::status_error(s)),
+            None => anyhow::bail!("the head at {head} ended the event stream (it stopped or restarted)"),
+        }
+    }
+}
+
 pub async fn list(head: &str, output: Output) -> anyhow::Result<u8> {
     let mut c = client(head).await?;
     let ds = c.list(pb::ListDeploymentsRequest {}).await.or_status()?.deployments;

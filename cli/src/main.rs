@@ -280,12 +280,18 @@ enum Cmd {
     Deployments {
         #[arg(short, long, env = env::OUTPUT, value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// Print again whenever a deployment changes (until Ctrl-C, or the head goes away)
+        #[arg(short, long)]
+        watch: bool,
     },
     /// Show one deployment: state, generation, and every rank's node, GPUs, pid and state
     Get {
         name: String,
         #[arg(short, long, env = env::OUTPUT, value_enum, default_value_t = Output::Text)]
         output: Output,
+        /// Print again whenever it changes (until Ctrl-C, its deletion, or the head going away)
+        #[arg(short, long)]
+        watch: bool,
     },
     /// Delete a deployment: stop every process, release its GPUs
     Delete {
@@ -599,8 +605,8 @@ fn main() -> ExitCode {
                 };
                 deploy::deploy(&head, args).await
             }
-            Cmd::Deployments { output } => deploy::list(&head, output).await,
-            Cmd::Get { name, output } => deploy::get(&head, name, output).await,
+            Cmd::Deployments { output, watch } => deploy::watching(&head, None, watch, output).await,
+            Cmd::Get { name, output, watch } => deploy::watching(&head, Some(name), watch, output).await,
             Cmd::Delete { name, no_wait, ignore_not_found } => {
                 deploy::delete(&head, name, !no_wait, ignore_not_found).await
             }

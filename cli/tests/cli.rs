@@ -325,6 +325,21 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     assert_eq!(p["nnodes"], 3);
     assert_eq!(p["placement"][0]["node"], "head");
 
+    // `get -w` prints again as the deployment changes (here: through the update below).
+    let mut watcher = tessera()
+        .args(["--head", &url, "get", "demo", "-w"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("get -w");
+    let watched = watcher.stdout.take().expect("stdout");
+    let (wtx, wrx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(watched).lines().map_while(Result::ok) {
+            let _ = wtx.send(line);
+        }
+    });
+
     // An update of what is given only (here: the engine args), stopping the old replica first
     // (no GPUs for another group of TP 2 x PP 2); get shows the new revision.
     let out = tessera()
@@ -338,6 +353,14 @@ fn up_starts_a_local_cluster_that_nodes_lists_and_ctrl_c_stops_it_all() {
     let d: serde_json::Value = serde_json::from_slice(&got.stdout).expect("json");
     assert_eq!((d["revision"].as_u64(), d["tp"].as_u64()), (Some(2), Some(2)), "{d}");
     assert_eq!(d["engine_args"], serde_json::json!(["--token-delay-ms", "1"]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut blocks = 0;
+    while blocks < 2 {
+        let line = wrx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("get -w prints again");
+        blocks += usize::from(line.starts_with("name        demo"));
+    }
+    let _ = watcher.kill();
+    let _ = watcher.wait();
 
     let up_pid = up.id() as i32;
     let children: Vec<i32> = pids_mentioning(&dir_s).into_iter().filter(|&p| p != up_pid).collect();
