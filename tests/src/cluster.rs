@@ -163,6 +163,7 @@ pub fn host_config(state_dir: &std::path::Path) -> tessera_worker::shard::HostCo
         log_max_bytes: 1 << 20,
         engine_user: None,
         models_dir: Some(state_dir.join("cache/models")),
+        echo_logs: false,
     }
 }
 

@@ -402,6 +402,13 @@ async fn logs_follow_ends_when_the_process_ends() {
         .into_inner();
     let first = follow.message().await.expect("chunk").expect("the tail first");
     assert!(!first.data.is_empty());
+    // The engine's output also reaches the daemon's own stdout (journald, kubectl logs), prefixed.
+    let head_log = cluster.dir.path().join("head.log");
+    wait_until("the rank's output on the head's stdout", || {
+        let text = std::fs::read_to_string(&head_log).unwrap_or_default();
+        async move { text.contains("[tail g1 rank-0] probe rank 0").then_some(()) }
+    })
+    .await;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.ranks[0].pid as i32), nix::sys::signal::Signal::SIGKILL)
         .expect("kill -9");
     // The stream ends (the rank's generation is over); it does not hang on.

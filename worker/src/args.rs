@@ -115,6 +115,20 @@ pub struct ShardArgs {
     /// leaves room on the network for serving. Default: no limit
     #[arg(long, env = "TESSERA_TRANSFER_MAX_RATE", value_name = "SIZE", value_parser = parse_cache_size)]
     pub transfer_max_rate: Option<u64>,
+
+    /// Where engines' output goes: `file` (STATE_DIR's process dirs only, read by `tessera logs`)
+    /// or `both` (also this daemon's stdout, a line at a time prefixed with
+    /// `[DEPLOYMENT gGENERATION PROCESS]`: journald, `kubectl logs`). `stdout` is `both`: the file
+    /// is always kept, for `tessera logs` and failure messages
+    #[arg(long, env = "TESSERA_ENGINE_LOGS", value_enum, default_value_t = EngineLogs::Both)]
+    pub engine_logs: EngineLogs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineLogs {
+    File,
+    Stdout,
+    Both,
 }
 
 fn parse_cache_size(s: &str) -> Result<u64, String> {
@@ -140,6 +154,7 @@ impl ShardArgs {
             log_max_bytes: 16 << 20,
             engine_user,
             models_dir: Some(self.cache_root(state_dir).join("models")),
+            echo_logs: self.engine_logs != EngineLogs::File,
         })
     }
 

@@ -103,6 +103,9 @@ impl Agent {
         let (host, up_rx) = match &config.shards {
             Some(cfg) => {
                 let (h, rx) = crate::shard::ShardHost::new(cfg.clone());
+                if cfg.echo_logs {
+                    h.echo_logs();
+                }
                 // Shims that outlived an earlier agent are found again before the first join.
                 h.adopt();
                 (Some(h), Some(rx))

@@ -94,6 +94,7 @@ mod tests {
             log_max_bytes: 1,
             engine_user: None,
             models_dir: None,
+            echo_logs: false,
         }
     }
 

@@ -39,6 +39,8 @@ pub struct HostConfig {
     pub engine_user: Option<spec::EngineUser>,
     /// The model cache's `models/` directory, where `{staged_model}` points.
     pub models_dir: Option<PathBuf>,
+    /// `--engine-logs both`: engines' output also goes to the daemon's stdout.
+    pub echo_logs: bool,
 }
 
 /// A process: deployment name, incarnation, generation, process key.
@@ -345,6 +347,34 @@ impl ShardHost {
             .filter(|p| !p.exited && !p.model.is_empty())
             .map(|p| p.model.clone())
             .collect()
+    }
+
+    /// Copies every process's output to this daemon's stdout, a line at a time, each prefixed with
+    /// `[DEPLOYMENT gGENERATION KEY]`, so that engine output reaches journald and `kubectl logs`
+    /// (`--engine-logs both`). The files stay (`tessera logs` and failure messages read them).
+    pub fn echo_logs(&self) {
+        let host = self.clone();
+        tokio::spawn(async move {
+            let mut seen: HashMap<PathBuf, (u64, Vec<u8>)> = HashMap::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let procs: Vec<(PathBuf, String)> = host
+                    .procs
+                    .lock()
+                    .expect("lock")
+                    .iter()
+                    .map(|(k, p)| (p.dir.clone(), format!("[{} g{} {}]", k.deployment, k.generation, k.key)))
+                    .collect();
+                let mut state = std::mem::take(&mut seen);
+                seen = tokio::task::spawn_blocking(move || {
+                    echo_new_lines(&procs, &mut state);
+                    state
+                })
+                .await
+                .unwrap_or_default();
+            }
+        });
     }
 
     /// Where this host's messages to the head go (shared with staging).
@@ -794,6 +824,54 @@ fn is_probe_member(s: &ShimSpec) -> bool {
     s.argv.get(1).is_some_and(|a| a == "probe") && !s.ranks.contains(&0)
 }
 
+/// Longest line echoed (longer ones are cut), and most read per process per pass.
+const ECHO_LINE: usize = 16 << 10;
+const ECHO_READ: u64 = 1 << 20;
+
+/// One pass of [`ShardHost::echo_logs`]: the new complete lines of each process's log, prefixed.
+/// `seen` holds each log's read position and its unfinished last line.
+fn echo_new_lines(procs: &[(PathBuf, String)], seen: &mut HashMap<PathBuf, (u64, Vec<u8>)>) {
+    use std::io::{Read, Seek, Write};
+    let live: std::collections::HashSet<&PathBuf> = procs.iter().map(|(d, _)| d).collect();
+    seen.retain(|d, _| live.contains(d));
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for (dir, prefix) in procs {
+        let path = spec::log_path(dir);
+        let Ok(len) = std::fs::metadata(&path).map(|m| m.len()) else { continue };
+        // A process first seen with a long log (adopted after a restart of this agent) is echoed
+        // from its end, not from its beginning again.
+        let (pos, carry) =
+            seen.entry(dir.clone()).or_insert_with(|| (if len > 64 << 10 { len } else { 0 }, Vec::new()));
+        if len < *pos {
+            *pos = 0; // rotated
+        }
+        if len == *pos {
+            continue;
+        }
+        let Ok(mut f) = std::fs::File::open(&path) else { continue };
+        if f.seek(std::io::SeekFrom::Start(*pos)).is_err() {
+            continue;
+        }
+        let mut buf = Vec::new();
+        let n = f.take(ECHO_READ).read_to_end(&mut buf).unwrap_or(0);
+        *pos += n as u64;
+        carry.extend_from_slice(&buf[..n]);
+        while let Some(i) = carry.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = carry.drain(..=i).collect();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+            let cut: String = text.chars().take(ECHO_LINE).collect();
+            let _ = writeln!(out, "{prefix} {}", cut.trim_end_matches('\r'));
+        }
+        if carry.len() > ECHO_LINE {
+            let text = String::from_utf8_lossy(carry).chars().take(ECHO_LINE).collect::<String>();
+            let _ = writeln!(out, "{prefix} {text}");
+            carry.clear();
+        }
+    }
+    let _ = out.flush();
+}
+
 fn subst(s: &str, master: u16, health: u16) -> String {
     s.replace("{master_port}", &master.to_string()).replace("{health_port}", &health.to_string())
 }
@@ -958,6 +1036,7 @@ mod tests {
             log_max_bytes: 1,
             engine_user: None,
             models_dir: None,
+            echo_logs: false,
         };
         let p = |args: &[&str]| pb::ShardProcess {
             program: pb::ShardProgram::Vllm as i32,
@@ -1035,6 +1114,7 @@ mod fencing_tests {
             log_max_bytes: 1 << 20,
             engine_user: None,
             models_dir: None,
+            echo_logs: false,
         };
         let (host, _rx) = ShardHost::new(cfg);
         let add = |uid: &str, generation: u64, exited: bool| {
