@@ -38,6 +38,7 @@ pub struct DeployArgs {
     pub drain_timeout_s: i32,
     pub staging: StagingArg,
     pub model_from: Option<String>,
+    pub node_selector: BTreeMap<String, String>,
     pub engine_args: Vec<String>,
     pub output: Output,
 }
@@ -172,6 +173,7 @@ pub fn deployment_json(d: &pb::Deployment) -> Value {
         "staging": staging,
         "staging_nodes": staging_nodes,
         "model_from": (!d.model_from.is_empty()).then_some(&d.model_from),
+        "node_selector": d.node_selector.iter().collect::<BTreeMap<_, _>>(),
         "message": d.message,
         "generation": d.generation,
         "restarts": d.restarts,
@@ -237,6 +239,7 @@ pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
         drain_timeout_s: a.drain_timeout_s,
         staging: a.staging.to_pb() as i32,
         model_from: a.model_from.clone().unwrap_or_default(),
+        node_selector: a.node_selector.clone().into_iter().collect(),
     };
     // Watch before creating, so no event of the new deployment is missed.
     let mut events = if a.wait {
@@ -507,6 +510,11 @@ pub async fn get(head: &str, name: String, output: Output) -> anyhow::Result<u8>
                 println!("model       {} (on {})", d.model_path, d.model_from);
             }
             println!("shape       TP {} x PP {} on {} node(s), engine {}", d.tp, d.pp, d.nnodes, engine_name(d.engine));
+            if !d.node_selector.is_empty() {
+                let mut pairs: Vec<String> = d.node_selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                pairs.sort();
+                println!("nodes       with labels {}", pairs.join(","));
+            }
             if !d.endpoint.is_empty() {
                 println!("endpoint    {}", d.endpoint);
             }
@@ -659,6 +667,7 @@ fn spec_of(d: &pb::Deployment) -> pb::CreateDeploymentRequest {
         drain_timeout_s: d.drain_timeout_s,
         staging: d.staging,
         model_from: d.model_from.clone(),
+        node_selector: d.node_selector.clone(),
     }
 }
 

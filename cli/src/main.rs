@@ -270,6 +270,10 @@ enum Cmd {
         /// the absolute path on that node
         #[arg(long, value_name = "NODE")]
         model_from: Option<String>,
+        /// Only nodes with these labels (their workers' --labels) run it: KEY=VALUE,... (all must
+        /// match); e.g. zone=a,gpu=h100
+        #[arg(long, value_name = "K=V,...", default_value = "")]
+        node_selector: String,
         #[arg(short, long, env = env::OUTPUT, value_enum, default_value_t = Output::Text)]
         output: Output,
         /// Arguments for the engine (after `--`)
@@ -571,9 +575,17 @@ fn main() -> ExitCode {
                 drain_timeout,
                 staging,
                 model_from,
+                node_selector,
                 output,
                 engine_args,
             } => {
+                let node_selector = match tessera_common::validate::parse_labels(&node_selector) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("error: --node-selector: {}", e.message.replace("--labels", "--node-selector"));
+                        return Ok(2);
+                    }
+                };
                 let engine = match engine {
                     EngineArg::Vllm => tessera_proto::v1::Engine::Vllm,
                     EngineArg::Command => tessera_proto::v1::Engine::Command,
@@ -600,6 +612,7 @@ fn main() -> ExitCode {
                     drain_timeout_s: drain_timeout,
                     staging,
                     model_from,
+                    node_selector,
                     engine_args,
                     output,
                 };

@@ -115,6 +115,8 @@ pub struct StoredDeployment {
     #[serde(default)]
     pub model_from: String,
     #[serde(default)]
+    pub node_selector: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
     pub described: Option<String>,
     pub generation: u64,
     pub restarts: u32,
@@ -397,6 +399,7 @@ mod tests {
             previous: None,
             staging: false,
             model_from: String::new(),
+            node_selector: Default::default(),
             described: None,
             generation: 3,
             restarts: 2,

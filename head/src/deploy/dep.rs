@@ -313,6 +313,7 @@ impl Dep {
             staging: if self.spec.staging { pb::StagingMode::On } else { pb::StagingMode::Off } as i32,
             staging_nodes: self.staging_pb(),
             model_from: self.spec.model_from.clone(),
+            node_selector: self.spec.node_selector.clone().into_iter().collect(),
         }
     }
 }

@@ -20,6 +20,7 @@ pub struct NodeMeta {
     pub address: IpAddr,
     pub state: NodeState,
     pub is_head: bool,
+    pub labels: std::collections::BTreeMap<String, String>,
     pub capabilities: Capabilities,
     /// Engines whose launch failed here for good, with why: kept until the node goes away (a
     /// restarted worker says afresh what it can run).
@@ -117,6 +118,7 @@ impl Inventory {
             address: v.address,
             state: v.state,
             is_head: v.info.is_head,
+            labels: v.info.labels.clone(),
             capabilities: v.info.capabilities.clone(),
             unusable: match v.state {
                 NodeState::Dead | NodeState::Left => Vec::new(),
@@ -210,8 +212,21 @@ impl Inventory {
     /// Runs `f` with the nodes that cannot run `engine` shown unschedulable (the planner places
     /// only on capable nodes), then puts the flags back.
     pub fn for_engine<R>(&mut self, engine: Engine, f: impl FnOnce(&mut Self) -> R) -> R {
+        self.for_nodes(engine, &std::collections::BTreeMap::new(), f)
+    }
+
+    /// [`Inventory::for_engine`], also without the nodes that lack a label of `selector`.
+    pub fn for_nodes<R>(
+        &mut self,
+        engine: Engine,
+        selector: &std::collections::BTreeMap<String, String>,
+        f: impl FnOnce(&mut Self) -> R,
+    ) -> R {
         let masked: Vec<usize> = (0..self.meta.len())
-            .filter(|&i| self.cluster.nodes[i].schedulable && self.meta[i].cannot_run(engine).is_some())
+            .filter(|&i| {
+                self.cluster.nodes[i].schedulable
+                    && (self.meta[i].cannot_run(engine).is_some() || !selects(selector, &self.meta[i].labels))
+            })
             .collect();
         for &i in &masked {
             self.cluster.nodes[i].schedulable = false;
@@ -231,6 +246,13 @@ impl Inventory {
         if !m.unusable.iter().any(|(e, _)| *e == engine) {
             m.unusable.push((engine, why));
         }
+    }
+
+    /// Schedulable nodes that have every label of `selector`.
+    pub fn selected(&self, selector: &std::collections::BTreeMap<String, String>) -> usize {
+        (0..self.meta.len())
+            .filter(|&i| self.cluster.nodes[i].schedulable && selects(selector, &self.meta[i].labels))
+            .count()
     }
 
     /// Alive nodes that cannot run `engine`, with why (sorted by name), and how many can.
@@ -286,4 +308,12 @@ impl Inventory {
         }
         Some(Cluster { nodes })
     }
+}
+
+/// Whether `labels` has every `key=value` of `selector`.
+pub fn selects(
+    selector: &std::collections::BTreeMap<String, String>,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }

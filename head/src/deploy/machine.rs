@@ -406,8 +406,9 @@ impl Machine {
         }
         let req = plan_request(&spec);
         let engine = spec.engine;
+        let sel = spec.node_selector.clone();
         let report =
-            self.inventory.for_engine(engine, |inv| plan::plan(&model.desc, &model.weights, inv.cluster(), &req));
+            self.inventory.for_nodes(engine, &sel, |inv| plan::plan(&model.desc, &model.weights, inv.cluster(), &req));
         if !report.valid {
             // No node at all can run the engine: refused, with each node's reason.
             let (why, capable) = self.inventory.incapable(engine);
@@ -420,7 +421,7 @@ impl Machine {
             // that can never work is refused outright and reserves nothing.
             let empty = self
                 .inventory
-                .for_engine(engine, |inv| inv.with_all_free(|c| plan::plan(&model.desc, &model.weights, c, &req)));
+                .for_nodes(engine, &sel, |inv| inv.with_all_free(|c| plan::plan(&model.desc, &model.weights, c, &req)));
             let fatal: Vec<String> = empty
                 .errors
                 .iter()
@@ -974,7 +975,8 @@ impl Machine {
             None => {
                 // The same GPUs when they are all on schedulable nodes; else its own plus free ones.
                 let engine = dep.spec.engine;
-                self.inventory.for_engine(engine, |inv| {
+                let sel = dep.spec.node_selector.clone();
+                self.inventory.for_nodes(engine, &sel, |inv| {
                     let same = inv
                         .only(&own)
                         .filter(|_| !own.is_empty())
@@ -994,7 +996,7 @@ impl Machine {
             self.release(name);
             if only_placement {
                 let (why, _) = self.inventory.incapable(self.deps[name].spec.engine);
-                let message = if why.is_empty() {
+                let mut message = if why.is_empty() {
                     format!("waiting for GPUs: {msg}")
                 } else {
                     format!(
@@ -1003,6 +1005,15 @@ impl Machine {
                         why.join("; ")
                     )
                 };
+                let sel = &self.deps[name].spec.node_selector;
+                if !sel.is_empty() {
+                    let pairs: Vec<String> = sel.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    message.push_str(&format!(
+                        " (node selector {}: {} schedulable node(s) match)",
+                        pairs.join(","),
+                        self.inventory.selected(sel)
+                    ));
+                }
                 let dep = self.deps.get_mut(name).expect("checked above");
                 dep.next_attempt = None;
                 if dep.state != DState::Pending || dep.message != message {

@@ -1101,3 +1101,28 @@ fn staging_needs_the_heads_node_and_workers_that_can_receive() {
     let ev = emits(&h.tick_after(SETTLE));
     assert!(ev.iter().any(|(_, m)| m.contains("old cannot receive a staged model")), "{ev:?}");
 }
+
+#[test]
+fn a_node_selector_places_only_on_nodes_with_its_labels() {
+    let labelled = |i: u128, name: &str, zone: &str| {
+        let mut v = node(i, name, 4, i == 1);
+        let mut info = (*v.info).clone();
+        info.labels = [("zone".to_string(), zone.to_string())].into();
+        v.info = Arc::new(info);
+        v
+    };
+    let mut h = H::new(vec![labelled(1, "head", "a"), labelled(2, "w1", "b"), labelled(3, "w2", "a")]);
+    let mut s = spec("sel", 4, 2);
+    s.node_selector = [("zone".to_string(), "a".to_string())].into();
+    let created = h.create(s);
+    let e = h.run_launches(created);
+    let nodes: std::collections::BTreeSet<NodeId> = launches(&e).iter().map(|(n, _)| *n).collect();
+    assert_eq!(nodes, [nid(1), nid(3)].into(), "only zone=a nodes");
+    // No node matches: pending, saying so.
+    let mut s = spec("none", 4, 1);
+    s.node_selector = [("zone".to_string(), "c".to_string())].into();
+    h.create(s);
+    let d = h.dep("none");
+    assert_eq!(d.state, pb::DeploymentState::Pending as i32);
+    assert!(d.message.contains("node selector zone=c: 0 schedulable node(s) match"), "{}", d.message);
+}

@@ -89,6 +89,7 @@ fn spec_record(s: &DeploymentSpec) -> StoredDeployment {
         previous: None,
         staging: s.staging,
         model_from: s.model_from.clone(),
+        node_selector: s.node_selector.clone(),
         described: s.described.clone(),
         generation: 0,
         restarts: 0,
@@ -133,6 +134,7 @@ pub fn to_spec(r: &StoredDeployment) -> Result<DeploymentSpec, String> {
         staging: r.staging,
         staging_asked: false,
         model_from: r.model_from.clone(),
+        node_selector: r.node_selector.clone(),
         described: r.described.clone(),
     };
     // Records of older versions may hold engine args this version refuses at Create: they keep

@@ -98,6 +98,8 @@ pub struct DeploymentSpec {
     pub staging_asked: bool,
     /// The node holding the model (name or id) when it is not the head (`--model-from`).
     pub model_from: String,
+    /// Only nodes with these labels run it (`--node-selector`).
+    pub node_selector: BTreeMap<String, String>,
     /// What that node said of the model (see [`Described`]), kept so that a restarted head can plan
     /// it again.
     pub described: Option<String>,
@@ -280,6 +282,20 @@ pub fn check_name(name: &str) -> Result<(), Status> {
     }
 }
 
+/// `node_selector`: label pairs as workers' `--labels` are written (at most 32).
+fn node_selector(m: &std::collections::HashMap<String, String>) -> Result<BTreeMap<String, String>, Status> {
+    if m.len() > 32 {
+        return Err(bad("node_selector", format!("{} labels; at most 32", m.len())));
+    }
+    let text: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let parsed = tessera_common::validate::parse_labels(&text.join(","))
+        .map_err(|e| bad("node_selector", e.message.replace("--labels", "node_selector")))?;
+    if parsed.len() != m.len() {
+        return Err(bad("node_selector", "a key or value holds a ',' or '='"));
+    }
+    Ok(parsed)
+}
+
 /// Whether a request stages its model: on for the vllm and command engines when the model is a
 /// directory (the probe reads no weights); `STAGING_MODE_ON` needs a directory.
 fn staging_from_request(
@@ -436,6 +452,7 @@ impl DeploymentSpec {
             staging,
             staging_asked: r.staging == pb::StagingMode::On as i32,
             model_from: r.model_from.clone(),
+            node_selector: node_selector(&r.node_selector)?,
             described: None,
         };
         spec.read_engine_settings(util != 0.0).map_err(Status::invalid_argument)?;
@@ -514,6 +531,13 @@ mod tests {
             (pb::CreateDeploymentRequest { name: "Llama!".into(), ..req() }, "name:"),
             (pb::CreateDeploymentRequest { name: "x".repeat(64), ..req() }, "name:"),
             (pb::CreateDeploymentRequest { model_path: "rel".into(), ..req() }, "model_path:"),
+            (
+                pb::CreateDeploymentRequest {
+                    node_selector: [("zone a".to_string(), "x".to_string())].into_iter().collect(),
+                    ..req()
+                },
+                "node_selector:",
+            ),
             (pb::CreateDeploymentRequest { tp: 5000, ..req() }, "tp:"),
             (pb::CreateDeploymentRequest { engine: 0, ..req() }, "engine:"),
             (pb::CreateDeploymentRequest { engine: pb::Engine::Command as i32, ..req() }, "command:"),
