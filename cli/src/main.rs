@@ -386,6 +386,10 @@ enum Cmd {
     Drain {
         /// Node name or id
         node: String,
+        /// Also move what runs there now: every group with a process on the node restarts at its
+        /// next generation, planned on the other nodes
+        #[arg(long)]
+        evict: bool,
     },
     /// Clear a node's draining mark
     Undrain {
@@ -664,8 +668,8 @@ fn main() -> ExitCode {
             Cmd::Tokens { cmd: TokensCmd::Create { ttl, uses } } => {
                 nodes::create_token(&head, ttl, uses).await.map(|()| 0)
             }
-            Cmd::Drain { node } => nodes::drain(&head, node, true).await.map(|()| 0),
-            Cmd::Undrain { node } => nodes::drain(&head, node, false).await.map(|()| 0),
+            Cmd::Drain { node, evict } => nodes::drain(&head, node, true, evict).await.map(|()| 0),
+            Cmd::Undrain { node } => nodes::drain(&head, node, false, false).await.map(|()| 0),
             Cmd::Up { workers, fake_gpus, listen, dir, bin_dir, deploy, gateway_listen, no_gateway } => {
                 let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("tessera-up"));
                 let gateway = (!no_gateway).then_some(gateway_listen);

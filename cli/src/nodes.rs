@@ -425,7 +425,7 @@ pub async fn rotate_join(head: &str) -> anyhow::Result<()> {
 
 pub async fn approve(head: &str, node: String) -> anyhow::Result<()> {
     let mut c = client::cluster(head).await?;
-    let n = c.approve_node(pb::DrainNodeRequest { node }).await.or_status()?;
+    let n = c.approve_node(pb::DrainNodeRequest { node, evict: false }).await.or_status()?;
     println!("{} ({}) is approved and {}", n.name, n.id, state_name(n.state));
     Ok(())
 }
@@ -437,10 +437,13 @@ pub async fn remove(head: &str, node: String) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn drain(head: &str, node: String, draining: bool) -> anyhow::Result<()> {
+pub async fn drain(head: &str, node: String, draining: bool, evict: bool) -> anyhow::Result<()> {
     let mut c = client::cluster(head).await?;
-    let req = pb::DrainNodeRequest { node };
+    let req = pb::DrainNodeRequest { node, evict };
     let n = if draining { c.drain_node(req).await } else { c.undrain_node(req).await }.or_status()?;
     println!("{} ({}) is {}", n.name, &n.id, state_name(n.state));
+    if evict {
+        println!("what ran there restarts on the other nodes (`tessera deployments` shows where)");
+    }
     Ok(())
 }

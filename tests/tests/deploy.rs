@@ -420,3 +420,24 @@ async fn logs_follow_ends_when_the_process_ends() {
     wait_for(&c, "tail", "running again", running_at(2)).await;
     delete_and_wait(&c, "tail").await;
 }
+
+#[tokio::test]
+async fn drain_with_evict_moves_the_groups_on_the_node_elsewhere() {
+    let cluster = Cluster::start(&[]).await;
+    let c = cluster.client().await;
+    c.clone().create(probe("moved", 4, 2)).await.expect("create");
+    let d = wait_for(&c, "moved", "running", running_at(1)).await;
+    let victim = d.ranks[4].node.clone();
+    let other = if victim == "w1" { "w2" } else { "w1" };
+    let mut cl = tessera_tests::cluster_client(&cluster.head.url).await;
+    let n = cl
+        .drain_node(pb::DrainNodeRequest { node: victim.clone(), evict: true })
+        .await
+        .expect("drain --evict")
+        .into_inner();
+    assert_eq!(n.state, pb::NodeState::Draining as i32);
+    let d2 = wait_for(&c, "moved", "running again elsewhere", running_at(2)).await;
+    assert!(d2.ranks.iter().all(|r| r.node != victim), "nothing left on the drained node: {:?}", d2.ranks);
+    assert!(d2.ranks[4..].iter().all(|r| r.node == other), "stage 1 moved to {other}");
+    delete_and_wait(&c, "moved").await;
+}

@@ -74,7 +74,7 @@ async fn an_event_stream_that_is_not_read_is_cut_off_with_resource_exhausted() {
         slow.watch_events(pb::WatchEventsRequest { include_current: false }).await.expect("watch").into_inner();
     // Events it does not read: drain and undrain, again and again.
     for i in 0..1500 {
-        let req = pb::DrainNodeRequest { node: "w1".into() };
+        let req = pb::DrainNodeRequest { node: "w1".into(), evict: false };
         if i % 2 == 0 { c.drain_node(req).await } else { c.undrain_node(req).await }.expect("drain");
     }
     tokio::time::sleep(Duration::from_secs(7)).await;

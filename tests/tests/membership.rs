@@ -107,14 +107,15 @@ async fn drain_marks_a_node_and_undrain_clears_it() {
     let cluster = TestCluster::start(1).await;
     all_alive(&cluster.url, 2).await;
     let mut c = cluster_client(&cluster.url).await;
-    let n = c.drain_node(pb::DrainNodeRequest { node: "worker-1".into() }).await.expect("drain").into_inner();
+    let n =
+        c.drain_node(pb::DrainNodeRequest { node: "worker-1".into(), evict: false }).await.expect("drain").into_inner();
     assert_eq!(n.state, pb::NodeState::Draining as i32);
     assert!(n.draining);
     let status = c.get_status(pb::GetStatusRequest {}).await.expect("status").into_inner();
     assert_eq!((status.nodes_alive, status.nodes_draining), (1, 1));
-    let n = c.undrain_node(pb::DrainNodeRequest { node: n.id }).await.expect("undrain").into_inner();
+    let n = c.undrain_node(pb::DrainNodeRequest { node: n.id, evict: false }).await.expect("undrain").into_inner();
     assert_eq!(n.state, pb::NodeState::Alive as i32);
-    let err = c.drain_node(pb::DrainNodeRequest { node: "nope".into() }).await.expect_err("unknown node");
+    let err = c.drain_node(pb::DrainNodeRequest { node: "nope".into(), evict: false }).await.expect_err("unknown node");
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(err.message().contains("nope"), "{}", err.message());
     cluster.stop().await;

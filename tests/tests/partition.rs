@@ -53,7 +53,7 @@ async fn a_partitioned_worker_is_dead_its_group_moves_and_after_healing_it_stops
     wait_state(&mut c, "w1", pb::NodeState::Alive).await;
     // Only w2 may take the deployment at first.
     for n in ["head", "w1"] {
-        c.drain_node(pb::DrainNodeRequest { node: n.into() }).await.expect("drain");
+        c.drain_node(pb::DrainNodeRequest { node: n.into(), evict: false }).await.expect("drain");
     }
     let mut d = deployments_client(&head.url).await;
     let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -81,7 +81,7 @@ async fn a_partitioned_worker_is_dead_its_group_moves_and_after_healing_it_stops
     .await;
     assert!(gen1.ranks.iter().all(|r| r.node == "w2"));
     let old: Vec<u32> = gen1.ranks.iter().map(|r| r.pid).collect();
-    c.undrain_node(pb::DrainNodeRequest { node: "w1".into() }).await.expect("undrain");
+    c.undrain_node(pb::DrainNodeRequest { node: "w1".into(), evict: false }).await.expect("undrain");
 
     let cut_at = std::time::Instant::now();
     ns.cut();

@@ -54,7 +54,7 @@ async fn as_pid_1_the_worker_reaps_orphans_and_stops_its_shards_on_sigterm() {
         .iter()
         .find(|&&p| !std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default().starts_with("unshare"))
         .expect("the worker's host pid");
-    c.drain_node(pb::DrainNodeRequest { node: "head".into() }).await.expect("drain the head");
+    c.drain_node(pb::DrainNodeRequest { node: "head".into(), evict: false }).await.expect("drain the head");
 
     let mut d = deployments_client(&head.url).await;
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/model-configs/Llama-3.1-8B-Instruct.json");

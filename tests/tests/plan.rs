@@ -49,11 +49,11 @@ async fn plans_against_the_live_inventory_with_stage_0_on_the_head() {
 
     // Draining the head moves stage 0 elsewhere; draining everything leaves no room.
     let mut c = cluster_client(&cluster.url).await;
-    c.drain_node(pb::DrainNodeRequest { node: "head".into() }).await.expect("drain");
+    c.drain_node(pb::DrainNodeRequest { node: "head".into(), evict: false }).await.expect("drain");
     let r = p.plan(req.clone()).await.expect("plan").into_inner();
     assert!(r.valid, "{:?}", r.errors);
     assert!(r.placement.iter().all(|x| x.node != "head"));
-    c.drain_node(pb::DrainNodeRequest { node: "worker-1".into() }).await.expect("drain");
+    c.drain_node(pb::DrainNodeRequest { node: "worker-1".into(), evict: false }).await.expect("drain");
     let r = p.plan(req).await.expect("plan").into_inner();
     assert!(!r.valid);
     assert_eq!(r.errors[0].rule, "placement");

@@ -158,7 +158,7 @@ async fn an_operators_drain_mark_survives_a_head_restart() {
     let _w1 = start_worker(dir.path(), "w1", &head.url);
     let mut c = cluster_client(&head.url).await;
     wait_state(&mut c, "w1", pb::NodeState::Alive).await;
-    c.drain_node(pb::DrainNodeRequest { node: "w1".into() }).await.expect("drain");
+    c.drain_node(pb::DrainNodeRequest { node: "w1".into(), evict: false }).await.expect("drain");
     head.daemon.signal(Signal::SIGKILL);
     head.daemon.wait();
     let head2 = start_head(dir.path(), "head", &listen, &[]);

@@ -208,6 +208,33 @@ impl Deployments {
         last.ok_or(DeployError::NotFound(name))
     }
 
+    /// Restarts every group (replica) with a process on `node` at its next generation (a drain
+    /// with eviction: planned without that node, they move); their names.
+    pub async fn evict(&self, node: NodeId) -> Result<Vec<String>, DeployError> {
+        let _one = self.replica_ops.lock().await;
+        let on = node.to_string();
+        let mut keys = Vec::new();
+        for d in self.ask(|reply| Cmd::List { reply }).await? {
+            let groups: Vec<(u32, &Vec<pb::Rank>)> = if d.replicas.is_empty() {
+                vec![(0, &d.ranks)]
+            } else {
+                d.replicas.iter().map(|r| (r.index, &r.ranks)).collect()
+            };
+            for (i, ranks) in groups {
+                if ranks.iter().any(|r| r.node_id == on) {
+                    keys.push(spec::group_key(&d.name, i));
+                }
+            }
+        }
+        for k in &keys {
+            match self.ask(|reply| Cmd::Restart { name: k.clone(), reply }).await? {
+                Ok(_) | Err(DeployError::NotFound(_) | DeployError::BeingDeleted(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(keys)
+    }
+
     /// Restarts every replica at its next generation.
     pub async fn restart(&self, name: String) -> Result<pb::Deployment, DeployError> {
         for k in self.groups(&name).await? {

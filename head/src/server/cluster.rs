@@ -169,8 +169,13 @@ impl pb::cluster_server::Cluster for ClusterService {
     }
 
     async fn drain_node(&self, request: Request<pb::DrainNodeRequest>) -> Result<Response<pb::Node>, Status> {
-        let node = request.into_inner().node;
-        let v = self.membership.set_draining(node, true).await?;
+        let req = request.into_inner();
+        let v = self.membership.set_draining(req.node, true).await?;
+        if req.evict {
+            // Drained first, so that the restarted groups are planned without it.
+            let moved = self.deployments.evict(v.id).await.map_err(|e| Status::unavailable(e.to_string()))?;
+            tracing::info!(node = %v.info.name, groups = ?moved, "drained with eviction: groups restarted elsewhere");
+        }
         Ok(Response::new((&v).into()))
     }
 

@@ -312,7 +312,7 @@ async fn head_pause_bench(runs: usize) -> anyhow::Result<()> {
 /// 400 drain/undrain calls on `w1`: 400 node events and store writes.
 async fn churn(client: &mut pb::cluster_client::ClusterClient<tessera_tests::Conn>) -> anyhow::Result<()> {
     for i in 0..400 {
-        let req = pb::DrainNodeRequest { node: "w1".into() };
+        let req = pb::DrainNodeRequest { node: "w1".into(), evict: false };
         if i % 2 == 0 {
             client.drain_node(req).await?;
         } else {
