@@ -418,6 +418,11 @@ async fn logs_follow_ends_when_the_process_ends() {
     .await;
     assert!(ended.is_ok(), "logs -f went on after its process died");
     wait_for(&c, "tail", "running again", running_at(2)).await;
+    // The generation is a value of the metrics, not a label (no new series per restart).
+    let ops = std::fs::read_to_string(cluster.head.data_dir.join("metrics.addr")).expect("metrics.addr");
+    let (_, text) = tessera_tests::model::http_get(ops.trim(), "/metrics");
+    assert!(text.contains("tessera_worker_shard_generation{deployment=\"tail\",process=\"rank-0\"} 2"), "{text}");
+    assert!(!text.contains("generation=\""), "{text}");
     delete_and_wait(&c, "tail").await;
 }
 

@@ -22,9 +22,16 @@ pub struct GpuLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProcLabels {
     pub deployment: String,
-    pub generation: String,
     pub process: String,
     pub state: String,
+}
+
+/// A process without its state: its generation is a value, not a label (a label would make a
+/// new series at every restart).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProcKeyLabels {
+    pub deployment: String,
+    pub process: String,
 }
 
 pub struct WorkerMetrics {
@@ -35,6 +42,7 @@ pub struct WorkerMetrics {
     gpu_temperature: Family<GpuLabels, Gauge>,
     gpu_power: Family<GpuLabels, Gauge<f64, AtomicU64>>,
     processes: Family<ProcLabels, Gauge>,
+    generations: Family<ProcKeyLabels, Gauge>,
     pub heartbeat_rtt: Histogram,
     pub joined: Gauge,
     /// Weight staging's byte counts (shared with the stager).
@@ -64,6 +72,7 @@ impl WorkerMetrics {
             gpu_temperature: Family::default(),
             gpu_power: Family::default(),
             processes: Family::default(),
+            generations: Family::default(),
             heartbeat_rtt: Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]),
             joined: Gauge::default(),
             stage: Default::default(),
@@ -91,8 +100,13 @@ impl WorkerMetrics {
         r.register("gpu_power_watts", "GPU power draw (NVML)", m.gpu_power.clone());
         r.register(
             "shard_processes",
-            "Shard processes on this node by deployment, generation, process and state (1 each)",
+            "Shard processes on this node by deployment, process and state (1 each)",
             m.processes.clone(),
+        );
+        r.register(
+            "shard_generation",
+            "The generation of each shard process on this node (the newest, when several)",
+            m.generations.clone(),
         );
         r.register(
             "heartbeat_rtt_seconds",
@@ -132,18 +146,18 @@ impl WorkerMetrics {
             }
         }
         self.processes.clear();
+        self.generations.clear();
         if let Some(h) = shards {
             for r in h.snapshot() {
                 let state = tessera_proto::v1::ProcessState::try_from(r.state)
                     .map(|s| s.as_str_name().trim_start_matches("PROCESS_STATE_").to_ascii_lowercase())
                     .unwrap_or_else(|_| "unknown".into());
-                let l = ProcLabels {
-                    deployment: r.deployment,
-                    generation: r.generation.to_string(),
-                    process: r.key,
-                    state,
-                };
-                self.processes.get_or_create(&l).set(1);
+                let g = self
+                    .generations
+                    .get_or_create(&ProcKeyLabels { deployment: r.deployment.clone(), process: r.key.clone() });
+                g.set(g.get().max(r.generation.min(i64::MAX as u64) as i64));
+                let l = ProcLabels { deployment: r.deployment, process: r.key, state };
+                self.processes.get_or_create(&l).inc();
             }
         }
         let mut out = String::new();
