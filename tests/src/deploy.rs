@@ -39,16 +39,7 @@ impl Cluster {
             .map(|n| start_worker_with(dir.path(), n, &head.url, &dir.path().join(format!("{n}-state")), &worker_args))
             .collect();
         let c = Cluster { dir, head, workers };
-        let mut cl = crate::cluster_client(&c.head.url).await;
-        wait_until("three nodes alive", || {
-            let mut cl = cl.clone();
-            async move {
-                let n = crate::list_nodes(&mut cl).await;
-                (n.len() == 3 && n.iter().all(|x| crate::state(x) == pb::NodeState::Alive)).then_some(())
-            }
-        })
-        .await;
-        let _ = &mut cl;
+        crate::wait_alive(&c.head.url, 3).await;
         c
     }
 

@@ -94,6 +94,19 @@ pub fn write_tokens(data_dir: &std::path::Path) {
     std::fs::write(data_dir.join("reader.token"), format!("{READER_TOKEN}\n")).expect("reader token");
 }
 
+/// Waits until exactly `n` nodes are known to the head at `url`, all of them alive.
+pub async fn wait_alive(url: &str, n: usize) {
+    let cl = cluster_client(url).await;
+    wait_until(&format!("{n} nodes alive"), || {
+        let mut cl = cl.clone();
+        async move {
+            let nodes = list_nodes(&mut cl).await;
+            (nodes.len() == n && nodes.iter().all(|x| state(x) == pb::NodeState::Alive)).then_some(())
+        }
+    })
+    .await;
+}
+
 pub async fn list_nodes(client: &mut pb::cluster_client::ClusterClient<Conn>) -> Vec<pb::Node> {
     client.list_nodes(pb::ListNodesRequest::default()).await.expect("ListNodes").into_inner().nodes
 }

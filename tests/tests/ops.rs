@@ -1,24 +1,11 @@
 //! Metrics, health and readiness endpoints of the real daemons.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use tessera_proto::v1 as pb;
+use tessera_tests::model::http_get as get;
 use tessera_tests::process::{start_head, start_worker};
 use tessera_tests::{cluster_client, wait_state, wait_until};
-
-/// GET over plain HTTP/1.1; returns (status code, body).
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (code, body)
-}
 
 fn addr_file(path: &std::path::Path) -> String {
     std::fs::read_to_string(path).expect("metrics.addr written").trim().to_string()

@@ -11,7 +11,7 @@ use tessera_proto::v1 as pb;
 use tessera_tests::deploy::{delete_and_wait, running_at, wait_for, wait_for_within};
 use tessera_tests::model::{self, ModelFile, metric};
 use tessera_tests::process::start_head;
-use tessera_tests::{Daemon, HeadProc, start_worker_with, wait_until};
+use tessera_tests::{Daemon, HeadProc, start_worker_with};
 
 struct Staged {
     dir: tempfile::TempDir,
@@ -35,16 +35,7 @@ async fn cluster(worker_extra: &[&str], layer_bytes: u64) -> Staged {
         .map(|n| start_worker_with(dir.path(), n, &head.url, &state(dir.path(), n), &extra))
         .collect();
     let s = Staged { dir, head, workers, model, files };
-    let mut cl = tessera_tests::cluster_client(&s.head.url).await;
-    wait_until("three nodes alive", || {
-        let mut cl = cl.clone();
-        async move {
-            let n = tessera_tests::list_nodes(&mut cl).await;
-            (n.len() == 3 && n.iter().all(|x| tessera_tests::state(x) == pb::NodeState::Alive)).then_some(())
-        }
-    })
-    .await;
-    let _ = &mut cl;
+    tessera_tests::wait_alive(&s.head.url, 3).await;
     s
 }
 

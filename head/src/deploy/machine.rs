@@ -625,14 +625,7 @@ impl Machine {
                 again.push((name.clone(), pb::head_message::Msg::StageModel(n.msg.clone())));
             }
             if s.source == node && !s.indexed {
-                let msg = pb::IndexModel {
-                    deployment: name.clone(),
-                    deployment_uid: d.uid.to_wire(),
-                    generation: d.generation.0,
-                    path: d.spec.model_path.display().to_string(),
-                    token: s.token.clone(),
-                };
-                again.push((name.clone(), pb::head_message::Msg::IndexModel(msg)));
+                again.push((name.clone(), pb::head_message::Msg::IndexModel(index_msg(d, s))));
             }
         }
         for (name, msg) in again {
@@ -1118,13 +1111,7 @@ impl Machine {
     fn start_staging(&mut self, name: &str, at: At) {
         let Some(dep) = self.deps.get_mut(name) else { return };
         let Some(s) = dep.staging.as_ref() else { return };
-        let msg = pb::IndexModel {
-            deployment: name.to_string(),
-            deployment_uid: dep.uid.to_wire(),
-            generation: dep.generation.0,
-            path: dep.spec.model_path.display().to_string(),
-            token: s.token.clone(),
-        };
+        let msg = index_msg(dep, s);
         let source = s.source;
         dep.message =
             format!("generation {}: staging the model: {} reads and hashes it", dep.generation, s.source_name);
@@ -1698,6 +1685,17 @@ impl Blame {
             at_unix_ms: if r.exited_unix_ms > 0 { r.exited_unix_ms } else { at.unix_ms },
             foreign_signal: r.signal.is_some_and(|s| s != SIGTERM),
         }
+    }
+}
+
+/// What the node holding the model is asked for its generation's staging.
+fn index_msg(d: &Dep, s: &Staging) -> pb::IndexModel {
+    pb::IndexModel {
+        deployment: d.spec.name.clone(),
+        deployment_uid: d.uid.to_wire(),
+        generation: d.generation.0,
+        path: d.spec.model_path.display().to_string(),
+        token: s.token.clone(),
     }
 }
 
