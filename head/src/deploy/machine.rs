@@ -1406,7 +1406,8 @@ impl Machine {
         let endpoint = dep.launch.as_ref().map(|l| engine::endpoint(&dep.spec, l)).unwrap_or_default();
         let timeout = dep.spec.drain_timeout.filter(|t| !t.is_zero());
         match timeout {
-            Some(t) if dep.state == DState::Running && !endpoint.is_empty() => {
+            // A failing group (its processes are being stopped) has nothing left to drain.
+            Some(t) if dep.state == DState::Running && dep.failing.is_none() && !endpoint.is_empty() => {
                 dep.drain = Some(super::dep::Drain {
                     notice_until: at.now + DRAIN_NOTICE.min(t),
                     deadline: at.now + t,

@@ -783,6 +783,20 @@ fn check_loads(effects: &[Effect]) -> Vec<(String, String)> {
 }
 
 #[test]
+fn a_group_deleted_while_it_fails_stops_at_once_without_a_drain() {
+    let (mut h, ls) = running_pair();
+    // A rank dies; before the failure settles, a delete comes.
+    h.feed(Input::Report { node: nid(2), report: exited(&ls[1].1, "rank-4", None, Some(9), h.unix) });
+    let reply = h.reply();
+    let effects = h.feed(Input::Delete { name: "p1".into(), reply });
+    let r = replies(&effects);
+    assert_eq!(r[0].as_ref().map(|d| d.state), Ok(pb::DeploymentState::Stopping as i32), "{r:?}");
+    // No restart follows, and no engine is asked for its load.
+    let later = h.tick_after(SETTLE + BASE_BACKOFF);
+    assert!(launches(&later).is_empty() && check_loads(&later).is_empty(), "{later:?}");
+}
+
+#[test]
 fn a_deleted_running_group_drains_before_it_stops() {
     let (mut h, _) = running_pair();
     let reply = h.reply();
