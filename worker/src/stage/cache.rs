@@ -253,10 +253,6 @@ impl Claim {
     pub fn publish(&self, h: Have) {
         self.tx.send_replace(h);
     }
-
-    pub fn sender(&self) -> watch::Sender<Have> {
-        self.tx.clone()
-    }
 }
 
 impl Drop for Claim {

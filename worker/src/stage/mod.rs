@@ -157,16 +157,6 @@ impl Stager {
         self.port
     }
 
-    /// Bytes this node has served to peers.
-    pub fn served_bytes(&self) -> u64 {
-        self.counters.served.get()
-    }
-
-    /// Where the model directory `key` is.
-    pub fn model_dir(&self, key: &str) -> PathBuf {
-        self.cache.model_dir(key)
-    }
-
     /// Starts a task, replacing (cancelling) the deployment's older one; `None` when the same
     /// incarnation and generation runs already (the head told this node again after a session
     /// blip: the running task goes on).
