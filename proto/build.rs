@@ -24,5 +24,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .codec_path("crate::codec::Codec")
         .compile_fds(fds)?;
+
+    // etcd's v3 API (the part `tessera-head --store etcd://` uses): clients only.
+    let etcd = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("etcd");
+    let etcd_files = [etcd.join("kv.proto"), etcd.join("rpc.proto")];
+    for f in &etcd_files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    let etcd_fds = protox::compile(&etcd_files, [&etcd])?;
+    tonic_prost_build::configure().build_server(false).build_client(true).compile_fds(etcd_fds)?;
     Ok(())
 }

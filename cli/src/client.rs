@@ -39,12 +39,17 @@ fn timeout() -> Duration {
 
 /// `--head` as a URL: `host:port` (what DATA_DIR/head.addr holds) gets `http://`, or `https://`
 /// when TLS is configured.
+/// Several heads (heads on one etcd store) are separated by commas; each gets its scheme.
 pub fn head_url(head: &str) -> String {
-    if head.contains("://") {
-        return head.to_string();
-    }
     let tls = TLS.read().ok().is_some_and(|t| t.is_some());
-    format!("{}://{head}", if tls { "https" } else { "http" })
+    head.split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(
+            |h| if h.contains("://") { h.to_string() } else { format!("{}://{h}", if tls { "https" } else { "http" }) },
+        )
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub fn token() -> Option<String> {
@@ -70,7 +75,43 @@ async fn connect_with(head: &str, call_timeout: Option<Duration>) -> anyhow::Res
     Ok(tonic::service::interceptor::InterceptedService::new(channel, bearer))
 }
 
+/// One head: connects to it. Several (heads on one etcd store, one leading): asks each in turn
+/// whether it serves (the standard health check, which a standby answers NOT_SERVING) and
+/// connects to the one that leads.
 async fn connect_channel(head: &str, call_timeout: Option<Duration>) -> anyhow::Result<Channel> {
+    let heads = tessera_common::head_list(head).map_err(|e| anyhow!(e))?;
+    if heads.len() == 1 {
+        return connect_one(&heads[0], call_timeout).await;
+    }
+    let mut why = Vec::new();
+    for h in &heads {
+        let channel = match connect_one(h, call_timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                why.push(format!("{h}: {}", e.to_string().split(';').next().unwrap_or_default()));
+                continue;
+            }
+        };
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let check = tonic_health::pb::HealthCheckRequest { service: "tessera.v1.Cluster".into() };
+        match tokio::time::timeout(timeout(), health.check(check)).await {
+            Ok(Ok(r))
+                if r.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 =>
+            {
+                return Ok(channel);
+            }
+            Ok(Ok(_)) => why.push(format!("{h}: a standby")),
+            Ok(Err(s)) => why.push(format!("{h}: {}", s.message())),
+            Err(_) => why.push(format!("{h}: no answer within {}s", timeout().as_secs_f64())),
+        }
+    }
+    Err(anyhow!(
+        "no head leads among {head} ({}); an election takes a few seconds after a leader is lost, retry then",
+        why.join("; ")
+    ))
+}
+
+async fn connect_one(head: &str, call_timeout: Option<Duration>) -> anyhow::Result<Channel> {
     let tls = TLS.read().ok().and_then(|t| t.clone());
     tessera_common::tls::check_scheme(head, tls.is_some()).map_err(|e| anyhow!(e))?;
     let mut endpoint = Endpoint::from_shared(head.to_string())

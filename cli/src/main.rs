@@ -26,7 +26,8 @@ use tessera_common::plan::{PlanRequest, Size};
 #[derive(Debug, Parser)]
 #[command(name = "tessera", version, max_term_width = 100)]
 struct Cli {
-    /// The head's gRPC endpoint: a URL, or host:port (what DATA_DIR/head.addr holds)
+    /// The head's gRPC endpoint: a URL, or host:port (what DATA_DIR/head.addr holds). Heads sharing
+    /// an etcd store: all of them, separated by commas; the CLI talks to the one that leads
     #[arg(long, global = true, env = env::HEAD, default_value = "http://127.0.0.1:7470", value_name = "URL")]
     head: String,
 

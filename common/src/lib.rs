@@ -44,3 +44,34 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Version of this build of Tessera, reported by every binary and in every join.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The heads in a `--head` value: one URL, or several separated by commas (heads on one etcd
+/// store, of which one leads). Empty parts are skipped; at most 16.
+pub fn head_list(value: &str) -> Result<Vec<String>, String> {
+    let heads: Vec<String> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.trim_end_matches('/').to_string())
+        .collect();
+    if heads.is_empty() {
+        return Err(format!("--head {value:?} names no head; write e.g. http://10.0.0.1:7470"));
+    }
+    if heads.len() > 16 {
+        return Err(format!("--head names {} heads; at most 16", heads.len()));
+    }
+    Ok(heads)
+}
+
+#[cfg(test)]
+mod head_list_tests {
+    #[test]
+    fn head_lists_split_on_commas() {
+        assert_eq!(super::head_list("http://a:1").expect("one"), vec!["http://a:1".to_string()]);
+        assert_eq!(
+            super::head_list(" http://a:1/, http://b:2 ,").expect("two"),
+            vec!["http://a:1".to_string(), "http://b:2".to_string()]
+        );
+        assert!(super::head_list(" , ").expect_err("empty").contains("names no head"));
+    }
+}

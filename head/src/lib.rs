@@ -13,6 +13,8 @@
 
 pub mod datadir;
 pub mod deploy;
+pub mod etcd;
+pub mod leader;
 pub mod membership;
 pub mod metrics;
 pub mod server;
@@ -70,6 +72,10 @@ pub struct HeadConfig {
     pub conn_limits: server::conns::ConnLimits,
     /// Where a rotated join token is written (`--join-token-file`, else `DATA_DIR/join.token`).
     pub join_token_path: Option<PathBuf>,
+    /// The state store and this head's leadership: `None` opens the embedded store in `data_dir`
+    /// (one head, no election); `Some` is a store the caller opened (etcd) and the fence of the
+    /// leadership this head won.
+    pub store: Option<(Arc<store::Store>, Arc<leader::Fence>)>,
     /// The data dir's lock, when the caller took it already (before writing tokens into it);
     /// `None`: `Head::start` takes it.
     pub data_dir_lock: Option<datadir::DataDirLock>,
@@ -127,13 +133,22 @@ impl Head {
 
         let membership_token = CancellationToken::new();
         let seq = Arc::new(AtomicU64::new(1));
-        let store = Arc::new(store::Store::open(&config.data_dir)?);
+        let (store, fence) = match config.store {
+            Some((s, f)) => (s, f),
+            None => (Arc::new(store::Store::open(&config.data_dir)?), Arc::new(leader::Fence::always())),
+        };
         let store_for_tokens = store.clone();
         let (membership, membership_task) =
             Membership::spawn_durable(config.membership, membership_token.clone(), seq.clone(), Some(store.clone()));
         let deployments_token = CancellationToken::new();
-        let deployments =
-            Deployments::spawn(membership.clone(), seq, store, config.recovery_window, deployments_token.clone())?;
+        let deployments = Deployments::spawn(
+            membership.clone(),
+            seq,
+            store,
+            config.recovery_window,
+            fence,
+            deployments_token.clone(),
+        )?;
 
         let metrics = metrics::HeadMetrics::new();
         metrics.follow(membership.clone(), deployments.clone());

@@ -123,6 +123,48 @@ struct Cli {
     #[arg(long, env = env::NO_WORKER)]
     no_worker: bool,
 
+    /// Where the head keeps its state. `redb`: a file in DATA_DIR (one head). `etcd://HOST:2379[,HOST:2379...]`
+    /// (`etcds://` or --etcd-ca for TLS): an etcd cluster shared by several heads, of which one leads
+    /// (holds an etcd lease) and the others stand by and take over when it is gone. Heads on etcd run
+    /// no worker (--no-worker): run tessera-worker beside them
+    #[arg(long, env = "TESSERA_STORE", default_value = "redb", value_name = "redb|etcd://HOSTS")]
+    store: String,
+
+    /// Every key the head writes in etcd starts with this; heads of one cluster share it, clusters
+    /// sharing an etcd use different ones
+    #[arg(long, env = "TESSERA_ETCD_PREFIX", default_value = "/tessera/", value_name = "PREFIX")]
+    etcd_prefix: String,
+
+    /// The leading head's etcd lease: a leader that cannot renew it (dead, frozen, cut off from etcd)
+    /// stops acting before it runs out, and a standby takes over when it has. Whole seconds, at least 2
+    #[arg(long, env = "TESSERA_LEADER_LEASE", value_parser = parse_positive_duration, default_value = "3s")]
+    leader_lease: Duration,
+
+    /// The URL clients and workers use to reach this head, given to them by standbys when this head
+    /// leads [default: http(s)://LISTEN, with --advertise-addr or the host name for 0.0.0.0]
+    #[arg(long, env = "TESSERA_ADVERTISE_URL", value_name = "URL")]
+    advertise_url: Option<String>,
+
+    /// CA (PEM) that signed the etcd members' certificates (TLS to etcd)
+    #[arg(long, env = "TESSERA_ETCD_CA", value_name = "PEM")]
+    etcd_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for etcd's client-cert authentication
+    #[arg(long, env = "TESSERA_ETCD_CERT", value_name = "PEM", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+
+    /// Key (PEM) of --etcd-cert
+    #[arg(long, env = "TESSERA_ETCD_KEY", value_name = "PEM", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+
+    /// etcd user (etcd's own authentication); its password is read from --etcd-password-file
+    #[arg(long, env = "TESSERA_ETCD_USER", value_name = "NAME", requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+
+    /// File holding the password of --etcd-user
+    #[arg(long, env = "TESSERA_ETCD_PASSWORD_FILE", value_name = "PATH", requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+
     #[command(flatten)]
     node: NodeArgs,
 
@@ -167,6 +209,10 @@ fn main() -> ExitCode {
     if let Err(e) = membership.validate() {
         return usage(&e);
     }
+    let ha = match ha_options(&cli) {
+        Ok(h) => h,
+        Err(e) => return usage(&e),
+    };
     if let Err(e) = telemetry::init(cli.log.log_format, &cli.log.log_level) {
         return usage(&e);
     }
@@ -231,8 +277,36 @@ fn main() -> ExitCode {
             tracing::error!("cannot install signal handlers: {e}");
             return ExitCode::from(1);
         }
+        // Heads on etcd: the store first (the tokens are shared through it).
+        let etcd = match &ha {
+            Some(h) => {
+                let cfg = h.etcd.clone();
+                match tokio::task::spawn_blocking(move || tessera_head::etcd::Etcd::connect(cfg)).await {
+                    Ok(Ok(e)) => Some(e),
+                    Ok(Err(e)) => {
+                        tracing::error!("--store: {e}");
+                        return ExitCode::from(1);
+                    }
+                    Err(e) => {
+                        tracing::error!("--store: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
+            None => None,
+        };
+        let explicit_tokens =
+            cli.join_token_file.is_some() || cli.admin_token_file.is_some() || cli.reader_token_file.is_some();
         let auth = if cli.insecure {
             None
+        } else if let (Some(etcd), false) = (&etcd, explicit_tokens) {
+            match shared_tokens(etcd, &cli.data_dir).await {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::from(1);
+                }
+            }
         } else {
             match tokens(
                 &cli.data_dir,
@@ -280,6 +354,29 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        // Heads on etcd stand by until they lead.
+        let mut leading = None;
+        let (listener, metrics_listener) = match (&ha, &etcd, metrics_listener) {
+            (Some(h), Some(etcd), Some(metrics)) => {
+                let server_tls = tls.as_ref().map(|t| t.server.clone());
+                let limits = tessera_head::server::conns::ConnLimits {
+                    max_connections: cli.max_connections,
+                    unauthenticated_timeout: cli.unauthenticated_timeout,
+                };
+                match stand_by_then_lead(h, etcd, listener, metrics, server_tls, limits, &root).await {
+                    Ok(Some((l, m, lead))) => {
+                        leading = Some(lead);
+                        (l, Some(m))
+                    }
+                    Ok(None) => return ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
+            (_, _, m) => (listener, m),
+        };
         let config = HeadConfig {
             membership,
             data_dir: cli.data_dir,
@@ -289,6 +386,7 @@ fn main() -> ExitCode {
             tls,
             metrics_listener,
             data_dir_lock: Some(data_dir_lock),
+            store: leading.as_ref().map(|l: &Leading| (l.store.clone(), l.fence.clone())),
             join_token_path: cli.join_token_file.clone(),
             conn_limits: tessera_head::server::conns::ConnLimits {
                 max_connections: cli.max_connections,
@@ -329,11 +427,48 @@ fn main() -> ExitCode {
                 }
             });
         }
-        match head.stopped().await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!("{e}");
-                ExitCode::from(1)
+        let Some(lead) = leading else {
+            return match head.stopped().await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::from(1)
+                }
+            };
+        };
+        let hold_stop = CancellationToken::new();
+        let hold = tokio::spawn(tessera_head::leader::hold(
+            lead.etcd.clone(),
+            lead.lease,
+            lead.fence.clone(),
+            lead.ttl,
+            hold_stop.clone(),
+        ));
+        let lost = lead.fence.lost();
+        let stopped = head.stopped();
+        tokio::pin!(stopped);
+        tokio::select! {
+            r = &mut stopped => {
+                // Hand leadership over at once (revoke the lease) rather than when it runs out.
+                hold_stop.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(2), hold).await;
+                match r {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+            _ = lost.cancelled() => {
+                tracing::error!(
+                    reason = %lead.fence.why().unwrap_or_default(),
+                    "lost leadership: this head stops acting (engines keep running on the workers, which follow the \
+                     new leader) and exits with status 75 so that its supervisor starts it again as a standby"
+                );
+                stop.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(5), stopped).await;
+                ExitCode::from(75)
             }
         }
     });
@@ -374,6 +509,224 @@ fn tokens(
     }
     if set.reader == set.admin || set.reader == set.join {
         return Err("the reader token must differ from the join and admin tokens".into());
+    }
+    Ok(set)
+}
+
+/// `--store etcd://...` and the options that go with it.
+struct Ha {
+    etcd: tessera_head::etcd::EtcdConfig,
+    lease: Duration,
+    advertise_url: String,
+}
+
+/// What a head that won the election holds.
+struct Leading {
+    etcd: tessera_head::etcd::Etcd,
+    lease: i64,
+    ttl: Duration,
+    fence: std::sync::Arc<tessera_head::leader::Fence>,
+    store: std::sync::Arc<tessera_head::store::Store>,
+}
+
+fn ha_options(cli: &Cli) -> Result<Option<Ha>, String> {
+    if cli.store == "redb" {
+        return Ok(None);
+    }
+    let tls_to_etcd = cli.etcd_ca.is_some() || cli.etcd_cert.is_some();
+    let endpoints = tessera_head::etcd::EtcdConfig::parse_store_url(&cli.store, tls_to_etcd)?;
+    if !cli.no_worker {
+        return Err(format!(
+            "--store {}: heads that take over from each other run no worker of their own; add --no-worker and run \
+             tessera-worker on this machine (with --head listing every head), so that a head that stops leading does \
+             not take its node with it",
+            cli.store
+        ));
+    }
+    if cli.reset_state {
+        return Err("--reset-state is for the embedded store (redb); an etcd store is managed with etcdctl".into());
+    }
+    let lease = cli.leader_lease;
+    if lease.subsec_nanos() != 0 || lease < Duration::from_secs(2) {
+        return Err(format!(
+            "--leader-lease {lease:?}: etcd leases are whole seconds; give at least 2s (the default is 3s)"
+        ));
+    }
+    if !cli.etcd_prefix.starts_with('/') || !cli.etcd_prefix.ends_with('/') || cli.etcd_prefix.len() < 2 {
+        return Err(format!(
+            "--etcd-prefix {:?}: write a path that starts and ends with /, e.g. /tessera/",
+            cli.etcd_prefix
+        ));
+    }
+    let user = match (&cli.etcd_user, &cli.etcd_password_file) {
+        (Some(u), Some(p)) => {
+            let pw = std::fs::read_to_string(p).map_err(|e| format!("--etcd-password-file {}: {e}", p.display()))?;
+            Some((u.clone(), pw.trim_end_matches(['\n', '\r']).to_string()))
+        }
+        _ => None,
+    };
+    let tls = tessera_common::tls::client_config(
+        cli.etcd_ca.as_deref(),
+        cli.etcd_cert.as_deref(),
+        cli.etcd_key.as_deref(),
+        None,
+    )
+    .map_err(|e| format!("etcd TLS: {e}"))?;
+    if tls.is_none() && endpoints.iter().any(|u| u.starts_with("https://")) {
+        return Err("--store etcds://...: give --etcd-ca (the CA that signed the etcd members' certificates)".into());
+    }
+    let scheme = if cli.tls_cert.is_some() { "https" } else { "http" };
+    let advertise_url = match &cli.advertise_url {
+        Some(u) => {
+            if !u.starts_with("http://") && !u.starts_with("https://") {
+                return Err(format!("--advertise-url {u:?}: write a URL, e.g. {scheme}://10.0.0.1:7470"));
+            }
+            u.clone()
+        }
+        None => {
+            let host = match (cli.listen.ip().is_unspecified(), cli.node.advertise_addr) {
+                (false, _) => cli.listen.ip().to_string(),
+                (true, Some(ip)) => ip.to_string(),
+                (true, None) => tessera_worker::state::hostname(),
+            };
+            if cli.listen.port() == 0 {
+                return Err("--store etcd: heads need a fixed --listen port (clients and workers are given it)".into());
+            }
+            let host = if host.contains(':') { format!("[{host}]") } else { host };
+            format!("{scheme}://{host}:{}", cli.listen.port())
+        }
+    };
+    Ok(Some(Ha {
+        etcd: tessera_head::etcd::EtcdConfig {
+            endpoints,
+            prefix: cli.etcd_prefix.clone(),
+            tls,
+            user,
+            call_timeout: (lease / 3).max(Duration::from_millis(500)),
+        },
+        lease,
+        advertise_url,
+    }))
+}
+
+/// Serves as a standby (the leader's address for every call; /readyz not ready) until this head
+/// wins the election, then gives the ports back for the leading head. `None`: stopped meanwhile.
+async fn stand_by_then_lead(
+    ha: &Ha,
+    etcd: &tessera_head::etcd::Etcd,
+    listener: tokio::net::TcpListener,
+    metrics: tokio::net::TcpListener,
+    tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
+    limits: tessera_head::server::conns::ConnLimits,
+    stop: &CancellationToken,
+) -> Result<Option<(tokio::net::TcpListener, tokio::net::TcpListener, Leading)>, String> {
+    let addr = listener.local_addr().map_err(|e| format!("listener: {e}"))?;
+    let metrics_addr = metrics.local_addr().map_err(|e| format!("metrics listener: {e}"))?;
+    let (view, view_rx) = tokio::sync::watch::channel(None);
+    let standby_stop = CancellationToken::new();
+    let grpc = tokio::spawn(tessera_head::server::standby::serve(
+        listener,
+        tls,
+        limits,
+        view_rx.clone(),
+        standby_stop.clone(),
+    ));
+    let render: tessera_worker::ops::Render = std::sync::Arc::new(|| {
+        Box::pin(async {
+            "# HELP tessera_head_leader Whether this head leads (1) or stands by (0).\n# TYPE tessera_head_leader gauge\ntessera_head_leader 0\n# EOF\n".to_string()
+        })
+    });
+    let ops =
+        tokio::spawn(tessera_worker::ops::serve(metrics, render, std::sync::Arc::new(|| false), standby_stop.clone()));
+    // Say who leads whenever it changes.
+    let mut watch_leader = view_rx;
+    let announce = tokio::spawn(async move {
+        while watch_leader.changed().await.is_ok() {
+            let l = watch_leader.borrow().clone();
+            match l {
+                Some(url) => tracing::info!(leader = %url, "standing by; another head leads"),
+                None => tracing::info!("standing by; no head leads now"),
+            }
+        }
+    });
+    tracing::info!(me = %ha.advertise_url, store = %etcd.endpoints(), prefix = %ha.etcd.prefix, "campaigning for leadership");
+    let won = tessera_head::leader::campaign(etcd, &ha.advertise_url, ha.lease, &view, stop).await;
+    standby_stop.cancel();
+    announce.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(2), grpc).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), ops).await;
+    let Some((lease, fence)) = won else { return Ok(None) };
+    tracing::info!(epoch = fence.epoch(), me = %ha.advertise_url, "leading: this head won the election");
+    let listener = rebind(addr).await.map_err(|e| format!("cannot listen on {addr} again after standing by: {e}"))?;
+    let metrics = rebind(metrics_addr).await.map_err(|e| format!("cannot listen on {metrics_addr} again: {e}"))?;
+    let (e2, f2) = (etcd.clone(), fence.clone());
+    let store = tokio::task::spawn_blocking(move || tessera_head::store::Store::etcd(e2, f2))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(Some((
+        listener,
+        metrics,
+        Leading { etcd: etcd.clone(), lease, ttl: ha.lease, fence, store: std::sync::Arc::new(store) },
+    )))
+}
+
+/// Binds an address the standby just let go of (retried briefly).
+async fn rebind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for _ in 0..50 {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("bind failed")))
+}
+
+/// The tokens heads on one etcd share: read from etcd, or (first head) made and put there, and
+/// written into DATA_DIR like a single head's so that local tools find them.
+async fn shared_tokens(
+    etcd: &tessera_head::etcd::Etcd,
+    data_dir: &std::path::Path,
+) -> Result<tessera_common::auth::TokenSet, String> {
+    use tessera_common::auth::{TokenSet, write_secret};
+    use tessera_head::etcd::ops;
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Shared {
+        join: String,
+        admin: String,
+        reader: String,
+    }
+    let key = format!("{}tokens", etcd.config().prefix).into_bytes();
+    let err = |e: tessera_head::etcd::EtcdError| format!("--store: reading the shared tokens: {e}");
+    let found = match etcd.get(&key).await.map_err(err)? {
+        Some(kv) => kv.value,
+        None => {
+            let (mine, _) = TokenSet::load_or_create(data_dir)
+                .map_err(|e| format!("cannot read or create the tokens in {}: {e}", data_dir.display()))?;
+            let value = serde_json::to_vec(&Shared { join: mine.join, admin: mine.admin, reader: mine.reader })
+                .map_err(|e| e.to_string())?;
+            let r = etcd
+                .txn(tessera_proto::etcd::etcdserverpb::TxnRequest {
+                    compare: vec![ops::created_at(key.clone(), 0)],
+                    success: vec![ops::put(key.clone(), value.clone(), 0)],
+                    failure: vec![ops::get(key.clone())],
+                })
+                .await
+                .map_err(err)?;
+            if r.succeeded { value } else { ops::first_kv(&r).map(|kv| kv.value.clone()).unwrap_or_default() }
+        }
+    };
+    let shared: Shared = serde_json::from_slice(&found)
+        .map_err(|e| format!("--store: the shared tokens under {}tokens are damaged: {e}", etcd.config().prefix))?;
+    let set = TokenSet { join: shared.join, admin: shared.admin, reader: shared.reader };
+    for (path, value) in [
+        (TokenSet::join_path(data_dir), &set.join),
+        (TokenSet::admin_path(data_dir), &set.admin),
+        (TokenSet::reader_path(data_dir), &set.reader),
+    ] {
+        write_secret(&path, value).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     Ok(set)
 }

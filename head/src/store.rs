@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableTable, TableDefinition};
+
+pub mod etcd;
 use serde::{Deserialize, Serialize};
 use tessera_common::plan::partition::Stage;
 use tessera_common::plan::placement::RankPlacement;
@@ -41,6 +43,11 @@ pub enum StoreError {
     Newer { path: PathBuf, found: u64 },
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
+    #[error(
+        "{path}: this head no longer leads ({message}); nothing was written. The leading head acts; this one \
+         stops acting"
+    )]
+    Fenced { path: PathBuf, message: String },
     #[error("{path}: the record of deployment {name:?} is corrupt: {message}")]
     Corrupt { path: PathBuf, name: String, message: String },
 }
@@ -129,7 +136,59 @@ pub struct StoredDeployment {
 
 type Opener = Box<dyn Fn() -> Result<Database, String> + Send + Sync>;
 
+/// The tables of the store (redb tables; key prefixes `PREFIX/TABLE/` in etcd).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Deployments,
+    Drained,
+    Approved,
+    Bootstrap,
+    Credentials,
+}
+
+impl Table {
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Deployments => "deployments",
+            Table::Drained => "drained_nodes",
+            Table::Approved => "approved_nodes",
+            Table::Bootstrap => "bootstrap_tokens",
+            Table::Credentials => "node_credentials",
+        }
+    }
+
+    /// A table of marks (a key is there or not; no value).
+    fn is_mark(self) -> bool {
+        matches!(self, Table::Drained | Table::Approved)
+    }
+
+    fn bytes(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        match self {
+            Table::Deployments => DEPLOYMENTS,
+            Table::Bootstrap => BOOTSTRAP,
+            _ => CREDENTIALS,
+        }
+    }
+
+    fn marks(self) -> TableDefinition<'static, &'static str, u64> {
+        if self == Table::Drained { DRAINED } else { APPROVED }
+    }
+}
+
+/// Where the state lives: the embedded redb file (one head), or etcd (heads that take over from
+/// each other).
+enum Backend {
+    Redb(Redb),
+    Etcd(etcd::EtcdStore),
+}
+
 pub struct Store {
+    backend: Backend,
+    /// The file, or `etcd://MEMBERS/PREFIX`, for messages.
+    path: PathBuf,
+}
+
+struct Redb {
     db: std::sync::RwLock<Database>,
     path: PathBuf,
     /// Opens the database again (after an I/O error, redb refuses every later call until then).
@@ -158,9 +217,9 @@ impl Store {
     pub fn open_with(path: PathBuf, opener: Opener) -> Result<Store, StoreError> {
         let open_err = |message: String| StoreError::Open { path: path.clone(), message };
         let db = guard_panic(&opener).map_err(open_err)?.map_err(open_err)?;
-        let store =
-            Store { db: std::sync::RwLock::new(db), path: path.clone(), reopen: opener, broken: Default::default() };
-        let found = store
+        let redb =
+            Redb { db: std::sync::RwLock::new(db), path: path.clone(), reopen: opener, broken: Default::default() };
+        let found = redb
             .read(|txn| match txn.open_table(META) {
                 Ok(t) => Ok(t.get("format_version").map_err(|e| e.to_string())?.map(|v| v.value())),
                 Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
@@ -170,7 +229,7 @@ impl Store {
         match found {
             Some(v) if v > FORMAT_VERSION => return Err(StoreError::Newer { path, found: v }),
             Some(_) => {}
-            None => store
+            None => redb
                 .write(|txn| {
                     let mut t = txn.open_table(META).map_err(|e| e.to_string())?;
                     t.insert("format_version", FORMAT_VERSION).map_err(|e| e.to_string())?;
@@ -182,17 +241,120 @@ impl Store {
                 })
                 .map_err(|e| open_err(e.to_string()))?,
         }
-        // Read everything once: damage shows now, as an error naming the file, not later.
-        store.load().map_err(|e| open_err(e.to_string()))?;
-        store.drained().map_err(|e| open_err(e.to_string()))?;
-        store.credentials().map_err(|e| open_err(e.to_string()))?;
+        let store = Store { backend: Backend::Redb(redb), path: path.clone() };
+        store.check_readable().map_err(|e| open_err(e.to_string()))?;
         Ok(store)
+    }
+
+    /// The store in etcd, under the client's prefix; writes are fenced by `fence` (only the
+    /// leading head's go through). A newer format under the prefix is refused.
+    pub fn etcd(client: crate::etcd::Etcd, fence: std::sync::Arc<crate::leader::Fence>) -> Result<Store, StoreError> {
+        let path = PathBuf::from(format!("etcd://{}{}", client.endpoints(), client.config().prefix));
+        let e = etcd::EtcdStore::open(client, fence, path.clone())?;
+        let store = Store { backend: Backend::Etcd(e), path: path.clone() };
+        store.check_readable().map_err(|e| StoreError::Open { path, message: e.to_string() })?;
+        Ok(store)
+    }
+
+    /// Reads everything once: damage shows now, as an error naming the store, not later.
+    fn check_readable(&self) -> Result<(), StoreError> {
+        self.load()?;
+        self.drained()?;
+        self.credentials()?;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    fn io(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Io { path: self.path.clone(), message: e.to_string() }
+    }
+
+    /// Sets (`Some`) or removes (`None`) one row, durably, before it returns.
+    fn set(&self, table: Table, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.set(table, key, value),
+            Backend::Etcd(e) => e.set(table, key, value),
+        }
+    }
+
+    /// Every row of a table by key (values empty in tables of marks).
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        match &self.backend {
+            Backend::Redb(r) => r.scan(table),
+            Backend::Etcd(e) => e.scan(table),
+        }
+    }
+
+    /// Writes one deployment durably.
+    pub fn put(&self, d: &StoredDeployment) -> Result<(), StoreError> {
+        let data = serde_json::to_vec(d).map_err(|e| self.io(e))?;
+        self.set(Table::Deployments, &d.name, Some(&data))
+    }
+
+    pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+        self.set(Table::Deployments, name, None)
+    }
+
+    /// Records whether an operator drained a node.
+    pub fn set_drained(&self, node_id: &str, drained: bool) -> Result<(), StoreError> {
+        self.set(Table::Drained, node_id, drained.then_some(&[][..]))
+    }
+
+    /// Records (or, with `None`, forgets) the hash of a node's credential.
+    pub fn set_credential(&self, node_id: &str, hash: Option<&[u8]>) -> Result<(), StoreError> {
+        self.set(Table::Credentials, node_id, hash)
+    }
+
+    /// Every node credential hash by node id.
+    pub fn credentials(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.scan(Table::Credentials)
+    }
+
+    /// Records (or, with `None`, forgets) a bootstrap token by the hex SHA-256 of the token.
+    pub fn set_bootstrap(&self, hash: &str, record: Option<&BootstrapToken>) -> Result<(), StoreError> {
+        let data = record.map(serde_json::to_vec).transpose().map_err(|e| self.io(e))?;
+        self.set(Table::Bootstrap, hash, data.as_deref())
+    }
+
+    /// Every bootstrap token record, by hash (damaged records are skipped).
+    pub fn bootstrap_tokens(&self) -> Result<Vec<(String, BootstrapToken)>, StoreError> {
+        let raw = self.scan(Table::Bootstrap)?;
+        Ok(raw.into_iter().filter_map(|(k, v)| Some((k, serde_json::from_slice(&v).ok()?))).collect())
+    }
+
+    /// Records (or forgets) an operator's approval of a node.
+    pub fn set_approved(&self, node_id: &str, approved: bool) -> Result<(), StoreError> {
+        self.set(Table::Approved, node_id, approved.then_some(&[][..]))
+    }
+
+    /// Ids of the nodes an operator approved.
+    pub fn approved(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.scan(Table::Approved)?.into_iter().map(|(k, _)| k).collect())
+    }
+
+    /// Ids of the nodes an operator drained.
+    pub fn drained(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.scan(Table::Drained)?.into_iter().map(|(k, _)| k).collect())
+    }
+
+    pub fn load(&self) -> Result<Vec<StoredDeployment>, StoreError> {
+        let raw = self.scan(Table::Deployments)?;
+        raw.into_iter()
+            .map(|(name, v)| {
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    name,
+                    message: e.to_string(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl Redb {
     fn io(&self, e: impl std::fmt::Display) -> StoreError {
         StoreError::Io { path: self.path.clone(), message: e.to_string() }
     }
@@ -242,86 +404,32 @@ impl Store {
         }
     }
 
-    /// Writes one deployment durably.
-    pub fn put(&self, d: &StoredDeployment) -> Result<(), StoreError> {
-        let data = serde_json::to_vec(d).map_err(|e| self.io(e))?;
+    fn set(&self, table: Table, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
         self.write(|txn| {
-            let mut t = txn.open_table(DEPLOYMENTS).map_err(|e| e.to_string())?;
-            t.insert(d.name.as_str(), data.as_slice()).map(|_| ()).map_err(|e| e.to_string())
-        })
-    }
-
-    pub fn remove(&self, name: &str) -> Result<(), StoreError> {
-        self.write(|txn| {
-            let mut t = txn.open_table(DEPLOYMENTS).map_err(|e| e.to_string())?;
-            t.remove(name).map(|_| ()).map_err(|e| e.to_string())
-        })
-    }
-
-    /// Records whether an operator drained a node.
-    pub fn set_drained(&self, node_id: &str, drained: bool) -> Result<(), StoreError> {
-        self.set_mark(DRAINED, node_id, drained)
-    }
-
-    /// A per-node mark of an operator's (drained, approved): set, or cleared.
-    fn set_mark(&self, def: TableDefinition<&str, u64>, node_id: &str, on: bool) -> Result<(), StoreError> {
-        self.write(|txn| {
-            let mut t = txn.open_table(def).map_err(|e| e.to_string())?;
-            if on {
-                t.insert(node_id, 1).map(|_| ()).map_err(|e| e.to_string())
+            if table.is_mark() {
+                let mut t = txn.open_table(table.marks()).map_err(|e| e.to_string())?;
+                match value {
+                    Some(_) => t.insert(key, 1).map(|_| ()),
+                    None => t.remove(key).map(|_| ()),
+                }
+                .map_err(|e| e.to_string())
             } else {
-                t.remove(node_id).map(|_| ()).map_err(|e| e.to_string())
+                let mut t = txn.open_table(table.bytes()).map_err(|e| e.to_string())?;
+                match value {
+                    Some(v) => t.insert(key, v).map(|_| ()),
+                    None => t.remove(key).map(|_| ()),
+                }
+                .map_err(|e| e.to_string())
             }
         })
     }
 
-    /// Records (or, with `None`, forgets) the hash of a node's credential.
-    pub fn set_credential(&self, node_id: &str, hash: Option<&[u8]>) -> Result<(), StoreError> {
-        self.write(|txn| {
-            let mut t = txn.open_table(CREDENTIALS).map_err(|e| e.to_string())?;
-            match hash {
-                Some(h) => t.insert(node_id, h).map(|_| ()).map_err(|e| e.to_string()),
-                None => t.remove(node_id).map(|_| ()).map_err(|e| e.to_string()),
-            }
-        })
-    }
-
-    /// Every node credential hash by node id.
-    pub fn credentials(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        self.read_all(CREDENTIALS, |k, v| (k.to_string(), v.to_vec()))
-    }
-
-    /// Records (or, with `None`, forgets) a bootstrap token by the hex SHA-256 of the token.
-    pub fn set_bootstrap(&self, hash: &str, record: Option<&BootstrapToken>) -> Result<(), StoreError> {
-        let data = record.map(serde_json::to_vec).transpose().map_err(|e| self.io(e))?;
-        self.write(|txn| {
-            let mut t = txn.open_table(BOOTSTRAP).map_err(|e| e.to_string())?;
-            match &data {
-                Some(d) => t.insert(hash, d.as_slice()).map(|_| ()).map_err(|e| e.to_string()),
-                None => t.remove(hash).map(|_| ()).map_err(|e| e.to_string()),
-            }
-        })
-    }
-
-    /// Every bootstrap token record, by hash (damaged records are skipped).
-    pub fn bootstrap_tokens(&self) -> Result<Vec<(String, BootstrapToken)>, StoreError> {
-        let raw = self.read_all(BOOTSTRAP, |k, v| (k.to_string(), v.to_vec()))?;
-        Ok(raw.into_iter().filter_map(|(k, v)| Some((k, serde_json::from_slice(&v).ok()?))).collect())
-    }
-
-    /// Records (or forgets) an operator's approval of a node.
-    pub fn set_approved(&self, node_id: &str, approved: bool) -> Result<(), StoreError> {
-        self.set_mark(APPROVED, node_id, approved)
-    }
-
-    /// Ids of the nodes an operator approved.
-    pub fn approved(&self) -> Result<Vec<String>, StoreError> {
-        self.read_all(APPROVED, |k, _| k.to_string())
-    }
-
-    /// Ids of the nodes an operator drained.
-    pub fn drained(&self) -> Result<Vec<String>, StoreError> {
-        self.read_all(DRAINED, |k, _| k.to_string())
+    fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if table.is_mark() {
+            self.read_all(table.marks(), |k, _| (k.to_string(), Vec::new()))
+        } else {
+            self.read_all(table.bytes(), |k, v| (k.to_string(), v.to_vec()))
+        }
     }
 
     /// Every row of a table keyed by name (none when the table does not exist yet).
@@ -343,19 +451,6 @@ impl Store {
             }
             Ok(out)
         })
-    }
-
-    pub fn load(&self) -> Result<Vec<StoredDeployment>, StoreError> {
-        let raw = self.read_all(DEPLOYMENTS, |k, v| (k.to_string(), v.to_vec()))?;
-        raw.into_iter()
-            .map(|(name, v)| {
-                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                    path: self.path.clone(),
-                    name,
-                    message: e.to_string(),
-                })
-            })
-            .collect()
     }
 }
 
@@ -452,7 +547,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let s = Store::open(dir.path()).expect("open");
-            let db = s.db.read().expect("lock");
+            let Backend::Redb(r) = &s.backend else { unreachable!("a file store") };
+            let db = r.db.read().expect("lock");
             let txn = db.begin_write().expect("txn");
             txn.open_table(META).expect("meta").insert("format_version", FORMAT_VERSION + 1).expect("insert");
             txn.commit().expect("commit");

@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //! - [`v1`]: the generated messages, clients and servers.
+//! - [`etcd`]: etcd's v3 KV, lease and auth clients (for `--store etcd://`).
 //! - [`codec`]: prost encoding with small first buffers (what every call and open stream costs).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
 
@@ -13,6 +14,17 @@ pub mod codec;
 #[allow(clippy::all, missing_docs, clippy::unwrap_used)]
 pub mod v1 {
     tonic::include_proto!("tessera.v1");
+}
+
+/// etcd's v3 API (the part the head's etcd store uses; `proto/etcd/`), clients only.
+#[allow(clippy::all, missing_docs, clippy::unwrap_used)]
+pub mod etcd {
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
 }
 
 /// Encoded `FileDescriptorSet` of every tessera.v1 file.

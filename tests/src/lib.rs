@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod deploy;
+pub mod etcd;
 pub mod loadgen;
 pub mod model;
 pub mod netns;

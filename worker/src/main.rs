@@ -25,7 +25,8 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// URL of the head's gRPC endpoint, e.g. http://10.0.0.1:7470
+    /// URL of the head's gRPC endpoint, e.g. http://10.0.0.1:7470. Heads sharing an etcd store:
+    /// all of them, separated by commas; the worker goes to the one that leads
     #[arg(long, env = env::HEAD, value_name = "URL")]
     head: Option<String>,
 
@@ -115,8 +116,14 @@ fn main() -> ExitCode {
         Ok(t) => t,
         Err(e) => return usage(&e),
     };
-    if let Err(e) = tessera_common::tls::check_scheme(&head, tls.is_some()) {
-        return usage(&e);
+    let heads = match tessera_common::head_list(&head) {
+        Ok(h) => h,
+        Err(e) => return usage(&e),
+    };
+    for h in &heads {
+        if let Err(e) = tessera_common::tls::check_scheme(h, tls.is_some()) {
+            return usage(&e);
+        }
     }
     if let Err(e) = telemetry::init(cli.log.log_format, &cli.log.log_level) {
         return usage(&e);

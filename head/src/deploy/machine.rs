@@ -157,7 +157,9 @@ pub enum DeployError {
     InvalidPlan(String),
     #[error("deployment {name:?} has no rank {rank} running now")]
     NoSuchRank { name: String, rank: u64 },
-    #[error("cannot record {what}: {message}; nothing was changed, try again once the disk is healthy")]
+    #[error(
+        "cannot record {what}: {message}; nothing was changed, try again once the state store (its disk, or etcd) is healthy"
+    )]
     Store { what: String, message: String },
     #[error("the node running rank {rank} of {name:?} is not connected; try again once it is")]
     NodeUnreachable { name: String, rank: u64 },

@@ -32,7 +32,7 @@ use tessera_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::membership::{Event as MemberEvent, Membership};
 use crate::store::Store;
@@ -97,6 +97,7 @@ impl Deployments {
         seq: Arc<AtomicU64>,
         store: Arc<Store>,
         recovery_window: Duration,
+        fence: Arc<crate::leader::Fence>,
         shutdown: CancellationToken,
     ) -> Result<Deployments, crate::store::StoreError> {
         let (tx, rx) = mpsc::channel(1024);
@@ -119,6 +120,7 @@ impl Deployments {
             machine,
             membership,
             store,
+            fence,
             events: events.clone(),
             seq,
             replies: HashMap::new(),
@@ -551,6 +553,8 @@ struct Shell {
     machine: Machine,
     membership: Membership,
     store: Arc<Store>,
+    /// Commands go to workers only while this head leads (always, on the embedded store).
+    fence: Arc<crate::leader::Fence>,
     events: broadcast::Sender<Arc<pb::Event>>,
     seq: Arc<AtomicU64>,
     replies: HashMap<ReplyId, DepReply>,
@@ -709,6 +713,15 @@ impl Shell {
         Ok((id, rx))
     }
 
+    /// Whether this head no longer leads (then `what` is not sent: the leading head decides).
+    fn fenced(&self, what: &str) -> bool {
+        if self.fence.holds() {
+            return false;
+        }
+        debug!(why = ?self.fence.why(), "not leading: {what} for a worker is not sent");
+        true
+    }
+
     /// Hands one input to the machine and runs every effect that follows, feeding store results
     /// and undeliverable launches back in before the next input.
     async fn feed(&mut self, input: Input) {
@@ -730,6 +743,9 @@ impl Shell {
                     queue.extend(self.machine.handle(result, at_now()));
                 }
                 Effect::Send(node, msg) => {
+                    if self.fenced("a command") {
+                        continue;
+                    }
                     self.membership.send(node, pb::HeadMessage { msg: Some(msg) }).await;
                 }
                 Effect::CheckLoad { name, generation, endpoint } => {
@@ -742,6 +758,9 @@ impl Shell {
                     });
                 }
                 Effect::Launch(node, msg) => {
+                    if self.fenced("a launch") {
+                        continue;
+                    }
                     let (deployment, generation) = (msg.deployment.clone(), msg.generation);
                     let msg = pb::HeadMessage { msg: Some(pb::head_message::Msg::Launch(msg)) };
                     if !self.membership.send(node, msg).await {

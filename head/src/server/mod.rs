@@ -7,5 +7,6 @@ pub mod deployments;
 pub mod planner;
 pub mod serve;
 pub mod session;
+pub mod standby;
 pub mod streams;
 pub mod tokens;

@@ -25,7 +25,8 @@ use backoff::Backoff;
 
 /// Everything the agent needs; built by the binaries from their flags.
 pub struct AgentConfig {
-    /// Head URL, e.g. `http://10.0.0.1:7470`.
+    /// Head URL, e.g. `http://10.0.0.1:7470`; or several, separated by commas (heads sharing an
+    /// etcd store): the agent goes to the one that leads.
     pub head: String,
     pub node_name: String,
     pub labels: BTreeMap<String, String>,
@@ -92,12 +93,18 @@ pub struct Agent {
     /// What this node can run, found at start.
     capabilities: tessera_common::node::Capabilities,
     stager: Option<crate::stage::Stager>,
+    /// The leading head's URL, as the last standby named it.
+    leader_hint: std::sync::Mutex<Option<String>>,
 }
 
 impl Agent {
     pub fn new(config: AgentConfig, state: StateDir) -> Result<Self, AgentError> {
-        Endpoint::from_shared(config.head.clone())
-            .map_err(|e| AgentError::BadHeadUrl { url: config.head.clone(), why: e.to_string() })?;
+        let heads = tessera_common::head_list(&config.head)
+            .map_err(|why| AgentError::BadHeadUrl { url: config.head.clone(), why })?;
+        for h in &heads {
+            Endpoint::from_shared(h.clone())
+                .map_err(|e| AgentError::BadHeadUrl { url: h.clone(), why: e.to_string() })?;
+        }
         let node_id = state.node_id()?;
         let (status, _) = watch::channel(AgentStatus { node_id, ..Default::default() });
         let (host, up_rx) = match &config.shards {
@@ -127,7 +134,17 @@ impl Agent {
             }
             _ => None,
         };
-        Ok(Agent { config, state, status, host, up_rx, credential_refused: Default::default(), capabilities, stager })
+        Ok(Agent {
+            config,
+            state,
+            status,
+            host,
+            up_rx,
+            credential_refused: Default::default(),
+            capabilities,
+            stager,
+            leader_hint: Default::default(),
+        })
     }
 
     /// The shard host, when this agent hosts shards.
@@ -144,19 +161,28 @@ impl Agent {
         let mut up_rx = self.up_rx.take();
         let mut backoff = Backoff::default();
         let mut rng = rand::rngs::StdRng::from_os_rng();
-        let endpoint = Endpoint::from_shared(self.config.head.clone())
-            .map_err(|e| AgentError::BadHeadUrl { url: self.config.head.clone(), why: e.to_string() })?
-            .connect_timeout(self.config.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10));
-        let endpoint = match &self.config.tls {
-            Some(tls) => endpoint.tls_config(tls.clone()).map_err(|e| AgentError::BadHeadUrl {
-                url: self.config.head.clone(),
-                why: format!("TLS settings: {}", tessera_common::error_chain(&e)),
-            })?,
-            None => endpoint,
-        };
+        let heads = tessera_common::head_list(&self.config.head)
+            .map_err(|why| AgentError::BadHeadUrl { url: self.config.head.clone(), why })?;
+        let mut endpoints = Vec::new();
+        for h in &heads {
+            let endpoint = Endpoint::from_shared(h.clone())
+                .map_err(|e| AgentError::BadHeadUrl { url: h.clone(), why: e.to_string() })?
+                .connect_timeout(self.config.connect_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(10));
+            endpoints.push(match &self.config.tls {
+                Some(tls) => endpoint.tls_config(tls.clone()).map_err(|e| AgentError::BadHeadUrl {
+                    url: h.clone(),
+                    why: format!("TLS settings: {}", tessera_common::error_chain(&e)),
+                })?,
+                None => endpoint,
+            });
+        }
+        // Which head to try next; with several, a failed try moves on to the next one (or to the
+        // leader a standby named) at once, and only a whole round without a join waits.
+        let mut current = 0usize;
+        let mut tried_this_round = 0usize;
         let mut failures = 0u32;
         loop {
             if shutdown.is_cancelled() {
@@ -165,9 +191,9 @@ impl Agent {
             let joins_before = self.status.borrow().joins;
             let end = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                c = endpoint.connect() => match c {
-                    Ok(channel) => self.session(channel, &shutdown, &mut backoff, &mut up_rx).await,
-                    Err(e) => SessionEnd::Lost(format!("cannot connect to {}: {}", self.config.head, tessera_common::error_chain(&e))),
+                c = endpoints[current].connect() => match c {
+                    Ok(channel) => self.session(channel, &heads[current], &shutdown, &mut backoff, &mut up_rx).await,
+                    Err(e) => SessionEnd::Lost(format!("cannot connect to {}: {}", heads[current], tessera_common::error_chain(&e))),
                 },
             };
             self.status.send_modify(|s| s.joined = false);
@@ -183,6 +209,22 @@ impl Agent {
                 SessionEnd::Lost(why) => {
                     if self.status.borrow().joins > joins_before {
                         failures = 0; // this session had joined: a new outage starts here
+                        tried_this_round = 0;
+                    }
+                    if heads.len() > 1 {
+                        tried_this_round += 1;
+                        let hint = self.leader_hint.lock().unwrap_or_else(|p| p.into_inner()).take();
+                        let named =
+                            hint.as_deref().and_then(|l| heads.iter().position(|h| h == l.trim_end_matches('/')));
+                        if let (Some(l), None) = (&hint, named) {
+                            warn!(leader = %l, heads = %self.config.head, "a standby names a leading head that is not in --head; add it");
+                        }
+                        current = named.unwrap_or((current + 1) % heads.len());
+                        if tried_this_round < heads.len() + 1 {
+                            debug!(reason = %why, next = %heads[current], "trying the next head");
+                            continue;
+                        }
+                        tried_this_round = 0;
                     }
                     failures += 1;
                     // Log the first failure and then every tenth, so a long head outage does not flood.
@@ -217,6 +259,7 @@ impl Agent {
     async fn session(
         &self,
         channel: Channel,
+        head: &str,
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
         up_rx: &mut Option<mpsc::UnboundedReceiver<pb::WorkerMessage>>,
@@ -253,7 +296,7 @@ impl Agent {
             tokio::time::timeout(self.config.connect_timeout * 5, client.session(ReceiverStream::new(rx))).await;
         let mut inbound = match opened {
             Err(_) => return SessionEnd::Lost("the head did not answer the join in time".into()),
-            Ok(Err(status)) => match classify(status) {
+            Ok(Err(status)) => match self.classify_open(status) {
                 // A head that does not know the credential (a new store): try the join token next.
                 SessionEnd::Refused(why) if with_credential && self.config.token.is_some() => {
                     self.credential_refused.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -297,7 +340,7 @@ impl Agent {
         let head_timeout = Duration::from_millis(joined.node_timeout_ms.max(100));
         info!(
             node_id = %node_id, address = %joined.address, rejoined = joined.rejoined,
-            head = %self.config.head, heartbeat = ?interval, "joined the cluster"
+            head = %head, heartbeat = ?interval, "joined the cluster"
         );
         self.status.send_modify(|s| {
             s.node_id = Some(node_id);
@@ -443,6 +486,16 @@ async fn recv_up(rx: &mut Option<mpsc::UnboundedReceiver<pb::WorkerMessage>>) ->
 }
 
 /// Statuses that retrying cannot fix end the agent; the rest mean "try again".
+impl Agent {
+    /// A refused session open; a standby's answer names the leading head, tried next.
+    fn classify_open(&self, status: tonic::Status) -> SessionEnd {
+        if let Some(leader) = status.metadata().get("tessera-leader").and_then(|v| v.to_str().ok()) {
+            *self.leader_hint.lock().unwrap_or_else(|p| p.into_inner()) = Some(leader.to_string());
+        }
+        classify(status)
+    }
+}
+
 fn classify(status: tonic::Status) -> SessionEnd {
     use tonic::Code;
     match status.code() {

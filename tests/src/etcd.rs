@@ -1,0 +1,154 @@
+//! A real etcd cluster for tests (`etcd` and `etcdctl` from Debian's etcd-server and etcd-client):
+//! members on loopback ports (and, when asked, also on an address of a network namespace's link
+//! that the test made), each a child process with its own data dir, killed when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::process::Daemon;
+
+pub struct Member {
+    pub name: String,
+    pub client_port: u16,
+    pub daemon: Option<Daemon>,
+    args: Vec<String>,
+}
+
+pub struct EtcdCluster {
+    pub members: Vec<Member>,
+    dir: PathBuf,
+    /// An extra address the members also serve clients on (a veth end in the test's namespace).
+    pub extra_ip: Option<String>,
+}
+
+/// A free loopback port (the kernel's pick; released before the member binds it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Whether this machine has etcd (the tests that need it say so plainly when it is missing).
+pub fn installed() -> bool {
+    Command::new("etcd").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+impl EtcdCluster {
+    /// `n` members on loopback, started and healthy.
+    pub fn start(dir: &Path, n: usize) -> EtcdCluster {
+        Self::start_on(dir, n, None)
+    }
+
+    /// `n` members, also serving clients on `extra_ip` (same port).
+    pub fn start_on(dir: &Path, n: usize, extra_ip: Option<&str>) -> EtcdCluster {
+        assert!(installed(), "etcd is not installed: apt-get install etcd-server etcd-client (.ci/run does this)");
+        let peers: Vec<(String, u16, u16)> = (0..n).map(|i| (format!("m{i}"), free_port(), free_port())).collect();
+        let initial =
+            peers.iter().map(|(name, _, peer)| format!("{name}=http://127.0.0.1:{peer}")).collect::<Vec<_>>().join(",");
+        let token = format!("tessera-test-{}-{}", std::process::id(), free_port());
+        let mut members = Vec::new();
+        for (name, client, peer) in &peers {
+            let data = dir.join(format!("etcd-{name}"));
+            let mut listen = format!("http://127.0.0.1:{client}");
+            if let Some(ip) = extra_ip {
+                listen.push_str(&format!(",http://{ip}:{client}"));
+            }
+            let args: Vec<String> = [
+                "--name",
+                name,
+                "--data-dir",
+                &data.display().to_string(),
+                "--listen-client-urls",
+                &listen,
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-token",
+                &token,
+                "--initial-cluster-state",
+                "new",
+                "--log-level",
+                "warn",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let daemon = Daemon::spawn_program(&format!("etcd-{name}"), "etcd", &args, dir);
+            members.push(Member { name: name.clone(), client_port: *client, daemon: Some(daemon), args });
+        }
+        let c = EtcdCluster { members, dir: dir.to_path_buf(), extra_ip: extra_ip.map(str::to_string) };
+        c.wait_healthy();
+        c
+    }
+
+    /// `etcd://127.0.0.1:P1,...` for `--store`.
+    pub fn store_url(&self) -> String {
+        self.store_url_on("127.0.0.1")
+    }
+
+    pub fn store_url_on(&self, ip: &str) -> String {
+        format!(
+            "etcd://{}",
+            self.members.iter().map(|m| format!("{ip}:{}", m.client_port)).collect::<Vec<_>>().join(",")
+        )
+    }
+
+    fn endpoints(&self) -> String {
+        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client_port)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Runs etcdctl against the members that are up; its stdout.
+    pub fn ctl(&self, args: &[&str]) -> Result<String, String> {
+        let up: Vec<String> = self
+            .members
+            .iter()
+            .filter(|m| m.daemon.is_some())
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect();
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", up.join(",")))
+            .arg("--command-timeout=5s")
+            .args(args)
+            .output()
+            .map_err(|e| format!("etcdctl: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Waits until every running member answers healthy (etcdctl exits 0 only then).
+    pub fn wait_healthy(&self) {
+        let deadline = Instant::now() + crate::HANG;
+        loop {
+            let r = self.ctl(&["endpoint", "health"]);
+            if r.is_ok() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let logs: String =
+                    self.members.iter().filter_map(|m| m.daemon.as_ref()).map(|d| d.log_text()).collect();
+                panic!("etcd did not become healthy ({r:?}; endpoints {}):\n{logs}", self.endpoints());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// kill -9 of one member.
+    pub fn kill(&mut self, i: usize) {
+        self.members[i].daemon = None;
+    }
+
+    /// Starts a killed member again (same data dir: it rejoins).
+    pub fn restart(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        let args: Vec<String> = m.args.iter().map(|a| if a == "new" { "existing".into() } else { a.clone() }).collect();
+        m.daemon = Some(Daemon::spawn_program(&format!("etcd-{}", m.name), "etcd", &args, &self.dir));
+    }
+}
