@@ -50,6 +50,13 @@ async fn metrics(
 }
 
 /// `host:port` or a URL: the head's gRPC URL (`http://` unless given).
+/// `--head` as URLs (several, comma-separated, for heads on one etcd store): `host:port` gets
+/// `http://`.
 pub fn head_url(head: &str) -> String {
-    if head.contains("://") { head.to_string() } else { format!("http://{head}") }
+    head.split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| if h.contains("://") { h.to_string() } else { format!("http://{h}") })
+        .collect::<Vec<_>>()
+        .join(",")
 }

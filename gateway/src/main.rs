@@ -26,7 +26,8 @@ use tracing::{error, info};
 #[derive(Parser, Debug)]
 #[command(name = "tessera-gateway", version)]
 struct Cli {
-    /// The head: host:port or URL (http:// or https://)
+    /// The head: host:port or URL (http:// or https://). Heads on one etcd store: all of them,
+    /// separated by commas; the gateway reads from the one that leads
     #[arg(long, env = "TESSERA_HEAD", default_value = "http://127.0.0.1:7470")]
     head: String,
 
@@ -107,19 +108,25 @@ async fn run(cli: Cli) -> Result<(), String> {
     let api_key = cli.api_key_file.as_deref().map(|p| read_secret(p, "--api-key-file")).transpose()?;
     let head = head_url(&cli.head);
     let tls = tessera_common::tls::client_config(cli.tls_ca.as_deref(), None, None, None)?;
-    tessera_common::tls::check_scheme(&head, tls.is_some())?;
-    let mut endpoint = tonic::transport::Endpoint::from_shared(head.clone())
-        .map_err(|e| format!("--head {head:?}: {e}; write e.g. 10.0.0.1:7470"))?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true);
-    if let Some(tls) = tls {
-        endpoint = endpoint.tls_config(tls).map_err(|e| format!("TLS: {}", tessera_common::error_chain(&e)))?;
-    }
-    // Lazy: the gateway starts (and serves what it learns) even while the head is away.
-    let channel = endpoint.connect_lazy();
     let bearer = tessera_common::auth::Bearer::new(token.as_deref()).map_err(|e| format!("token: {e}"))?;
-    let client = tessera_proto::v1::deployments_client::DeploymentsClient::with_interceptor(channel, bearer)
-        .max_decoding_message_size(64 << 20);
+    let mut clients = Vec::new();
+    for h in tessera_common::head_list(&head)? {
+        tessera_common::tls::check_scheme(&h, tls.is_some())?;
+        let mut endpoint = tonic::transport::Endpoint::from_shared(h.clone())
+            .map_err(|e| format!("--head {h:?}: {e}; write e.g. 10.0.0.1:7470"))?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true);
+        if let Some(tls) = &tls {
+            endpoint =
+                endpoint.tls_config(tls.clone()).map_err(|e| format!("TLS: {}", tessera_common::error_chain(&e)))?;
+        }
+        // Lazy: the gateway starts (and serves what it learns) even while the head is away.
+        let channel = endpoint.connect_lazy();
+        let client =
+            tessera_proto::v1::deployments_client::DeploymentsClient::with_interceptor(channel, bearer.clone())
+                .max_decoding_message_size(64 << 20);
+        clients.push((h, client));
+    }
     let shared = Shared::new(
         Table::new(cli.eject_for),
         ProxyConfig {
@@ -136,7 +143,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {} (--listen): {e}", cli.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let stop = CancellationToken::new();
-    tokio::spawn(watch::deployments(shared.clone(), client, cli.refresh, stop.clone()));
+    tokio::spawn(watch::deployments(shared.clone(), clients, cli.refresh, stop.clone()));
     tokio::spawn(watch::health(shared.clone(), cli.health_interval, stop.clone()));
     info!(%addr, %head, "gateway serving the OpenAI-compatible API");
     // Tests and scripts read the address when --listen asked for port 0.

@@ -61,30 +61,53 @@ pub type DeploymentsClient = pb::deployments_client::DeploymentsClient<
 >;
 
 /// Reads the head's deployments every `every` into the table until `stop`.
-pub async fn deployments(shared: Arc<Shared>, mut client: DeploymentsClient, every: Duration, stop: CancellationToken) {
+pub async fn deployments(
+    shared: Arc<Shared>,
+    clients: Vec<(String, DeploymentsClient)>,
+    every: Duration,
+    stop: CancellationToken,
+) {
     let mut failing = false;
+    // With several heads (heads on one etcd store), the one that answers; a standby's answer
+    // names the leader, asked next.
+    let mut current = 0usize;
     loop {
-        match tokio::time::timeout(Duration::from_secs(5), client.list(pb::ListDeploymentsRequest {})).await {
-            Ok(Ok(r)) => {
-                if failing {
-                    info!("the head answers again");
-                    failing = false;
+        let mut answered = false;
+        for _ in 0..clients.len() {
+            let (url, client) = &clients[current];
+            let mut client = client.clone();
+            let why = match tokio::time::timeout(Duration::from_secs(5), client.list(pb::ListDeploymentsRequest {}))
+                .await
+            {
+                Ok(Ok(r)) => {
+                    if failing {
+                        info!(head = %url, "the head answers again");
+                        failing = false;
+                    }
+                    let view = view_of(&r.into_inner().deployments);
+                    shared.table.lock().unwrap_or_else(|p| p.into_inner()).update(view);
+                    answered = true;
+                    break;
                 }
-                let view = view_of(&r.into_inner().deployments);
-                shared.table.lock().unwrap_or_else(|p| p.into_inner()).update(view);
-            }
-            Ok(Err(e)) => {
-                if !failing {
-                    warn!(code = ?e.code(), error = %e.message(), "cannot read the deployments from the head; routing on the last view");
+                Ok(Err(e)) => {
+                    let leader = e.metadata().get("tessera-leader").and_then(|v| v.to_str().ok()).map(str::to_string);
+                    if let Some(i) =
+                        leader.and_then(|l| clients.iter().position(|(u, _)| *u == l.trim_end_matches('/')))
+                    {
+                        current = i;
+                        continue;
+                    }
+                    format!("{}: {} ({:?})", url, e.message(), e.code())
                 }
-                failing = true;
+                Err(_) => format!("{url}: no answer within 5 s"),
+            };
+            if !failing {
+                warn!(error = %why, "cannot read the deployments from the head; routing on the last view");
             }
-            Err(_) => {
-                if !failing {
-                    warn!("the head did not answer within 5 s; routing on the last view");
-                }
-                failing = true;
-            }
+            current = (current + 1) % clients.len();
+        }
+        if !answered {
+            failing = true;
         }
         tokio::select! {
             _ = stop.cancelled() => return,

@@ -139,6 +139,22 @@ impl Etcd {
             let inner = etcd.inner.clone();
             etcd.blocking(async move { inner.authenticate().await })??;
         }
+        // One read now: a refusal (authentication on but no --etcd-user, no permission on the
+        // prefix) will not go away by retrying, and is said at start. An etcd not up yet is
+        // waited for (heads may start before it).
+        let inner = etcd.inner.clone();
+        let key = format!("{}format_version", etcd.inner.config.prefix).into_bytes();
+        match etcd.blocking(async move { inner.range(key, Vec::new()).await })? {
+            Err(EtcdError::Refused(m)) => {
+                return Err(EtcdError::Refused(format!(
+                    "{m}; if etcd's authentication is on, give --etcd-user and --etcd-password-file (a user with \
+                     read and write on {})",
+                    etcd.inner.config.prefix
+                )));
+            }
+            Err(e) => tracing::warn!(error = %e, "etcd does not answer yet; waiting for it"),
+            Ok(_) => {}
+        }
         Ok(etcd)
     }
 

@@ -230,7 +230,7 @@ pub async fn campaign(
                     warn!(error = %msg, "standby: cannot reach etcd; retrying");
                 }
                 last_error = Some(msg);
-                view.send_replace(None);
+                view.send_if_modified(|v| v.take().is_some());
             }
         }
         tokio::select! {

@@ -146,11 +146,12 @@ impl Head {
             seq,
             store,
             config.recovery_window,
-            fence,
+            fence.clone(),
             deployments_token.clone(),
         )?;
 
         let metrics = metrics::HeadMetrics::new();
+        metrics.leader_epoch.set(fence.epoch());
         metrics.follow(membership.clone(), deployments.clone());
         let ops_token = CancellationToken::new();
         // The head's own worker: its GPUs and shard processes are on the head's /metrics too.
@@ -181,6 +182,7 @@ impl Head {
             membership: membership.clone(),
             deployments: deployments.clone(),
             head_instance_id: instance_id.clone(),
+            fence: fence.clone(),
         };
         let cluster = server::cluster::ClusterService {
             membership: membership.clone(),
@@ -239,6 +241,7 @@ impl Head {
                 tokens: tokens.clone(),
                 bootstrap: bootstrap.clone(),
                 join_token_path,
+                store: store_for_tokens.clone(),
             }))
             .add_service(pb::planner_server::PlannerServer::new(server::planner::PlannerService {
                 membership: membership.clone(),

@@ -297,16 +297,11 @@ fn main() -> ExitCode {
         };
         let explicit_tokens =
             cli.join_token_file.is_some() || cli.admin_token_file.is_some() || cli.reader_token_file.is_some();
-        let auth = if cli.insecure {
+        // Heads on etcd share the tokens through it; read once leading (a rotation may come
+        // between).
+        let shares_tokens = etcd.is_some() && !explicit_tokens && !cli.insecure;
+        let mut auth = if cli.insecure || shares_tokens {
             None
-        } else if let (Some(etcd), false) = (&etcd, explicit_tokens) {
-            match shared_tokens(etcd, &cli.data_dir).await {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    tracing::error!("{e}");
-                    return ExitCode::from(1);
-                }
-            }
         } else {
             match tokens(
                 &cli.data_dir,
@@ -377,6 +372,15 @@ fn main() -> ExitCode {
             }
             (_, _, m) => (listener, m),
         };
+        if let (true, Some(etcd)) = (shares_tokens, &etcd) {
+            match shared_tokens(etcd, &cli.data_dir).await {
+                Ok(t) => auth = Some(t),
+                Err(e) => {
+                    tracing::error!("{e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
         let config = HeadConfig {
             membership,
             data_dir: cli.data_dir,
@@ -692,12 +696,7 @@ async fn shared_tokens(
 ) -> Result<tessera_common::auth::TokenSet, String> {
     use tessera_common::auth::{TokenSet, write_secret};
     use tessera_head::etcd::ops;
-    #[derive(serde::Serialize, serde::Deserialize)]
-    struct Shared {
-        join: String,
-        admin: String,
-        reader: String,
-    }
+    use tessera_head::server::tokens::EtcdTokens;
     let key = format!("{}tokens", etcd.config().prefix).into_bytes();
     let err = |e: tessera_head::etcd::EtcdError| format!("--store: reading the shared tokens: {e}");
     let found = match etcd.get(&key).await.map_err(err)? {
@@ -705,8 +704,7 @@ async fn shared_tokens(
         None => {
             let (mine, _) = TokenSet::load_or_create(data_dir)
                 .map_err(|e| format!("cannot read or create the tokens in {}: {e}", data_dir.display()))?;
-            let value = serde_json::to_vec(&Shared { join: mine.join, admin: mine.admin, reader: mine.reader })
-                .map_err(|e| e.to_string())?;
+            let value = serde_json::to_vec(&EtcdTokens::of(&mine)).map_err(|e| e.to_string())?;
             let r = etcd
                 .txn(tessera_proto::etcd::etcdserverpb::TxnRequest {
                     compare: vec![ops::created_at(key.clone(), 0)],
@@ -718,9 +716,9 @@ async fn shared_tokens(
             if r.succeeded { value } else { ops::first_kv(&r).map(|kv| kv.value.clone()).unwrap_or_default() }
         }
     };
-    let shared: Shared = serde_json::from_slice(&found)
+    let shared: EtcdTokens = serde_json::from_slice(&found)
         .map_err(|e| format!("--store: the shared tokens under {}tokens are damaged: {e}", etcd.config().prefix))?;
-    let set = TokenSet { join: shared.join, admin: shared.admin, reader: shared.reader };
+    let set = shared.into_set();
     for (path, value) in [
         (TokenSet::join_path(data_dir), &set.join),
         (TokenSet::admin_path(data_dir), &set.admin),

@@ -40,6 +40,10 @@ pub struct HeadMetrics {
     pub rpcs: Family<RpcLabels, Counter>,
     pub auth_refusals: Counter,
     process: std::sync::OnceLock<Arc<tessera_worker::metrics::ProcessMetrics>>,
+    /// 1 on a serving head (a standby serves its own 0).
+    pub leader: Gauge,
+    /// Heads on etcd: the leadership epoch (0 without election).
+    pub leader_epoch: Gauge,
 }
 
 impl HeadMetrics {
@@ -57,7 +61,10 @@ impl HeadMetrics {
             rpcs: Family::default(),
             auth_refusals: Counter::default(),
             process: std::sync::OnceLock::new(),
+            leader: Gauge::default(),
+            leader_epoch: Gauge::default(),
         };
+        m.leader.set(1);
         let mut r = Registry::with_prefix("tessera_head");
         r.register("membership_nodes", "Nodes by state (alive, suspect, dead, left, draining)", m.nodes.clone());
         r.register("gpus", "GPUs on alive and draining nodes", m.gpus_total.clone());
@@ -75,6 +82,12 @@ impl HeadMetrics {
             m.detections.clone(),
         );
         r.register("membership_joins", "Joins and rejoins of nodes", m.joins.clone());
+        r.register("leader", "Whether this head leads (1) or stands by (0)", m.leader.clone());
+        r.register(
+            "leader_epoch",
+            "Heads on etcd: the leadership epoch (the leadership key's create revision); 0 without election",
+            m.leader_epoch.clone(),
+        );
         r.register(
             "rpc_requests",
             "RPCs by method and gRPC status code (as known when the response starts)",

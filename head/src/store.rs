@@ -288,6 +288,15 @@ impl Store {
         }
     }
 
+    /// Heads on etcd: writes `PREFIX/NAME` (what the heads share beside the tables, e.g. the
+    /// tokens), fenced like every write; `false` on the embedded store, which shares nothing.
+    pub fn put_shared(&self, name: &str, value: &[u8]) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Redb(_) => Ok(false),
+            Backend::Etcd(e) => e.put_key(name, value).map(|()| true),
+        }
+    }
+
     /// Writes one deployment durably.
     pub fn put(&self, d: &StoredDeployment) -> Result<(), StoreError> {
         let data = serde_json::to_vec(d).map_err(|e| self.io(e))?;

@@ -20,6 +20,8 @@ pub struct EtcdCluster {
     dir: PathBuf,
     /// An extra address the members also serve clients on (a veth end in the test's namespace).
     pub extra_ip: Option<String>,
+    /// `user:password` for etcdctl once etcd's authentication is on.
+    pub user: Option<String>,
 }
 
 /// A free loopback port (the kernel's pick; released before the member binds it).
@@ -80,7 +82,7 @@ impl EtcdCluster {
             let daemon = Daemon::spawn_program(&format!("etcd-{name}"), "etcd", &args, dir);
             members.push(Member { name: name.clone(), client_port: *client, daemon: Some(daemon), args });
         }
-        let c = EtcdCluster { members, dir: dir.to_path_buf(), extra_ip: extra_ip.map(str::to_string) };
+        let c = EtcdCluster { members, dir: dir.to_path_buf(), extra_ip: extra_ip.map(str::to_string), user: None };
         c.wait_healthy();
         c
     }
@@ -109,7 +111,11 @@ impl EtcdCluster {
             .filter(|m| m.daemon.is_some())
             .map(|m| format!("http://127.0.0.1:{}", m.client_port))
             .collect();
-        let out = Command::new("etcdctl")
+        let mut cmd = Command::new("etcdctl");
+        if let Some(u) = &self.user {
+            cmd.arg(format!("--user={u}"));
+        }
+        let out = cmd
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", up.join(",")))
             .arg("--command-timeout=5s")
@@ -138,6 +144,13 @@ impl EtcdCluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Turns etcd's authentication on with a `root` user of this password (etcdctl then signs in).
+    pub fn enable_auth(&mut self, password: &str) {
+        self.ctl(&["user", "add", &format!("root:{password}"), "--interactive=false"]).expect("user add");
+        self.ctl(&["auth", "enable"]).expect("auth enable");
+        self.user = Some(format!("root:{password}"));
     }
 
     /// kill -9 of one member.

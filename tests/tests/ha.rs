@@ -13,8 +13,23 @@ use tessera_tests::etcd::{EtcdCluster, free_port};
 use tessera_tests::netns::Netns;
 use tessera_tests::{Daemon, deployments_client, environ_has, pids_with, start_worker_with, wait_until};
 
+fn start_ha_head_with(dir: &Path, name: &str, listen: &str, store: &str, extra: &[String]) -> Daemon {
+    start_ha_head_in(dir, name, listen, store, None, extra)
+}
+
 /// A head on etcd, on a fixed port, with no worker of its own.
 fn start_ha_head(dir: &Path, name: &str, listen: &str, store: &str, netns: Option<&str>) -> Daemon {
+    start_ha_head_in(dir, name, listen, store, netns, &[])
+}
+
+fn start_ha_head_in(
+    dir: &Path,
+    name: &str,
+    listen: &str,
+    store: &str,
+    netns: Option<&str>,
+    extra: &[String],
+) -> Daemon {
     let data_dir = dir.join(name);
     tessera_tests::write_tokens(&data_dir);
     let mut args: Vec<String> = vec![
@@ -28,6 +43,7 @@ fn start_ha_head(dir: &Path, name: &str, listen: &str, store: &str, netns: Optio
         "--metrics-listen".into(),
         format!("{}:0", listen.rsplit_once(':').expect("host:port").0),
     ];
+    args.extend(extra.iter().cloned());
     match netns {
         None => Daemon::spawn(name, "tessera-head", &args, dir),
         Some(ns) => {
@@ -306,4 +322,50 @@ async fn a_leader_cut_off_from_etcd_stops_acting_within_its_lease_and_engines_ke
     assert_eq!(restarts(&c1, "m").await, (1, 0));
     assert_eq!(engine_pids(&tag), before, "the same engines");
     drop(h1);
+}
+
+#[tokio::test]
+async fn heads_sign_in_to_etcd_and_a_rotated_join_token_holds_on_the_next_leader() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut etcd = EtcdCluster::start(dir.path(), 1);
+    etcd.enable_auth("s3cret");
+    let pw = dir.path().join("etcd.pw");
+    std::fs::write(&pw, "s3cret\n").expect("password file");
+    let bad = dir.path().join("bad.pw");
+    std::fs::write(&bad, "nope\n").expect("password file");
+    let auth = |file: &Path| -> Vec<String> {
+        vec!["--etcd-user".into(), "root".into(), "--etcd-password-file".into(), file.display().to_string()]
+    };
+    // A wrong password: the head says so and stops.
+    let p = free_port();
+    let mut wrong = start_ha_head_with(dir.path(), "hx", &format!("127.0.0.1:{p}"), &etcd.store_url(), &auth(&bad));
+    let status = wrong.wait();
+    assert_eq!(status.code(), Some(1));
+    assert!(wrong.log_text().contains("--etcd-user \"root\""), "{}", wrong.log_text());
+    // Without signing in, etcd refuses: said plainly too.
+    let mut anon = start_ha_head_with(dir.path(), "hy", &format!("127.0.0.1:{p}"), &etcd.store_url(), &[]);
+    assert_eq!(anon.wait().code(), Some(1));
+
+    let ports = [free_port(), free_port()];
+    let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let mut h0 =
+        Some(start_ha_head_with(dir.path(), "h0", &format!("127.0.0.1:{}", ports[0]), &etcd.store_url(), &auth(&pw)));
+    assert_eq!(wait_leader(&urls[..1]).await, 0);
+    let _h1 = start_ha_head_with(dir.path(), "h1", &format!("127.0.0.1:{}", ports[1]), &etcd.store_url(), &auth(&pw));
+    // Rotate the join token on the leader; the next leader must know the new one.
+    let all = urls.join(",");
+    let out = cli(&all, &dir.path().join("h0/admin.token"), &["tokens", "rotate-join"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let fresh = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(fresh.starts_with("tsj_"), "{fresh}");
+    drop(h0); // kill -9
+    assert_eq!(wait_leader(&urls).await, 1);
+    let fresh_file = dir.path().join("fresh.token");
+    std::fs::write(&fresh_file, format!("{fresh}\n")).expect("token");
+    let state = dir.path().join("w-new-state");
+    let _w = start_worker_with(dir.path(), "w-new", &all, &state, &["--token-file", &fresh_file.display().to_string()]);
+    tessera_tests::wait_alive(&urls[1], 1).await;
+    // The old token joins nobody.
+    let mut old = start_worker_with(dir.path(), "w-old", &urls[1], &dir.path().join("w-old-state"), &[]);
+    assert_eq!(old.wait().code(), Some(1), "{}", old.log_text());
 }

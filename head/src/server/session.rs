@@ -40,6 +40,8 @@ pub struct MembershipService {
     pub membership: Membership,
     pub deployments: Deployments,
     pub head_instance_id: String,
+    /// This head's leadership (always held on the embedded store).
+    pub fence: std::sync::Arc<crate::leader::Fence>,
 }
 
 type HeadStream = Pin<Box<dyn Stream<Item = Result<pb::HeadMessage, Status>> + Send>>;
@@ -49,6 +51,10 @@ impl pb::membership_server::Membership for MembershipService {
     type SessionStream = HeadStream;
 
     async fn session(&self, request: Request<Streaming<pb::WorkerMessage>>) -> Result<Response<HeadStream>, Status> {
+        // A head that no longer leads takes no node (the worker tries the other heads).
+        if !self.fence.holds() {
+            return Err(super::standby::redirect(None));
+        }
         let peer = request
             .remote_addr()
             .map(|a| canonical(a.ip()))
@@ -101,6 +107,7 @@ impl pb::membership_server::Membership for MembershipService {
             head_instance_id: self.head_instance_id.clone(),
             rejoined: admitted.rejoined,
             node_secret: admitted.new_secret.clone().unwrap_or_default(),
+            leader_epoch: self.fence.epoch().max(0) as u64,
         };
         // The channel is fresh, so this cannot be full.
         let _ = tx.try_send(Ok(msg(pb::head_message::Msg::Joined(joined))));

@@ -68,6 +68,27 @@ pub struct TokensService {
     pub bootstrap: std::sync::Arc<Bootstrap>,
     /// Where the join token lives (`--join-token-file`, else `DATA_DIR/join.token`).
     pub join_token_path: PathBuf,
+    /// Heads on etcd share the tokens through the store: a rotation is written there too.
+    pub store: std::sync::Arc<crate::store::Store>,
+}
+
+/// The tokens heads on one etcd store share (`PREFIX/tokens`), as JSON (protect etcd with TLS and
+/// auth: these are the cluster's keys).
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct EtcdTokens {
+    pub join: String,
+    pub admin: String,
+    pub reader: String,
+}
+
+impl EtcdTokens {
+    pub fn of(t: &tessera_common::auth::TokenSet) -> EtcdTokens {
+        EtcdTokens { join: t.join.clone(), admin: t.admin.clone(), reader: t.reader.clone() }
+    }
+
+    pub fn into_set(self) -> tessera_common::auth::TokenSet {
+        tessera_common::auth::TokenSet { join: self.join, admin: self.admin, reader: self.reader }
+    }
 }
 
 #[tonic::async_trait]
@@ -80,6 +101,15 @@ impl pb::tokens_server::Tokens for TokensService {
             return Err(Status::failed_precondition("authentication is off (--insecure): there is no join token"));
         };
         let fresh = tessera_common::auth::generate("tsj");
+        // Heads on etcd: the shared copy first (the head that leads next reads it there).
+        let mut next = EtcdTokens::of(&tokens.read().unwrap_or_else(|p| p.into_inner()));
+        next.join = fresh.clone();
+        let json = serde_json::to_vec(&next).map_err(|e| Status::internal(e.to_string()))?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.put_shared("tokens", &json))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(format!("cannot record the new join token: {e}; it is unchanged")))?;
         // The file first: a head restarted after this must not go back to the old token.
         tessera_common::auth::write_secret(&self.join_token_path, &fresh).map_err(|e| {
             Status::unavailable(format!(

@@ -60,12 +60,22 @@ impl EtcdStore {
     }
 
     pub fn set(&self, table: Table, key: &str, value: Option<&[u8]>) -> Result<(), StoreError> {
+        let mut k = self.table_prefix(table);
+        k.extend_from_slice(key.as_bytes());
+        self.fenced_write(k, value)
+    }
+
+    /// `PREFIX/NAME` outside the tables.
+    pub fn put_key(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.fenced_write(self.key(name), Some(value))
+    }
+
+    /// One put or delete, only while the leadership key has this head's epoch.
+    fn fenced_write(&self, k: Vec<u8>, value: Option<&[u8]>) -> Result<(), StoreError> {
         let fenced = |message: String| StoreError::Fenced { path: self.path.clone(), message };
         if !self.fence.holds() {
             return Err(fenced(self.fence.why().unwrap_or_else(|| "its leadership lease ran out".into())));
         }
-        let mut k = self.table_prefix(table);
-        k.extend_from_slice(key.as_bytes());
         let op = match value {
             Some(v) => ops::put(k, v.to_vec(), 0),
             None => ops::delete(k),

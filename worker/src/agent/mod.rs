@@ -95,6 +95,9 @@ pub struct Agent {
     stager: Option<crate::stage::Stager>,
     /// The leading head's URL, as the last standby named it.
     leader_hint: std::sync::Mutex<Option<String>>,
+    /// The highest leadership epoch of a head joined (heads on etcd); a head of a lower one is a
+    /// deposed leader and is left for the others.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Agent {
@@ -144,6 +147,7 @@ impl Agent {
             capabilities,
             stager,
             leader_hint: Default::default(),
+            epoch: Default::default(),
         })
     }
 
@@ -318,6 +322,14 @@ impl Agent {
             }
             Err(status) => return classify(status),
         };
+        let seen = self.epoch.load(std::sync::atomic::Ordering::Relaxed);
+        if joined.leader_epoch < seen {
+            return SessionEnd::Lost(format!(
+                "{head} leads epoch {}, older than epoch {seen} this node has joined: a deposed leader; trying the others",
+                joined.leader_epoch
+            ));
+        }
+        self.epoch.store(joined.leader_epoch, std::sync::atomic::Ordering::Relaxed);
         let node_id = match joined.node_id.parse::<tessera_common::ids::NodeId>() {
             Ok(id) => id,
             Err(_) => {
