@@ -348,7 +348,7 @@ async fn heads_sign_in_to_etcd_and_a_rotated_join_token_holds_on_the_next_leader
 
     let ports = [free_port(), free_port()];
     let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
-    let mut h0 =
+    let h0 =
         Some(start_ha_head_with(dir.path(), "h0", &format!("127.0.0.1:{}", ports[0]), &etcd.store_url(), &auth(&pw)));
     assert_eq!(wait_leader(&urls[..1]).await, 0);
     let _h1 = start_ha_head_with(dir.path(), "h1", &format!("127.0.0.1:{}", ports[1]), &etcd.store_url(), &auth(&pw));
