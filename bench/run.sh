@@ -12,6 +12,9 @@ $B head-restart --runs 5
 $B head-pause --runs 2
 $B bring-up --runs 5
 $B metrics-scrape --runs 1000
+$B ha failover --runs 5
+$B ha store --runs 10
+target/release/tessera-sim --nodes 10000 --steady 30 --creates 20 --ha --json bench/sim-10000-ha.json
 for n in 100 1000 5000 10000; do
   target/release/tessera-sim --nodes "$n" --steady 10 --creates 100 --json "bench/sim-$n.json"
 done

@@ -7,7 +7,10 @@
 //! - [`datadir`]: one head per data dir (a lock taken before anything in it is touched).
 //! - [`deploy`]: deployments: plan, reserve, launch, supervise, group restart.
 //! - [`membership`]: the node table, the failure detector and membership events (one owner task).
-//! - [`store`]: the durable state (redb): deployments, generations, placements.
+//! - [`store`]: the durable state (redb, or etcd for heads that take over from each other):
+//!   deployments, generations, placements, node credentials, tokens.
+//! - [`etcd`]: a small etcd v3 client (protox-generated, no system protoc).
+//! - [`leader`]: leadership among heads on etcd: the lease clock and the fence acting parts check.
 //! - [`server`]: the gRPC services (`Membership` for workers; `Cluster` and `Planner` for clients).
 //! - [`Head`]: wiring and ordered shutdown.
 

@@ -165,3 +165,75 @@ impl EtcdCluster {
         m.daemon = Some(Daemon::spawn_program(&format!("etcd-{}", m.name), "etcd", &args, &self.dir));
     }
 }
+
+pub fn start_ha_head_with(dir: &Path, name: &str, listen: &str, store: &str, extra: &[String]) -> Daemon {
+    start_ha_head_in(dir, name, listen, store, None, extra)
+}
+
+/// A head on etcd, on a fixed port, with no worker of its own.
+pub fn start_ha_head(dir: &Path, name: &str, listen: &str, store: &str, netns: Option<&str>) -> Daemon {
+    start_ha_head_in(dir, name, listen, store, netns, &[])
+}
+
+pub fn start_ha_head_in(
+    dir: &Path,
+    name: &str,
+    listen: &str,
+    store: &str,
+    netns: Option<&str>,
+    extra: &[String],
+) -> Daemon {
+    let data_dir = dir.join(name);
+    crate::write_tokens(&data_dir);
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        listen.into(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--no-worker".into(),
+        "--store".into(),
+        store.into(),
+        "--metrics-listen".into(),
+        format!("{}:0", listen.rsplit_once(':').expect("host:port").0),
+    ];
+    args.extend(extra.iter().cloned());
+    match netns {
+        None => Daemon::spawn(name, "tessera-head", &args, dir),
+        Some(ns) => {
+            let mut full: Vec<String> = vec!["netns".into(), "exec".into(), ns.into()];
+            full.push(crate::bin("tessera-head").display().to_string());
+            full.append(&mut args);
+            Daemon::spawn_program(name, "ip", &full, dir)
+        }
+    }
+}
+
+/// Whether the head at `url` leads: its health check for the tessera services says SERVING (a
+/// standby says NOT_SERVING).
+pub async fn leads(url: &str) -> bool {
+    let Ok(ch) = tonic::transport::Endpoint::from_shared(url.to_string())
+        .expect("url")
+        .connect_timeout(std::time::Duration::from_secs(1))
+        .timeout(std::time::Duration::from_secs(2))
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+    h.check(tonic_health::pb::HealthCheckRequest { service: "tessera.v1.Cluster".into() })
+        .await
+        .is_ok_and(|r| r.get_ref().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+}
+
+pub async fn wait_leader(urls: &[String]) -> usize {
+    crate::wait_until("a head leads", || async {
+        for (i, u) in urls.iter().enumerate() {
+            if leads(u).await {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+}

@@ -20,6 +20,8 @@
 
 #[path = "bench/gateway.rs"]
 mod gateway_bench;
+#[path = "bench/ha.rs"]
+mod ha_bench;
 #[path = "bench/staging.rs"]
 mod staging_bench;
 
@@ -58,10 +60,11 @@ async fn main() -> anyhow::Result<()> {
         Some("vllm") => vllm_bench(runs).await,
         Some("gateway") => gateway_bench::gateway_bench().await,
         Some("staging") => staging_bench::staging_bench(&args).await,
+        Some("ha") => ha_bench::ha_bench(&args).await,
         Some("copy-recv") => staging_bench::copy_recv(&args[2], &args[3]),
         _ => {
             eprintln!(
-                "usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N] | deploy [--runs N] | head-restart [--runs N] | head-pause [--runs N] | metrics-scrape | bring-up | vllm [--runs N] | gateway | staging egress|veth|big [--gib G]"
+                "usage: tessera-bench failure [--runs N] | idle-rss | plan [--runs N] | deploy [--runs N] | head-restart [--runs N] | head-pause [--runs N] | metrics-scrape | bring-up | vllm [--runs N] | gateway | staging egress|veth|big [--gib G] | ha failover|store [--runs N]"
             );
             std::process::exit(2);
         }

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use tessera_common::fake::FakeGpuSpec;
 use tessera_proto::v1 as pb;
-use tessera_tests::process::start_head;
+use tessera_tests::etcd::{EtcdCluster, free_port, start_ha_head, wait_leader};
+use tessera_tests::process::{HeadProc, start_head};
 use tessera_tests::{JOIN_TOKEN, cluster_client, conn_with};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
@@ -31,6 +32,9 @@ struct Args {
     per_connection: usize,
     creates: usize,
     json: Option<String>,
+    /// Two heads on a real 3-member etcd (one leads); the restart scenario becomes a kill -9 of
+    /// the leader, and the steady state also counts etcd writes.
+    ha: bool,
 }
 
 fn args() -> Args {
@@ -43,7 +47,27 @@ fn args() -> Args {
         per_connection: get("--per-connection").and_then(|v| v.parse().ok()).unwrap_or(100),
         creates: get("--creates").and_then(|v| v.parse().ok()).unwrap_or(100),
         json: get("--json"),
+        ha: a.iter().any(|x| x == "--ha"),
     }
+}
+
+/// A connection made on first use (a standby's port is busy being handed over at times).
+fn lazy_conn(url: &str) -> tessera_tests::Conn {
+    let ch = tonic::transport::Endpoint::from_shared(url.to_string()).expect("url").connect_lazy();
+    tonic::service::interceptor::InterceptedService::new(
+        ch,
+        tessera_common::auth::Bearer::new(Some(JOIN_TOKEN)).expect("token"),
+    )
+}
+
+/// etcd's current revision (every write adds one).
+fn etcd_revision(e: &EtcdCluster) -> i64 {
+    let out = e.ctl(&["endpoint", "status", "-w", "json"]).unwrap_or_default();
+    out.split("\"revision\":")
+        .nth(1)
+        .and_then(|r| r.split([',', '}']).next())
+        .and_then(|r| r.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// How a simulated node behaves now.
@@ -77,13 +101,18 @@ fn proc_usage(pid: i32) -> (f64, u64) {
 
 /// One simulated node: joins, heartbeats, and (like the real agent) rejoins after the head went
 /// away. `drop` ends it for good (its session breaks); `silent` stops its heartbeats.
-async fn run_node(channel: tessera_tests::Conn, name: String, sim: Arc<SimNode>, spec: FakeGpuSpec) {
+async fn run_node(channels: Vec<tessera_tests::Conn>, name: String, sim: Arc<SimNode>, spec: FakeGpuSpec) {
     let inventory: pb::Inventory = (&spec.inventory(&name)).into();
+    // With several heads (--ha), a session that ends moves on to the next head, as the agent does.
+    let mut current = 0;
+    // Like the agent: the node id and credential from the first join, presented on every rejoin.
+    let mut ident: Option<(String, String)> = None;
     loop {
         if sim.drop.load(Ordering::Relaxed) {
             return;
         }
-        session(channel.clone(), &name, &sim, inventory.clone()).await;
+        session(channels[current].clone(), &name, &sim, inventory.clone(), &mut ident).await;
+        current = (current + 1) % channels.len();
         if sim.drop.load(Ordering::Relaxed) {
             return;
         }
@@ -96,9 +125,18 @@ fn rand_ms(name: &str) -> u64 {
     name.bytes().fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64))
 }
 
-async fn session(channel: tessera_tests::Conn, name: &str, sim: &SimNode, inventory: pb::Inventory) {
+async fn session(
+    channel: tessera_tests::Conn,
+    name: &str,
+    sim: &SimNode,
+    inventory: pb::Inventory,
+    ident: &mut Option<(String, String)>,
+) {
     let (tx, rx) = mpsc::channel::<pb::WorkerMessage>(8);
+    let (node_id, node_secret) = ident.clone().unwrap_or_default();
     let join = pb::JoinRequest {
+        node_id,
+        node_secret,
         name: name.to_string(),
         inventory: Some(inventory),
         version: "sim".into(),
@@ -112,6 +150,9 @@ async fn session(channel: tessera_tests::Conn, name: &str, sim: &SimNode, invent
     let mut inbound = resp.into_inner();
     let Some(Ok(first)) = inbound.next().await else { return };
     let Some(pb::head_message::Msg::Joined(j)) = first.msg else { return };
+    if !j.node_secret.is_empty() {
+        *ident = Some((j.node_id.clone(), j.node_secret.clone()));
+    }
     let mut tick = tokio::time::interval(Duration::from_millis(j.heartbeat_interval_ms.max(10)));
     let mut seq = 0;
     loop {
@@ -138,7 +179,20 @@ async fn session(channel: tessera_tests::Conn, name: &str, sim: &SimNode, invent
 async fn main() -> anyhow::Result<()> {
     let a = args();
     let dir = tempfile::tempdir()?;
-    let head = start_head(dir.path(), "head", "127.0.0.1:0", &["--no-worker"]);
+    // --ha: a 3-member etcd and two heads on it (h0 leads, h1 stands by).
+    let etcd = a.ha.then(|| EtcdCluster::start(dir.path(), 3));
+    let (head, mut standby) = match &etcd {
+        None => (start_head(dir.path(), "head", "127.0.0.1:0", &["--no-worker"]), None),
+        Some(e) => {
+            let ports = [free_port(), free_port()];
+            let url = |p: u16| format!("http://127.0.0.1:{p}");
+            let h0 = start_ha_head(dir.path(), "h0", &format!("127.0.0.1:{}", ports[0]), &e.store_url(), None);
+            wait_leader(&[url(ports[0])]).await;
+            let h1 = start_ha_head(dir.path(), "h1", &format!("127.0.0.1:{}", ports[1]), &e.store_url(), None);
+            let head = HeadProc { daemon: h0, url: url(ports[0]), data_dir: dir.path().join("h0") };
+            (head, Some((h1, url(ports[1]))))
+        }
+    };
     let pid = head.daemon.pid().as_raw();
     let spec: FakeGpuSpec = "8x80GiB".parse().map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut report: Vec<(String, String)> = Vec::new();
@@ -149,7 +203,11 @@ async fn main() -> anyhow::Result<()> {
     let conns = a.nodes.div_ceil(a.per_connection.max(1));
     let mut pool = Vec::with_capacity(conns);
     for _ in 0..conns {
-        pool.push(conn_with(&head.url, Some(JOIN_TOKEN)).await);
+        let mut per_head = vec![conn_with(&head.url, Some(JOIN_TOKEN)).await];
+        if let Some((_, url)) = &standby {
+            per_head.push(lazy_conn(url));
+        }
+        pool.push(per_head);
     }
     let sims: Vec<Arc<SimNode>> = (0..a.nodes)
         .map(|_| Arc::new(SimNode { silent: AtomicBool::new(false), drop: AtomicBool::new(false) }))
@@ -174,9 +232,21 @@ async fn main() -> anyhow::Result<()> {
     // Steady state.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (c1, _) = proc_usage(pid);
+    let rev0 = etcd.as_ref().map(etcd_revision);
     let s0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(a.steady)).await;
     let (c2, rss) = proc_usage(pid);
+    if let (Some(e), Some(r0)) = (&etcd, rev0) {
+        let writes = etcd_revision(e) - r0;
+        report.push((
+            "steady state: etcd writes (per second)".into(),
+            format!(
+                "{:.2} ({writes} in {:.0} s)",
+                writes as f64 / s0.elapsed().as_secs_f64(),
+                s0.elapsed().as_secs_f64()
+            ),
+        ));
+    }
     let cores = (c2 - c1) / s0.elapsed().as_secs_f64();
     report.push(("steady state: head CPU (cores)".into(), format!("{cores:.3}")));
     report.push(("steady state: head RSS (MiB)".into(), format!("{:.1}", rss as f64 / 1024.0)));
@@ -254,8 +324,34 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    // Head restart: kill -9, start again on the same port and data dir; every live node rejoins.
+    // Heads on etcd: kill -9 of the leader; the standby takes over and every live node rejoins it.
     let live = a.nodes - acted.len();
+    if let Some((h1, url1)) = standby.take() {
+        let mut head = head;
+        let t = Instant::now();
+        head.daemon.signal(nix::sys::signal::Signal::SIGKILL);
+        head.daemon.wait();
+        wait_leader(std::slice::from_ref(&url1)).await;
+        let led = t.elapsed();
+        let mut admin = cluster_client(&url1).await;
+        loop {
+            let n = admin.list_nodes(pb::ListNodesRequest::default()).await?.into_inner().nodes;
+            if n.iter().filter(|x| x.state == pb::NodeState::Alive as i32).count() >= live {
+                break;
+            }
+            anyhow::ensure!(t.elapsed() < Duration::from_secs(120), "nodes did not rejoin the new leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        report.push(("leader kill -9 -> standby leads (s)".into(), format!("{:.2}", led.as_secs_f64())));
+        report.push((
+            format!("leader kill -9 -> {live} nodes rejoined the new leader (s)"),
+            format!("{:.2}", t.elapsed().as_secs_f64()),
+        ));
+        let (_, rss2) = proc_usage(h1.pid().as_raw());
+        report.push(("new leader RSS (MiB)".into(), format!("{:.1}", rss2 as f64 / 1024.0)));
+        return finish(&a, conns, report);
+    }
+    // Head restart: kill -9, start again on the same port and data dir; every live node rejoins.
     let listen = head.url.trim_start_matches("http://").to_string();
     let mut head = head;
     head.daemon.signal(nix::sys::signal::Signal::SIGKILL);
@@ -277,15 +373,18 @@ async fn main() -> anyhow::Result<()> {
     ));
     let (_, rss2) = proc_usage(head2.daemon.pid().as_raw());
     report.push(("restarted head RSS (MiB)".into(), format!("{:.1}", rss2 as f64 / 1024.0)));
+    finish(&a, conns, report)
+}
 
+fn finish(a: &Args, conns: usize, report: Vec<(String, String)>) -> anyhow::Result<()> {
     println!("tessera-sim: {} nodes x 8 fake GPUs, {} HTTP/2 connections", a.nodes, conns);
     for (k, v) in &report {
         println!("  {k:<48} {v}");
     }
-    if let Some(path) = a.json {
+    if let Some(path) = &a.json {
         let obj: serde_json::Map<String, serde_json::Value> =
             report.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
-        std::fs::write(&path, serde_json::to_string_pretty(&serde_json::json!({"nodes": a.nodes, "results": obj}))?)?;
+        std::fs::write(path, serde_json::to_string_pretty(&serde_json::json!({"nodes": a.nodes, "results": obj}))?)?;
     }
     Ok(())
 }
