@@ -331,7 +331,7 @@ impl Inner {
                     return Ok(r.into_inner());
                 }
                 Ok(Err(s)) if member_unavailable(&s) => {
-                    errors.push(format!("{}: {}", self.config.endpoints[idx], s.message()));
+                    errors.push(format!("{}: {}", self.config.endpoints[idx], status_text(&s)));
                 }
                 Ok(Err(s)) => return Err(EtcdError::Refused(format!("{} ({:?})", s.message(), s.code()))),
                 Err(_) => errors
@@ -379,6 +379,18 @@ impl Inner {
         })
         .await
     }
+}
+
+/// A status as one line: its message, the transport error under it, and a hint for TLS refusals.
+fn status_text(s: &tonic::Status) -> String {
+    let mut t = s.message().to_string();
+    if let Some(src) = std::error::Error::source(s) {
+        t = format!("{t}: {}", tessera_common::error_chain(src));
+    }
+    if t.contains("alert") || t.contains("certificate") || t.contains("Certificate") {
+        t.push_str(" (TLS: check --etcd-ca, --etcd-cert and --etcd-key against the members' certificates)");
+    }
+    t
 }
 
 /// Errors after which another member may answer (the call did not reach a working raft leader).

@@ -22,6 +22,8 @@ pub struct EtcdCluster {
     pub extra_ip: Option<String>,
     /// `user:password` for etcdctl once etcd's authentication is on.
     pub user: Option<String>,
+    /// Clients must use TLS with a client certificate from this PKI.
+    pub tls: Option<crate::pki::Pki>,
 }
 
 /// A free loopback port (the kernel's pick; released before the member binds it).
@@ -42,6 +44,16 @@ impl EtcdCluster {
 
     /// `n` members, also serving clients on `extra_ip` (same port).
     pub fn start_on(dir: &Path, n: usize, extra_ip: Option<&str>) -> EtcdCluster {
+        Self::start_with(dir, n, extra_ip, None)
+    }
+
+    /// `n` members whose clients must speak TLS and present a certificate signed by `pki`'s CA.
+    pub fn start_tls(dir: &Path, n: usize, pki: crate::pki::Pki) -> EtcdCluster {
+        Self::start_with(dir, n, None, Some(pki))
+    }
+
+    fn start_with(dir: &Path, n: usize, extra_ip: Option<&str>, tls: Option<crate::pki::Pki>) -> EtcdCluster {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         assert!(installed(), "etcd is not installed: apt-get install etcd-server etcd-client (.ci/run does this)");
         let peers: Vec<(String, u16, u16)> = (0..n).map(|i| (format!("m{i}"), free_port(), free_port())).collect();
         let initial =
@@ -50,11 +62,11 @@ impl EtcdCluster {
         let mut members = Vec::new();
         for (name, client, peer) in &peers {
             let data = dir.join(format!("etcd-{name}"));
-            let mut listen = format!("http://127.0.0.1:{client}");
+            let mut listen = format!("{scheme}://127.0.0.1:{client}");
             if let Some(ip) = extra_ip {
-                listen.push_str(&format!(",http://{ip}:{client}"));
+                listen.push_str(&format!(",{scheme}://{ip}:{client}"));
             }
-            let args: Vec<String> = [
+            let mut args: Vec<String> = [
                 "--name",
                 name,
                 "--data-dir",
@@ -62,7 +74,7 @@ impl EtcdCluster {
                 "--listen-client-urls",
                 &listen,
                 "--advertise-client-urls",
-                &format!("http://127.0.0.1:{client}"),
+                &format!("{scheme}://127.0.0.1:{client}"),
                 "--listen-peer-urls",
                 &format!("http://127.0.0.1:{peer}"),
                 "--initial-advertise-peer-urls",
@@ -79,10 +91,19 @@ impl EtcdCluster {
             .iter()
             .map(|s| s.to_string())
             .collect();
+            if let Some(p) = &tls {
+                for (k, v) in
+                    [("--cert-file", &p.server_cert), ("--key-file", &p.server_key), ("--trusted-ca-file", &p.ca)]
+                {
+                    args.extend([k.to_string(), v.display().to_string()]);
+                }
+                args.push("--client-cert-auth".into());
+            }
             let daemon = Daemon::spawn_program(&format!("etcd-{name}"), "etcd", &args, dir);
             members.push(Member { name: name.clone(), client_port: *client, daemon: Some(daemon), args });
         }
-        let c = EtcdCluster { members, dir: dir.to_path_buf(), extra_ip: extra_ip.map(str::to_string), user: None };
+        let c =
+            EtcdCluster { members, dir: dir.to_path_buf(), extra_ip: extra_ip.map(str::to_string), user: None, tls };
         c.wait_healthy();
         c
     }
@@ -99,8 +120,16 @@ impl EtcdCluster {
         )
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
     fn endpoints(&self) -> String {
-        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client_port)).collect::<Vec<_>>().join(",")
+        self.members
+            .iter()
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client_port))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Runs etcdctl against the members that are up; its stdout.
@@ -109,9 +138,14 @@ impl EtcdCluster {
             .members
             .iter()
             .filter(|m| m.daemon.is_some())
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| format!("{}://127.0.0.1:{}", self.scheme(), m.client_port))
             .collect();
         let mut cmd = Command::new("etcdctl");
+        if let Some(p) = &self.tls {
+            for (k, v) in [("--cacert", &p.ca), ("--cert", &p.client_cert), ("--key", &p.client_key)] {
+                cmd.arg(format!("{k}={}", v.display()));
+            }
+        }
         if let Some(u) = &self.user {
             cmd.arg(format!("--user={u}"));
         }

@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod loadgen;
 pub mod model;
 pub mod netns;
+pub mod pki;
 pub mod process;
 pub mod vllm;
 

@@ -297,3 +297,45 @@ async fn heads_sign_in_to_etcd_and_a_rotated_join_token_holds_on_the_next_leader
     let mut old = start_worker_with(dir.path(), "w-old", &urls[1], &dir.path().join("w-old-state"), &[]);
     assert_eq!(old.wait().code(), Some(1), "{}", old.log_text());
 }
+
+#[tokio::test]
+async fn heads_reach_etcd_over_tls_with_a_client_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = tessera_tests::pki::pki(dir.path());
+    let (ca, cert, key) =
+        (pki.ca.display().to_string(), pki.client_cert.display().to_string(), pki.client_key.display().to_string());
+    let etcd = EtcdCluster::start_tls(dir.path(), 1, pki);
+    let store = etcd.store_url().replace("etcd://", "etcds://");
+    let p = free_port();
+    // Without a client certificate etcd refuses the handshake: the head never leads and says why
+    // (it keeps trying: the certificate may be being rolled out).
+    let px = free_port();
+    let no_cert =
+        start_ha_head_with(dir.path(), "hx", &format!("127.0.0.1:{px}"), &store, &["--etcd-ca".into(), ca.clone()]);
+    wait_until("the TLS refusal is said", || {
+        let log = no_cert.log_text();
+        async move { (log.contains("BadCertificate") && log.contains("check --etcd-ca, --etcd-cert")).then_some(()) }
+    })
+    .await;
+    assert!(!leads(&format!("http://127.0.0.1:{px}")).await);
+    drop(no_cert);
+    // An etcds:// store without the CA is refused before anything starts.
+    let mut no_ca = start_ha_head_with(dir.path(), "hy", &format!("127.0.0.1:{p}"), &store, &[]);
+    assert_eq!(no_ca.wait().code(), Some(2));
+    assert!(no_ca.log_text().contains("--etcd-ca"), "{}", no_ca.log_text());
+
+    let url = format!("http://127.0.0.1:{p}");
+    let _h = start_ha_head_with(
+        dir.path(),
+        "h0",
+        &format!("127.0.0.1:{p}"),
+        &store,
+        &["--etcd-ca".into(), ca, "--etcd-cert".into(), cert, "--etcd-key".into(), key],
+    );
+    assert_eq!(wait_leader(std::slice::from_ref(&url)).await, 0);
+    let c = deployments_client(&url).await;
+    // No worker: the deployment waits for GPUs, but its record is in etcd (over TLS).
+    c.clone().create(probe("t", 1, 1)).await.expect("create");
+    let keys = etcd.ctl(&["get", "--prefix", "--keys-only", "/tessera/deployments/"]).expect("etcdctl");
+    assert!(keys.contains("/tessera/deployments/t"), "{keys}");
+}
