@@ -240,6 +240,7 @@ pub async fn deploy(head: &str, a: DeployArgs) -> anyhow::Result<u8> {
         staging: a.staging.to_pb() as i32,
         model_from: a.model_from.clone().unwrap_or_default(),
         node_selector: a.node_selector.clone().into_iter().collect(),
+        managed_by: String::new(),
     };
     // Watch before creating, so no event of the new deployment is missed.
     let mut events = if a.wait {
@@ -594,6 +595,60 @@ pub async fn get(head: &str, name: String, output: Output) -> anyhow::Result<u8>
     Ok(0)
 }
 
+/// `tessera apply -f`: each deployment of the files created, rolled to its file, or left alone.
+pub async fn apply(head: &str, paths: Vec<std::path::PathBuf>) -> anyhow::Result<u8> {
+    use tessera_common::manifest;
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            files.extend(manifest::files_in(&p).map_err(|e| anyhow!(e))?);
+        } else {
+            files.push(p);
+        }
+    }
+    let mut reqs = Vec::new();
+    let mut seen = std::collections::BTreeMap::new();
+    for f in &files {
+        for m in manifest::read_file(f).map_err(|e| anyhow!(e))? {
+            if let Some(other) = seen.insert(m.name.clone(), f.clone()) {
+                eprintln!("error: {}: deployment {:?} is also in {}", f.display(), m.name, other.display());
+                return Ok(2);
+            }
+            reqs.push(m.to_request("").map_err(|e| anyhow!("{}: {e}", f.display()))?);
+        }
+    }
+    if reqs.is_empty() {
+        eprintln!("error: no deployment in the files given");
+        return Ok(2);
+    }
+    let mut c = client(head).await?;
+    let mut failed = false;
+    for req in reqs {
+        let name = req.name.clone();
+        let before = c.get(pb::GetDeploymentRequest { name: name.clone() }).await;
+        let result = match before {
+            Err(s) if s.code() == tonic::Code::NotFound => c.create(req).await.map(|_| "created".to_string()),
+            Err(s) => Err(s),
+            Ok(d) => {
+                let was = d.into_inner().revision;
+                let update = pb::UpdateDeploymentRequest { spec: Some(req), max_surge: 1, max_unavailable: 0 };
+                long_client(head).await?.update(update).await.map(|r| {
+                    let now = r.into_inner().revision;
+                    if now == was { "unchanged".to_string() } else { format!("updated to revision {now}") }
+                })
+            }
+        };
+        match result {
+            Ok(what) => println!("{name}: {what}"),
+            Err(s) => {
+                eprintln!("error: {name}: {}", s.message());
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
 pub async fn delete(head: &str, name: String, wait: bool, ignore_not_found: bool) -> anyhow::Result<u8> {
     let mut c = client(head).await?;
     match c.delete(pb::DeleteDeploymentRequest { name: name.clone() }).await {
@@ -668,6 +723,7 @@ fn spec_of(d: &pb::Deployment) -> pb::CreateDeploymentRequest {
         staging: d.staging,
         model_from: d.model_from.clone(),
         node_selector: d.node_selector.clone(),
+        managed_by: d.managed_by.clone(),
     }
 }
 

@@ -311,6 +311,30 @@ enum Cmd {
     },
     /// Restart a deployment's groups (every replica) at their next generation
     Restart { name: String },
+    /// Create or update deployments from files (TOML or YAML), as `tessera deploy` would
+    ///
+    /// Each file holds one deployment with the fields of `tessera deploy` (name, model, tp, pp,
+    /// replicas, engine, args, env, command, per_node, max_restarts, gpu_memory_utilization,
+    /// max_model_len, startup_timeout, stall_timeout, canary_interval, drain_timeout, staging,
+    /// model_from, node_selector), or several under `deployments`. A relative model path is taken
+    /// from the file's directory. A deployment that exists is rolled to the file's spec (one
+    /// replica at a time), or left alone when it already matches. Nothing is deleted: for that,
+    /// give the head the directory (`tessera-head --deployments DIR`).
+    ///
+    /// Example (llama.toml):
+    ///
+    ///   name = "llama"
+    ///   model = "/models/Llama-3.1-70B-Instruct"
+    ///   tp = 8
+    ///   pp = 2
+    ///   args = ["--max-num-seqs", "64"]
+    ///   env = { HF_HUB_OFFLINE = "1" }
+    #[command(verbatim_doc_comment)]
+    Apply {
+        /// A deployment file (*.toml, *.yaml, *.yml) or a directory of them; may be repeated
+        #[arg(short = 'f', long = "file", value_name = "PATH", required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Change a deployment without an outage: a new revision of its spec, one replica at a time
     ///
     /// Only what is given changes; the rest is the current spec. By default a replica of the new
@@ -629,6 +653,7 @@ fn main() -> ExitCode {
                 deploy::delete(&head, name, !no_wait, ignore_not_found).await
             }
             Cmd::Restart { name } => deploy::restart(&head, name).await,
+            Cmd::Apply { files } => deploy::apply(&head, files).await,
             Cmd::Update {
                 name,
                 model,

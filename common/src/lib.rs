@@ -23,6 +23,7 @@ pub mod fake;
 pub mod files;
 mod hostile;
 pub mod ids;
+pub mod manifest;
 pub mod model;
 pub mod node;
 pub mod plan;

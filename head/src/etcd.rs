@@ -76,6 +76,9 @@ pub enum EtcdError {
 
 type Client = tonic::service::interceptor::InterceptedService<Channel, Auth>;
 
+/// Rounds over the members one call makes before it fails.
+const ROUNDS: u32 = 3;
+
 /// Adds etcd's auth token (when signed in) to every call.
 #[derive(Clone)]
 pub struct Auth(Arc<std::sync::RwLock<Option<MetadataValue<tonic::metadata::Ascii>>>>);
@@ -97,11 +100,31 @@ struct Inner {
     token: Auth,
 }
 
+/// The client's own runtime; dropped without waiting (it may be dropped inside the head's).
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            r.shutdown_background();
+        }
+    }
+}
+
+impl OwnRuntime {
+    fn spawn<F: Future + Send + 'static>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F::Output: Send + 'static,
+    {
+        self.0.as_ref().expect("runtime until dropped").spawn(f)
+    }
+}
+
 /// A connection to an etcd cluster. Cheap to clone.
 #[derive(Clone)]
 pub struct Etcd {
     inner: Arc<Inner>,
-    runtime: Arc<tokio::runtime::Runtime>,
+    runtime: Arc<OwnRuntime>,
 }
 
 impl Etcd {
@@ -133,7 +156,7 @@ impl Etcd {
         }
         let etcd = Etcd {
             inner: Arc::new(Inner { config, channels, current: AtomicUsize::new(0), token: Auth(Arc::default()) }),
-            runtime: Arc::new(runtime),
+            runtime: Arc::new(OwnRuntime(Some(runtime))),
         };
         if etcd.inner.config.user.is_some() {
             let inner = etcd.inner.clone();
@@ -171,15 +194,26 @@ impl Etcd {
     /// head's runtime: the work runs elsewhere).
     pub fn blocking<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> Result<T, EtcdError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        // The deadline inside: past it the work itself is dropped (a write reported as failed is
+        // not left going on), covering every round over the members plus signing in again.
+        let limit = self.inner.config.call_timeout * (ROUNDS * self.inner.channels.len() as u32 + 2)
+            + Duration::from_millis(100 * ROUNDS as u64);
+        let endpoints = self.endpoints();
         self.runtime.spawn(async move {
-            let _ = tx.send(f.await);
+            let r = tokio::time::timeout(limit, f)
+                .await
+                .map_err(|_| EtcdError::Unreachable { endpoints, message: format!("no answer within {limit:?}") });
+            let _ = tx.send(r);
         });
-        // Each call has its deadline; this one only catches a client that stopped altogether.
-        let limit = self.inner.config.call_timeout * (self.inner.channels.len() as u32 + 2);
-        rx.recv_timeout(limit).map_err(|_| EtcdError::Unreachable {
-            endpoints: self.endpoints(),
-            message: format!("no answer within {limit:?}"),
-        })
+        let wait = || rx.recv().unwrap_or_else(|_| Err(EtcdError::Setup("the etcd client stopped".into())));
+        // On the head's multi-threaded runtime, let its other tasks (the lease renewal) go on
+        // while this thread waits.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        }
     }
 
     /// Runs `f` on the client's runtime, awaited from another runtime.
@@ -304,12 +338,21 @@ impl Inner {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        match self.call_raw(&f).await {
-            Err(EtcdError::Refused(m)) if self.config.user.is_some() && m.contains("invalid auth token") => {
-                self.authenticate().await?;
-                self.call_raw(&f).await
+        // A member lost can start a raft election among the others (a second or two without
+        // answers): a few rounds over the members before giving up. Safe for our writes: puts
+        // and deletes of whole values, guarded by the leadership compare.
+        let mut round = 0;
+        loop {
+            round += 1;
+            match self.call_raw(&f).await {
+                Err(EtcdError::Refused(m)) if self.config.user.is_some() && m.contains("invalid auth token") => {
+                    self.authenticate().await?;
+                }
+                Err(EtcdError::Unreachable { .. }) if round < ROUNDS => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 

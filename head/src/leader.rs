@@ -179,6 +179,9 @@ pub async fn campaign(
     let key = leader_key(&etcd.config().prefix);
     let poll = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_millis(500));
     let mut lease: Option<i64> = None;
+    // When the last grant or renewal of `lease` that etcd acknowledged was sent: the lease lives at
+    // least until then plus its TTL (attaching a key to it does not renew it).
+    let mut renewed_at = Instant::now();
     let mut last_error: Option<String> = None;
     loop {
         if stop.is_cancelled() {
@@ -191,12 +194,13 @@ pub async fn campaign(
             let id = match lease {
                 Some(id) => id,
                 None => {
+                    let sent = Instant::now();
                     let id = etcd.grant(ttl).await?;
                     lease = Some(id);
+                    renewed_at = sent;
                     id
                 }
             };
-            let sent_at = Instant::now();
             let r = etcd
                 .txn(tessera_proto::etcd::etcdserverpb::TxnRequest {
                     compare: vec![ops::created_at(key.clone(), 0)],
@@ -206,7 +210,15 @@ pub async fn campaign(
                 .await?;
             if r.succeeded {
                 let epoch = r.header.as_ref().map(|h| h.revision).unwrap_or_default();
-                return Ok(Some((id, std::sync::Arc::new(Fence::leading(epoch, LeaseClock::won(sent_at, ttl))))));
+                return Ok(Some((id, std::sync::Arc::new(Fence::leading(epoch, LeaseClock::won(renewed_at, ttl))))));
+            }
+            // Our own key: an earlier try succeeded but its answer was lost (the call was sent
+            // again to another member).
+            if let Some(kv) = ops::first_kv(&r)
+                && kv.lease == id
+            {
+                let won = LeaseClock::won(renewed_at, ttl);
+                return Ok(Some((id, std::sync::Arc::new(Fence::leading(kv.create_revision, won)))));
             }
             let leader = ops::first_kv(&r).map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
             view.send_if_modified(|v| {
@@ -215,8 +227,11 @@ pub async fn campaign(
                 changed
             });
             // Our own lease stays alive while we wait (it is used the moment the key is free).
+            let sent = Instant::now();
             if etcd.keep_alive(id).await? <= 0 {
                 lease = None;
+            } else {
+                renewed_at = sent;
             }
             Ok(None)
         }
@@ -225,6 +240,8 @@ pub async fn campaign(
             Ok(Some(won)) => return Some(won),
             Ok(None) => last_error = None,
             Err(e) => {
+                // The lease may have run out meanwhile: a fresh one next time.
+                lease = None;
                 let msg = e.to_string();
                 if last_error.as_deref() != Some(msg.as_str()) {
                     warn!(error = %msg, "standby: cannot reach etcd; retrying");
@@ -245,6 +262,8 @@ pub async fn campaign(
 pub async fn hold(etcd: Etcd, lease: i64, fence: std::sync::Arc<Fence>, ttl: Duration, stop: CancellationToken) {
     let every = renew_every(ttl);
     let lost = fence.lost();
+    // The first renewal at once: the lease's time counts from before the election was won.
+    let mut first = true;
     loop {
         let deadline = fence.valid_until().unwrap_or_else(|| Instant::now() + ttl);
         tokio::select! {
@@ -255,14 +274,20 @@ pub async fn hold(etcd: Etcd, lease: i64, fence: std::sync::Arc<Fence>, ttl: Dur
                 }
                 return;
             }
-            _ = lost.cancelled() => return,
+            _ = lost.cancelled() => {
+                // Only this lease's keys go: safe, and a head started again at once need not
+                // wait for it to run out.
+                let _ = tokio::time::timeout(Duration::from_secs(1), etcd.revoke(lease)).await;
+                return;
+            }
             // The deadline passing is loss even if no renewal answer ever comes.
             _ = tokio::time::sleep_until(deadline) => {
                 let _ = fence.holds();
                 continue;
             }
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(if first { Duration::ZERO } else { every }) => {}
         }
+        first = false;
         let sent_at = Instant::now();
         let renewal = tokio::time::timeout_at(deadline, etcd.keep_alive(lease)).await;
         match renewal {

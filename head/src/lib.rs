@@ -79,6 +79,8 @@ pub struct HeadConfig {
     /// (one head, no election); `Some` is a store the caller opened (etcd) and the fence of the
     /// leadership this head won.
     pub store: Option<(Arc<store::Store>, Arc<leader::Fence>)>,
+    /// `--deployments DIR`: deployments declared in files, kept as written.
+    pub deployments_dir: Option<PathBuf>,
     /// The data dir's lock, when the caller took it already (before writing tokens into it);
     /// `None`: `Head::start` takes it.
     pub data_dir_lock: Option<datadir::DataDirLock>,
@@ -265,6 +267,15 @@ impl Head {
         let server =
             server::serve::serve(incoming, config.tls.as_ref().map(|t| t.server.clone()), svc, server_stop.clone());
         let server_task = tokio::spawn(server);
+
+        // Deployments declared in files (--deployments DIR), applied by the leading head.
+        if let Some(dir) = config.deployments_dir.clone() {
+            let svc = Arc::new(server::deployments::DeploymentsService {
+                deployments: deployments.clone(),
+                log_streams: server::streams::StreamLimits::new(1, 1),
+            });
+            tokio::spawn(server::declared::run(dir, svc, Duration::from_secs(2), ops_token.clone()));
+        }
 
         // The in-process worker: a real agent over a real loopback connection.
         let agent_token = CancellationToken::new();

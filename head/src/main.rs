@@ -123,6 +123,13 @@ struct Cli {
     #[arg(long, env = env::NO_WORKER)]
     no_worker: bool,
 
+    /// A directory of deployment files (TOML or YAML, the fields of `tessera deploy`; see `tessera
+    /// apply --help`): the head creates what they declare, updates it when a file changes (rolling,
+    /// one replica at a time) and deletes it when its file goes away. Deployments made by calls are
+    /// not touched
+    #[arg(long, env = "TESSERA_DEPLOYMENTS_DIR", value_name = "DIR")]
+    deployments: Option<PathBuf>,
+
     /// Where the head keeps its state. `redb`: a file in DATA_DIR (one head). `etcd://HOST:2379[,HOST:2379...]`
     /// (`etcds://` or --etcd-ca for TLS): an etcd cluster shared by several heads, of which one leads
     /// (holds an etcd lease) and the others stand by and take over when it is gone. Heads on etcd run
@@ -390,6 +397,7 @@ fn main() -> ExitCode {
             tls,
             metrics_listener,
             data_dir_lock: Some(data_dir_lock),
+            deployments_dir: cli.deployments.clone(),
             store: leading.as_ref().map(|l: &Leading| (l.store.clone(), l.fence.clone())),
             join_token_path: cli.join_token_file.clone(),
             conn_limits: tessera_head::server::conns::ConnLimits {
@@ -440,14 +448,7 @@ fn main() -> ExitCode {
                 }
             };
         };
-        let hold_stop = CancellationToken::new();
-        let hold = tokio::spawn(tessera_head::leader::hold(
-            lead.etcd.clone(),
-            lead.lease,
-            lead.fence.clone(),
-            lead.ttl,
-            hold_stop.clone(),
-        ));
+        let (hold, hold_stop) = (lead.hold, lead.hold_stop);
         let lost = lead.fence.lost();
         let stopped = head.stopped();
         tokio::pin!(stopped);
@@ -526,11 +527,12 @@ struct Ha {
 
 /// What a head that won the election holds.
 struct Leading {
-    etcd: tessera_head::etcd::Etcd,
-    lease: i64,
-    ttl: Duration,
     fence: std::sync::Arc<tessera_head::leader::Fence>,
     store: std::sync::Arc<tessera_head::store::Store>,
+    /// The lease renewal (from the moment the election was won); cancelling `hold_stop` revokes
+    /// the lease.
+    hold: tokio::task::JoinHandle<()>,
+    hold_stop: CancellationToken,
 }
 
 fn ha_options(cli: &Cli) -> Result<Option<Ha>, String> {
@@ -657,22 +659,36 @@ async fn stand_by_then_lead(
     let won = tessera_head::leader::campaign(etcd, &ha.advertise_url, ha.lease, &view, stop).await;
     standby_stop.cancel();
     announce.abort();
+    let Some((lease, fence)) = won else { return Ok(None) };
+    // Renew from now on: the lease's time started before the election was won.
+    let hold_stop = CancellationToken::new();
+    let hold =
+        tokio::spawn(tessera_head::leader::hold(etcd.clone(), lease, fence.clone(), ha.lease, hold_stop.clone()));
+    tracing::info!(epoch = fence.epoch(), me = %ha.advertise_url, "leading: this head won the election");
     let _ = tokio::time::timeout(Duration::from_secs(2), grpc).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), ops).await;
-    let Some((lease, fence)) = won else { return Ok(None) };
-    tracing::info!(epoch = fence.epoch(), me = %ha.advertise_url, "leading: this head won the election");
-    let listener = rebind(addr).await.map_err(|e| format!("cannot listen on {addr} again after standing by: {e}"))?;
-    let metrics = rebind(metrics_addr).await.map_err(|e| format!("cannot listen on {metrics_addr} again: {e}"))?;
-    let (e2, f2) = (etcd.clone(), fence.clone());
-    let store = tokio::task::spawn_blocking(move || tessera_head::store::Store::etcd(e2, f2))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    Ok(Some((
-        listener,
-        metrics,
-        Leading { etcd: etcd.clone(), lease, ttl: ha.lease, fence, store: std::sync::Arc::new(store) },
-    )))
+    let ready = async {
+        let listener =
+            rebind(addr).await.map_err(|e| format!("cannot listen on {addr} again after standing by: {e}"))?;
+        let metrics = rebind(metrics_addr).await.map_err(|e| format!("cannot listen on {metrics_addr} again: {e}"))?;
+        let (e2, f2) = (etcd.clone(), fence.clone());
+        let store = tokio::task::spawn_blocking(move || tessera_head::store::Store::etcd(e2, f2))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((listener, metrics, store))
+    };
+    match ready.await {
+        Ok((listener, metrics, store)) => {
+            Ok(Some((listener, metrics, Leading { fence, store: std::sync::Arc::new(store), hold, hold_stop })))
+        }
+        Err(e) => {
+            // Hand leadership over at once rather than when the lease runs out.
+            hold_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), hold).await;
+            Err(e)
+        }
+    }
 }
 
 /// Binds an address the standby just let go of (retried briefly).

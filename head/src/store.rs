@@ -123,6 +123,9 @@ pub struct StoredDeployment {
     pub model_from: String,
     #[serde(default)]
     pub node_selector: std::collections::BTreeMap<String, String>,
+    /// `deployments-dir` for a deployment declared in the head's `--deployments DIR`.
+    #[serde(default)]
+    pub managed_by: String,
     #[serde(default)]
     pub described: Option<String>,
     pub generation: u64,
@@ -285,6 +288,14 @@ impl Store {
         match &self.backend {
             Backend::Redb(r) => r.scan(table),
             Backend::Etcd(e) => e.scan(table),
+        }
+    }
+
+    /// Whether this head may act: always on the embedded store; on etcd, while it leads.
+    pub fn leads(&self) -> bool {
+        match &self.backend {
+            Backend::Redb(_) => true,
+            Backend::Etcd(e) => e.leads(),
         }
     }
 
@@ -504,6 +515,7 @@ mod tests {
             staging: false,
             model_from: String::new(),
             node_selector: Default::default(),
+            managed_by: String::new(),
             described: None,
             generation: 3,
             restarts: 2,

@@ -123,6 +123,7 @@ async fn start_head(
         listener,
         HeadConfig {
             data_dir_lock: None,
+            deployments_dir: None,
             store: None,
             conn_limits: Default::default(),
             join_token_path: None,

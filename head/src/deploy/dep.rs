@@ -314,6 +314,7 @@ impl Dep {
             staging_nodes: self.staging_pb(),
             model_from: self.spec.model_from.clone(),
             node_selector: self.spec.node_selector.clone().into_iter().collect(),
+            managed_by: self.spec.managed_by.clone(),
         }
     }
 }

@@ -90,6 +90,7 @@ fn spec_record(s: &DeploymentSpec) -> StoredDeployment {
         staging: s.staging,
         model_from: s.model_from.clone(),
         node_selector: s.node_selector.clone(),
+        managed_by: s.managed_by.clone(),
         described: s.described.clone(),
         generation: 0,
         restarts: 0,
@@ -135,6 +136,7 @@ pub fn to_spec(r: &StoredDeployment) -> Result<DeploymentSpec, String> {
         staging_asked: false,
         model_from: r.model_from.clone(),
         node_selector: r.node_selector.clone(),
+        managed_by: r.managed_by.clone(),
         described: r.described.clone(),
     };
     // Records of older versions may hold engine args this version refuses at Create: they keep

@@ -100,6 +100,8 @@ pub struct DeploymentSpec {
     pub model_from: String,
     /// Only nodes with these labels run it (`--node-selector`).
     pub node_selector: BTreeMap<String, String>,
+    /// Who declared it (`deployments-dir`: the head's `--deployments DIR`); empty: a call.
+    pub managed_by: String,
     /// What that node said of the model (see [`Described`]), kept so that a restarted head can plan
     /// it again.
     pub described: Option<String>,
@@ -282,6 +284,14 @@ pub fn check_name(name: &str) -> Result<(), Status> {
     }
 }
 
+/// `managed_by`: empty, or a short printable word (`deployments-dir`).
+fn managed_by(v: &str) -> Result<String, Status> {
+    if v.len() > 64 || v.chars().any(|c| !(c.is_ascii_alphanumeric() || "-_.:/".contains(c))) {
+        return Err(bad("managed_by", format!("{v:?}: at most 64 letters, digits and - _ . : /")));
+    }
+    Ok(v.to_string())
+}
+
 /// `node_selector`: label pairs as workers' `--labels` are written (at most 32).
 fn node_selector(m: &std::collections::HashMap<String, String>) -> Result<BTreeMap<String, String>, Status> {
     if m.len() > 32 {
@@ -453,6 +463,7 @@ impl DeploymentSpec {
             staging_asked: r.staging == pb::StagingMode::On as i32,
             model_from: r.model_from.clone(),
             node_selector: node_selector(&r.node_selector)?,
+            managed_by: managed_by(&r.managed_by)?,
             described: None,
         };
         spec.read_engine_settings(util != 0.0).map_err(Status::invalid_argument)?;

@@ -187,6 +187,11 @@ impl Table {
 
     /// Queues a message on a node's open session.
     pub fn send(&self, node_id: NodeId, msg: pb::HeadMessage) -> bool {
+        // A head that no longer leads delivers nothing (checked here, at delivery: a command
+        // queued before the lease ran out must not reach a worker after).
+        if self.store.as_ref().is_some_and(|s| !s.leads()) {
+            return false;
+        }
         match self.nodes.get(&node_id).and_then(|e| e.session.as_ref()) {
             Some(s) => s.tx.try_send(Ok(msg)).is_ok(),
             None => false,

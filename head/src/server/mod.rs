@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod cluster;
 pub mod conns;
+pub mod declared;
 pub mod deployments;
 pub mod planner;
 pub mod serve;

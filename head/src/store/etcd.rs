@@ -51,6 +51,10 @@ impl EtcdStore {
         Ok(store)
     }
 
+    pub fn leads(&self) -> bool {
+        self.fence.holds()
+    }
+
     fn key(&self, rest: &str) -> Vec<u8> {
         format!("{}{rest}", self.client.config().prefix).into_bytes()
     }

@@ -211,7 +211,8 @@ impl Agent {
                     return Err(AgentError::Refused(why));
                 }
                 SessionEnd::Lost(why) => {
-                    if self.status.borrow().joins > joins_before {
+                    let had_joined = self.status.borrow().joins > joins_before;
+                    if had_joined {
                         failures = 0; // this session had joined: a new outage starts here
                         tried_this_round = 0;
                     }
@@ -224,7 +225,9 @@ impl Agent {
                             warn!(leader = %l, heads = %self.config.head, "a standby names a leading head that is not in --head; add it");
                         }
                         current = named.unwrap_or((current + 1) % heads.len());
-                        if tried_this_round < heads.len() + 1 {
+                        // A head that took the session and then dropped it gets the backoff (no
+                        // tight join loop); refusals and redirects move on at once, once a round.
+                        if !had_joined && tried_this_round < heads.len() + 1 {
                             debug!(reason = %why, next = %heads[current], "trying the next head");
                             continue;
                         }
