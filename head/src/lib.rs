@@ -10,6 +10,7 @@
 //! - [`store`]: the durable state (redb, or etcd for heads that take over from each other):
 //!   deployments, generations, placements, node credentials, tokens.
 //! - [`etcd`]: a small etcd v3 client (protox-generated, no system protoc).
+//! - [`ui`]: the status page (`/ui` on the metrics port) and its JSON.
 //! - [`leader`]: leadership among heads on etcd: the lease clock and the fence acting parts check.
 //! - [`server`]: the gRPC services (`Membership` for workers; `Cluster` and `Planner` for clients).
 //! - [`Head`]: wiring and ordered shutdown.
@@ -22,6 +23,7 @@ pub mod membership;
 pub mod metrics;
 pub mod server;
 pub mod store;
+pub mod ui;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -181,7 +183,8 @@ impl Head {
             });
             // Ready: the store is open and the server is up (both true once start() returns).
             let ready: tessera_worker::ops::Ready = Arc::new(|| true);
-            tokio::spawn(tessera_worker::ops::serve(listener, render, ready, ops_token.clone()));
+            let page = ui::router(membership.clone(), deployments.clone(), ops_token.clone());
+            tokio::spawn(tessera_worker::ops::serve_with(listener, render, ready, page, ops_token.clone()));
         }
         let session = server::session::MembershipService {
             membership: membership.clone(),

@@ -220,6 +220,12 @@ pub fn start_worker_with(dir: &Path, name: &str, head_url: &str, state_dir: &Pat
     Daemon::spawn(name, "tessera-worker", &args, dir)
 }
 
+/// Workers `w1` and `w2` of `head` (one URL, or several heads comma-separated), each with its
+/// own state dir under `dir`, and the same extra flags.
+pub fn two_workers(dir: &Path, head: &str, extra: &[&str]) -> Vec<Daemon> {
+    ["w1", "w2"].iter().map(|n| start_worker_with(dir, n, head, &dir.join(format!("{n}-state")), extra)).collect()
+}
+
 /// Whether `pid` has any /proc entry (a zombie counts: it is still in the process table).
 pub fn in_proc(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()

@@ -6,8 +6,8 @@ use std::process::Command;
 
 use tessera_proto::v1 as pb;
 use tessera_tests::deploy::{Client, model, running_at, wait_for};
-use tessera_tests::process::start_head;
-use tessera_tests::{Daemon, deployments_client, start_worker_with, wait_until};
+use tessera_tests::process::{start_head, two_workers};
+use tessera_tests::{Daemon, deployments_client, wait_until};
 
 fn tessera(head: &str, admin: &Path, args: &[&str]) -> std::process::Output {
     Command::new(tessera_tests::bin("tessera"))
@@ -23,10 +23,7 @@ fn text(o: &std::process::Output) -> String {
 }
 
 fn workers(dir: &Path, head: &str) -> Vec<Daemon> {
-    ["w1", "w2"]
-        .iter()
-        .map(|n| start_worker_with(dir, n, head, &dir.join(format!("{n}-state")), &["--orphan-timeout", "3s"]))
-        .collect()
+    two_workers(dir, head, &["--orphan-timeout", "3s"])
 }
 
 async fn get(c: &Client, name: &str) -> Option<pb::Deployment> {

@@ -11,6 +11,7 @@ use tessera_proto::v1 as pb;
 use tessera_tests::deploy::{Client, probe, running_at, wait_for};
 use tessera_tests::etcd::{EtcdCluster, free_port, leads, start_ha_head, start_ha_head_with, wait_leader};
 use tessera_tests::netns::Netns;
+use tessera_tests::process::two_workers;
 use tessera_tests::{Daemon, deployments_client, environ_has, pids_with, start_worker_with, wait_until};
 
 /// Probe engines (and their shims) of this test's workers.
@@ -58,18 +59,7 @@ impl Ha {
             }
         }
         let all = urls.join(",");
-        let workers = ["w1", "w2"]
-            .iter()
-            .map(|n| {
-                start_worker_with(
-                    dir.path(),
-                    n,
-                    &all,
-                    &dir.path().join(format!("{n}-state")),
-                    &["--orphan-timeout", "3s", "--fake-gpus", "8x80GiB"],
-                )
-            })
-            .collect();
+        let workers = two_workers(dir.path(), &all, &["--orphan-timeout", "3s", "--fake-gpus", "8x80GiB"]);
         let ha = Ha { dir, etcd, heads, urls, _workers: workers };
         tessera_tests::wait_alive(&ha.urls[0], 2).await;
         ha
@@ -214,18 +204,7 @@ async fn a_leader_cut_off_from_etcd_stops_acting_within_its_lease_and_engines_ke
     let h1_url = format!("http://127.0.0.1:{p1}");
     let h1 = start_ha_head(dir.path(), "h1", &format!("127.0.0.1:{p1}"), &etcd.store_url(), None);
     let all = format!("{h0_url},{h1_url}");
-    let _workers: Vec<Daemon> = ["w1", "w2"]
-        .iter()
-        .map(|n| {
-            start_worker_with(
-                dir.path(),
-                n,
-                &all,
-                &dir.path().join(format!("{n}-state")),
-                &["--orphan-timeout", "3s", "--fake-gpus", "8x80GiB"],
-            )
-        })
-        .collect();
+    let _workers: Vec<Daemon> = two_workers(dir.path(), &all, &["--orphan-timeout", "3s", "--fake-gpus", "8x80GiB"]);
     tessera_tests::wait_alive(&h0_url, 2).await;
     let c0 = deployments_client(&h0_url).await;
     c0.clone().create(probe("m", 4, 2)).await.expect("create");

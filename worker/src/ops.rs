@@ -26,11 +26,23 @@ struct Ops {
 
 /// Serves until `shutdown`.
 pub async fn serve(listener: TcpListener, render: Render, ready: Ready, shutdown: CancellationToken) {
+    serve_with(listener, render, ready, Router::new(), shutdown).await
+}
+
+/// [`serve`] with more routes (the head's status page).
+pub async fn serve_with(
+    listener: TcpListener,
+    render: Render,
+    ready: Ready,
+    more: Router,
+    shutdown: CancellationToken,
+) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(Ops { render, ready });
+        .with_state(Ops { render, ready })
+        .merge(more);
     let _ = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
 }
 

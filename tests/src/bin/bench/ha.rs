@@ -12,7 +12,7 @@ use super::wait_running;
 use nix::sys::signal::Signal;
 use tessera_proto::v1 as pb;
 use tessera_tests::etcd::{EtcdCluster, free_port, start_ha_head, wait_leader};
-use tessera_tests::process::{Daemon, start_head, start_worker_with};
+use tessera_tests::process::{Daemon, start_head, two_workers};
 use tessera_tests::{cluster_client, deployments_client, wait_alive};
 
 fn probe(name: &str, tp: u32, pp: u32) -> pb::CreateDeploymentRequest {
@@ -27,18 +27,7 @@ fn probe(name: &str, tp: u32, pp: u32) -> pb::CreateDeploymentRequest {
 }
 
 fn workers(dir: &std::path::Path, heads: &str) -> Vec<Daemon> {
-    ["w1", "w2"]
-        .iter()
-        .map(|n| {
-            start_worker_with(
-                dir,
-                n,
-                heads,
-                &dir.join(format!("{n}-state")),
-                &["--fake-gpus", "8x80GiB", "--orphan-timeout", "30s"],
-            )
-        })
-        .collect()
+    two_workers(dir, heads, &["--fake-gpus", "8x80GiB", "--orphan-timeout", "30s"])
 }
 
 pub async fn ha_bench(args: &[String]) -> anyhow::Result<()> {
