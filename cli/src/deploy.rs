@@ -802,19 +802,97 @@ pub struct LogsArgs {
     pub replica: u32,
     pub tail: u32,
     pub follow: bool,
+    pub follow_restarts: bool,
+    pub which: Which,
+}
+
+/// Which generation's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    Current,
+    Previous,
+    Generation(u64),
+}
+
+/// The generation the replica runs now.
+async fn generation_of(head: &str, name: &str, replica: u32) -> Result<u64, tonic::Status> {
+    let d = client(head)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?
+        .get(pb::GetDeploymentRequest { name: name.into() })
+        .await?
+        .into_inner();
+    Ok(d.replicas.iter().find(|r| r.index == replica).map(|r| r.generation).unwrap_or(d.generation))
 }
 
 pub async fn logs(head: &str, a: LogsArgs) -> anyhow::Result<u8> {
-    let mut c = client(head).await?;
-    let req = pb::LogsRequest { name: a.name, rank: a.rank, replica: a.replica, tail: a.tail, follow: a.follow };
-    let mut s = c.logs(req).await.or_status()?;
-    let mut out = std::io::stdout();
-    while let Some(chunk) = s.next().await {
-        let chunk = chunk.map_err(client::status_error)?;
-        out.write_all(&chunk.data)?;
-        out.flush()?;
+    let generation = match a.which {
+        Which::Current => 0,
+        Which::Generation(n) => n,
+        Which::Previous => {
+            let now = generation_of(head, &a.name, a.replica).await.map_err(client::status_error)?;
+            if now <= 1 {
+                eprintln!("error: {} runs generation {now}: there is no earlier one", a.name);
+                return Ok(1);
+            }
+            now - 1
+        }
+    };
+    let mut tail = a.tail;
+    loop {
+        let seen = if a.follow_restarts { generation_of(head, &a.name, a.replica).await.ok() } else { None };
+        let mut c = client(head).await?;
+        let req = pb::LogsRequest {
+            name: a.name.clone(),
+            rank: a.rank,
+            replica: a.replica,
+            tail,
+            follow: a.follow,
+            generation,
+        };
+        // After a restart the new generation's process may not be up on its node yet: a few tries.
+        let mut tries = if tail == 100_000 { 20 } else { 1 };
+        let mut out = std::io::stdout();
+        loop {
+            tries -= 1;
+            let r: Result<(), tonic::Status> = async {
+                let mut s = c.logs(req.clone()).await?.into_inner();
+                while let Some(chunk) = s.next().await {
+                    let chunk = chunk?;
+                    out.write_all(&chunk.data).map_err(|e| tonic::Status::internal(e.to_string()))?;
+                    out.flush().map_err(|e| tonic::Status::internal(e.to_string()))?;
+                }
+                Ok(())
+            }
+            .await;
+            match r {
+                Ok(()) => break,
+                Err(s) if tries > 0 && s.code() != tonic::Code::NotFound => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(s) => return Err(client::status_error(s)),
+            }
+        }
+        let Some(seen) = seen else { return Ok(0) };
+        // The generation ended: wait for the next one (or the deployment's end).
+        eprintln!("--- {} generation {seen} ended; waiting for the next ---", a.name);
+        loop {
+            match generation_of(head, &a.name, a.replica).await {
+                Ok(g) if g > seen => break,
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    eprintln!("--- {} was deleted ---", a.name);
+                    return Ok(0);
+                }
+                Err(s) => return Err(client::status_error(s)),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        // A new generation's log from its start.
+        tail = 100_000;
+        // Its process may not have started on its node yet.
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Ok(0)
 }
 
 /// `K=V` for `--env`.

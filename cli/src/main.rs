@@ -398,9 +398,19 @@ enum Cmd {
         /// How many lines from the end
         #[arg(long, default_value_t = 100)]
         tail: u32,
-        /// Keep printing new output
+        /// Keep printing new output, until the process's generation ends
         #[arg(short, long)]
         follow: bool,
+        /// With -f: when the generation ends (the group restarts), go on with the next one's log
+        /// (until the deployment is deleted)
+        #[arg(long, requires = "follow")]
+        follow_restarts: bool,
+        /// The log of the generation before the current one (why did it restart?)
+        #[arg(long, conflicts_with_all = ["generation", "follow"])]
+        previous: bool,
+        /// The log of generation N (nodes keep the two newest generations)
+        #[arg(long, value_name = "N", conflicts_with = "follow")]
+        generation: Option<u64>,
     },
     /// The head's tokens: `tokens rotate-join`
     Tokens {
@@ -682,8 +692,14 @@ fn main() -> ExitCode {
             }
             Cmd::Rollback { name, max_unavailable } => deploy::rollback(&head, name, max_unavailable).await,
             Cmd::Scale { name, replicas } => deploy::scale(&head, name, replicas).await,
-            Cmd::Logs { name, rank, replica, tail, follow } => {
-                deploy::logs(&head, deploy::LogsArgs { name, rank, replica, tail, follow }).await
+            Cmd::Logs { name, rank, replica, tail, follow, follow_restarts, previous, generation } => {
+                let which = match (previous, generation) {
+                    (true, _) => deploy::Which::Previous,
+                    (_, Some(n)) => deploy::Which::Generation(n),
+                    _ => deploy::Which::Current,
+                };
+                deploy::logs(&head, deploy::LogsArgs { name, rank, replica, tail, follow, follow_restarts, which })
+                    .await
             }
             Cmd::Nodes { cmd: None, output } => nodes::nodes(&head, output).await.map(|()| 0),
             Cmd::Nodes { cmd: Some(NodesCmd::Remove { node }), .. } => nodes::remove(&head, node).await.map(|()| 0),

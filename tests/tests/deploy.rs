@@ -37,7 +37,7 @@ async fn a_tp4_pp2_probe_runs_with_stage_0_on_the_head_and_a_killed_rank_restart
 
     // Logs come from the worker that runs the rank.
     let mut logs = c
-        .logs(pb::LogsRequest { name: "demo".into(), rank: 0, tail: 50, follow: false, replica: 0 })
+        .logs(pb::LogsRequest { name: "demo".into(), rank: 0, tail: 50, follow: false, replica: 0, generation: 0 })
         .await
         .expect("logs")
         .into_inner();
@@ -48,7 +48,7 @@ async fn a_tp4_pp2_probe_runs_with_stage_0_on_the_head_and_a_killed_rank_restart
     let text = String::from_utf8_lossy(&text);
     assert!(text.contains("world complete: 8 ranks"), "rank 0's log: {text}");
     let mut logs = c
-        .logs(pb::LogsRequest { name: "demo".into(), rank: 6, tail: 5, follow: false, replica: 0 })
+        .logs(pb::LogsRequest { name: "demo".into(), rank: 6, tail: 5, follow: false, replica: 0, generation: 0 })
         .await
         .expect("logs")
         .into_inner();
@@ -396,7 +396,7 @@ async fn logs_follow_ends_when_the_process_ends() {
     let d = wait_for(&c, "tail", "running", running_at(1)).await;
     let mut follow = c
         .clone()
-        .logs(pb::LogsRequest { name: "tail".into(), rank: 0, tail: 5, follow: true, replica: 0 })
+        .logs(pb::LogsRequest { name: "tail".into(), rank: 0, tail: 5, follow: true, replica: 0, generation: 0 })
         .await
         .expect("logs -f")
         .into_inner();

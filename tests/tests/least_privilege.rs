@@ -269,7 +269,7 @@ async fn another_session_can_neither_write_into_nor_end_an_admins_log_stream() {
     wait_for(&c, "logged", "running", running_at(1)).await;
     // The admin follows rank 4's log (on a worker).
     let mut stream = c
-        .logs(pb::LogsRequest { name: "logged".into(), rank: 4, tail: 5, follow: true, replica: 0 })
+        .logs(pb::LogsRequest { name: "logged".into(), rank: 4, tail: 5, follow: true, replica: 0, generation: 0 })
         .await
         .expect("logs")
         .into_inner();

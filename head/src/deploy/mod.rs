@@ -700,6 +700,7 @@ impl Shell {
         let (tx, rx) = mpsc::channel(LOG_BUFFER);
         self.log_routes.insert(id, (node, tx));
         let msg = pb::LogRequest {
+            generation: req.generation,
             request_id: id,
             deployment: group,
             key: key.0,

@@ -732,6 +732,7 @@ impl ShardHost {
             .expect("lock")
             .iter()
             .filter(|(k, _)| k.deployment == r.deployment && k.key == r.key)
+            .filter(|(k, _)| r.generation == 0 || k.generation == r.generation)
             .max_by_key(|(k, _)| k.generation)
             .map(|(_, p)| p.dir.clone());
         let up = self.up.clone();
@@ -742,7 +743,15 @@ impl ShardHost {
             });
         };
         let Some(dir) = dir else {
-            send(Vec::new(), true, format!("no process {} of deployment {} on this node", r.key, r.deployment));
+            let why = if r.generation == 0 {
+                format!("no process {} of deployment {} on this node", r.key, r.deployment)
+            } else {
+                format!(
+                    "generation {} of process {} of deployment {} is not kept on this node (nodes keep the two newest generations, and the rank may have run elsewhere then)",
+                    r.generation, r.key, r.deployment
+                )
+            };
+            send(Vec::new(), true, why);
             return;
         };
         let logs = self.logs.clone();

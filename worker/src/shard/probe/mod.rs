@@ -92,7 +92,11 @@ pub fn run(args: &[String]) -> ExitCode {
         eprintln!("probe: exiting with {code} as asked (--exit-code)");
         return ExitCode::from(code.parse::<u8>().unwrap_or(1));
     }
-    println!("probe rank {}/{} starting; master {}:{}", a.rank, a.world_size, a.master_addr, a.master_port);
+    let generation = std::env::var("TESSERA_GENERATION").unwrap_or_else(|_| "?".into());
+    println!(
+        "probe rank {}/{} starting (generation {generation}); master {}:{}",
+        a.rank, a.world_size, a.master_addr, a.master_port
+    );
     let result = if a.rank == 0 { master(&a) } else { member(&a) };
     match result {
         Ok(()) => ExitCode::SUCCESS,
