@@ -20,9 +20,11 @@ pub fn model() -> String {
 }
 
 pub struct Cluster {
-    pub dir: tempfile::TempDir,
-    pub head: HeadProc,
+    /// Dropped first: the daemons go, then their engines (see [`crate::process::Reaper`]).
     pub workers: Vec<Daemon>,
+    pub head: HeadProc,
+    _reaper: crate::process::Reaper,
+    pub dir: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -38,7 +40,7 @@ impl Cluster {
             .iter()
             .map(|n| start_worker_with(dir.path(), n, &head.url, &dir.path().join(format!("{n}-state")), &worker_args))
             .collect();
-        let c = Cluster { dir, head, workers };
+        let c = Cluster { _reaper: crate::process::Reaper::new(dir.path()), dir, head, workers };
         crate::wait_alive(&c.head.url, 3).await;
         c
     }

@@ -245,6 +245,37 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// Pids of live processes whose command line contains every one of `needles`.
+/// Kills, when dropped, the engine processes a test's workers started under `tag` (the test's
+/// directory, which holds their state dirs): shims (whose command line names their dir) and the
+/// engines under them (whose environment does). Engines outlive their worker on purpose (the
+/// shims wait `--orphan-timeout` for an agent to come back); a test's end must not leave them
+/// running, holding ports and GPUs the next test wants.
+pub struct Reaper {
+    pub tag: String,
+}
+
+impl Reaper {
+    pub fn new(dir: &Path) -> Reaper {
+        Reaper { tag: dir.display().to_string() }
+    }
+
+    /// The shims and engines of this test.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut v = pids_with(&["shim --dir", &self.tag]);
+        v.extend(pids_with(&[" probe --rank"]).into_iter().filter(|p| environ_has(*p, &self.tag)));
+        v.extend(pids_with(&["sh -c"]).into_iter().filter(|p| environ_has(*p, &self.tag)));
+        v
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
 pub fn pids_with(needles: &[&str]) -> Vec<u32> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else { return out };

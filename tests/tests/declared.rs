@@ -6,7 +6,7 @@ use std::process::Command;
 
 use tessera_proto::v1 as pb;
 use tessera_tests::deploy::{Client, model, running_at, wait_for};
-use tessera_tests::process::{start_head, two_workers};
+use tessera_tests::process::{Reaper, start_head, two_workers};
 use tessera_tests::{Daemon, deployments_client, wait_until};
 
 fn tessera(head: &str, admin: &Path, args: &[&str]) -> std::process::Output {
@@ -33,6 +33,7 @@ async fn get(c: &Client, name: &str) -> Option<pb::Deployment> {
 #[tokio::test]
 async fn apply_creates_then_rolls_changed_files_and_leaves_matching_ones_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &["--orphan-timeout", "3s"]);
     let _w = workers(dir.path(), &head.url);
     tessera_tests::wait_alive(&head.url, 3).await;
@@ -75,6 +76,7 @@ async fn apply_creates_then_rolls_changed_files_and_leaves_matching_ones_alone()
 #[tokio::test]
 async fn the_heads_deployments_dir_is_kept_as_written() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = Reaper::new(dir.path());
     let files = dir.path().join("deployments");
     std::fs::create_dir_all(&files).expect("dir");
     let m = model();
@@ -89,7 +91,7 @@ async fn the_heads_deployments_dir_is_kept_as_written() {
     let _w = workers(dir.path(), &head.url);
     let c = deployments_client(&head.url).await;
     // At start: what the directory declares is created (once GPUs are there).
-    let a = wait_for(&c, "a", "running from its file", running_at(1)).await;
+    let a = wait_for(&c, "a", "running from its file", |d| d.state == pb::DeploymentState::Running as i32).await;
     assert_eq!(a.managed_by, "deployments-dir");
     // The LeaderWorkerSet example's probes, against this cluster: the group has joined (3 nodes),
     // the model answers.

@@ -11,7 +11,7 @@ use tessera_proto::v1 as pb;
 use tessera_tests::deploy::{Client, probe, running_at, wait_for};
 use tessera_tests::etcd::{EtcdCluster, free_port, leads, start_ha_head, start_ha_head_with, wait_leader};
 use tessera_tests::netns::Netns;
-use tessera_tests::process::two_workers;
+use tessera_tests::process::{Reaper, two_workers};
 use tessera_tests::{Daemon, deployments_client, environ_has, pids_with, start_worker_with, wait_until};
 
 /// Probe engines (and their shims) of this test's workers.
@@ -31,12 +31,14 @@ fn cli(heads: &str, admin: &Path, args: &[&str]) -> std::process::Output {
 }
 
 /// An etcd cluster, heads (the first started first, so it leads), two workers given every head.
+/// Fields drop in order: workers, their engines, heads, etcd, the directory.
 struct Ha {
-    dir: tempfile::TempDir,
-    etcd: EtcdCluster,
-    heads: Vec<Option<Daemon>>,
-    urls: Vec<String>,
     _workers: Vec<Daemon>,
+    _reaper: Reaper,
+    heads: Vec<Option<Daemon>>,
+    etcd: EtcdCluster,
+    urls: Vec<String>,
+    dir: tempfile::TempDir,
 }
 
 impl Ha {
@@ -60,7 +62,7 @@ impl Ha {
         }
         let all = urls.join(",");
         let workers = two_workers(dir.path(), &all, &["--orphan-timeout", "3s", "--fake-gpus", "8x80GiB"]);
-        let ha = Ha { dir, etcd, heads, urls, _workers: workers };
+        let ha = Ha { _reaper: Reaper::new(dir.path()), dir, etcd, heads, urls, _workers: workers };
         tessera_tests::wait_alive(&ha.urls[0], 2).await;
         ha
     }
@@ -187,6 +189,7 @@ async fn a_frozen_leader_is_replaced_and_does_not_act_when_it_wakes() {
 async fn a_leader_cut_off_from_etcd_stops_acting_within_its_lease_and_engines_keep_running() {
     let ns = Netns::create("ha").expect("netns (needs root and ip)");
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = Reaper::new(dir.path());
     // etcd serves on loopback and on the veth end in the test's namespace; the head inside the
     // namespace reaches it only over the link the test cuts.
     let etcd = EtcdCluster::start_on(dir.path(), 3, Some(&ns.outer_ip));
