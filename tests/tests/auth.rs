@@ -39,6 +39,7 @@ fn bare_head(dir: &std::path::Path, extra: &[&str]) -> (Daemon, String) {
 #[tokio::test]
 async fn a_head_without_tokens_generates_them_and_enforces_roles() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let (head, url) = bare_head(dir.path(), &[]);
     let data = dir.path().join("head");
     let join = std::fs::read_to_string(data.join("join.token")).expect("join token written").trim().to_string();
@@ -129,6 +130,7 @@ async fn a_head_without_tokens_generates_them_and_enforces_roles() {
 #[tokio::test]
 async fn insecure_turns_authentication_off_with_a_warning() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let (head, url) = bare_head(dir.path(), &["--insecure"]);
     let mut c = pb::cluster_client::ClusterClient::new(conn_with(&url, None).await);
     let nodes = c.list_nodes(pb::ListNodesRequest::default()).await.expect("no token needed").into_inner().nodes;

@@ -157,6 +157,7 @@ async fn a_worker_restarted_without_its_state_dir_restarts_the_group_instead_of_
 #[tokio::test]
 async fn a_second_head_on_a_data_dir_in_use_is_refused_and_touches_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let first = start_head(dir.path(), "head", "127.0.0.1:0", &["--metrics-listen", "127.0.0.1:0"]);
     let files = |name: &str| std::fs::read_to_string(first.data_dir.join(name)).unwrap_or_default();
     let before = (files("head.addr"), files("metrics.addr"), files("admin.token"));
@@ -176,6 +177,7 @@ async fn a_second_head_on_a_data_dir_in_use_is_refused_and_touches_nothing() {
 #[tokio::test]
 async fn a_damaged_store_stops_the_head_with_the_way_out_and_reset_state_takes_it() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let data = dir.path().join("head");
     tessera_tests::write_tokens(&data);
     std::fs::write(data.join("state.redb"), b"").expect("a 0-byte store");

@@ -237,6 +237,7 @@ async fn a_leader_cut_off_from_etcd_stops_acting_within_its_lease_and_engines_ke
 #[tokio::test]
 async fn heads_sign_in_to_etcd_and_a_rotated_join_token_holds_on_the_next_leader() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let mut etcd = EtcdCluster::start(dir.path(), 1);
     etcd.enable_auth("s3cret");
     let pw = dir.path().join("etcd.pw");
@@ -283,6 +284,7 @@ async fn heads_sign_in_to_etcd_and_a_rotated_join_token_holds_on_the_next_leader
 #[tokio::test]
 async fn heads_reach_etcd_over_tls_with_a_client_certificate() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let pki = tessera_tests::pki::pki(dir.path());
     let (ca, cert, key) =
         (pki.ca.display().to_string(), pki.client_cert.display().to_string(), pki.client_key.display().to_string());

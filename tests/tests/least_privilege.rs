@@ -22,6 +22,7 @@ fn mode(p: &Path) -> u32 {
 #[tokio::test]
 async fn engines_get_a_clean_environment_without_the_workers_token() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let args: Vec<String> = ["--head", &head.url, "--node-name", "w1", "--fake-gpus", "4x80GiB", "--state-dir"]
         .iter()
@@ -187,6 +188,7 @@ async fn a_join_token_holder_can_neither_take_over_a_node_nor_forge_its_reports(
 #[tokio::test]
 async fn a_rotated_join_token_stops_joining_new_nodes_and_joined_nodes_keep_working() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let state = dir.path().join("w1-state");
     let mut w1 = tessera_tests::start_worker_in(dir.path(), "w1", &head.url, &state);
@@ -233,6 +235,7 @@ async fn a_rotated_join_token_stops_joining_new_nodes_and_joined_nodes_keep_work
 #[tokio::test]
 async fn a_bootstrap_token_joins_as_many_nodes_as_it_may_while_it_is_valid() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &["--no-worker"]);
     let create = |ttl: &str, uses: &str| {
         let out = std::process::Command::new(tessera_tests::bin("tessera"))

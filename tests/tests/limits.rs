@@ -14,6 +14,7 @@ fn addr(url: &str) -> String {
 #[tokio::test]
 async fn idle_unauthenticated_connections_are_closed_and_cannot_lock_clients_out() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(
         dir.path(),
         "head",
@@ -56,6 +57,7 @@ async fn idle_unauthenticated_connections_are_closed_and_cannot_lock_clients_out
 #[tokio::test]
 async fn an_event_stream_that_is_not_read_is_cut_off_with_resource_exhausted() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &["--no-worker"]);
     let _w1 = start_worker(dir.path(), "w1", &head.url);
     let mut c = cluster_client(&head.url).await;
@@ -94,6 +96,7 @@ async fn an_event_stream_that_is_not_read_is_cut_off_with_resource_exhausted() {
 #[tokio::test]
 async fn a_fifo_or_a_device_as_model_is_refused_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &["--no-worker"]);
     let fifo = dir.path().join("model.fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");

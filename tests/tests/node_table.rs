@@ -8,6 +8,7 @@ use tessera_tests::{cluster_client, list_nodes, start_head, start_worker, wait_s
 #[tokio::test]
 async fn tessera_nodes_remove_forgets_a_departed_node_and_refuses_a_live_one() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let mut w1 = start_worker(dir.path(), "w1", &head.url);
     let mut c = cluster_client(&head.url).await;
@@ -41,6 +42,7 @@ async fn tessera_nodes_remove_forgets_a_departed_node_and_refuses_a_live_one() {
 async fn with_manual_approval_a_new_node_gets_no_work_until_approved() {
     use tessera_tests::deploy::{probe, running_at, wait_for};
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &["--node-approval", "manual"]);
     let _w1 = start_worker(dir.path(), "w1", &head.url);
     let mut c = cluster_client(&head.url).await;

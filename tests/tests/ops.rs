@@ -14,6 +14,7 @@ fn addr_file(path: &std::path::Path) -> String {
 #[tokio::test]
 async fn head_and_worker_serve_metrics_health_and_readiness() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let w = start_worker(dir.path(), "w1", &head.url);
     let mut c = cluster_client(&head.url).await;
@@ -90,6 +91,7 @@ async fn head_and_worker_serve_metrics_health_and_readiness() {
 #[tokio::test]
 async fn grpc_health_and_reflection_answer_without_a_token() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let anon = tessera_tests::conn_with(&head.url, None).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(anon.clone());
@@ -157,6 +159,7 @@ fn wait_message(sock: &std::os::unix::net::UnixDatagram, want: &str, seen: &mut 
 #[test]
 fn systemd_notify_ready_status_watchdog_and_stopping() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let sock_path = dir.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind notify socket");
     sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
@@ -195,6 +198,7 @@ fn systemd_notify_ready_status_watchdog_and_stopping() {
 #[test]
 fn a_workers_ready_comes_once_it_has_joined() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let sock_path = dir.path().join("w.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).expect("bind");

@@ -18,6 +18,7 @@ async fn a_partitioned_worker_is_dead_its_group_moves_and_after_healing_it_stops
         }
     };
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "0.0.0.0:0", &["--orphan-timeout", "30s"]);
     let port = head.url.rsplit(':').next().expect("port").to_string();
     let _w1 = start_worker_with(dir.path(), "w1", &head.url, &dir.path().join("w1-state"), &[]);

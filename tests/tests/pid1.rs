@@ -17,6 +17,7 @@ async fn as_pid_1_the_worker_reaps_orphans_and_stops_its_shards_on_sigterm() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let state = dir.path().join("pid1-state");
     let state_s = state.display().to_string();

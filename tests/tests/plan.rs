@@ -98,6 +98,7 @@ async fn bad_plan_requests_get_the_right_codes() {
         assert!(e.message().contains(needle), "{}", e.message());
     }
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     std::fs::write(dir.path().join("config.json"), "{\"num_attention_heads\": 8,").expect("write");
     let e = p
         .plan(pb::PlanRequest { model_path: dir.path().display().to_string(), ..Default::default() })

@@ -11,6 +11,7 @@ use tessera_tests::{cluster_client, list_nodes, node, state, wait_state, wait_un
 #[tokio::test]
 async fn kill_9_of_a_worker_is_seen_through_the_broken_session() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let mut w = start_worker(dir.path(), "w1", &head.url);
     let mut c = cluster_client(&head.url).await;
@@ -30,6 +31,7 @@ async fn kill_9_of_a_worker_is_seen_through_the_broken_session() {
 #[tokio::test]
 async fn a_frozen_worker_is_suspect_then_dead_after_the_timeout_then_rejoins() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let w = start_worker(dir.path(), "w1", &head.url);
     let mut c = cluster_client(&head.url).await;
@@ -54,6 +56,7 @@ async fn a_frozen_worker_is_suspect_then_dead_after_the_timeout_then_rejoins() {
 #[tokio::test]
 async fn sigterm_makes_a_worker_leave_and_exit_0() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let mut w = start_worker(dir.path(), "w1", &head.url);
     let mut c = cluster_client(&head.url).await;
@@ -68,6 +71,7 @@ async fn sigterm_makes_a_worker_leave_and_exit_0() {
 #[tokio::test]
 async fn sigterm_stops_the_head_with_exit_0_and_its_own_node_leaves() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let mut head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let mut c = cluster_client(&head.url).await;
     wait_state(&mut c, "head", pb::NodeState::Alive).await;
@@ -84,6 +88,7 @@ async fn sigterm_stops_the_head_with_exit_0_and_its_own_node_leaves() {
 #[tokio::test]
 async fn after_a_head_kill_9_and_restart_every_node_rejoins_with_its_id() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let mut head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let listen = head.url.trim_start_matches("http://").to_string();
     let _w1 = start_worker(dir.path(), "w1", &head.url);
@@ -115,6 +120,7 @@ async fn after_a_head_kill_9_and_restart_every_node_rejoins_with_its_id() {
 #[tokio::test]
 async fn two_machines_claiming_one_node_id_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let state_a = dir.path().join("a-state");
     let _a = start_worker_in(dir.path(), "node-a", &head.url, &state_a);
@@ -140,6 +146,7 @@ async fn two_machines_claiming_one_node_id_are_refused() {
 #[tokio::test]
 async fn one_state_dir_cannot_serve_two_workers() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let state_dir = dir.path().join("shared-state");
     let _a = start_worker_in(dir.path(), "a", &head.url, &state_dir);
@@ -153,6 +160,7 @@ async fn one_state_dir_cannot_serve_two_workers() {
 #[tokio::test]
 async fn an_operators_drain_mark_survives_a_head_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let mut head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let listen = head.url.trim_start_matches("http://").to_string();
     let _w1 = start_worker(dir.path(), "w1", &head.url);

@@ -18,6 +18,7 @@ async fn the_python_client_lists_plans_deploys_follows_and_deletes() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &[]);
     let mut c = cluster_client(&head.url).await;
     wait_state(&mut c, "head", pb::NodeState::Alive).await;

@@ -25,6 +25,7 @@ const CHUNK: u64 = 16 << 20;
 
 async fn cluster(worker_extra: &[&str], layer_bytes: u64) -> Staged {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let model = dir.path().join("model");
     let files = model::write(&model, 8, 4, layer_bytes).expect("model");
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &["--fake-gpus", "1x80GiB", "--orphan-timeout", "3s"]);

@@ -15,6 +15,7 @@ fn s(p: &Path) -> String {
 #[tokio::test]
 async fn mutual_tls_for_workers_and_the_cli() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let pki = pki(dir.path());
     let head = start_head(
         dir.path(),

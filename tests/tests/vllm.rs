@@ -121,6 +121,7 @@ async fn pp2_across_two_nodes_answers_like_one_node_and_survives_kill_and_hang()
     let _one = SERIAL.lock().await;
     let v = vllm();
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let expected = reference(dir.path()).await;
     let vllm_bin = v.bin.display().to_string();
 
@@ -248,6 +249,7 @@ async fn tp2_on_one_node_answers_like_one_rank() {
     let _one = SERIAL.lock().await;
     let v = vllm();
     let dir = tempfile::tempdir().expect("tempdir");
+    let _reaper = tessera_tests::process::Reaper::new(dir.path());
     let expected = reference(dir.path()).await;
     let vllm_bin = v.bin.display().to_string();
     let head = start_head(dir.path(), "head", "127.0.0.1:0", &["--fake-gpus", "2x80GiB", "--vllm-bin", &vllm_bin]);
