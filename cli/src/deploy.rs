@@ -120,6 +120,11 @@ fn engine_name(e: i32) -> &'static str {
     }
 }
 
+/// A string field as JSON: `null` when empty (no value), not `""`.
+pub fn some(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
 /// The JSON shape of a deployment (`get -o json`).
 pub fn deployment_json(d: &pb::Deployment) -> Value {
     let ranks: Vec<Value> = d
@@ -134,7 +139,7 @@ pub fn deployment_json(d: &pb::Deployment) -> Value {
                 "node_id": r.node_id,
                 "node_rank": r.node_rank,
                 "gpu_indices": r.gpu_indices,
-                "pid": r.pid,
+                "pid": (r.pid != 0).then_some(r.pid),
                 "state": process_state(r.state),
                 "exit_code": r.exit_code,
                 "signal": r.signal,
@@ -174,7 +179,7 @@ pub fn deployment_json(d: &pb::Deployment) -> Value {
         "staging_nodes": staging_nodes,
         "model_from": (!d.model_from.is_empty()).then_some(&d.model_from),
         "node_selector": d.node_selector.iter().collect::<BTreeMap<_, _>>(),
-        "message": d.message,
+        "message": some(&d.message),
         "generation": d.generation,
         "restarts": d.restarts,
         "max_restarts": d.max_restarts,
@@ -183,17 +188,19 @@ pub fn deployment_json(d: &pb::Deployment) -> Value {
         "nnodes": d.nnodes,
         "engine": engine_name(d.engine),
         "model_path": d.model_path,
-        "master_addr": d.master_addr,
-        "master_port": d.master_port,
-        "health_url": d.health_url,
-        "endpoint": d.endpoint,
+        "master_addr": some(&d.master_addr),
+        "master_port": (d.master_port != 0).then_some(d.master_port),
+        "health_url": some(&d.health_url),
+        "endpoint": some(&d.endpoint),
+        "max_model_len": (d.max_model_len != 0).then_some(d.max_model_len),
+        "managed_by": some(&d.managed_by),
         "startup_timeout_s": d.startup_timeout_s,
         "stall_timeout_s": (d.stall_timeout_s >= 0).then_some(d.stall_timeout_s),
         "canary_interval_s": (d.canary_interval_s >= 0).then_some(d.canary_interval_s),
         "drain_timeout_s": (d.drain_timeout_s >= 0).then_some(d.drain_timeout_s),
         "engine_args": d.engine_args,
         "env": env,
-        "command": d.command,
+        "command": some(&d.command),
         "state_since_ms_ago": d.state_since_ms_ago,
         "ranks": ranks,
         "revision": d.revision,
@@ -201,7 +208,7 @@ pub fn deployment_json(d: &pb::Deployment) -> Value {
             "index": r.index,
             "revision": r.revision,
             "state": state_name(r.state),
-            "message": r.message,
+            "message": some(&r.message),
             "generation": r.generation,
             "restarts": r.restarts,
             "endpoint": (!r.endpoint.is_empty()).then_some(&r.endpoint),

@@ -53,6 +53,13 @@ async fn apply_creates_then_rolls_changed_files_and_leaves_matching_ones_alone()
     wait_for(&c, "a", "running", running_at(1)).await;
     wait_for(&c, "b", "running", running_at(1)).await;
     assert_eq!(get(&c, "b").await.expect("b").env.get("K").map(String::as_str), Some("v"));
+    // JSON says null where there is no value, never "" or 0.
+    let out = tessera(&head.url, &admin, &["get", "a", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    for absent in ["command", "max_model_len", "managed_by", "model_from"] {
+        assert!(v[absent].is_null(), "{absent}: {v}");
+    }
+    assert!(v["endpoint"].is_string() && v["master_port"].is_u64() && v["ranks"][0]["pid"].is_u64(), "{v}");
 
     // The same files again: nothing changes.
     let out = tessera(&head.url, &admin, &["apply", "-f", &f]);
