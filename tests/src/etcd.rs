@@ -31,9 +31,12 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
-/// Whether this machine has etcd (the tests that need it say so plainly when it is missing).
+/// Whether this machine has etcd and etcdctl, installed from Debian's packages when missing.
 pub fn installed() -> bool {
-    Command::new("etcd").arg("--version").output().is_ok_and(|o| o.status.success())
+    crate::process::ensure_command("etcd", &["etcd-server", "etcd-client"])
+        .and_then(|()| crate::process::ensure_command("etcdctl", &["etcd-client"]))
+        .inspect_err(|e| eprintln!("{e}"))
+        .is_ok()
 }
 
 impl EtcdCluster {

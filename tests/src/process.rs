@@ -226,6 +226,47 @@ pub fn two_workers(dir: &Path, head: &str, extra: &[&str]) -> Vec<Daemon> {
     ["w1", "w2"].iter().map(|n| start_worker_with(dir, n, head, &dir.join(format!("{n}-state")), extra)).collect()
 }
 
+/// Makes sure a Debian package's `command` is there: when it is missing, installs `packages` with
+/// apt-get (once per test binary; tests run as root, as CI does), then checks again. `Err` says
+/// what is missing and how to install it.
+pub fn ensure_command(command: &str, packages: &[&str]) -> Result<(), String> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let have = || {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {command}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if have() {
+        return Ok(());
+    }
+    eprintln!("{command} is missing: installing {} with apt-get", packages.join(" "));
+    let run = |args: &[&str]| {
+        std::process::Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let mut install = vec!["install", "-y", "-qq"];
+    install.extend_from_slice(packages);
+    if !run(&install) {
+        run(&["update", "-qq"]);
+        run(&install);
+    }
+    if have() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{command} is not installed and apt-get could not install it: apt-get install {}",
+            packages.join(" ")
+        ))
+    }
+}
+
 /// Whether `pid` has any /proc entry (a zombie counts: it is still in the process table).
 pub fn in_proc(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()

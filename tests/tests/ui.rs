@@ -8,6 +8,7 @@ use tessera_tests::model::http_get;
 
 /// The page as Chromium rendered it after its script ran (`--dump-dom`).
 fn render(url: &str) -> String {
+    tessera_tests::process::ensure_command("chromium", &["chromium"]).expect("chromium");
     let profile = tempfile::tempdir().expect("profile dir");
     let out = Command::new("chromium")
         .args([
