@@ -54,3 +54,59 @@ fn roles_from_tessera_role_and_from_leaderworkerset() {
     assert_eq!(code, 2);
     assert!(err.contains("needs TESSERA_HEAD"), "{err}");
 }
+
+/// The LeaderWorkerSet example holds together (no Kubernetes here to apply it to): its ConfigMap
+/// holds a deployment file the head accepts, mounted where `TESSERA_DEPLOYMENTS_DIR` points; the
+/// head's data dir is on the volume claim; the Service selects the head pod; the probes are the
+/// image's `tessera-lws-check` (tested against a live cluster in tests/tests/declared.rs).
+#[test]
+fn the_leaderworkerset_example_deploys_from_its_configmap() {
+    use serde::Deserialize;
+    use serde_yaml_ng::Value;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/kubernetes/lws-vllm-tp8-pp2.yaml");
+    let text = std::fs::read_to_string(path).expect("example");
+    let docs: Vec<Value> =
+        serde_yaml_ng::Deserializer::from_str(&text).map(|d| Value::deserialize(d).expect("valid YAML")).collect();
+    let kind = |k: &str| docs.iter().find(|d| d["kind"] == Value::from(k)).unwrap_or_else(|| panic!("no {k}"));
+    // The deployment file in the ConfigMap parses and makes a valid request.
+    let cm = kind("ConfigMap");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = cm["data"].as_mapping().expect("data").iter().next().expect("one file");
+    let name = file.0.as_str().expect("file name");
+    std::fs::write(dir.path().join(name), file.1.as_str().expect("contents")).expect("write");
+    let ms = tessera_common::manifest::read_file(&dir.path().join(name)).expect("the head accepts the file");
+    let req = ms[0].to_request("deployments-dir").expect("request");
+    assert_eq!((req.tp, req.pp), (8, 2));
+    // The head pod: deployments dir mounted where the env says, data on the claim, LWS probes.
+    let lws = kind("LeaderWorkerSet");
+    let leader = &lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"];
+    let c = &leader["containers"][0];
+    let env_dir = c["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == Value::from("TESSERA_DEPLOYMENTS_DIR"))
+        .and_then(|e| e["value"].as_str())
+        .expect("TESSERA_DEPLOYMENTS_DIR");
+    let mounts = c["volumeMounts"].as_sequence().expect("mounts");
+    let mount_of =
+        |vol: &str| mounts.iter().find(|m| m["name"] == Value::from(vol)).and_then(|m| m["mountPath"].as_str());
+    assert_eq!(mount_of("deployments"), Some(env_dir));
+    assert_eq!(mount_of("head-data"), Some("/var/lib/tessera/head"));
+    let volumes = leader["volumes"].as_sequence().expect("volumes");
+    let claim = volumes.iter().find(|v| v["name"] == Value::from("head-data")).expect("head-data volume");
+    assert_eq!(claim["persistentVolumeClaim"]["claimName"], kind("PersistentVolumeClaim")["metadata"]["name"]);
+    assert_eq!(c["readinessProbe"]["exec"]["command"][1], Value::from("model-answers"));
+    assert_eq!(c["startupProbe"]["exec"]["command"][1], Value::from("group-joined"));
+    // The Service sends to the head pod's vLLM port.
+    let svc = kind("Service");
+    assert_eq!(
+        svc["spec"]["selector"]["role"],
+        lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["metadata"]["labels"]["role"]
+    );
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], Value::from(8000));
+    // The image has the probe script.
+    let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/container/Dockerfile"))
+        .expect("Dockerfile");
+    assert!(dockerfile.contains("lws-check.sh /usr/local/bin/tessera-lws-check"));
+}
