@@ -67,7 +67,7 @@ fn the_leaderworkerset_example_deploys_from_its_configmap() {
     let text = std::fs::read_to_string(path).expect("example");
     let docs: Vec<Value> =
         serde_yaml_ng::Deserializer::from_str(&text).map(|d| Value::deserialize(d).expect("valid YAML")).collect();
-    let kind = |k: &str| docs.iter().find(|d| d["kind"] == Value::from(k)).unwrap_or_else(|| panic!("no {k}"));
+    let kind = |k: &str| docs.iter().find(|d| d["kind"].as_str() == Some(k)).unwrap_or_else(|| panic!("no {k}"));
     // The deployment file in the ConfigMap parses and makes a valid request.
     let cm = kind("ConfigMap");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -85,16 +85,16 @@ fn the_leaderworkerset_example_deploys_from_its_configmap() {
         .as_sequence()
         .expect("env")
         .iter()
-        .find(|e| e["name"] == Value::from("TESSERA_DEPLOYMENTS_DIR"))
+        .find(|e| e["name"].as_str() == Some("TESSERA_DEPLOYMENTS_DIR"))
         .and_then(|e| e["value"].as_str())
         .expect("TESSERA_DEPLOYMENTS_DIR");
     let mounts = c["volumeMounts"].as_sequence().expect("mounts");
     let mount_of =
-        |vol: &str| mounts.iter().find(|m| m["name"] == Value::from(vol)).and_then(|m| m["mountPath"].as_str());
+        |vol: &str| mounts.iter().find(|m| m["name"].as_str() == Some(vol)).and_then(|m| m["mountPath"].as_str());
     assert_eq!(mount_of("deployments"), Some(env_dir));
     assert_eq!(mount_of("head-data"), Some("/var/lib/tessera/head"));
     let volumes = leader["volumes"].as_sequence().expect("volumes");
-    let claim = volumes.iter().find(|v| v["name"] == Value::from("head-data")).expect("head-data volume");
+    let claim = volumes.iter().find(|v| v["name"].as_str() == Some("head-data")).expect("head-data volume");
     assert_eq!(claim["persistentVolumeClaim"]["claimName"], kind("PersistentVolumeClaim")["metadata"]["name"]);
     assert_eq!(c["readinessProbe"]["exec"]["command"][1], Value::from("model-answers"));
     assert_eq!(c["startupProbe"]["exec"]["command"][1], Value::from("group-joined"));
