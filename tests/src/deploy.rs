@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use tessera_proto::v1 as pb;
 
 use crate::process::{HeadProc, start_head};
-use crate::{Daemon, environ_has, pids_with, start_worker_with, wait_until};
+use crate::{Daemon, start_worker_with, wait_until};
 
 pub type Client = pb::deployments_client::DeploymentsClient<crate::Conn>;
 
@@ -55,10 +55,7 @@ impl Cluster {
 
     /// Shim and engine processes of this cluster's deployments.
     pub fn shard_pids(&self) -> Vec<u32> {
-        let tag = self.tag();
-        let mut v = pids_with(&["shim --dir", &tag]);
-        v.extend(pids_with(&[" probe --rank"]).into_iter().filter(|p| environ_has(*p, &tag)));
-        v
+        crate::process::engines_of(&self.tag())
     }
 }
 

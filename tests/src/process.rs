@@ -302,11 +302,21 @@ impl Reaper {
 
     /// The shims and engines of this test.
     pub fn pids(&self) -> Vec<u32> {
-        let mut v = pids_with(&["shim --dir", &self.tag]);
-        v.extend(pids_with(&[" probe --rank"]).into_iter().filter(|p| environ_has(*p, &self.tag)));
-        v.extend(pids_with(&["sh -c"]).into_iter().filter(|p| environ_has(*p, &self.tag)));
-        v
+        engines_of(&self.tag)
     }
+}
+
+/// Probe engines whose environment names `tag` (their process dir is under a test's directory).
+pub fn probes_of(tag: &str) -> Vec<u32> {
+    pids_with(&[" probe --rank"]).into_iter().filter(|p| environ_has(*p, tag)).collect()
+}
+
+/// Shims and engines (probes, `sh -c` commands) of the workers under `tag`.
+pub fn engines_of(tag: &str) -> Vec<u32> {
+    let mut v = pids_with(&["shim --dir", tag]);
+    v.extend(probes_of(tag));
+    v.extend(pids_with(&["sh -c"]).into_iter().filter(|p| environ_has(*p, tag)));
+    v
 }
 
 impl Drop for Reaper {

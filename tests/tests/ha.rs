@@ -12,11 +12,11 @@ use tessera_tests::deploy::{Client, probe, running_at, wait_for};
 use tessera_tests::etcd::{EtcdCluster, free_port, leads, start_ha_head, start_ha_head_with, wait_leader};
 use tessera_tests::netns::Netns;
 use tessera_tests::process::{Reaper, two_workers};
-use tessera_tests::{Daemon, deployments_client, environ_has, pids_with, start_worker_with, wait_until};
+use tessera_tests::{Daemon, deployments_client, start_worker_with, wait_until};
 
 /// Probe engines (and their shims) of this test's workers.
 fn engine_pids(tag: &str) -> Vec<u32> {
-    let mut v: Vec<u32> = pids_with(&[" probe --rank"]).into_iter().filter(|p| environ_has(*p, tag)).collect();
+    let mut v = tessera_tests::process::probes_of(tag);
     v.sort();
     v
 }
